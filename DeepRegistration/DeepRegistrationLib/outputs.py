@@ -1,0 +1,246 @@
+"""Running a registration from files to a complete, atomically written output folder.
+
+``run_registration(FIXED, MOVING, OUTDIR)`` reads and checks every input *before* any work, registers,
+evaluates (Dice/HD95 with label maps, TRE with landmarks) and writes, inside a temporary folder next
+to OUTDIR that is renamed into place only when everything succeeded:
+
+- ``transform.h5``: ITK composite transform [affine, displacement field], fixed → moving, LPS.
+- ``warped.nii.gz``: the moving image resampled onto the fixed image's full-resolution grid.
+- ``jacobian.nii.gz``: det of the Jacobian of the full transform, on the fixed grid.
+- ``warped_labels.nii.gz``: the moving labels warped (nearest neighbour), when labels are given.
+- ``report.json`` / ``report.png``: figures, timings, parameters, versions; a visual check.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from . import metrics
+from .config import RegistrationConfig
+from .errors import InputError
+from .image import Image
+from .io import read_image, read_label_image, read_mask, write_image
+from .landmarks import match_landmarks, read_landmarks
+from .pipeline import RegistrationResult, register
+from .progress import Progress, ProgressCallback
+from .resampling import sample_on_grid, warp_image
+from .transforms import SpatialTransform
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_FILES = ("transform.h5", "warped.nii.gz", "jacobian.nii.gz", "report.json", "report.png")
+
+
+@dataclass
+class RunSummary:
+    """Result of :func:`run_registration`: where the outputs are, the report dict and the result."""
+
+    out_dir: Path
+    report: dict
+    result: RegistrationResult
+
+
+def versions() -> dict:
+    """Versions of the software that produced a result."""
+    import torch
+
+    out = {"python": platform.python_version(), "numpy": np.__version__, "SimpleITK": sitk.Version_VersionString(),
+           "torch": torch.__version__}
+    try:
+        from importlib.metadata import version
+
+        out["deepregistration"] = version("deepregistration")
+    except Exception:  # running from a source tree or inside Slicer
+        from . import __version__
+
+        out["deepregistration"] = __version__
+    try:
+        import monai
+
+        out["monai"] = monai.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuses an existing OUTDIR unless ``overwrite``; checks that its parent can be written."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise InputError(f"output folder '{out}' already exists. Choose another folder, or pass --overwrite "
+                         "to replace it (it is replaced only after the new outputs are complete).")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output '{out}' exists and is a file, not a folder. Choose another output folder.")
+    parent = out.parent
+    if not parent.exists():
+        raise InputError(f"the parent folder of the output, '{parent}', does not exist. Create it first.")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write in '{parent}' (permission denied). Choose a writable output folder.")
+    return out
+
+
+def evaluate_labels(fixed_labels: Image, moving_labels: Image, transform: SpatialTransform) -> tuple[dict, Image]:
+    """Dice and HD95 per label before (identity) and after registration; also the warped labels."""
+    ident = SpatialTransform.identity()
+    before = warp_image(moving_labels, fixed_labels.grid, ident, "nearest")
+    after = warp_image(moving_labels, fixed_labels.grid, transform, "nearest")
+    labels = sorted(int(v) for v in np.unique(fixed_labels.array) if v != 0)
+    out = {}
+    for tag, warped in (("before", before), ("after", after)):
+        dice = metrics.dice_per_label(fixed_labels.array, warped.array, labels)
+        hd = metrics.hd95_per_label(fixed_labels.array, warped.array, fixed_labels.grid.spacing, labels)
+        out[tag] = {"dice_mean": float(np.nanmean(list(dice.values()))),
+                    "dice_p30": float(np.nanpercentile(list(dice.values()), 30)),
+                    "hd95_mean_mm": float(np.nanmean(list(hd.values()))) if hd else float("nan"),
+                    "dice_per_label": {str(k): round(float(v), 5) for k, v in dice.items()},
+                    "hd95_per_label_mm": {str(k): round(float(v), 4) for k, v in hd.items()}}
+    return out, after
+
+
+def evaluate_landmarks(fixed_pts: np.ndarray, moving_pts: np.ndarray, transform: SpatialTransform) -> dict:
+    """TRE in mm before (identity) and after registration (fixed landmarks mapped by the transform)."""
+    return {"before": metrics.summarize(metrics.tre_mm(fixed_pts, moving_pts)),
+            "after": metrics.summarize(metrics.tre_mm(transform.map_points(fixed_pts), moving_pts)),
+            "n": int(len(fixed_pts))}
+
+
+def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfig | None = None, *,
+                     fixed_mask=None, moving_mask=None, fixed_labels=None, moving_labels=None,
+                     fixed_landmarks=None, moving_landmarks=None, overwrite: bool = False,
+                     write_png: bool = True, progress: ProgressCallback | None = None,
+                     predictor=None) -> RunSummary:
+    """Registers MOVING to FIXED (paths) and writes all outputs into ``out_dir`` atomically.
+
+    Args:
+        fixed_path / moving_path: Image files or DICOM folders.
+        out_dir: Output folder (must not exist unless ``overwrite``).
+        config: Registration settings.
+        fixed_mask / moving_mask: Optional mask files.
+        fixed_labels / moving_labels: Optional label maps on their image's grid (adds Dice/HD95).
+        fixed_landmarks / moving_landmarks: Optional landmark files (CSV, .mrk.json, .fcsv) (adds TRE).
+        overwrite: Replace an existing ``out_dir`` (only once the new outputs are complete).
+        write_png: Also draw ``report.png``.
+        progress: ``callback(fraction, message)``; returning False cancels with nothing written.
+        predictor: Optional learned field predictor (see :class:`~DeepRegistrationLib.pipeline.FieldPredictor`).
+
+    Returns:
+        :class:`RunSummary`.
+    """
+    cfg = (config or RegistrationConfig()).validate()
+    out = check_output_dir(out_dir, overwrite)
+    if (fixed_labels is None) != (moving_labels is None):
+        raise InputError("labels need both --fixed-labels and --moving-labels (or neither).")
+    if (fixed_landmarks is None) != (moving_landmarks is None):
+        raise InputError("landmarks need both --fixed-landmarks and --moving-landmarks (or neither).")
+    prog = Progress(progress)
+    t0 = time.perf_counter()
+    fixed = read_image(fixed_path, "fixed image")
+    moving = read_image(moving_path, "moving image")
+    fmask = None if fixed_mask is None else read_mask(fixed_mask, "fixed mask", fixed.grid)
+    mmask = None if moving_mask is None else read_mask(moving_mask, "moving mask", moving.grid)
+    flab = None if fixed_labels is None else read_label_image(fixed_labels, "fixed labels", fixed.grid)
+    mlab = None if moving_labels is None else read_label_image(moving_labels, "moving labels", moving.grid)
+    lms = None
+    if fixed_landmarks is not None:
+        lms = match_landmarks(read_landmarks(fixed_landmarks), read_landmarks(moving_landmarks))
+    t_read = time.perf_counter() - t0
+
+    result = register(fixed, moving, cfg, fixed_mask=fmask, moving_mask=mmask, predictor=predictor,
+                      progress=Progress(progress, 0.0, 0.85))
+    prog(0.86, "writing outputs")
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        sitk.WriteTransform(result.transform.to_sitk(), str(tmp / "transform.h5"))
+        warped = warp_image(moving, fixed.grid, result.transform, "linear")
+        write_image(warped, tmp / "warped.nii.gz")
+        jac = Image(sample_on_grid(result.jacobian, result.working_grid, fixed.grid), fixed.grid, "jacobian")
+        write_image(jac, tmp / "jacobian.nii.gz")
+        prog(0.9, "evaluating")
+        evaluation: dict = {}
+        if flab is not None:
+            evaluation["labels"], warped_labels = evaluate_labels(flab, mlab, result.transform)
+            write_image(warped_labels, tmp / "warped_labels.nii.gz")
+        if lms is not None:
+            evaluation["landmarks"] = evaluate_landmarks(lms[0], lms[1], result.transform)
+        t_write = time.perf_counter() - t0
+        report = build_report(result, fixed_path, moving_path, evaluation,
+                              dict(read=t_read, **result.timings, write_and_evaluate=t_write))
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=True))
+        if write_png:
+            prog(0.95, "drawing report.png")
+            from .report import draw_report
+
+            before = warp_image(moving, fixed.grid, SpatialTransform.identity(), "linear")
+            draw_report(fixed, before, warped, jac, tmp / "report.png", summary_lines(report))
+        prog(0.99, "moving outputs into place")
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prog(1.0, "done")
+    logger.info("outputs written to %s", out)
+    return RunSummary(out, report, result)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Renames the finished temporary folder to ``out``; an old ``out`` is removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_report(result: RegistrationResult, fixed_path, moving_path, evaluation: dict, timings: dict) -> dict:
+    """The content of ``report.json``."""
+    return {
+        "inputs": {"fixed": str(fixed_path), "moving": str(moving_path)},
+        "conventions": {"world": "LPS mm", "transform": "fixed -> moving (resampling direction), "
+                        "ITK CompositeTransform [affine, displacement]: T(x) = A(x + u(x))",
+                        "jacobian": "det of the Jacobian of T (includes the affine part)"},
+        "similarity": {"metric": result.config.similarity, "loss_before": result.similarity_before,
+                       "loss_after": result.similarity_after, "ncc_before": result.ncc_before,
+                       "ncc_after": result.ncc_after},
+        "deformation": {"folding_percent": result.folding_percent, **result.sdlogj,
+                        "jacobian_min": float(result.jacobian.min()), "jacobian_max": float(result.jacobian.max()),
+                        "affine_lps": np.round(result.transform.affine, 6).tolist()},
+        "metrics": evaluation,
+        "timings_s": {k: round(float(v), 3) for k, v in timings.items()},
+        "parameters": result.config.to_dict(),
+        "working_grid": result.working_grid.to_dict(),
+        "device": result.device,
+        "versions": versions(),
+    }
+
+
+def summary_lines(report: dict) -> list[str]:
+    """Short human-readable lines for the console and the PNG."""
+    s = report["similarity"]
+    lines = [f"NCC {s['ncc_before']:.3f} -> {s['ncc_after']:.3f}",
+             f"folding {report['deformation']['folding_percent']:.4f} %"]
+    ev = report["metrics"]
+    if "labels" in ev:
+        lines.append(f"Dice {ev['labels']['before']['dice_mean']:.3f} -> {ev['labels']['after']['dice_mean']:.3f}")
+    if "landmarks" in ev:
+        lines.append(f"TRE {ev['landmarks']['before']['mean']:.2f} -> {ev['landmarks']['after']['mean']:.2f} mm")
+    total = sum(v for k, v in report["timings_s"].items())
+    lines.append(f"time {total:.1f} s on {report['device']}")
+    return lines

@@ -1,0 +1,304 @@
+"""The registration pipeline: initialization → rigid/affine → deformable, multi-resolution, by instance
+optimization in PyTorch (CUDA when present, else CPU).
+
+All optimization happens on the working grids (:mod:`~DeepRegistrationLib.preprocess`) in LPS mm;
+the result is a :class:`~DeepRegistrationLib.transforms.SpatialTransform` ``T(x) = A (x + u(x))``
+mapping fixed points to moving points, valid at any resolution.
+
+A learned network plugs in through :class:`FieldPredictor`: its predicted displacement either
+initializes the finest level of the optimization (``predictor_mode="init"``) or replaces the
+optimization (``"replace"``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics
+from . import warp as W
+from .config import RegistrationConfig, select_device
+from .grid import Grid
+from .image import Image
+from .preprocess import WorkingImage, center_of_mass, check_overlap, prepare
+from .progress import Progress, ProgressCallback
+from .regularizers import Regularizer, folding_penalty
+from .similarity import Similarity, box_filter, global_ncc
+from .transforms import SpatialTransform, params_to_matrix, scaling_and_squaring
+
+logger = logging.getLogger(__name__)
+
+
+class FieldPredictor(Protocol):
+    """A learned model that predicts a displacement field (the slot for networks).
+
+    ``predict(fixed, moving, grid)`` receives the fixed image and the affinely aligned moving image,
+    both ``(1, 1, Z, Y, X)`` float32 in [0, 1] on ``grid`` (the fixed working grid), and returns the
+    displacement ``(1, 3, Z, Y, X)`` in LPS mm on the same grid (``warped(x) = moving(x + u(x))``).
+    """
+
+    def predict(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid) -> torch.Tensor: ...
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`register` found.
+
+    Attributes:
+        transform: Fixed → moving map ``A (x + u(x))`` (LPS mm); ``u`` lives on ``working_grid``.
+        working_grid: The fixed image's working grid.
+        similarity_before / similarity_after: The configured similarity loss (lower is better) on the
+            working grid, for the images as given (no transform) and after registration.
+        ncc_before / ncc_after: Global Pearson correlation, same voxels (a comparable summary).
+        jacobian: ``(Z, Y, X)`` det of the Jacobian of the full map on ``working_grid``.
+        folding_percent: % of working-grid voxels with det J <= 0.
+        sdlogj: Both SDlogJ variants (see :func:`DeepRegistrationLib.metrics.sdlogj`).
+        timings: Seconds per stage.
+        device: Where it ran.
+        config: The settings used.
+    """
+
+    transform: SpatialTransform
+    working_grid: Grid
+    similarity_before: float
+    similarity_after: float
+    ncc_before: float
+    ncc_after: float
+    jacobian: np.ndarray
+    folding_percent: float
+    sdlogj: dict
+    timings: dict = field(default_factory=dict)
+    device: str = "cpu"
+    config: RegistrationConfig | None = None
+
+
+def _pool(t: torch.Tensor, f: int) -> torch.Tensor:
+    return t if f == 1 else F.avg_pool3d(t, f, stride=f, ceil_mode=True)
+
+
+class _Level:
+    """One resolution level: pooled images, masks and fixed-grid points."""
+
+    def __init__(self, fixed: torch.Tensor, fgrid: Grid, moving: torch.Tensor, mgrid: Grid, factor: int,
+                 fmask: torch.Tensor | None, mmask: torch.Tensor | None):
+        self.factor = factor
+        self.fgrid = fgrid.downsampled(factor)
+        self.mgrid = mgrid.downsampled(factor)
+        self.fixed = _pool(fixed, factor)
+        chans = [moving] + ([mmask] if mmask is not None else [])
+        self.moving = _pool(torch.cat(chans, 1), factor)
+        self.fmask = None if fmask is None else (_pool(fmask, factor) > 0.5)
+        self.pts = W.grid_points(self.fgrid, fixed.device)
+
+    def warp(self, mapped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Warped moving image and the voxels where it is valid, for mapped points ``(1, Z, Y, X, 3)``."""
+        norm = W.world_to_normalized(mapped, self.mgrid)
+        out = torch.nn.functional.grid_sample(self.moving, norm, mode="bilinear", padding_mode="zeros",
+                                              align_corners=True)
+        valid = (norm.detach().abs() <= 1.0).all(dim=-1).unsqueeze(1)
+        if out.shape[1] > 1:
+            valid = valid & (out[:, 1:2] > 0.5)
+        if self.fmask is not None:
+            valid = valid & self.fmask
+        return out[:, :1], valid.detach()
+
+
+def _smooth(u: torch.Tensor, passes: int) -> torch.Tensor:
+    for _ in range(passes):
+        u = box_filter(u, 1)
+    return u
+
+
+def _factors(levels: int) -> list[int]:
+    return [2 ** i for i in reversed(range(levels))]
+
+
+def _optimize_linear(lv: _Level, a0: torch.Tensor, kind: str, center: torch.Tensor, iters: int, sim: Similarity,
+                     progress: Progress) -> torch.Tensor:
+    n = 6 if kind == "rigid" else 12
+    # parameter scales: translation in units of 10 mm, rotation / matrix entries in units of 0.1
+    scale = torch.tensor([0.1] * 3 + [10.0] * 3 if kind == "rigid" else [10.0] * 3 + [0.1] * 9,
+                         device=a0.device)
+    raw = torch.zeros(n, device=a0.device, requires_grad=True)
+    opt = torch.optim.Adam([raw], lr=0.05 if lv.factor > 1 else 0.02)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iters, 1), eta_min=0.002)
+    for it in range(iters):
+        opt.zero_grad(set_to_none=True)
+        a = a0 @ params_to_matrix(raw * scale, kind, center)
+        warped, valid = lv.warp(W.apply_affine(lv.pts, a))
+        loss = sim(lv.fixed, warped, valid)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if it % 5 == 0:
+            progress((it + 1) / iters, f"{kind} level 1/{lv.factor}: loss {loss.item():.4f}")
+    with torch.no_grad():
+        return a0 @ params_to_matrix(raw * scale, kind, center)
+
+
+def _field_from_param(param: torch.Tensor, grid: Grid, cfg: RegistrationConfig) -> torch.Tensor:
+    u = _smooth(param, cfg.smoothing_passes)
+    return scaling_and_squaring(u, grid) if cfg.diffeomorphic else u
+
+
+def _optimize_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters: int, sim: Similarity,
+                    cfg: RegistrationConfig, progress: Progress) -> torch.Tensor:
+    reg = Regularizer(cfg.regularization)
+    param = init.detach().clone().requires_grad_(True)
+    lr = 0.5 * min(lv.fgrid.spacing)  # mm per step
+    opt = torch.optim.Adam([param], lr=lr)
+    for it in range(iters):
+        opt.zero_grad(set_to_none=True)
+        u = _field_from_param(param, lv.fgrid, cfg)
+        mapped = W.apply_affine(lv.pts + torch.movedim(u, 1, -1), affine)
+        warped, valid = lv.warp(mapped)
+        loss = sim(lv.fixed, warped, valid) + cfg.reg_weight * reg(u, lv.fgrid)
+        if cfg.jacobian_weight > 0:
+            loss = loss + cfg.jacobian_weight * folding_penalty(u, lv.fgrid)
+        loss.backward()
+        opt.step()
+        if it % 5 == 0:
+            progress((it + 1) / iters, f"deformable level 1/{lv.factor}: loss {loss.item():.4f}")
+    with torch.no_grad():
+        return _field_from_param(param, lv.fgrid, cfg)
+
+
+def _evaluate(lv: _Level, affine: torch.Tensor, u: torch.Tensor | None, sim: Similarity) -> tuple[float, float]:
+    with torch.no_grad():
+        pts = lv.pts if u is None else lv.pts + torch.movedim(u, 1, -1)
+        warped, valid = lv.warp(W.apply_affine(pts, affine))
+        return float(sim(lv.fixed, warped, valid)), global_ncc(lv.fixed, warped, valid)
+
+
+def _initial_affine(cfg: RegistrationConfig, fw: WorkingImage, mw: WorkingImage) -> np.ndarray:
+    a = np.eye(4)
+    if cfg.initialization == "moments":
+        a[:3, 3] = center_of_mass(mw.array, mw.grid, mw.mask) - center_of_mass(fw.array, fw.grid, fw.mask)
+    elif cfg.initialization == "geometry":
+        a[:3, 3] = mw.grid.center() - fw.grid.center()
+    return a
+
+
+def register(fixed: Image, moving: Image, config: RegistrationConfig | None = None, *,
+             fixed_mask: Image | None = None, moving_mask: Image | None = None,
+             initial_affine: np.ndarray | None = None, predictor: FieldPredictor | None = None,
+             predictor_mode: str = "init", progress: ProgressCallback | None = None) -> RegistrationResult:
+    """Registers ``moving`` to ``fixed``.
+
+    Args:
+        fixed: Fixed image (any orientation and voxel size; LPS grid).
+        moving: Moving image.
+        config: Settings; defaults to ``RegistrationConfig()`` (deformable, LNCC, 2 mm).
+        fixed_mask / moving_mask: Optional masks (any grid overlapping their image); only voxels
+            inside count in the similarity.
+        initial_affine: Optional 4×4 LPS fixed → moving matrix replacing the moments initialization.
+        predictor: Optional learned :class:`FieldPredictor` for the deformable stage.
+        predictor_mode: ``"init"`` (prediction starts the finest-level optimization) or ``"replace"``.
+        progress: ``callback(fraction, message)``; returning False cancels (raises Cancelled).
+
+    Returns:
+        :class:`RegistrationResult`.
+
+    Raises:
+        InputError: bad settings, images that do not overlap, empty masks, CUDA asked but absent.
+        Cancelled: the callback asked to stop.
+    """
+    cfg = (config or RegistrationConfig()).validate()
+    device = select_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    prog = Progress(progress)
+    timings: dict[str, float] = {}
+    check_overlap(fixed.grid, moving.grid)
+
+    t = time.perf_counter()
+    prog(0.0, "preprocessing")
+    fw = prepare(fixed, cfg.spacing, fixed_mask, cfg.intensity_percentiles)
+    mw = prepare(moving, cfg.spacing, moving_mask, cfg.intensity_percentiles)
+    to_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)[None, None]
+    f_t, m_t = to_t(fw.array), to_t(mw.array)
+    fmask = None if fw.mask is None else to_t(fw.mask)
+    mmask = None if mw.mask is None else to_t(mw.mask)
+    factors = _factors(cfg.levels)
+    levels = {f: _Level(f_t, fw.grid, m_t, mw.grid, f, fmask, mmask) for f in factors}
+    finest = levels[1]
+    sim = Similarity(cfg.similarity, cfg.lncc_radius)
+    identity = torch.eye(4, device=device)
+    sim_before, ncc_before = _evaluate(finest, identity, None, sim)
+    timings["preprocess"] = time.perf_counter() - t
+    prog(0.08, "initializing")
+
+    t = time.perf_counter()
+    a0 = initial_affine if initial_affine is not None else _initial_affine(cfg, fw, mw)
+    affine = torch.as_tensor(a0, dtype=torch.float32, device=device)
+    center = torch.as_tensor(center_of_mass(fw.array, fw.grid, fw.mask), dtype=torch.float32, device=device)
+    kind = "rigid" if cfg.mode == "rigid" else "affine"
+    lin_factors = [f for f in factors if f >= 2] or [1]
+    lin_span = (0.08, 0.3 if cfg.mode == "deformable" else 0.95)
+    for n, f in enumerate(lin_factors):
+        iters = cfg.affine_iterations * (2 if f > lin_factors[-1] else 1)
+        sub = Progress(progress, *np.interp([n / len(lin_factors), (n + 1) / len(lin_factors)], [0, 1], lin_span))
+        affine = _optimize_linear(levels[f], affine, kind, center, iters, sim, sub)
+    timings["linear"] = time.perf_counter() - t
+
+    u = None
+    if cfg.mode == "deformable":
+        t = time.perf_counter()
+        run_factors = factors
+        init = torch.zeros((1, 3, *levels[factors[0]].fgrid.shape), device=device)
+        if predictor is not None:
+            with torch.no_grad():
+                moved, _ = finest.warp(W.apply_affine(finest.pts, affine))
+                init = predictor.predict(finest.fixed, moved, finest.fgrid).to(device=device, dtype=torch.float32)
+            run_factors = [] if predictor_mode == "replace" else [1]
+            if predictor_mode not in ("init", "replace"):
+                raise ValueError("predictor_mode must be 'init' or 'replace'")
+            u = init
+        prev_grid = levels[factors[0]].fgrid if predictor is None else finest.fgrid
+        for n, f in enumerate(run_factors):
+            lv = levels[f]
+            if n > 0 or predictor is not None:
+                init = W.resample_field(u, prev_grid, lv.fgrid)
+            iters = cfg.iterations * (2 if f > 1 else 1)
+            sub = Progress(progress, *np.interp([n / len(run_factors), (n + 1) / len(run_factors)], [0, 1],
+                                                 (0.3, 0.95)))
+            if cfg.diffeomorphic and n == 0 and predictor is None:
+                init = torch.zeros_like(init)
+            u = _optimize_field(lv, affine, init, iters, sim, cfg, sub)
+            prev_grid = lv.fgrid
+        if u is not None and prev_grid != finest.fgrid:
+            u = W.resample_field(u, prev_grid, finest.fgrid)
+        timings["deformable"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    sim_after, ncc_after = _evaluate(finest, affine, u, sim)
+    a_np = affine.double().cpu().numpy()
+    u_np = None if u is None else u[0].double().cpu().numpy()
+    if u_np is not None:
+        detj = metrics.jacobian_determinant(u_np, fw.grid, affine=a_np)
+    else:
+        detj = np.full(fw.grid.shape, float(np.linalg.det(a_np[:3, :3])))
+    result = RegistrationResult(
+        transform=SpatialTransform(a_np, u_np, fw.grid if u_np is not None else None),
+        working_grid=fw.grid, similarity_before=sim_before, similarity_after=sim_after,
+        ncc_before=ncc_before, ncc_after=ncc_after, jacobian=detj.astype(np.float32),
+        folding_percent=float(metrics.folding_percent(detj)), sdlogj=metrics.sdlogj(detj),
+        timings=timings, device=str(device), config=cfg)
+    timings["evaluate"] = time.perf_counter() - t
+    prog(1.0, "registered")
+    logger.info("registered: %s %.4f -> %.4f, NCC %.3f -> %.3f, folding %.4f%%", cfg.similarity, sim_before,
+                sim_after, ncc_before, ncc_after, result.folding_percent)
+    return result
+
+
+def register_files(fixed_path, moving_path, out_dir, config: RegistrationConfig | None = None, **kwargs):
+    """Reads, registers and writes all outputs; see :func:`DeepRegistrationLib.outputs.run_registration`."""
+    from .outputs import run_registration
+
+    return run_registration(fixed_path, moving_path, out_dir, config, **kwargs)
