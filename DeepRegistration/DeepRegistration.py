@@ -1,9 +1,8 @@
-import importlib.util
 import logging
 import os
-import tempfile
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Union
 
+import qt
 import vtk
 
 import slicer
@@ -12,12 +11,17 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTransformNode
+from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode,
+                    vtkMRMLSegmentationNode, vtkMRMLTableNode, vtkMRMLTransformNode)
 
-MODES = ["deformable", "affine", "rigid"]
+# Everything that converts nodes or runs the engine lives in DeepRegistrationSlicerLib (tested with a real MRML
+# scene in pytest); the engine (DeepRegistrationLib, torch) only runs in a PythonSlicer subprocess.
+
+PRESETS = ["Rigid", "Affine", "Deformable — fast", "Deformable — accurate"]
+DEVICES = ["auto", "CPU", "GPU"]
 SIMILARITIES = ["lncc", "mi", "mse"]
 MINIMUM_TORCH_VERSION = "2.2"
-MONAI_REQUIREMENT = "monai>=1.4,<1.7"
+FALLBACK_REQUIREMENTS = ["monai>=1.4,<1.7"]  # same as Resources/requirements.txt, for Slicer < 5.12
 
 
 # DeepRegistration
@@ -28,12 +32,15 @@ class DeepRegistration(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "Deep Registration"
         self.parent.categories = ["Registration"]
-        self.parent.dependencies = []  # PyTorch is an extension dependency, imported lazily by the logic
+        self.parent.dependencies = []  # PyTorch is an extension dependency, imported lazily (in the worker)
         self.parent.contributors = ["The DeepRegistration authors"]
         self.parent.helpText = """
 Registers a moving volume to a fixed volume (rigid, affine, or affine + deformable) with a PyTorch engine that
-works in physical space (millimetres). Results: a transform node (put the moving volume under it to align it
-to the fixed volume) and, optionally, the moving volume resampled onto the fixed volume's grid.
+works in physical space (millimetres). Results: a transform node (the moving volume placed under it is aligned
+to the fixed volume; its segmentations and landmarks can follow with one click), optionally the resampled
+moving volume and a Jacobian-determinant map, and a metrics table (similarity before/after, folding %, and
+Dice/HD95/TRE when segmentations or landmarks are selected). The registration runs in the background: the
+application stays usable and Cancel stops it at once.
 <br><br>
 <b>Intended use:</b> research use only, not for clinical decisions. This software is not a medical device;
 always check registration results visually.
@@ -43,6 +50,45 @@ See the <a href="https://github.com/deepregistration/SlicerDeepRegistration">doc
 The bundled sample data are derived from the Colin27 (ch2) template and the AAL atlas as packaged in
 Debian's <i>mricron-data</i> (BSD license). Module layout follows the 3D Slicer extension templates.
 """
+        slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", _observeSceneImports)
+
+
+def sampleDataDir() -> str:
+    return os.path.join(os.path.dirname(__file__), "Resources", "SampleData")
+
+
+def registerSampleData():
+    """Adds the bundled pair to the Sample Data module (local files, works offline)."""
+    import SampleData
+    from DeepRegistrationSlicerLib.nodes import fileUri
+
+    folder = sampleDataDir()
+    files = [("fixed.nii.gz", "DeepRegistration fixed", "VolumeFile"),
+             ("moving.nii.gz", "DeepRegistration moving", "VolumeFile"),
+             ("fixed_labels.nii.gz", "DeepRegistration fixed segmentation", "SegmentationFile"),
+             ("moving_labels.nii.gz", "DeepRegistration moving segmentation", "SegmentationFile"),
+             ("fixed_landmarks.mrk.json", "DeepRegistration fixed landmarks", "MarkupsFile"),
+             ("moving_landmarks.mrk.json", "DeepRegistration moving landmarks", "MarkupsFile")]
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Registration",
+        sampleName="DeepRegistrationBrainPair",
+        uris=[fileUri(os.path.join(folder, f)) for f, _, _ in files],
+        fileNames=[f"DeepRegistration_{f}" for f, _, _ in files],
+        nodeNames=[n for _, n, _ in files],
+        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "DeepRegistration.png"),
+        loadFileType=[t for _, _, t in files],
+    )
+
+
+def _observeSceneImports():
+    """Grids read from files are interpolated cubically by Slicer; the engine (ITK) is linear: restore it."""
+    def onEndImport(caller, event):
+        from DeepRegistrationSlicerLib.nodes import restoreLinearInterpolation
+
+        restoreLinearInterpolation(caller)
+
+    slicer.mrmlScene.AddObserver(slicer.mrmlScene.EndImportEvent, onEndImport)
 
 
 # DeepRegistrationParameterNode
@@ -50,17 +96,30 @@ Debian's <i>mricron-data</i> (BSD license). Module layout follows the 3D Slicer 
 
 @parameterNodeWrapper
 class DeepRegistrationParameterNode:
-    """Module parameters; mode/similarity/regularizationWeight/spacing map to the engine's RegistrationConfig
-    (mode, similarity, reg_weight, spacing in mm). outputTransform is fixed -> moving (resampling direction)."""
+    """Module parameters. ``preset`` sets the engine options; the advanced fields override them (they are reset
+    to the preset's values when the preset changes). ``outputTransform`` is fixed -> moving (FromParent)."""
 
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
-    mode: Annotated[str, Choice(MODES)] = "deformable"
+    fixedMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    movingMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    initialTransform: vtkMRMLTransformNode
+    preset: Annotated[str, Choice(PRESETS)] = "Deformable — fast"
+    device: Annotated[str, Choice(DEVICES)] = "auto"
     similarity: Annotated[str, Choice(SIMILARITIES)] = "lncc"
-    regularizationWeight: Annotated[float, WithinRange(0.0, 100.0)] = 1.0
-    spacing: Annotated[float, WithinRange(0.5, 8.0)] = 2.0
-    outputVolume: vtkMRMLScalarVolumeNode
+    regularizationWeight: Annotated[float, WithinRange(0.0, 20.0)] = 1.0
+    spacing: Annotated[float, WithinRange(0.5, 8.0)] = 3.0
+    iterations: Annotated[int, WithinRange(0, 2000)] = 30
+    diffeomorphic: bool = False
     outputTransform: vtkMRMLTransformNode
+    outputVolume: vtkMRMLScalarVolumeNode
+    jacobianVolume: vtkMRMLScalarVolumeNode
+    applyToMoving: bool = True
+    fixedSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    movingSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    fixedLandmarks: vtkMRMLMarkupsFiducialNode
+    movingLandmarks: vtkMRMLMarkupsFiducialNode
+    metricsTable: vtkMRMLTableNode
 
 
 # DeepRegistrationWidget
@@ -73,8 +132,10 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._running = False
-        self._cancelRequested = False
+        self._job = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.connect("timeout()", self._onPoll)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -86,10 +147,15 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.resetAdvancedButton.connect("clicked(bool)", self.onResetAdvanced)
+        self.ui.presetComboBox.connect("currentIndexChanged(int)", self.onPresetChanged)
+        self.ui.applyToMovingNodesButton.connect("clicked(bool)", self.onApplyToMovingNodes)
         self.ui.progressBar.hide()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self._cancelJob()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -99,9 +165,10 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self._cancelJob()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -110,193 +177,249 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.fixedVolume:
-            self._parameterNode.fixedVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        p = self._parameterNode
+        if not p.fixedVolume:
+            p.fixedVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
     def setParameterNode(self, inputParameterNode: Optional[DeepRegistrationParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             # widgets in the .ui carry a "SlicerParameterName" dynamic property naming their parameter
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
-            self._checkCanApply()
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
 
-    def _checkCanApply(self, caller=None, event=None) -> None:
-        if self._running:
-            return
+    def _updateButtons(self, caller=None, event=None) -> None:
+        running = self._job is not None
         p = self._parameterNode
         ok = bool(p and p.fixedVolume and p.movingVolume and p.fixedVolume != p.movingVolume)
-        self.ui.applyButton.enabled = ok
+        self.ui.applyButton.enabled = ok and not running
         self.ui.applyButton.toolTip = "Register the moving volume to the fixed volume" if ok else \
             "Select two different volumes: fixed and moving"
+        self.ui.cancelButton.enabled = running
+        self.ui.applyToMovingNodesButton.enabled = bool(
+            p and p.outputTransform and (p.movingSegmentation or p.movingLandmarks) and not running)
+
+    def onPresetChanged(self, index=None) -> None:
+        self.onResetAdvanced()
+
+    def onResetAdvanced(self) -> None:
+        """Advanced options take the preset's values."""
+        if not self._parameterNode:
+            return
+        self.logic.setAdvancedFromPreset(self._parameterNode)
 
     def onApplyButton(self) -> None:
-        if self._running:  # the button reads "Cancel" while a registration runs
-            self._cancelRequested = True
-            self.ui.applyButton.enabled = False
+        if self._job is not None:
             return
-        from DeepRegistrationLib.errors import Cancelled  # light: no torch
+        with slicer.util.tryWithErrorDisplay("Registration could not start.", waitCursor=True):
+            self.logic.ensurePythonPackages()
+            self._job = self.logic.startJob(self._parameterNode)
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.setFormat("starting (%p%)")
+            self.ui.progressBar.show()
+            self.ui.statusLabel.text = "Registering in the background; you can keep working."
+            self._timer.start()
+        self._updateButtons()
 
-        p = self._parameterNode
-        if not p.outputTransform:
-            p.outputTransform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTransformNode", "DeepRegistrationTransform")
-        self._running, self._cancelRequested = True, False
-        self.ui.applyButton.text = "Cancel"
-        self.ui.progressBar.value = 0
-        self.ui.progressBar.show()
+    def onCancelButton(self) -> None:
+        if self._job is not None:
+            self._cancelJob()
+            self.ui.statusLabel.text = "Cancelled; nothing was changed."
+
+    def _cancelJob(self) -> None:
+        self._timer.stop()
+        if self._job is not None:
+            self._job.cancel()
+            self._job = None
+        self.ui.progressBar.hide()
+        self._updateButtons()
+
+    def _onPoll(self) -> None:
+        job = self._job
+        if job is None:
+            self._timer.stop()
+            return
+        status = job.poll()
+        self.ui.progressBar.value = int(round(100 * status.progress))
+        self.ui.progressBar.setFormat(f"{status.message} (%p%)")
+        if not status.finished:
+            return
+        self._timer.stop()
+        self._job = None
+        self.ui.progressBar.hide()
         try:
-            with slicer.util.tryWithErrorDisplay("Registration failed.", waitCursor=True):
-                try:
-                    self.logic.process(p.fixedVolume, p.movingVolume, p.outputTransform, p.outputVolume,
-                                       mode=p.mode, similarity=p.similarity,
-                                       regularizationWeight=p.regularizationWeight, spacing=p.spacing,
-                                       progressCallback=self._onProgress)
-                except Cancelled:
-                    logging.info("DeepRegistration: cancelled by the user, nothing was changed")
-                    return
-                if p.outputVolume:
-                    slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=p.outputVolume,
-                                                     foregroundOpacity=0.5)
+            if status.state == "failed":
+                self.ui.statusLabel.text = "Registration failed."
+                slicer.util.errorDisplay(f"Registration failed: {status.message}")
+                return
+            if status.state != "done":
+                return
+            with slicer.util.tryWithErrorDisplay("Registration results could not be loaded.", waitCursor=True):
+                result = self.logic.loadJobResults(job, self._parameterNode)
+                self.showResult(result)
         finally:
-            self._running = False
-            self.ui.applyButton.text = "Apply"
-            self.ui.progressBar.hide()
-            self._checkCanApply()
+            self._updateButtons()
 
-    def _onProgress(self, fraction: float, message: str) -> bool:
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.progressBar.setFormat(f"{message} (%p%)")
-        slicer.app.processEvents()
-        return not self._cancelRequested
+    def showResult(self, result) -> None:
+        p = self._parameterNode
+        if result.metricsTableNode:
+            self.ui.metricsTableView.setMRMLTableNode(result.metricsTableNode)
+        m = result.metrics
+        parts = [f"NCC {m['ncc_before']:.3f} → {m['ncc_after']:.3f}"] if "ncc_after" in m else []
+        if "dice_after" in m:
+            parts.append(f"Dice {m['dice_before']:.3f} → {m['dice_after']:.3f}")
+        if "tre_after" in m:
+            parts.append(f"TRE {m['tre_before']:.2f} → {m['tre_after']:.2f} mm")
+        if "folding_percent_after" in m:
+            parts.append(f"folding {m['folding_percent_after']:.3f} %")
+        self.ui.statusLabel.text = f"Done in {result.seconds:.1f} s: " + ", ".join(parts)
+        foreground = result.outputVolumeNode or (p.movingVolume if p.applyToMoving else None)
+        slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=foreground, foregroundOpacity=0.5)
+
+    def onApplyToMovingNodes(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not apply the transform.", waitCursor=True):
+            p = self._parameterNode
+            count = self.logic.applyTransformToNodes(p.outputTransform, [p.movingSegmentation, p.movingLandmarks])
+            self.ui.statusLabel.text = f"Placed {count} node(s) under '{p.outputTransform.GetName()}'."
 
 
 # DeepRegistrationLogic
 
 
 class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
-    """Registration usable without the GUI: volumes and transform are MRML nodes, the engine
-    (DeepRegistrationLib, no Slicer imports) reads and writes files in a temporary folder."""
+    """Registration usable without the GUI (Python console)::
+
+        logic = slicer.util.getModuleLogic("DeepRegistration")   # or DeepRegistrationLogic()
+        result = logic.register(fixedVolume, movingVolume, preset="Deformable — fast", outputVolume=True)
+        result.transformNode, result.metrics
+
+    The engine runs in a PythonSlicer subprocess (DeepRegistrationSlicerLib.run); nodes are converted by
+    DeepRegistrationSlicerLib.nodes.
+    """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self._packagesChecked = False
 
     def getParameterNode(self):
         return DeepRegistrationParameterNode(super().getParameterNode())
 
-    @staticmethod
-    def ensurePythonPackages(similarity: str) -> None:
-        """Makes torch importable (PyTorch extension, with confirmation), and MONAI when mutual information is used."""
+    # ---------------------------------------------------------------------------------- dependencies
+    def ensurePythonPackages(self, askConfirmation: bool = True) -> None:
+        """torch through the PyTorch extension (PyTorchUtils), the rest from Resources/requirements.txt.
+        SimpleITK and numpy come with Slicer and are never installed here."""
+        if self._packagesChecked:
+            return
         try:
             import PyTorchUtils
         except ModuleNotFoundError as e:
-            raise RuntimeError("This module requires the PyTorch extension. Install it from the "
-                               "Extensions Manager, restart Slicer, then try again.") from e
+            raise RuntimeError("This module requires the PyTorch extension. Install it from the Extensions "
+                               "Manager, restart Slicer, then try again.") from e
         torchLogic = PyTorchUtils.PyTorchUtilsLogic()
         if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(askConfirmation=True,
+            torch = torchLogic.installTorch(askConfirmation=askConfirmation,
                                             torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}")
             if torch is None:
                 raise RuntimeError("PyTorch is needed to register images; its installation was cancelled.")
-        if similarity == "mi":  # the engine's mutual information comes from MONAI
-            try:
-                from slicer import packaging as slicerPackaging
-            except ImportError:  # Slicer < 5.12
-                slicerPackaging = None
-            if slicerPackaging is not None:
-                slicerPackaging.pip_ensure([MONAI_REQUIREMENT], requester="DeepRegistration")
-            elif importlib.util.find_spec("monai") is None:
-                slicer.util.pip_install(MONAI_REQUIREMENT)
+        requirements = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
+        try:
+            from slicer import packaging as slicerPackaging
+        except ImportError:  # Slicer < 5.12
+            slicerPackaging = None
+        if slicerPackaging is not None:
+            slicerPackaging.pip_ensure(slicerPackaging.load_requirements(requirements), requester="DeepRegistration")
+        else:
+            import importlib.util
 
-    def process(self, fixedVolume, movingVolume, outputTransform, outputVolume=None, mode: str = "deformable",
-                similarity: str = "lncc", regularizationWeight: float = 1.0, spacing: float = 2.0,
-                progressCallback=None) -> dict:
-        """Registers ``movingVolume`` to ``fixedVolume``.
+            if importlib.util.find_spec("monai") is None:
+                if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                        f"DeepRegistration needs these Python packages: {', '.join(FALLBACK_REQUIREMENTS)}. "
+                        "Install them now?"):
+                    raise RuntimeError("Required Python packages were not installed.")
+                slicer.util.pip_install(FALLBACK_REQUIREMENTS)
+        self._packagesChecked = True
 
-        The result is stored in ``outputTransform`` as a resampling (FromParent) transform: placing the moving
-        volume under it aligns it to the fixed volume. ``outputVolume`` (optional) receives the moving volume
-        resampled onto the fixed volume's grid. ``progressCallback(fraction, message)`` returning False cancels.
-        Returns the engine's report (a dict, as in report.json).
+    # ---------------------------------------------------------------------------------- options
+    @staticmethod
+    def setAdvancedFromPreset(parameterNode) -> None:
+        from DeepRegistrationSlicerLib.run import engineConfig
+
+        cfg = engineConfig(parameterNode.preset)
+        with slicer.util.NodeModify(parameterNode):
+            parameterNode.spacing = float(cfg.get("spacing", 3.0))
+            parameterNode.iterations = int(cfg.get("iterations", 40))
+            parameterNode.regularizationWeight = float(cfg.get("reg_weight", 1.0))
+            parameterNode.diffeomorphic = bool(cfg.get("diffeomorphic", False))
+
+    @staticmethod
+    def jobArguments(p) -> dict:
+        """RegistrationJob keyword arguments from the parameter node."""
+        return dict(preset=p.preset, device=p.device, similarity=p.similarity,
+                    regularizationWeight=p.regularizationWeight, spacing=p.spacing, iterations=p.iterations,
+                    diffeomorphic=p.diffeomorphic, fixedMask=p.fixedMask, movingMask=p.movingMask,
+                    initialTransform=p.initialTransform, fixedSegmentation=p.fixedSegmentation,
+                    movingSegmentation=p.movingSegmentation, fixedLandmarks=p.fixedLandmarks,
+                    movingLandmarks=p.movingLandmarks, outputTransform=p.outputTransform,
+                    outputVolume=p.outputVolume, jacobianVolume=p.jacobianVolume,
+                    metricsTable=p.metricsTable or True, applyToMoving=p.applyToMoving)
+
+    # ---------------------------------------------------------------------------------- running
+    def startJob(self, parameterNode):
+        """Starts a background registration from the parameter node; returns the RegistrationJob."""
+        from DeepRegistrationSlicerLib.run import RegistrationJob
+
+        p = parameterNode
+        return RegistrationJob(p.fixedVolume, p.movingVolume, **self.jobArguments(p)).start()
+
+    def loadJobResults(self, job, parameterNode=None):
+        """Loads a finished job's outputs into nodes; remembers them in the parameter node."""
+        result = job.loadResults()
+        if parameterNode is not None:
+            with slicer.util.NodeModify(parameterNode):
+                parameterNode.outputTransform = result.transformNode
+                if result.metricsTableNode:
+                    parameterNode.metricsTable = result.metricsTableNode
+        logging.info(f"DeepRegistration: done in {result.seconds:.1f} s, metrics {result.metrics}")
+        return result
+
+    def register(self, fixedVolume, movingVolume, preset: str = "Deformable — fast", progressCallback=None,
+                 **options):
+        """Registers ``movingVolume`` to ``fixedVolume`` and blocks until the results are in the scene.
+
+        Args:
+            preset: "Rigid", "Affine", "Deformable — fast" or "Deformable — accurate".
+            progressCallback: ``callback(fraction, message)``; returning False cancels.
+            **options: engine options overriding the preset (similarity, regularizationWeight, spacing,
+                iterations, diffeomorphic, device, threads, ...) and nodes: fixedMask, movingMask,
+                initialTransform, fixedSegmentation, movingSegmentation, fixedLandmarks, movingLandmarks,
+                outputTransform, outputVolume (node or True), jacobianVolume (node or True), metricsTable,
+                applyToMoving (default True).
+
+        Returns:
+            DeepRegistrationSlicerLib.run.RegistrationResult: transformNode, outputVolumeNode,
+            jacobianVolumeNode, metricsTableNode, metrics (dict), report (dict), seconds.
         """
-        if not fixedVolume or not movingVolume or not outputTransform:
-            raise ValueError("Fixed volume, moving volume and output transform are required.")
-        if outputVolume and outputVolume in (fixedVolume, movingVolume):
-            raise ValueError("The output volume must differ from the fixed and moving volumes.")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.ensurePythonPackages(similarity)
-        from DeepRegistrationLib.config import RegistrationConfig
-        from DeepRegistrationLib.outputs import run_registration
+        from DeepRegistrationSlicerLib import run
 
-        config = RegistrationConfig(mode=mode, similarity=similarity, reg_weight=float(regularizationWeight),
-                                    spacing=float(spacing))
-        with tempfile.TemporaryDirectory(prefix="DeepRegistration-") as tmp:
-            fixedPath = os.path.join(tmp, "fixed.nrrd")
-            movingPath = os.path.join(tmp, "moving.nrrd")
-            self._writeVolume(fixedVolume, fixedPath)
-            self._writeVolume(movingVolume, movingPath)
-            outDir = os.path.join(tmp, "result")
-            logging.info(f"DeepRegistration: {mode} registration, working folder {tmp}")
-            # report.png needs matplotlib, which Slicer does not bundle; report.json is enough here
-            summary = run_registration(fixedPath, movingPath, outDir, config, write_png=False,
-                                       progress=progressCallback)
-            self.loadTransform(os.path.join(outDir, "transform.h5"), outputTransform)
-            if outputVolume:
-                self._readVolume(os.path.join(outDir, "warped.nii.gz"), outputVolume)
-        return summary.report
+        self.ensurePythonPackages()
+
+        def onProgress(fraction, message):
+            if hasattr(slicer, "app"):
+                slicer.app.processEvents()
+            return progressCallback(fraction, message) if progressCallback else True
+
+        return run.register(fixedVolume, movingVolume, preset, progressCallback=onProgress, **options)
 
     @staticmethod
-    def _writeVolume(volumeNode, path: str) -> None:
-        """Writes a volume (with its parent transforms hardened into a copy if it has any)."""
-        if volumeNode.GetParentTransformNode():
-            copy = slicer.modules.volumes.logic().CloneVolume(slicer.mrmlScene, volumeNode, "DeepRegistrationTmp")
-            try:
-                copy.HardenTransform()
-                DeepRegistrationLogic._writeVolume(copy, path)
-            finally:
-                slicer.mrmlScene.RemoveNode(copy)
-            return
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        storage.SetFileName(path)
-        storage.SetUseCompression(False)
-        if not storage.WriteData(volumeNode):
-            raise RuntimeError(f"Could not write volume '{volumeNode.GetName()}' to {path}")
+    def applyTransformToNodes(transformNode, nodes) -> int:
+        """Places nodes (moving segmentations, markups...) under the transform; returns how many."""
+        from DeepRegistrationSlicerLib.run import applyTransformToNodes
 
-    @staticmethod
-    def _readVolume(path: str, volumeNode) -> None:
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        storage.SetFileName(path)
-        if not storage.ReadData(volumeNode):
-            raise RuntimeError(f"Could not read the registered volume from {path}")
-        volumeNode.CreateDefaultDisplayNodes()
-
-    @staticmethod
-    def loadTransform(path: str, transformNode) -> None:
-        """Reads an ITK transform file (LPS, resampling direction) into ``transformNode``.
-
-        Slicer's transform reader converts LPS to RAS and stores the file's transform as FromParent.
-        Grids read from files default to cubic interpolation; the engine (like ITK) interpolates
-        linearly, so every grid component is switched to linear to reproduce the engine's output.
-        """
-        storage = slicer.vtkMRMLTransformStorageNode()
-        storage.SetFileName(path)
-        if not storage.ReadData(transformNode):
-            raise RuntimeError(f"Could not read the registration transform from {path}")
-        setLinearGridInterpolation(transformNode.GetTransformFromParent())
-        transformNode.Modified()
-
-
-def setLinearGridInterpolation(transform) -> None:
-    """Sets linear interpolation on every grid transform inside ``transform`` (general transforms are walked)."""
-    if transform is None:
-        return
-    if isinstance(transform, vtk.vtkGeneralTransform):
-        for i in range(transform.GetNumberOfConcatenatedTransforms()):
-            setLinearGridInterpolation(transform.GetConcatenatedTransform(i))
-    elif hasattr(transform, "SetInterpolationModeToLinear"):
-        transform.SetInterpolationModeToLinear()
+        return applyTransformToNodes(transformNode, nodes)
 
 
 # DeepRegistrationTest
@@ -308,27 +431,55 @@ class DeepRegistrationTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
-        self.test_AffineSamplePair()
+        self.test_SampleDataRegistered()
+        self.setUp()
+        self.test_DeformableSamplePair()
 
-    def test_AffineSamplePair(self):
-        """Registers the bundled sample pair (affine) and checks the transform moved away from identity."""
+    def test_SampleDataRegistered(self):
+        """The bundled pair is offered by the Sample Data module and loads."""
+        import SampleData
+
+        registerSampleData()
+        nodes = SampleData.SampleDataLogic().downloadSample("DeepRegistrationBrainPair")
+        self.assertEqual(len(nodes), 6)
+
+    def test_DeformableSamplePair(self):
+        """Registers the bundled pair with the fast preset; checks outputs, references and metrics."""
         import numpy as np
 
         self.delayDisplay("Loading the bundled sample pair")
-        sampleDir = os.path.join(os.path.dirname(__file__), "Resources", "SampleData")
-        fixed = slicer.util.loadVolume(os.path.join(sampleDir, "fixed.nii.gz"))
-        moving = slicer.util.loadVolume(os.path.join(sampleDir, "moving.nii.gz"))
-        transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTransformNode", "DeepRegistrationResult")
-        warped = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "DeepRegistrationWarped")
+        folder = sampleDataDir()
+        fixed = slicer.util.loadVolume(os.path.join(folder, "fixed.nii.gz"))
+        moving = slicer.util.loadVolume(os.path.join(folder, "moving.nii.gz"))
+        fixedSeg = slicer.util.loadSegmentation(os.path.join(folder, "fixed_labels.nii.gz"))
+        movingSeg = slicer.util.loadSegmentation(os.path.join(folder, "moving_labels.nii.gz"))
+        fixedLm = slicer.util.loadMarkups(os.path.join(folder, "fixed_landmarks.mrk.json"))
+        movingLm = slicer.util.loadMarkups(os.path.join(folder, "moving_landmarks.mrk.json"))
 
+        self.delayDisplay("Registering (Deformable — fast)")
         logic = DeepRegistrationLogic()
-        report = logic.process(fixed, moving, transform, warped, mode="affine", spacing=4.0)
-
-        self.assertTrue(transform.IsLinear(), "affine mode should give a linear transform")
-        matrix = vtk.vtkMatrix4x4()
-        self.assertTrue(transform.GetMatrixTransformFromParent(matrix))
-        m = np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
-        self.assertGreater(np.abs(m - np.eye(4)).max(), 1e-3, "the affine result is the identity")
-        self.assertEqual(warped.GetImageData().GetDimensions(), fixed.GetImageData().GetDimensions())
-        self.assertGreater(report["similarity"]["ncc_after"], report["similarity"]["ncc_before"])
-        self.delayDisplay("Test passed")
+        result = logic.register(fixed, moving, "Deformable — fast", spacing=4.0, fixedSegmentation=fixedSeg,
+                                movingSegmentation=movingSeg, fixedLandmarks=fixedLm, movingLandmarks=movingLm,
+                                outputVolume=True, jacobianVolume=True)
+        t = result.transformNode
+        self.assertFalse(t.IsLinear())
+        self.assertEqual(moving.GetParentTransformNode(), t)
+        self.assertEqual(t.GetNodeReference("spatialRegistrationFixed"), fixed)
+        self.assertEqual(t.GetNodeReference("spatialRegistrationMoving"), moving)
+        self.assertEqual(result.outputVolumeNode.GetImageData().GetDimensions(), fixed.GetImageData().GetDimensions())
+        self.assertIsNotNone(result.jacobianVolumeNode)
+        m = result.metrics
+        self.assertGreater(m["ncc_after"], m["ncc_before"])
+        self.assertGreater(m["dice_after"], 0.75)
+        self.assertLess(m["tre_after"], 0.5 * m["tre_before"])
+        self.assertLess(m["folding_percent_after"], 0.1)
+        self.assertGreater(result.metricsTableNode.GetNumberOfRows(), 4)
+        # the transform maps the fixed landmarks onto the moving ones as the engine reports (TRE)
+        fromParent = t.GetTransformFromParent()
+        fixedPts = np.array([fixedLm.GetNthControlPointPositionWorld(i) for i in range(fixedLm.GetNumberOfControlPoints())])
+        movingPts = np.array([movingLm.GetNthControlPointPosition(i) for i in range(movingLm.GetNumberOfControlPoints())])
+        mapped = np.array([fromParent.TransformPoint(p) for p in fixedPts])
+        self.assertAlmostEqual(float(np.linalg.norm(mapped - movingPts, axis=1).mean()), m["tre_after"], delta=0.05)
+        self.assertEqual(logic.applyTransformToNodes(t, [movingSeg, movingLm]), 2)
+        self.delayDisplay(f"Test passed: Dice {m['dice_before']:.3f} -> {m['dice_after']:.3f}, "
+                          f"TRE {m['tre_before']:.2f} -> {m['tre_after']:.2f} mm in {result.seconds:.1f} s")

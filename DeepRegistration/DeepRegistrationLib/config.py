@@ -5,10 +5,10 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import InputError
-from .regularizers import REGULARIZERS
-from .similarity import SIMILARITIES
 
 MODES = ("rigid", "affine", "deformable")
+SIMILARITIES = ("lncc", "mi", "mse")
+REGULARIZERS = ("diffusion", "bending")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -43,14 +43,14 @@ class RegistrationConfig:
     mode: str = "deformable"
     similarity: str = "lncc"
     regularization: str = "diffusion"
-    reg_weight: float = 1.0
+    reg_weight: float = 3.0
     spacing: float = 2.0
-    iterations: int = 40
-    affine_iterations: int = 60
+    iterations: int = 10
+    affine_iterations: int = 30
     levels: int = 3
     diffeomorphic: bool = False
     jacobian_weight: float = 0.0
-    lncc_radius: int = 2
+    lncc_radius: int = 4
     smoothing_passes: int = 2
     initialization: str = "moments"
     intensity_percentiles: tuple = field(default=(0.5, 99.5))

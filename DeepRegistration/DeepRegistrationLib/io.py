@@ -7,6 +7,7 @@ Readable: anything SimpleITK reads (NIfTI ``.nii/.nii.gz``, NRRD ``.nrrd/.nhdr``
 """
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 from pathlib import Path
@@ -21,6 +22,45 @@ from .image import Image
 logger = logging.getLogger(__name__)
 
 WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+
+# NIfTI-1/-2 float datatypes: code -> numpy dtype (ITK's NIfTI reader silently turns NaN into 0,
+# so NaN voxels are only visible in the raw file).
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_nonfinite_count(path: Path) -> int:
+    """Number of NaN/Inf voxels in a float NIfTI file, read raw (0 for other types or formats)."""
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return 0
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError):
+        return 0
+    for endian in ("<", ">"):
+        size = int(np.frombuffer(raw, endian + "i4", 1, 0)[0])
+        if size == 348:  # NIfTI-1
+            code = int(np.frombuffer(raw, endian + "i2", 1, 70)[0])
+            dims = np.frombuffer(raw, endian + "i2", 8, 40).astype(np.int64)
+            offset = int(np.frombuffer(raw, endian + "f4", 1, 108)[0])
+            break
+        if size == 540:  # NIfTI-2
+            code = int(np.frombuffer(raw, endian + "i2", 1, 12)[0])
+            dims = np.frombuffer(raw, endian + "i8", 8, 16)
+            offset = int(np.frombuffer(raw, endian + "i8", 1, 168)[0])
+            break
+    else:
+        return 0
+    if code not in _NIFTI_FLOATS:
+        return 0
+    count = int(np.prod(dims[1:1 + max(1, min(int(dims[0]), 7))]))
+    data = np.frombuffer(raw, endian + _NIFTI_FLOATS[code], min(count, (len(raw) - offset) // (
+        4 if code == 16 else 8)), offset)
+    return int((~np.isfinite(data)).sum())
 
 
 def _read_sitk(path: str | os.PathLike, what: str) -> sitk.Image:
@@ -103,9 +143,9 @@ def read_image(path: str | os.PathLike, name: str = "image") -> Image:
     _check_3d(img, path, name)
     image = sitk_to_image(img, name)
     arr = image.array
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        raise InputError(f"{name}: '{path}' contains {int(bad.sum())} NaN or infinite voxels. Replace them "
+    n_bad = int((~np.isfinite(arr)).sum()) or _nifti_nonfinite_count(Path(path))
+    if n_bad:
+        raise InputError(f"{name}: '{path}' contains {n_bad} NaN or infinite voxels. Replace them "
                          "(e.g. with 0 or the background value) before registering.")
     if float(arr.max()) - float(arr.min()) <= 1e-6 * max(1.0, abs(float(arr.max()))):
         raise InputError(f"{name}: '{path}' is constant (every voxel is {float(arr.flat[0]):g}); there is "

@@ -51,24 +51,23 @@ class RunSummary:
 
 
 def versions() -> dict:
-    """Versions of the software that produced a result."""
+    """Versions of the software that produced a result (read from package metadata: importing MONAI
+    just for its version would cost half a second)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
     out = {"python": platform.python_version(), "numpy": np.__version__, "SimpleITK": sitk.Version_VersionString(),
            "torch": torch.__version__}
     try:
-        from importlib.metadata import version
-
         out["deepregistration"] = version("deepregistration")
-    except Exception:  # running from a source tree or inside Slicer
+    except PackageNotFoundError:  # running from a source tree or inside Slicer
         from . import __version__
 
         out["deepregistration"] = __version__
     try:
-        import monai
-
-        out["monai"] = monai.__version__
-    except ImportError:
+        out["monai"] = version("monai")
+    except PackageNotFoundError:
         pass
     return out
 
@@ -118,7 +117,7 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
                      fixed_mask=None, moving_mask=None, fixed_labels=None, moving_labels=None,
                      fixed_landmarks=None, moving_landmarks=None, overwrite: bool = False,
                      write_png: bool = True, progress: ProgressCallback | None = None,
-                     predictor=None) -> RunSummary:
+                     predictor=None, initial_affine: np.ndarray | None = None) -> RunSummary:
     """Registers MOVING to FIXED (paths) and writes all outputs into ``out_dir`` atomically.
 
     Args:
@@ -132,6 +131,8 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
         write_png: Also draw ``report.png``.
         progress: ``callback(fraction, message)``; returning False cancels with nothing written.
         predictor: Optional learned field predictor (see :class:`~DeepRegistrationLib.pipeline.FieldPredictor`).
+        initial_affine: Optional 4×4 LPS matrix (fixed → moving points) that replaces the moments
+            initialization; the result includes it.
 
     Returns:
         :class:`RunSummary`.
@@ -156,7 +157,7 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
     t_read = time.perf_counter() - t0
 
     result = register(fixed, moving, cfg, fixed_mask=fmask, moving_mask=mmask, predictor=predictor,
-                      progress=Progress(progress, 0.0, 0.85))
+                      initial_affine=initial_affine, progress=Progress(progress, 0.0, 0.85))
     prog(0.86, "writing outputs")
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

@@ -24,6 +24,7 @@ from . import metrics
 from . import warp as W
 from .config import RegistrationConfig, select_device
 from .grid import Grid
+from .optim import CosineAdam
 from .image import Image
 from .preprocess import WorkingImage, center_of_mass, check_overlap, prepare
 from .progress import Progress, ProgressCallback
@@ -32,6 +33,15 @@ from .similarity import Similarity, box_filter, global_ncc
 from .transforms import SpatialTransform, params_to_matrix, scaling_and_squaring
 
 logger = logging.getLogger(__name__)
+
+#: Adam step of the deformable stage, as a fraction of the level's voxel size (mm per step / mm).
+#: Small steps plus the smoothness penalty converge to smoother, more accurate fields than large ones
+#: (measured on Colin27 pairs: 0.15 beat 0.5 by ~0.01 Dice at 1 mm).
+FIELD_STEP = 0.15
+#: Coarser levels are cheap (8× fewer voxels per halving): they run this many times more iterations.
+COARSE_ITERATION_FACTOR = 2
+#: The deformable step decays (cosine) to this fraction of its initial value within each level.
+FIELD_STEP_END = 0.05
 
 
 class FieldPredictor(Protocol):
@@ -95,17 +105,42 @@ class _Level:
         self.fmask = None if fmask is None else (_pool(fmask, factor) > 0.5)
         self.pts = W.grid_points(self.fgrid, fixed.device)
 
-    def warp(self, mapped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Warped moving image and the voxels where it is valid, for mapped points ``(1, Z, Y, X, 3)``."""
+    def warp(self, mapped: torch.Tensor, fov: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Warped moving image ``(1, 1, Z, Y, X)`` for mapped points ``(1, Z, Y, X, 3)``, and where it is valid.
+
+        Outside the moving image the warped image is 0. ``valid`` marks samples inside the moving mask
+        and, when ``fov``, inside the moving field of view (None when nothing is excluded). LNCC uses
+        ``fov=False``: zeros outside the view simply fail to correlate, a penalty that is continuous in
+        the transform, whereas a hard field-of-view mask would make the loss jump.
+        """
         norm = W.world_to_normalized(mapped, self.mgrid)
         out = torch.nn.functional.grid_sample(self.moving, norm, mode="bilinear", padding_mode="zeros",
                                               align_corners=True)
-        valid = (norm.detach().abs() <= 1.0).all(dim=-1).unsqueeze(1)
+        valid = (norm.detach().abs() <= 1.0).all(dim=-1).unsqueeze(1) if fov else None
         if out.shape[1] > 1:
-            valid = valid & (out[:, 1:2] > 0.5)
-        if self.fmask is not None:
-            valid = valid & self.fmask
-        return out[:, :1], valid.detach()
+            inside = out[:, 1:2].detach() > 0.5
+            valid = inside if valid is None else valid & inside
+        return out[:, :1], valid
+
+
+class _Best:
+    """Keeps the parameters with the lowest loss seen (Adam may end a level slightly past the optimum;
+    for images that already match, the start is the optimum and is returned unchanged).
+
+    An update must beat the best loss by ``tol`` (relative): near an optimum, float32 summation noise
+    is larger than the true differences and would otherwise pick a random nearby point.
+    """
+
+    def __init__(self, params: torch.Tensor, tol: float = 1e-5):
+        self.loss = float("inf")
+        self.tol = tol
+        self.params = params.detach().clone()
+
+    def update(self, loss: torch.Tensor, params: torch.Tensor) -> None:
+        value = float(loss.detach())
+        if value < self.loss - self.tol * max(abs(self.loss), 1e-3) or self.loss == float("inf"):
+            self.loss = value
+            self.params.copy_(params.detach())
 
 
 def _smooth(u: torch.Tensor, passes: int) -> torch.Tensor:
@@ -119,26 +154,34 @@ def _factors(levels: int) -> list[int]:
 
 
 def _optimize_linear(lv: _Level, a0: torch.Tensor, kind: str, center: torch.Tensor, iters: int, sim: Similarity,
-                     progress: Progress) -> torch.Tensor:
+                     progress: Progress, frame: torch.Tensor) -> torch.Tensor:
+    """Rigid/affine fit at one level; the parameters live in ``frame`` (4×4: the fixed grid's axes), so
+    the result does not depend on how the image axes are stored (LPS, RAS, permuted, oblique)."""
     n = 6 if kind == "rigid" else 12
+    local_center = frame[:3, :3].T @ center
+
+    def matrix(params: torch.Tensor) -> torch.Tensor:
+        return a0 @ frame @ params_to_matrix(params * scale, kind, local_center) @ frame.T
+
     # parameter scales: translation in units of 10 mm, rotation / matrix entries in units of 0.1
     scale = torch.tensor([0.1] * 3 + [10.0] * 3 if kind == "rigid" else [10.0] * 3 + [0.1] * 9,
                          device=a0.device)
     raw = torch.zeros(n, device=a0.device, requires_grad=True)
-    opt = torch.optim.Adam([raw], lr=0.05 if lv.factor > 1 else 0.02)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(iters, 1), eta_min=0.002)
+    opt = CosineAdam(raw, 0.05 if lv.factor > 1 else 0.02, iters, lr_end=0.0005)
+    best = _Best(raw)
     for it in range(iters):
-        opt.zero_grad(set_to_none=True)
-        a = a0 @ params_to_matrix(raw * scale, kind, center)
-        warped, valid = lv.warp(W.apply_affine(lv.pts, a))
-        loss = sim(lv.fixed, warped, valid)
+        opt.zero_grad()
+        warped, valid = lv.warp(W.apply_affine(lv.pts, matrix(raw)), sim.uses_fov)
+        loss = sim(lv.fixed, warped, valid, lv.fmask)
+        best.update(loss, raw)
         loss.backward()
         opt.step()
-        sched.step()
         if it % 5 == 0:
             progress((it + 1) / iters, f"{kind} level 1/{lv.factor}: loss {loss.item():.4f}")
     with torch.no_grad():
-        return a0 @ params_to_matrix(raw * scale, kind, center)
+        warped, valid = lv.warp(W.apply_affine(lv.pts, matrix(raw)), sim.uses_fov)
+        best.update(sim(lv.fixed, warped, valid, lv.fmask), raw)
+        return matrix(best.params)
 
 
 def _field_from_param(param: torch.Tensor, grid: Grid, cfg: RegistrationConfig) -> torch.Tensor:
@@ -150,29 +193,40 @@ def _optimize_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters:
                     cfg: RegistrationConfig, progress: Progress) -> torch.Tensor:
     reg = Regularizer(cfg.regularization)
     param = init.detach().clone().requires_grad_(True)
-    lr = 0.5 * min(lv.fgrid.spacing)  # mm per step
-    opt = torch.optim.Adam([param], lr=lr)
-    for it in range(iters):
-        opt.zero_grad(set_to_none=True)
-        u = _field_from_param(param, lv.fgrid, cfg)
+    lr = FIELD_STEP * min(lv.fgrid.spacing)  # mm per step
+    # decaying steps: Adam's normalized steps would otherwise keep the field jittering by ~lr around
+    # the optimum (trilinear interpolation has kinks at voxel centres, so gradients never vanish)
+    opt = CosineAdam(param, lr, iters, lr_end=FIELD_STEP_END * lr, vector_dim=1)
+    best = _Best(param)
+
+    def objective(u: torch.Tensor) -> torch.Tensor:
         mapped = W.apply_affine(lv.pts + torch.movedim(u, 1, -1), affine)
-        warped, valid = lv.warp(mapped)
-        loss = sim(lv.fixed, warped, valid) + cfg.reg_weight * reg(u, lv.fgrid)
+        warped, valid = lv.warp(mapped, sim.uses_fov)
+        loss = sim(lv.fixed, warped, valid, lv.fmask) + cfg.reg_weight * reg(u, lv.fgrid)
         if cfg.jacobian_weight > 0:
             loss = loss + cfg.jacobian_weight * folding_penalty(u, lv.fgrid)
+        return loss
+
+    for it in range(iters):
+        opt.zero_grad()
+        loss = objective(_field_from_param(param, lv.fgrid, cfg))
+        best.update(loss, param)
         loss.backward()
         opt.step()
         if it % 5 == 0:
             progress((it + 1) / iters, f"deformable level 1/{lv.factor}: loss {loss.item():.4f}")
     with torch.no_grad():
-        return _field_from_param(param, lv.fgrid, cfg)
+        best.update(objective(_field_from_param(param, lv.fgrid, cfg)), param)
+        return _field_from_param(best.params, lv.fgrid, cfg).detach()
 
 
 def _evaluate(lv: _Level, affine: torch.Tensor, u: torch.Tensor | None, sim: Similarity) -> tuple[float, float]:
     with torch.no_grad():
         pts = lv.pts if u is None else lv.pts + torch.movedim(u, 1, -1)
-        warped, valid = lv.warp(W.apply_affine(pts, affine))
-        return float(sim(lv.fixed, warped, valid)), global_ncc(lv.fixed, warped, valid)
+        warped, valid = lv.warp(W.apply_affine(pts, affine), sim.uses_fov)
+        loss = float(sim(lv.fixed, warped, valid, lv.fmask))
+        _, inside = lv.warp(W.apply_affine(pts, affine), True)
+        return loss, global_ncc(lv.fixed, warped, inside if lv.fmask is None else inside & lv.fmask)
 
 
 def _initial_affine(cfg: RegistrationConfig, fw: WorkingImage, mw: WorkingImage) -> np.ndarray:
@@ -239,12 +293,20 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
     affine = torch.as_tensor(a0, dtype=torch.float32, device=device)
     center = torch.as_tensor(center_of_mass(fw.array, fw.grid, fw.mask), dtype=torch.float32, device=device)
     kind = "rigid" if cfg.mode == "rigid" else "affine"
-    lin_factors = [f for f in factors if f >= 2] or [1]
+    frame = torch.eye(4, device=device)
+    frame[:3, :3] = torch.as_tensor(fw.grid.direction_matrix, dtype=torch.float32, device=device)
+    # deformable: the affine stage stops one level early (the field refines it); rigid/affine: all levels
+    lin_factors = ([f for f in factors if f >= 2] or [1]) if cfg.mode == "deformable" else factors
     lin_span = (0.08, 0.3 if cfg.mode == "deformable" else 0.95)
     for n, f in enumerate(lin_factors):
         iters = cfg.affine_iterations * (2 if f > lin_factors[-1] else 1)
         sub = Progress(progress, *np.interp([n / len(lin_factors), (n + 1) / len(lin_factors)], [0, 1], lin_span))
-        affine = _optimize_linear(levels[f], affine, kind, center, iters, sim, sub)
+        lv = levels[f]
+        if f == 1:
+            # At full resolution, linear interpolation of the moving image pulls a linear fit towards
+            # voxel-aligned positions (~1/12 voxel); a 3³ box smoothing of both images removes most of it.
+            lv = _Level(box_filter(f_t, 1), fw.grid, box_filter(m_t, 1), mw.grid, 1, fmask, mmask)
+        affine = _optimize_linear(lv, affine, kind, center, iters, sim, sub, frame)
     timings["linear"] = time.perf_counter() - t
 
     u = None
@@ -265,7 +327,7 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
             lv = levels[f]
             if n > 0 or predictor is not None:
                 init = W.resample_field(u, prev_grid, lv.fgrid)
-            iters = cfg.iterations * (2 if f > 1 else 1)
+            iters = cfg.iterations * (COARSE_ITERATION_FACTOR if f > 1 else 1)
             sub = Progress(progress, *np.interp([n / len(run_factors), (n + 1) / len(run_factors)], [0, 1],
                                                  (0.3, 0.95)))
             if cfg.diffeomorphic and n == 0 and predictor is None:

@@ -1,20 +1,22 @@
 """Image similarity losses (lower is better) on tensors ``(B, 1, Z, Y, X)`` sampled on one grid.
 
 - ``lncc``: local normalized cross-correlation, ``1 - mean(cc²)`` over cubic windows of
-  ``2 r + 1`` voxels (mono-modal; robust to smooth intensity changes).
+  ``2 r + 1`` voxels, averaged over fixed voxels with local structure (mono-modal; robust to smooth
+  intensity changes).
 - ``mi``: global mutual information with Parzen (Gaussian) histograms, from MONAI
   (``GlobalMutualInformationLoss``; multi-modal). Images must be normalized to [0, 1].
 - ``mse``: mean squared difference (same modality and intensity scale).
 
-``mask`` (bool or {0,1}, same shape) restricts the average to the voxels that matter (the fixed
-mask, and where the moving image was sampled inside its field of view).
+``valid`` (bool, same shape) marks where the moving image was sampled inside its field of view (and
+moving mask); ``region`` is the static fixed mask. MSE and MI average over both; LNCC normalizes by
+the static region so that leaving the field of view is not rewarded (see :class:`LNCC`).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-SIMILARITIES = ("lncc", "mi", "mse")
+from .config import SIMILARITIES  # noqa: E402  (torch-free list of names)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -27,6 +29,15 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 def _box_sum(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Sum over a ``(2r+1)³`` window (zeros outside) of ``(B, C, Z, Y, X)`` by running sums."""
     k = 2 * radius + 1
+    if radius <= 1:  # shifted adds beat running sums for tiny windows
+        for d in (2, 3, 4):
+            n = x.shape[d]
+            padded = F.pad(x, [0, 0] * (4 - d) + [radius, radius])
+            out = padded.narrow(d, 0, n).clone()
+            for s in range(1, k):
+                out += padded.narrow(d, s, n)
+            x = out
+        return x
     for d in (2, 3, 4):
         n = x.shape[d]
         c = torch.cumsum(F.pad(x, [0, 0] * (4 - d) + [radius + 1, radius]), dim=d)
@@ -72,41 +83,54 @@ def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 class LNCC:
-    """Local normalized cross-correlation loss ``1 - mean(cc²)`` over ``(2r+1)³`` windows.
+    """Local normalized cross-correlation loss over ``(2r+1)³`` windows.
 
-    The fixed image's local means and variances are cached between calls (the fixed image does
-    not change during an optimization level), so each call filters only three warped-image terms.
+    ``loss = 1 - Σ cc² · valid · s / Σ s`` where ``s`` marks the voxels whose *fixed* window has
+    structure (local variance above ``flat``, intensities normalized to [0, 1]) inside the optional
+    fixed ``region``. The denominator does not depend on the transform, so a voxel excluded by
+    ``valid`` (outside the moving mask) counts as "no match" instead of being dropped: leaving the
+    moving image is never rewarded, and identical images have their minimum, 0, at the identity.
+    Flat fixed windows (background) carry no information and are left out; ``eps`` only guards
+    0/0 (cc² ≤ 1 always). The fixed image's local statistics are cached between calls.
     """
 
-    def __init__(self, radius: int = 2, eps: float = 1e-5):
+    def __init__(self, radius: int = 2, eps: float = 1e-12, flat: float = 1e-4):
         self.radius = radius
         self.eps = eps
+        self.flat = flat
         self._key = None
         self._stats = None
 
-    def _fixed_stats(self, fixed: torch.Tensor):
-        key = (fixed.data_ptr(), tuple(fixed.shape), fixed.device, getattr(fixed, "_version", 0))
+    def _fixed_stats(self, fixed: torch.Tensor, region: torch.Tensor | None):
+        key = (fixed.data_ptr(), tuple(fixed.shape), fixed.device, getattr(fixed, "_version", 0),
+               None if region is None else (region.data_ptr(), getattr(region, "_version", 0)))
         if key != self._key:
             with torch.no_grad():
                 mf, mff = torch.split(box_filter(torch.cat([fixed, fixed * fixed], 1), self.radius), 1, 1)
-                self._stats = (mf, (mff - mf * mf).clamp_min(0))
+                var_f = (mff - mf * mf).clamp_min(0)
+                structure = (var_f > self.flat).to(fixed.dtype)
+                if region is not None:
+                    structure = structure * region.to(fixed.dtype)
+                self._stats = (mf, var_f, structure, structure.sum().clamp_min(1.0))
             self._key = key
         return self._stats
 
-    def __call__(self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        mf, var_f = self._fixed_stats(fixed)
+    def __call__(self, fixed: torch.Tensor, warped: torch.Tensor, valid: torch.Tensor | None = None,
+                 region: torch.Tensor | None = None) -> torch.Tensor:
+        mf, var_f, structure, total = self._fixed_stats(fixed, region)
         mw, mww, mfw = torch.split(box_filter(torch.cat([warped, warped * warped, fixed * warped], 1),
                                               self.radius), 1, 1)
         cross = mfw - mf * mw
         var_w = (mww - mw * mw).clamp_min(0)
         cc2 = cross * cross / (var_f * var_w + self.eps)
-        return 1.0 - _masked_mean(cc2, mask)
+        weight = structure if valid is None else structure * valid.to(cc2.dtype)
+        return 1.0 - (cc2 * weight).sum() / total
 
 
 def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, radius: int = 2,
-              mask: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-    """``1 - mean(cc²)``; cc is the Pearson correlation in a ``(2r+1)³`` window around each voxel."""
-    return LNCC(radius, eps)(fixed, warped, mask)
+              valid: torch.Tensor | None = None, region: torch.Tensor | None = None) -> torch.Tensor:
+    """``1 - mean(cc²)`` over structured fixed voxels; see :class:`LNCC`."""
+    return LNCC(radius)(fixed, warped, valid, region)
 
 
 def mse_loss(fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,10 +164,21 @@ class Similarity:
         self.radius = radius
         self._mi = MutualInformation() if name == "mi" else None
         self._lncc = LNCC(radius) if name == "lncc" else None
+        #: Whether samples outside the moving field of view should be excluded (MSE, MI) or kept as
+        #: zeros (LNCC: they simply do not correlate).
+        self.uses_fov = name != "lncc"
 
-    def __call__(self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, fixed: torch.Tensor, warped: torch.Tensor, valid: torch.Tensor | None = None,
+                 region: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss of ``warped`` against ``fixed`` (both ``(1, 1, Z, Y, X)``).
+
+        Args:
+            valid: Where the moving image was sampled inside its field of view (and moving mask).
+            region: The fixed mask (static), or None for the whole fixed grid.
+        """
         if self.name == "lncc":
-            return self._lncc(fixed, warped, mask)
+            return self._lncc(fixed, warped, valid, region)
+        mask = valid if region is None else (region if valid is None else valid & region)
         if self.name == "mse":
             return mse_loss(fixed, warped, mask)
         return self._mi(fixed, warped, mask)

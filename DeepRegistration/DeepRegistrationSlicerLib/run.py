@@ -1,0 +1,444 @@
+"""Registration of MRML nodes in a background process that can be killed.
+
+:class:`RegistrationJob` writes the inputs to a temporary folder, starts ``python -m DeepRegistrationLib.worker
+JOB.json`` (``PythonSlicer`` inside Slicer, ``sys.executable`` elsewhere), reads its JSON progress lines through
+:meth:`~RegistrationJob.poll` without blocking (the GUI polls it from a timer), and loads the results into nodes
+with :meth:`~RegistrationJob.loadResults`. Nothing is added to the scene before the results are loaded, so
+:meth:`~RegistrationJob.cancel` (which kills the process) leaves the scene as it was.
+
+:func:`register` does all of it and blocks: the console API.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import slicer
+
+from DeepRegistrationLib.errors import Cancelled, DeepRegistrationError, InputError
+
+from . import nodes as N
+
+logger = logging.getLogger(__name__)
+
+MODULE_DIR = Path(__file__).resolve().parents[1]  # the folder holding DeepRegistrationLib
+
+PRESETS = {
+    "Rigid": {"mode": "rigid"},
+    "Affine": {"mode": "affine"},
+    "Deformable — fast": {"mode": "deformable", "spacing": 3.0, "iterations": 30},
+    "Deformable — accurate": {"mode": "deformable", "spacing": 1.5, "iterations": 80, "jacobian_weight": 0.1},
+}
+"""Preset name → engine options (RegistrationConfig fields); keyword options override them."""
+
+OPTION_NAMES = {"similarity": "similarity", "regularizationWeight": "reg_weight", "spacing": "spacing",
+                "iterations": "iterations", "diffeomorphic": "diffeomorphic", "device": "device",
+                "threads": "threads", "regularization": "regularization", "levels": "levels",
+                "affineIterations": "affine_iterations", "jacobianWeight": "jacobian_weight",
+                "initialization": "initialization", "seed": "seed"}
+"""Module option names (camelCase) → engine RegistrationConfig fields; engine names are accepted as they are."""
+
+DEVICE_NAMES = {"auto": "auto", "cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}
+
+
+def engineConfig(preset: str = "Deformable — fast", **options) -> dict:
+    """Engine options of a preset with keyword overrides (None = keep the preset's value)."""
+    key = preset.replace("-", "—") if preset not in PRESETS else preset
+    matches = [p for p in PRESETS if p.lower() == key.lower()]
+    if not matches:
+        raise InputError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
+    config = dict(PRESETS[matches[0]])
+    for name, value in options.items():
+        if value is None:
+            continue
+        engineName = OPTION_NAMES.get(name, name)
+        if engineName == "device":
+            value = DEVICE_NAMES.get(str(value).lower(), value)
+        config[engineName] = value
+    return config
+
+
+def pythonExecutable() -> str:
+    """The Python that runs the worker: ``PythonSlicer`` inside Slicer (it has Slicer's packages)."""
+    if hasattr(slicer, "app"):
+        found = shutil.which("PythonSlicer")
+        if found:
+            return found
+        home = getattr(slicer.app, "slicerHome", None)
+        for name in ("PythonSlicer", "PythonSlicer.exe"):
+            candidate = Path(home or "") / "bin" / name
+            if home and candidate.exists():
+                return str(candidate)
+    return sys.executable
+
+
+@dataclass
+class JobStatus:
+    """What :meth:`RegistrationJob.poll` returns.
+
+    Attributes:
+        state: ``"running"``, ``"done"``, ``"failed"`` or ``"cancelled"``.
+        progress: Fraction 0..1 of the whole registration.
+        message: The worker's last progress message, or the error message when failed.
+    """
+
+    state: str
+    progress: float
+    message: str
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "running"
+
+
+@dataclass
+class RegistrationResult:
+    """Output of a registration in the scene.
+
+    Attributes:
+        transformNode: Fixed → moving (FromParent = resampling direction); put moving nodes under it to align them.
+        outputVolumeNode: Moving volume resampled on the fixed grid, or None.
+        jacobianVolumeNode: det of the Jacobian on the fixed grid, or None.
+        metricsTableNode: Metrics table (Metric, Before, After, Unit), or None.
+        metrics: Summary numbers, e.g. ``ncc_before``, ``ncc_after``, ``folding_percent_after``, ``dice_after``.
+        report: The engine's full report (report.json).
+        seconds: Wall time from start to loaded results.
+    """
+
+    transformNode: object
+    outputVolumeNode: object = None
+    jacobianVolumeNode: object = None
+    metricsTableNode: object = None
+    metrics: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class RegistrationJob:
+    """One background registration of MRML nodes.
+
+    Args:
+        fixedVolume / movingVolume: Scalar volume nodes.
+        preset: One of :data:`PRESETS`.
+        fixedMask / movingMask: Optional segmentation or labelmap nodes (all segments / non-zero = inside).
+        initialTransform: Optional linear transform node that roughly aligns the moving nodes (its ToParent
+            is applied to them); the output transform includes it.
+        fixedSegmentation / movingSegmentation: Optional segmentations or labelmaps: adds Dice and HD95
+            (segments paired by name).
+        fixedLandmarks / movingLandmarks: Optional fiducial markups nodes: adds TRE (paired by label or order).
+        outputTransform: Transform node to fill, or None for a new one.
+        outputVolume: Volume node to fill, True for a new one, False/None for none.
+        jacobianVolume: Same, for the Jacobian determinant.
+        metricsTable: Table node to fill, True (default) for a new one, False/None for none.
+        applyToMoving: Put the moving volume under the output transform when done.
+        scene: The MRML scene (default ``slicer.mrmlScene``).
+        keepFiles: Keep the temporary folder (for debugging).
+        **options: Engine options overriding the preset (see :data:`OPTION_NAMES`).
+    """
+
+    def __init__(self, fixedVolume, movingVolume, preset: str = "Deformable — fast", *, fixedMask=None,
+                 movingMask=None, initialTransform=None, fixedSegmentation=None, movingSegmentation=None,
+                 fixedLandmarks=None, movingLandmarks=None, outputTransform=None, outputVolume=None,
+                 jacobianVolume=None, metricsTable=True, applyToMoving: bool = True, scene=None,
+                 keepFiles: bool = False, **options):
+        if fixedVolume is None or movingVolume is None:
+            raise InputError("select a fixed volume and a moving volume.")
+        if fixedVolume == movingVolume:
+            raise InputError("the fixed and moving volumes are the same node; select two different volumes.")
+        for node in (outputVolume, jacobianVolume):
+            if node not in (None, True, False) and node in (fixedVolume, movingVolume):
+                raise InputError("an output volume must differ from the fixed and moving volumes.")
+        if (fixedSegmentation is None) != (movingSegmentation is None):
+            raise InputError("Dice needs both a fixed and a moving segmentation (or neither).")
+        if (fixedLandmarks is None) != (movingLandmarks is None):
+            raise InputError("TRE needs both fixed and moving landmarks (or neither).")
+        self.scene = scene or fixedVolume.GetScene() or slicer.mrmlScene
+        self.fixedVolume, self.movingVolume = fixedVolume, movingVolume
+        self.inputs = dict(fixedMask=fixedMask, movingMask=movingMask, fixedSegmentation=fixedSegmentation,
+                           movingSegmentation=movingSegmentation, fixedLandmarks=fixedLandmarks,
+                           movingLandmarks=movingLandmarks)
+        self.initialTransform = initialTransform
+        self.outputTransform, self.outputVolume, self.jacobianVolume = outputTransform, outputVolume, jacobianVolume
+        self.metricsTable, self.applyToMoving, self.keepFiles = metricsTable, applyToMoving, keepFiles
+        self.config = engineConfig(preset, **options)
+        self.preset = preset
+        self.process: subprocess.Popen | None = None
+        self.workDir: Path | None = None
+        self.state, self.progress, self.message = "new", 0.0, ""
+        self.report: dict | None = None
+        self._lines: queue.Queue = queue.Queue()
+        self._startTime = 0.0
+        self.movingMatrix = None if initialTransform is None else N.transformNodeToWorldMatrix(initialTransform)
+        if outputTransform is not None and outputTransform.IsA("vtkMRMLLinearTransformNode") and \
+                self.config.get("mode") == "deformable":
+            raise InputError(f"the output transform '{outputTransform.GetName()}' is a linear transform node and "
+                             "cannot hold a deformable result. Select a transform node or create a new one.")
+
+    # ------------------------------------------------------------------------------------------- start
+    def writeInputs(self, folder: Path) -> dict:
+        """Writes volumes, masks, labels and landmarks (engine frame: LPS) and returns the job dict."""
+        from DeepRegistrationLib.io import write_image
+
+        fixed = N.volumeToImage(self.fixedVolume, "fixed volume", world=True)
+        moving = N.volumeToImage(self.movingVolume, "moving volume", world=False, extraMatrix=self.movingMatrix)
+        write_image(fixed, folder / "fixed.nii.gz", compress=False)
+        write_image(moving, folder / "moving.nii.gz", compress=False)
+        job = {"fixed": str(folder / "fixed.nii.gz"), "moving": str(folder / "moving.nii.gz"),
+               "out_dir": str(folder / "result"), "config": self.config}
+        grids = {"fixed": (self.fixedVolume, fixed.grid), "moving": (self.movingVolume, moving.grid)}
+        for side in ("fixed", "moving"):
+            mask = self.inputs[f"{side}Mask"]
+            if mask is not None:
+                array = N.labelArrayOnVolume(mask, grids[side][0], what=f"{side} mask", scene=self.scene) > 0
+                if not array.any():
+                    raise InputError(f"the {side} mask '{mask.GetName()}' is empty on the {side} volume's grid.")
+                N.writeLabelImage(array, grids[side][1], str(folder / f"{side}_mask.nii.gz"))
+                job[f"{side}_mask"] = str(folder / f"{side}_mask.nii.gz")
+        fseg, mseg = self.inputs["fixedSegmentation"], self.inputs["movingSegmentation"]
+        if fseg is not None:
+            ids = (None, None)
+            if fseg.IsA("vtkMRMLSegmentationNode") and mseg.IsA("vtkMRMLSegmentationNode"):
+                ids = N.matchSegments(fseg, mseg)
+            for side, node, segIds in (("fixed", fseg, ids[0]), ("moving", mseg, ids[1])):
+                array = N.labelArrayOnVolume(node, grids[side][0], segIds, what=f"{side} segmentation",
+                                             scene=self.scene)
+                N.writeLabelImage(array, grids[side][1], str(folder / f"{side}_labels.nii.gz"))
+                job[f"{side}_labels"] = str(folder / f"{side}_labels.nii.gz")
+        fl, ml = self.inputs["fixedLandmarks"], self.inputs["movingLandmarks"]
+        if fl is not None:
+            for side, node, world, extra in (("fixed", fl, True, None), ("moving", ml, False, self.movingMatrix)):
+                points, labels = N.markupsToLpsPoints(node, world=world, extraMatrix=extra)
+                N.writeLandmarksCsv(points, labels, str(folder / f"{side}_landmarks.csv"))
+                job[f"{side}_landmarks"] = str(folder / f"{side}_landmarks.csv")
+        return job
+
+    def start(self) -> "RegistrationJob":
+        """Exports the inputs and starts the worker process (returns at once)."""
+        if self.state != "new":
+            raise RuntimeError("a RegistrationJob runs once; create a new one")
+        self._startTime = time.perf_counter()
+        self.workDir = Path(tempfile.mkdtemp(prefix="DeepRegistration-"))
+        try:
+            job = self.writeInputs(self.workDir)
+            jobPath = self.workDir / "job.json"
+            jobPath.write_text(json.dumps(job, indent=2))
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in [env.get("PYTHONPATH")] if p])
+            env.setdefault("PYTHONUNBUFFERED", "1")
+            self._stderr = open(self.workDir / "worker.log", "wb")
+            kwargs = {}
+            if os.name == "nt":
+                kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW
+            self.process = subprocess.Popen([pythonExecutable(), "-m", "DeepRegistrationLib.worker", str(jobPath)],
+                                            stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
+                                            cwd=str(self.workDir), env=env, **kwargs)
+        except BaseException:
+            self._cleanup()
+            raise
+        threading.Thread(target=self._readLines, args=(self.process.stdout,), daemon=True).start()
+        self.state, self.message = "running", "starting"
+        logger.info("DeepRegistration: worker %d started in %s", self.process.pid, self.workDir)
+        return self
+
+    def _readLines(self, stream) -> None:
+        for raw in iter(stream.readline, b""):
+            self._lines.put(raw)
+        self._lines.put(None)  # end of output
+
+    # ------------------------------------------------------------------------------------------- poll
+    def poll(self) -> JobStatus:
+        """Reads what the worker reported so far (never blocks)."""
+        if self.state != "running":
+            return JobStatus(self.state, self.progress, self.message)
+        ended = False
+        while True:
+            try:
+                raw = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if raw is None:
+                ended = True
+                break
+            self._handleLine(raw)
+        if self.state == "running" and ended:
+            code = self.process.wait()
+            if self.report is not None and code == 0:
+                self.state, self.progress, self.message = "done", 1.0, "done"
+            else:
+                self.state, self.message = "failed", self._error or self._crashMessage(code)
+            if self.state == "failed":
+                self._cleanup()
+        return JobStatus(self.state, self.progress, self.message)
+
+    _error: str | None = None
+
+    def _handleLine(self, raw: bytes) -> None:
+        try:
+            line = json.loads(raw.decode("utf-8", "replace"))
+        except ValueError:
+            logger.info("worker: %s", raw.decode("utf-8", "replace").rstrip())
+            return
+        if "progress" in line:
+            self.progress = float(line["progress"])
+            self.message = str(line.get("message", ""))
+        elif "error" in line:
+            self._error = str(line["error"])
+            self.message = self._error
+        elif line.get("done"):
+            self.report = line.get("report") or {}
+
+    def _crashMessage(self, code: int) -> str:
+        tail = ""
+        try:
+            tail = (self.workDir / "worker.log").read_text(errors="replace").strip().splitlines()[-1][:300]
+        except (OSError, IndexError):
+            pass
+        return f"the registration process stopped unexpectedly (exit status {code}){': ' + tail if tail else ''}."
+
+    def wait(self, timeout: float | None = None, interval: float = 0.1) -> JobStatus:
+        """Blocks until the worker finished (or ``timeout`` seconds passed, then cancels and raises)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.poll()
+            if status.finished:
+                return status
+            if end is not None and time.monotonic() > end:
+                self.cancel()
+                raise TimeoutError(f"registration did not finish within {timeout} s; it was cancelled.")
+            time.sleep(interval)
+
+    # ------------------------------------------------------------------------------------------- cancel
+    def cancel(self, timeout: float = 5.0) -> None:
+        """Kills the worker (at once) and removes its files; the scene is left as it was."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("DeepRegistration: worker %d did not stop within %s s", self.process.pid, timeout)
+        if self.state in ("running", "new"):
+            self.state, self.message = "cancelled", "cancelled"
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        stderr = getattr(self, "_stderr", None)
+        if stderr is not None and not stderr.closed:
+            stderr.close()
+        if self.process is not None and self.process.stdout is not None and self.process.poll() is not None:
+            self.process.stdout.close()
+        if self.workDir is not None and not self.keepFiles:
+            shutil.rmtree(self.workDir, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------- results
+    def loadResults(self) -> RegistrationResult:
+        """Loads the finished worker's outputs into nodes (call after :meth:`poll` says ``done``)."""
+        if self.state == "failed":
+            raise InputError(self.message)
+        if self.state == "cancelled":
+            raise Cancelled("the registration was cancelled; nothing was changed.")
+        if self.state != "done":
+            raise RuntimeError("the registration has not finished yet")
+        from DeepRegistrationLib.io import read_image
+
+        out = self.workDir / "result"
+        try:
+            affine, field, grid = N.readItkTransform(str(out / "transform.h5"))
+            scene = self.scene
+            warped = jac = None
+            if self.outputVolume not in (None, False):
+                warped = read_image(out / "warped.nii.gz", "warped")
+            if self.jacobianVolume not in (None, False):
+                jac = read_image(out / "jacobian.nii.gz", "jacobian") if _varies(out / "jacobian.nii.gz") else \
+                    _readConstant(out / "jacobian.nii.gz")
+            # everything read: now change the scene
+            transformNode = self.outputTransform or scene.AddNewNodeByClass(
+                "vtkMRMLTransformNode", scene.GenerateUniqueName(f"{self.movingVolume.GetName()} registered"))
+            N.setTransformNodeFromEngine(transformNode, affine, field, grid, self.movingMatrix)
+            N.setRegistrationReferences(transformNode, self.fixedVolume, self.movingVolume)
+            transformNode.SetAttribute(N.RESULT_ATTRIBUTE, self.preset)
+            transformNode.SetAttribute("DeepRegistration.config", json.dumps(self.config))
+            result = RegistrationResult(transformNode, report=self.report, metrics=N.flatMetrics(self.report))
+            if warped is not None:
+                node = None if self.outputVolume is True else self.outputVolume
+                result.outputVolumeNode = N.imageToVolume(
+                    warped, node, scene.GenerateUniqueName(f"{self.movingVolume.GetName()} warped"), scene)
+                result.outputVolumeNode.SetNodeReferenceID("spatialRegistrationTransform", transformNode.GetID())
+            if jac is not None:
+                node = None if self.jacobianVolume is True else self.jacobianVolume
+                result.jacobianVolumeNode = N.imageToVolume(
+                    jac, node, scene.GenerateUniqueName(f"{self.movingVolume.GetName()} Jacobian"), scene)
+                N.showAsJacobian(result.jacobianVolumeNode)
+            if self.metricsTable not in (None, False):
+                table = self.metricsTable if self.metricsTable is not True else scene.AddNewNodeByClass(
+                    "vtkMRMLTableNode", scene.GenerateUniqueName(f"{self.movingVolume.GetName()} registration metrics"))
+                N.updateMetricsTable(table, result.metrics)
+                transformNode.SetNodeReferenceID("DeepRegistrationMetrics", table.GetID())
+                result.metricsTableNode = table
+            if self.applyToMoving:
+                self.movingVolume.SetAndObserveTransformNodeID(transformNode.GetID())
+            result.seconds = time.perf_counter() - self._startTime
+            return result
+        finally:
+            self._cleanup()
+
+
+def _varies(path: Path) -> bool:
+    import SimpleITK as sitk
+
+    a = sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
+    return float(a.max() - a.min()) > 1e-6 * max(1.0, abs(float(a.max())))
+
+
+def _readConstant(path: Path):
+    """A constant image (the Jacobian of an affine result) that read_image would refuse."""
+    import SimpleITK as sitk
+
+    from DeepRegistrationLib.io import sitk_to_image
+
+    return sitk_to_image(sitk.ReadImage(str(path)), "jacobian")
+
+
+def register(fixedVolume, movingVolume, preset: str = "Deformable — fast", progressCallback=None,
+             **kwargs) -> RegistrationResult:
+    """Registers and blocks until the results are in the scene (console API).
+
+    ``progressCallback(fraction, message)`` is called while waiting; returning False cancels (raises Cancelled).
+    Other keywords: see :class:`RegistrationJob`. Raises InputError with the worker's message on failure.
+    """
+    job = RegistrationJob(fixedVolume, movingVolume, preset, **kwargs).start()
+    try:
+        while True:
+            status = job.poll()
+            if progressCallback is not None and not status.finished:
+                if progressCallback(status.progress, status.message) is False:
+                    job.cancel()
+                    raise Cancelled("registration cancelled; nothing was changed.")
+            if status.finished:
+                break
+            time.sleep(0.1)
+    except BaseException:
+        job.cancel()
+        raise
+    if status.state != "done":
+        raise InputError(status.message)
+    return job.loadResults()
+
+
+def applyTransformToNodes(transformNode, nodesToMove) -> int:
+    """Puts nodes (segmentations, markups, volumes of the moving image) under ``transformNode``; returns the count."""
+    count = 0
+    for node in nodesToMove:
+        if node is not None and node.IsA("vtkMRMLTransformableNode") and node != transformNode:
+            node.SetAndObserveTransformNodeID(transformNode.GetID())
+            count += 1
+    return count
