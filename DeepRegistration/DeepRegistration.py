@@ -107,9 +107,9 @@ class DeepRegistrationParameterNode:
     preset: Annotated[str, Choice(PRESETS)] = "Deformable — fast"
     device: Annotated[str, Choice(DEVICES)] = "auto"
     similarity: Annotated[str, Choice(SIMILARITIES)] = "lncc"
-    regularizationWeight: Annotated[float, WithinRange(0.0, 20.0)] = 1.0
-    spacing: Annotated[float, WithinRange(0.5, 8.0)] = 3.0
-    iterations: Annotated[int, WithinRange(0, 2000)] = 30
+    regularizationWeight: Annotated[float, WithinRange(0.0, 50.0)] = 3.0
+    spacing: Annotated[float, WithinRange(0.5, 8.0)] = 2.0
+    iterations: Annotated[int, WithinRange(0, 2000)] = 10
     diffeomorphic: bool = False
     outputTransform: vtkMRMLTransformNode
     outputVolume: vtkMRMLScalarVolumeNode
@@ -346,14 +346,16 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
     # ---------------------------------------------------------------------------------- options
     @staticmethod
     def setAdvancedFromPreset(parameterNode) -> None:
+        from DeepRegistrationLib.config import RegistrationConfig  # torch-free
         from DeepRegistrationSlicerLib.run import engineConfig
 
+        defaults = RegistrationConfig()
         cfg = engineConfig(parameterNode.preset)
         with slicer.util.NodeModify(parameterNode):
-            parameterNode.spacing = float(cfg.get("spacing", 3.0))
-            parameterNode.iterations = int(cfg.get("iterations", 40))
-            parameterNode.regularizationWeight = float(cfg.get("reg_weight", 1.0))
-            parameterNode.diffeomorphic = bool(cfg.get("diffeomorphic", False))
+            parameterNode.spacing = float(cfg.get("spacing", defaults.spacing))
+            parameterNode.iterations = int(cfg.get("iterations", defaults.iterations))
+            parameterNode.regularizationWeight = float(cfg.get("reg_weight", defaults.reg_weight))
+            parameterNode.diffeomorphic = bool(cfg.get("diffeomorphic", defaults.diffeomorphic))
 
     @staticmethod
     def jobArguments(p) -> dict:

@@ -58,7 +58,7 @@ TARGETS_NOTE = "targets (issue): Dice >= ANTs at 2 and 1 mm; folding <= 0.05 %; 
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ProcessResult:
-    """A finished child process: exit code, wall-clock seconds, peak RSS in MB (Linux ``ru_maxrss``)."""
+    """A finished child process: exit code, wall-clock seconds, peak RSS in MB (VmHWM, see run_measured)."""
 
     returncode: int
     wall_s: float
@@ -66,11 +66,25 @@ class ProcessResult:
     log: str
 
 
-def run_measured(cmd: list[str], log_path: Path, env: dict[str, str], timeout_s: float) -> ProcessResult:
-    """Runs ``cmd`` as one child process; time from spawn to exit, peak RSS from ``os.wait4``.
+def _vm_hwm_kb(pid: int) -> float | None:
+    """``VmHWM`` (peak resident set size of the process's current image, kB) from ``/proc``; None if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        return None
+    return None
 
-    ``ru_maxrss`` of ``wait4`` is the child's own maximum resident set size (kB on Linux); the methods run
-    in-process (no worker processes), so it is the method's peak memory.
+
+def run_measured(cmd: list[str], log_path: Path, env: dict[str, str], timeout_s: float) -> ProcessResult:
+    """Runs ``cmd`` as one child process; time from spawn to exit, peak RSS of the child.
+
+    Peak memory is the child's ``VmHWM`` read from ``/proc`` every 20 ms (a high-water mark, so the last
+    read is the peak up to a few ms before exit). ``ru_maxrss`` from ``wait4`` is not used on Linux: the
+    kernel carries the high-water mark across ``fork`` + ``exec``, so it would include this (large) parent
+    process. Elsewhere ``ru_maxrss`` is the fallback.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
@@ -80,6 +94,7 @@ def run_measured(cmd: list[str], log_path: Path, env: dict[str, str], timeout_s:
         # the log's folder as working folder: stray files of a tool never land in the caller's folder
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_path.parent)
         deadline = t0 + timeout_s
+        hwm_kb = None
         while True:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -88,10 +103,12 @@ def run_measured(cmd: list[str], log_path: Path, env: dict[str, str], timeout_s:
                 proc.kill()
                 pid, status, ru = os.wait4(proc.pid, 0)
                 break
+            hwm_kb = _vm_hwm_kb(proc.pid) or hwm_kb
             time.sleep(0.02)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return ProcessResult(proc.returncode, wall, ru.ru_maxrss / 1024.0, log_path.read_text()[-3000:])
+    peak_kb = hwm_kb if hwm_kb is not None else ru.ru_maxrss
+    return ProcessResult(proc.returncode, wall, peak_kb / 1024.0, log_path.read_text()[-3000:])
 
 
 def thread_env(threads: int) -> dict[str, str]:

@@ -7,7 +7,9 @@ Readable: anything SimpleITK reads (NIfTI ``.nii/.nii.gz``, NRRD ``.nrrd/.nhdr``
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
+import locale
 import logging
 import os
 from pathlib import Path
@@ -70,26 +72,47 @@ def _read_sitk(path: str | os.PathLike, what: str) -> sitk.Image:
         raise InputError(f"{what}: '{p}' does not exist. Check the path (relative paths start from "
                          f"'{Path.cwd()}').")
     if p.is_dir():
-        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
-        if not ids:
-            raise InputError(f"{what}: folder '{p}' holds no DICOM series. Give an image file "
-                             "(.nii.gz, .nrrd, .mha) or a folder of DICOM slices.")
-        files_per_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), sid) for sid in ids}
-        sid = max(files_per_series, key=lambda s: len(files_per_series[s]))
-        if len(ids) > 1:
-            logger.warning("%s: folder %s holds %d DICOM series; using the largest (%s, %d files)",
-                           what, p, len(ids), sid, len(files_per_series[sid]))
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(files_per_series[sid])
-        try:
-            return reader.Execute()
-        except RuntimeError as exc:
-            raise InputError(f"{what}: the DICOM series in '{p}' cannot be read ({_first_line(exc)}).") from None
+        with _keep_locale():
+            return _read_dicom_series(p, what)
     try:
         return sitk.ReadImage(str(p))
     except RuntimeError as exc:
         raise InputError(f"{what}: '{p}' is not a readable image ({_first_line(exc)}). Use NIfTI, NRRD, "
                          "MetaImage or a DICOM series folder.") from None
+
+
+@contextlib.contextmanager
+def _keep_locale():
+    """Restores the process locale after a GDCM call. GDCM can switch the process to the "C" locale (its
+    DICOM writer does), after which Python's default text encoding is silently ASCII for the rest of the
+    process; reading must never leave that behind in a user's session (e.g. Slicer's)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        try:
+            locale.setlocale(locale.LC_ALL, saved)
+        except locale.Error:  # a mixed-category locale string: restore the one that matters for text
+            locale.setlocale(locale.LC_CTYPE, saved.split(";")[0].split("=")[-1])
+
+
+def _read_dicom_series(p: Path, what: str) -> sitk.Image:
+    """The largest DICOM series in folder ``p``."""
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+    if not ids:
+        raise InputError(f"{what}: folder '{p}' holds no DICOM series. Give an image file "
+                         "(.nii.gz, .nrrd, .mha) or a folder of DICOM slices.")
+    files_per_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), sid) for sid in ids}
+    sid = max(files_per_series, key=lambda s: len(files_per_series[s]))
+    if len(ids) > 1:
+        logger.warning("%s: folder %s holds %d DICOM series; using the largest (%s, %d files)",
+                       what, p, len(ids), sid, len(files_per_series[sid]))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files_per_series[sid])
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{what}: the DICOM series in '{p}' cannot be read ({_first_line(exc)}).") from None
 
 
 def _first_line(exc: Exception) -> str:

@@ -35,14 +35,12 @@ class UNetFieldPredictor(torch.nn.Module):
 
         self.channels = tuple(channels)
         self.max_displacement_voxels = float(max_displacement_voxels)
-        self.net = UNet(spatial_dims=3, in_channels=2, out_channels=3, channels=self.channels,
+        self.net = UNet(spatial_dims=3, in_channels=2, out_channels=self.channels[0], channels=self.channels,
                         strides=(2,) * (len(self.channels) - 1), num_res_units=1)
-        # start from the identity: zero output layer
-        last = [m for m in self.net.modules() if isinstance(m, torch.nn.Conv3d) or
-                isinstance(m, torch.nn.ConvTranspose3d)][-1]
-        torch.nn.init.zeros_(last.weight)
-        if last.bias is not None:
-            torch.nn.init.zeros_(last.bias)
+        # a 1×1×1 head initialized to zero: an untrained model predicts the identity
+        self.head = torch.nn.Conv3d(self.channels[0], 3, kernel_size=1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
 
     @property
     def multiple(self) -> int:
@@ -56,7 +54,7 @@ class UNetFieldPredictor(torch.nn.Module):
         for n in reversed(shape):
             extra = (-n) % self.multiple
             pad += [0, extra]
-        out = self.net(F.pad(x, pad))
+        out = self.head(self.net(F.pad(x, pad)))
         out = out[:, :, :shape[0], :shape[1], :shape[2]]
         return self.max_displacement_voxels * torch.tanh(out / self.max_displacement_voxels)
 

@@ -263,6 +263,8 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
         Cancelled: the callback asked to stop.
     """
     cfg = (config or RegistrationConfig()).validate()
+    if predictor_mode not in ("init", "replace"):
+        raise ValueError(f"predictor_mode must be 'init' or 'replace', not {predictor_mode!r}")
     device = select_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -319,8 +321,6 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
                 moved, _ = finest.warp(W.apply_affine(finest.pts, affine))
                 init = predictor.predict(finest.fixed, moved, finest.fgrid).to(device=device, dtype=torch.float32)
             run_factors = [] if predictor_mode == "replace" else [1]
-            if predictor_mode not in ("init", "replace"):
-                raise ValueError("predictor_mode must be 'init' or 'replace'")
             u = init
         prev_grid = levels[factors[0]].fgrid if predictor is None else finest.fgrid
         for n, f in enumerate(run_factors):
