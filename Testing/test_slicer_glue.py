@@ -86,7 +86,8 @@ def test_glue_imports_only_what_slicer_core_provides():
     folder = Path(N.__file__).parent
     allowed = {"slicer", "vtk", "numpy", "SimpleITK", "DeepRegistrationLib"} | set(sys.stdlib_module_names)
     engine_allowed = {"DeepRegistrationLib", "DeepRegistrationLib.errors", "DeepRegistrationLib.grid",
-                      "DeepRegistrationLib.image", "DeepRegistrationLib.io"}  # torch-free engine modules
+                      "DeepRegistrationLib.image", "DeepRegistrationLib.io", "DeepRegistrationLib.itk_transform",
+                      "DeepRegistrationLib.config"}  # torch-free engine modules
     for path in folder.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
@@ -96,6 +97,20 @@ def test_glue_imports_only_what_slicer_core_provides():
                 if name.startswith("DeepRegistrationLib"):
                     assert name in engine_allowed, f"{path.name} imports {name} (torch) into Slicer's process"
                 assert not name.startswith(("slicer.ScriptedLoadableModule", "qt", "ctk")), name
+
+
+def test_glue_import_does_not_load_torch():
+    """Checked in a fresh interpreter: the allowed engine modules really are torch-free."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    module_dir = Path(N.__file__).parents[1]
+    code = ("import sys; sys.path.insert(0, %r); import DeepRegistrationSlicerLib.nodes, DeepRegistrationSlicerLib.run; "
+            "bad = [m for m in ('torch', 'monai') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+            % str(module_dir))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------ volumes

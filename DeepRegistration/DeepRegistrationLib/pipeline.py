@@ -168,20 +168,32 @@ def _optimize_linear(lv: _Level, a0: torch.Tensor, kind: str, center: torch.Tens
                          device=a0.device)
     raw = torch.zeros(n, device=a0.device, requires_grad=True)
     opt = CosineAdam(raw, 0.05 if lv.factor > 1 else 0.02, iters, lr_end=0.0005)
-    best = _Best(raw)
+
+    def objective(params: torch.Tensor) -> torch.Tensor:
+        warped, valid = lv.warp(W.apply_affine(lv.pts, matrix(params)), sim.uses_fov)
+        return sim(lv.fixed, warped, valid, lv.fmask)
+
+    best = _descend(raw, opt, objective, iters, progress, f"{kind} level 1/{lv.factor}")
+    with torch.no_grad():
+        return matrix(best)
+
+
+def _descend(param: torch.Tensor, opt: CosineAdam, objective, iters: int, progress: Progress,
+             label: str) -> torch.Tensor:
+    """Runs ``iters`` optimizer steps on ``objective(param)``; returns the best parameters seen
+    (including the final ones), detached."""
+    best = _Best(param)
     for it in range(iters):
         opt.zero_grad()
-        warped, valid = lv.warp(W.apply_affine(lv.pts, matrix(raw)), sim.uses_fov)
-        loss = sim(lv.fixed, warped, valid, lv.fmask)
-        best.update(loss, raw)
+        loss = objective(param)
+        best.update(loss, param)
         loss.backward()
         opt.step()
         if it % 5 == 0:
-            progress((it + 1) / iters, f"{kind} level 1/{lv.factor}: loss {loss.item():.4f}")
+            progress((it + 1) / iters, f"{label}: loss {loss.item():.4f}")
     with torch.no_grad():
-        warped, valid = lv.warp(W.apply_affine(lv.pts, matrix(raw)), sim.uses_fov)
-        best.update(sim(lv.fixed, warped, valid, lv.fmask), raw)
-        return matrix(best.params)
+        best.update(objective(param), param)
+    return best.params
 
 
 def _field_from_param(param: torch.Tensor, grid: Grid, cfg: RegistrationConfig) -> torch.Tensor:
@@ -197,9 +209,9 @@ def _optimize_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters:
     # decaying steps: Adam's normalized steps would otherwise keep the field jittering by ~lr around
     # the optimum (trilinear interpolation has kinks at voxel centres, so gradients never vanish)
     opt = CosineAdam(param, lr, iters, lr_end=FIELD_STEP_END * lr, vector_dim=1)
-    best = _Best(param)
 
-    def objective(u: torch.Tensor) -> torch.Tensor:
+    def objective(p: torch.Tensor) -> torch.Tensor:
+        u = _field_from_param(p, lv.fgrid, cfg)
         mapped = W.apply_affine(lv.pts + torch.movedim(u, 1, -1), affine)
         warped, valid = lv.warp(mapped, sim.uses_fov)
         loss = sim(lv.fixed, warped, valid, lv.fmask) + cfg.reg_weight * reg(u, lv.fgrid)
@@ -207,17 +219,9 @@ def _optimize_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters:
             loss = loss + cfg.jacobian_weight * folding_penalty(u, lv.fgrid)
         return loss
 
-    for it in range(iters):
-        opt.zero_grad()
-        loss = objective(_field_from_param(param, lv.fgrid, cfg))
-        best.update(loss, param)
-        loss.backward()
-        opt.step()
-        if it % 5 == 0:
-            progress((it + 1) / iters, f"deformable level 1/{lv.factor}: loss {loss.item():.4f}")
+    best = _descend(param, opt, objective, iters, progress, f"deformable level 1/{lv.factor}")
     with torch.no_grad():
-        best.update(objective(_field_from_param(param, lv.fgrid, cfg)), param)
-        return _field_from_param(best.params, lv.fgrid, cfg).detach()
+        return _field_from_param(best, lv.fgrid, cfg).detach()
 
 
 def _evaluate(lv: _Level, affine: torch.Tensor, u: torch.Tensor | None, sim: Similarity) -> tuple[float, float]:

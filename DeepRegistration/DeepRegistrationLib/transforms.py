@@ -15,8 +15,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .grid import Grid
 from . import warp as W
+from .grid import Grid
+from .itk_transform import from_itk, to_itk
 
 
 # ---------------------------------------------------------------- rigid / affine parameterizations
@@ -118,46 +119,11 @@ class SpatialTransform:
         return torch.movedim(mapped - pts, -1, 1)
 
     def to_sitk(self) -> sitk.Transform:
-        """ITK transform with the same point mapping: a ``CompositeTransform`` ``[affine, displacement]``.
-
-        The displacement field is stored as float64 vectors on ``field_grid`` (LPS, ITK linear
-        interpolation, zero displacement beyond half a voxel outside the grid).
-        """
-        aff = sitk.AffineTransform(3)
-        aff.SetMatrix(tuple(float(v) for v in self.affine[:3, :3].ravel()))
-        aff.SetTranslation(tuple(float(v) for v in self.affine[:3, 3]))
-        composite = sitk.CompositeTransform(3)
-        composite.AddTransform(aff)
-        if self.field is not None:
-            vec = sitk.GetImageFromArray(np.moveaxis(self.field, 0, -1).astype(np.float64), isVector=True)
-            self.field_grid.apply_to_sitk(vec)
-            composite.AddTransform(sitk.DisplacementFieldTransform(vec))
-        return composite
+        """ITK transform with the same point mapping: a ``CompositeTransform`` ``[affine, displacement]``
+        (see :func:`DeepRegistrationLib.itk_transform.to_itk`)."""
+        return to_itk(self.affine, self.field, self.field_grid)
 
     @classmethod
     def from_sitk(cls, transform: sitk.Transform) -> "SpatialTransform":
         """Reads back what :meth:`to_sitk` (or ANTs' ``[affine, warp]`` composite) wrote."""
-        comp = sitk.CompositeTransform(transform) if transform.GetName() == "CompositeTransform" else None
-        parts = [comp.GetNthTransform(i) for i in range(comp.GetNumberOfTransforms())] if comp else [transform]
-        affine = np.eye(4)
-        field = grid = None
-        for part in parts:
-            name = part.GetName()
-            if name == "DisplacementFieldTransform":
-                if field is not None:
-                    raise ValueError("only one displacement field is supported in a composite")
-                img = sitk.DisplacementFieldTransform(part).GetDisplacementField()
-                field = np.moveaxis(sitk.GetArrayFromImage(img), -1, 0).astype(np.float64)
-                grid = Grid.from_sitk(img)
-                continue
-            if field is not None:
-                raise ValueError("only [affine..., displacement] composites are supported")
-            if not part.IsLinear():
-                raise ValueError(f"cannot convert the non-linear ITK transform {name}")
-            probe = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=float)
-            mapped = np.array([part.TransformPoint(tuple(p)) for p in probe])
-            m = np.eye(4)
-            m[:3, 3] = mapped[0]
-            m[:3, :3] = (mapped[1:] - mapped[0]).T
-            affine = affine @ m
-        return cls(affine, field, grid)
+        return cls(*from_itk(transform))

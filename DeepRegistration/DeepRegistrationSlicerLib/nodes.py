@@ -368,27 +368,12 @@ def readItkTransform(path: str) -> tuple[np.ndarray, np.ndarray | None, Grid | N
     """
     import SimpleITK as sitk
 
-    transform = sitk.ReadTransform(str(path))
-    parts = [transform]
-    if transform.GetName() == "CompositeTransform":
-        comp = sitk.CompositeTransform(transform)
-        parts = [comp.GetNthTransform(i) for i in range(comp.GetNumberOfTransforms())]
-    affine, field, grid = np.eye(4), None, None
-    for part in parts:
-        if part.GetName() == "DisplacementFieldTransform":
-            img = sitk.DisplacementFieldTransform(part).GetDisplacementField()
-            field = np.moveaxis(sitk.GetArrayFromImage(img), -1, 0).astype(np.float64)
-            grid = Grid.from_sitk(img)
-            continue
-        if field is not None or not part.IsLinear():
-            raise InputError(f"'{path}' is not an [affine, displacement] transform.")
-        probe = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=float)
-        mapped = np.array([part.TransformPoint(tuple(p)) for p in probe])
-        m = np.eye(4)
-        m[:3, 3] = mapped[0]
-        m[:3, :3] = (mapped[1:] - mapped[0]).T
-        affine = affine @ m
-    return affine, field, grid
+    from DeepRegistrationLib.itk_transform import from_itk
+
+    try:
+        return from_itk(sitk.ReadTransform(str(path)))
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"'{path}' is not an [affine, displacement] transform ({exc}).") from None
 
 
 def setRegistrationReferences(transformNode, fixedVolume, movingVolume) -> None:
