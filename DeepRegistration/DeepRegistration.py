@@ -204,6 +204,9 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p and p.outputTransform and (p.movingSegmentation or p.movingLandmarks) and not running)
 
     def onPresetChanged(self, index=None) -> None:
+        # this slot may run before the parameter node's own GUI connection has stored the new preset
+        if self._parameterNode and self.ui.presetComboBox.currentText in PRESETS:
+            self._parameterNode.preset = self.ui.presetComboBox.currentText
         self.onResetAdvanced()
 
     def onResetAdvanced(self) -> None:
