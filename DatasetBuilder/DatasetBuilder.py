@@ -1,3 +1,7 @@
+import logging
+import os
+import tempfile
+
 import slicer
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
@@ -15,11 +19,14 @@ class DatasetBuilder(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["The DeepRegistration authors"]
         self.parent.helpText = """
-Dataset Builder will turn Slicer scenes (image pairs with segmentations and landmarks) into de-identified
-training sets in the Learn2Reg layout (imagesTr/labelsTr/keypointsTr and a dataset.json) for training
-registration models in the Deep Registration module.
+Dataset Builder turns Slicer scenes (volumes with segmentations, masks and landmarks; subjects identified by
+their DICOM attributes in the subject hierarchy or by a CSV mapping) into de-identified training sets in the
+Learn2Reg layout (imagesTr/labelsTr/masksTr/keypointsTr, a dataset.json, a manifest and a report) for training
+registration models in the Deep Registration module. Subjects get keyed pseudonyms (keep the key file outside
+the dataset), splits are subject-grouped and stable, every output byte is scanned for identifying text.
 <br><br>
-<b>This version contains only the module shell:</b> no dataset is built yet.
+Not in this version: DICOM folders as input, face removal, thumbnails, classical-registration ground truth.
+The build runs in a background PythonSlicer process (Cancel stops it; building again resumes).
 <br><br>
 <b>Intended use:</b> research use only, not for clinical decisions.
 """
@@ -36,13 +43,90 @@ Part of the DeepRegistration extension. Module layout follows the 3D Slicer exte
 class DatasetBuilderWidget(ScriptedLoadableModuleWidget):
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        import ctk
         import qt
 
-        label = qt.QLabel("Dataset Builder is not implemented yet: this version contains only the module shell.\n"
-                          "It will export Slicer scenes as de-identified Learn2Reg-layout training sets.")
-        label.wordWrap = True
-        self.layout.addWidget(label)
+        self.logic = DatasetBuilderLogic()
+        self.process = None
+        self._tmp = None
+        form = qt.QFormLayout()
+        self.layout.addLayout(form)
+        self.inputEdit = ctk.ctkPathLineEdit()
+        self.inputEdit.filters = ctk.ctkPathLineEdit.Dirs
+        self.inputEdit.toolTip = "Folder of scenes (.mrb/.mrml); leave empty to use the current scene."
+        form.addRow("Scenes folder:", self.inputEdit)
+        self.outputEdit = ctk.ctkPathLineEdit()
+        self.outputEdit.filters = ctk.ctkPathLineEdit.Dirs
+        form.addRow("Output folder:", self.outputEdit)
+        self.keyEdit = ctk.ctkPathLineEdit()
+        self.keyEdit.toolTip = "Pseudonym key file (created if missing). Keep it outside the dataset."
+        form.addRow("Key file:", self.keyEdit)
+        self.pairingBox = qt.QComboBox()
+        self.pairingBox.addItems(["intra", "inter", "atlas"])
+        form.addRow("Pairing:", self.pairingBox)
+        self.splitEdit = qt.QLineEdit("0.7,0.1,0.2")
+        form.addRow("Split train,val,test:", self.splitEdit)
+        self.augmentBox = qt.QSpinBox()
+        self.augmentBox.setRange(0, 20)
+        form.addRow("Augmented copies per case:", self.augmentBox)
+        self.buildButton = qt.QPushButton("Build")
+        self.cancelButton = qt.QPushButton("Cancel")
+        self.cancelButton.enabled = False
+        form.addRow(self.buildButton, self.cancelButton)
+        self.progressBar = qt.QProgressBar()
+        form.addRow(self.progressBar)
+        self.statusLabel = qt.QLabel("")
+        self.statusLabel.wordWrap = True
+        form.addRow(self.statusLabel)
         self.layout.addStretch(1)
+        self.buildButton.connect("clicked(bool)", self.onBuild)
+        self.cancelButton.connect("clicked(bool)", self.onCancel)
+
+    def onCancel(self) -> None:
+        """Stops the child process; finished cases stay and Build resumes."""
+        if self.process is not None:
+            self.process.cancel()
+
+    def onBuild(self) -> None:
+        """Starts the build in a child process (PythonSlicer) and polls its progress from a timer."""
+        import qt
+
+        with slicer.util.tryWithErrorDisplay("Could not start the dataset build.", waitCursor=True):
+            ratios = [float(v) for v in self.splitEdit.text.split(",")]
+            self.process, self._tmp = self.logic.startBuild(
+                self.inputEdit.currentPath or None, self.outputEdit.currentPath, self.keyEdit.currentPath,
+                pairing=self.pairingBox.currentText, splitRatios=ratios, augmentPerCase=self.augmentBox.value)
+            self.buildButton.enabled, self.cancelButton.enabled = False, True
+            self.timer = qt.QTimer()
+            self.timer.setInterval(200)
+            self.timer.connect("timeout()", self.onPoll)
+            self.timer.start()
+
+    def onPoll(self) -> None:
+        import qt
+
+        self.progressBar.value = int(100 * self.process.fraction)
+        self.statusLabel.text = self.process.message
+        code = self.process.poll()
+        if code is None:
+            return
+        self.timer.stop()
+        self.process.wait(10)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+        self.buildButton.enabled, self.cancelButton.enabled = True, False
+        report = os.path.join(self.outputEdit.currentPath, "report.md")
+        if code == 0:
+            self.statusLabel.text = "\n".join(self.process.output[-1:]) or "Done."
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(report))
+        elif code < 0 or code == 130:
+            self.statusLabel.text = "Cancelled. Build again with the same settings to resume."
+        else:
+            slicer.util.errorDisplay(f"Dataset build failed: {self.process.last_error()}")
+            if os.path.exists(report):
+                qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(report))
+        self.process = None
 
 
 #
@@ -51,9 +135,52 @@ class DatasetBuilderWidget(ScriptedLoadableModuleWidget):
 
 
 class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
-    """Will hold the scene → Learn2Reg export; it has no functionality in this version."""
+    """Thin front end of ``DatasetBuilderLib.build.build_dataset`` (usable from the Python console)."""
 
-    implemented = False
+    implemented = True
+
+    def build(self, scenesFolder, outDir, keyFile, progress=None, **options):
+        """Builds a dataset from a folder of scenes, or from the current scene when ``scenesFolder`` is None.
+
+        The current scene is saved to a temporary .mrb first (removed afterwards). ``options`` are
+        ``DatasetBuilderLib.build.BuildOptions`` fields. Returns the ``BuildResult``.
+        """
+        from DatasetBuilderLib.build import BuildOptions, build_dataset
+
+        if not outDir or not keyFile:
+            raise ValueError("choose an output folder and a key file")
+        opts = BuildOptions(key_file=keyFile, **options)
+        if scenesFolder:
+            return build_dataset([scenesFolder], outDir, opts, progress)
+        with tempfile.TemporaryDirectory() as tmp:
+            return build_dataset([self._saveCurrentScene(tmp)], outDir, opts, progress)
+
+    @staticmethod
+    def _saveCurrentScene(folder: str) -> str:
+        path = os.path.join(folder, "current_scene.mrb")
+        if not slicer.util.saveScene(path):
+            raise RuntimeError("the current scene could not be saved for the build")
+        logging.info("DatasetBuilder: building from the current scene")
+        return path
+
+    def startBuild(self, scenesFolder, outDir, keyFile, pairing="intra", splitRatios=(0.7, 0.1, 0.2),
+                   augmentPerCase=0):
+        """Starts ``dataset build`` in a PythonSlicer child process; returns (BuildProcess, temp folder or None).
+
+        The current scene (when no folder is given) is saved to a temporary .mrb the caller cleans up.
+        """
+        from DatasetBuilderLib.background import BuildProcess
+        from DeepRegistrationSlicerLib.run import pythonExecutable
+
+        if not outDir or not keyFile:
+            raise ValueError("choose an output folder and a key file")
+        tmp = None
+        if not scenesFolder:
+            tmp = tempfile.TemporaryDirectory()
+            scenesFolder = self._saveCurrentScene(tmp.name)
+        args = [scenesFolder, "-o", outDir, "--key", keyFile, "--pairing", pairing,
+                "--split", ",".join(str(r) for r in splitRatios), "--augment", str(int(augmentPerCase))]
+        return BuildProcess(args, python=pythonExecutable()), tmp
 
 
 #
@@ -67,10 +194,13 @@ class DatasetBuilderTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
-        self.test_ModuleShell()
+        self.test_LogicRefusesMissingOutput()
 
-    def test_ModuleShell(self):
-        """The shell loads and says honestly that it has no functionality yet."""
+    def test_LogicRefusesMissingOutput(self):
+        """The logic reaches the library and refuses a build without output folder (full tests: pytest)."""
         logic = DatasetBuilderLogic()
-        self.assertFalse(logic.implemented)
+        self.assertTrue(logic.implemented)
+        with self.assertRaises(ValueError):
+            logic.build(None, "", "")
+        import DatasetBuilderLib.build  # noqa: F401  (the library is installed with the module)
         self.delayDisplay("Test passed")

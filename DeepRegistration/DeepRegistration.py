@@ -21,7 +21,7 @@ PRESETS = ["Rigid", "Affine", "Deformable — fast", "Deformable — accurate"]
 DEVICES = ["auto", "CPU", "GPU"]
 SIMILARITIES = ["lncc", "mi", "mse"]
 MINIMUM_TORCH_VERSION = "2.2"
-FALLBACK_REQUIREMENTS = ["monai>=1.4,<1.7"]  # same as Resources/requirements.txt, for Slicer < 5.12
+FALLBACK_REQUIREMENTS = ["monai>=1.4,<1.7", "safetensors>=0.4"]  # same as Resources/requirements.txt, for Slicer < 5.12
 
 
 # DeepRegistration
@@ -338,7 +338,7 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
         else:
             import importlib.util
 
-            if importlib.util.find_spec("monai") is None:
+            if any(importlib.util.find_spec(name) is None for name in ("monai", "safetensors")):
                 if askConfirmation and not slicer.util.confirmOkCancelDisplay(
                         f"DeepRegistration needs these Python packages: {', '.join(FALLBACK_REQUIREMENTS)}. "
                         "Install them now?"):

@@ -11,8 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "DeepRegistration"
 SAMPLE = Path(os.environ.get("DEEPREG_SAMPLE_DIR", MODULE_DIR / "Resources" / "SampleData"))
-if str(MODULE_DIR) not in sys.path:
-    sys.path.insert(0, str(MODULE_DIR))
+for _folder in (MODULE_DIR, ROOT / "DatasetBuilder"):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 
 @pytest.fixture(scope="session")

@@ -64,23 +64,26 @@ def test_model_round_trip_and_corrupt_file(tmp_path):
     net = UNetFieldPredictor(channels=(4, 8, 8))
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.01)
-    path = save_predictor(net, tmp_path / "model.pt")
+    path = save_predictor(net, tmp_path / "model.pt")  # any suffix: NAME.json + NAME.safetensors
+    assert path == tmp_path / "model.json" and (tmp_path / "model.safetensors").is_file()
     loaded = load_predictor(path)
     x = torch.rand(1, 1, 13, 17, 11)
     with torch.no_grad():
         np.testing.assert_allclose(loaded(x, x).numpy(), net.eval()(x, x).numpy(), atol=1e-6)
     assert loaded(x, x).shape == (1, 3, 13, 17, 11)  # any input size, padded internally
 
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(path.read_bytes()[:500])
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
     with pytest.raises(InputError, match="corrupt"):
-        load_predictor(corrupt)
+        load_predictor(path)
     with pytest.raises(InputError, match="does not exist"):
-        load_predictor(tmp_path / "missing.pt")
+        load_predictor(tmp_path / "missing.json")
 
 
 def test_model_files_never_unpickle_code(tmp_path):
-    """A pickle that would run code when loaded is refused (weights_only loading)."""
+    """A pickle that would run code when loaded is refused, even with a card whose hash matches it."""
+    import hashlib
+    import json
     import os
 
     class Evil:
@@ -90,5 +93,13 @@ def test_model_files_never_unpickle_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"config": {"channels": [4, 8], "max_displacement_voxels": 8.0}, "state_dict": Evil()}, path)
     with pytest.raises(InputError):
-        load_predictor(path)
+        load_predictor(path)  # no card
+    net = UNetFieldPredictor(channels=(4, 8))
+    card = save_predictor(net, tmp_path / "evil.json")
+    (tmp_path / "evil.safetensors").write_bytes(path.read_bytes())
+    blob = json.loads(card.read_text())
+    blob["weights"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    card.write_text(json.dumps(blob))
+    with pytest.raises(InputError, match="not safetensors"):
+        load_predictor(card)
     assert not (tmp_path / "pwned").exists()

@@ -27,25 +27,7 @@ FAST = dict(spacing=4.0, iterations=20, affineIterations=30, threads=1)  # a few
 # ------------------------------------------------------------------------------------------------ scene set-up
 def make_scene():
     """A scene with the logics the glue needs (DESIGN.md §3); also sets ``slicer.mrmlScene``."""
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    colors = slicer.vtkMRMLColorLogic()
-    colors.SetMRMLScene(scene)
-    app.SetModuleLogic("Colors", colors)
-    logics = [colors]
-    for name, cls in (("Markups", slicer.vtkSlicerMarkupsLogic),
-                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
-                      ("Transforms", slicer.vtkSlicerTransformLogic), ("Volumes", slicer.vtkSlicerVolumesLogic),
-                      ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic)):
-        logic = cls()
-        logic.SetMRMLApplicationLogic(app)
-        logic.SetMRMLScene(scene)
-        app.SetModuleLogic(name, logic)
-        logics.append(logic)
-    slicer.mrmlScene = scene
-    scene._keep = (app, logics)  # keep the logics alive as long as the scene
-    return scene
+    return N.makeScene()
 
 
 def read_node(scene, path, node_class="vtkMRMLScalarVolumeNode", storage_class="vtkMRMLVolumeArchetypeStorageNode"):

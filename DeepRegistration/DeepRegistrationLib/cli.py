@@ -30,6 +30,31 @@ examples:
 """
 
 
+def _extra_command_modules() -> dict:
+    """Commands that live in other modules: ``train``/``models``/``evaluate`` (the learned engine) and
+    ``dataset`` (the DatasetBuilder, when its package is installed). Importing them loads only argparse."""
+    out = {}
+    from . import train_cli
+
+    for name in ("train", "models", "evaluate"):
+        out[name] = train_cli
+    try:
+        from DatasetBuilderLib import cli as dataset_cli
+    except ImportError:  # the engine installed without the DatasetBuilder
+        dataset_cli = None
+    if dataset_cli is not None:
+        out["dataset"] = dataset_cli
+    return out
+
+
+def _add_extra_commands(sub) -> None:
+    modules = _extra_command_modules()
+    if "train" in modules:
+        modules["train"].add_subparsers(sub)
+    if "dataset" in modules:
+        modules["dataset"].add_subparser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import RegistrationConfig
 
@@ -86,10 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fixed-landmarks", metavar="FILE", help="landmarks (CSV label,x,y,z in LPS mm; Slicer "
                    ".mrk.json or .fcsv): adds TRE")
     e.add_argument("--moving-landmarks", metavar="FILE", help="corresponding moving landmarks")
+    m = p.add_argument_group("learned model")
+    m.add_argument("--model", metavar="NAME|PATH", help="a trained field predictor (see 'deepregistration models "
+                   "list') whose prediction starts the deformable optimization")
+    m.add_argument("--model-mode", choices=("init", "replace"), default="init",
+                   help="init: refine the prediction at the finest level; replace: use it as is (default: init)")
     o = p.add_argument_group("output")
     o.add_argument("--no-png", action="store_true", help="skip report.png")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     o.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    _add_extra_commands(sub)
     return parser
 
 
@@ -127,13 +158,20 @@ def _register(args: argparse.Namespace) -> int:
                              diffeomorphic=args.diffeomorphic, jacobian_weight=args.jacobian_weight,
                              initialization=args.initialization, device=args.device, seed=args.seed,
                              threads=args.threads).validate()
+    predictor = None
+    if args.model:
+        from . import registry
+
+        loaded = registry.load(args.model)  # InputError for unknown, corrupt or tampered models
+        predictor = loaded.model
     bar = _Bar(not args.quiet)
     try:
         summary = run_registration(
             args.fixed, args.moving, args.output, cfg, fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
             fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
             fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
-            overwrite=args.overwrite, write_png=not args.no_png, progress=bar)
+            overwrite=args.overwrite, write_png=not args.no_png, progress=bar, predictor=predictor,
+            predictor_mode=args.model_mode)
     finally:
         bar.close()
     print(f"outputs: {summary.out_dir}")
@@ -154,9 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    extra = _extra_command_modules()
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command in extra:
+            return extra[args.command].run(args)
         return _register(args)
     except DeepRegistrationError as exc:
         if isinstance(exc, Cancelled):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import locale
 import logging
 import os
@@ -226,3 +227,12 @@ def write_image(image: Image, path: str | os.PathLike, compress: bool = True) ->
         raise InputError(f"cannot write '{p}': use one of {', '.join(WRITABLE_SUFFIXES)}")
     sitk.WriteImage(image_to_sitk(image), str(p), compress)
     return p
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MB chunks), for manifests and model cards."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

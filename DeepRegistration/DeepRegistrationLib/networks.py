@@ -1,102 +1,182 @@
-"""Learned displacement predictors that plug into the pipeline's :class:`~DeepRegistrationLib.pipeline.FieldPredictor` slot.
+"""Learned field predictors that plug into the pipeline's :class:`~DeepRegistrationLib.pipeline.FieldPredictor` slot.
 
-:class:`UNetFieldPredictor` wraps MONAI's ``UNet`` (2 input channels: fixed and affinely aligned moving
-image on the fixed working grid; 3 output channels). Its output is a displacement in **voxels of the
-working grid along (i, j, k)**, converted here to LPS mm with the grid's direction and spacing, so a
-model trained at one orientation works at any other. Inputs of any size are padded to a multiple of
-``2 ** depth`` and the output cropped back (no fixed input size).
+:class:`UNetFieldPredictor` is a VoxelMorph-style 3D U-Net (2 input channels: the fixed image and the
+affinely aligned moving image on the fixed working grid, intensities in [0, 1]). Its raw output is a
+field in **voxels of the working grid along (i, j, k)**: a displacement, or a stationary velocity
+(``output="svf"``) integrated by scaling and squaring (diffeomorphic). :meth:`~UNetFieldPredictor.field_mm`
+converts it to LPS mm with the grid's direction and spacing, so a model trained at one orientation works
+at any other. Blocks are plain 3×3×3 convolutions (``block="conv"``) or depthwise-separable
+(``block="separable"``, MobileNet-style, ~5× fewer weights for CPU). Inputs of any size are padded to a
+multiple of ``2 ** depth`` and the output cropped back; :func:`depth_for_shape` picks the depth from the
+working image size.
 
-Training and shipped weights come with the training issue; weights load with ``safetensors`` or
-``torch.load(weights_only=True)``, never by unpickling arbitrary objects.
+Models on disk (safetensors + JSON card, never a pickle) are handled by
+:mod:`~DeepRegistrationLib.model_files`; :func:`save_predictor` / :func:`load_predictor` are kept here as
+thin wrappers.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
 from .grid import Grid
+from .transforms import scaling_and_squaring
+
+BLOCKS = ("conv", "separable")
+OUTPUTS = ("displacement", "svf")
+
+
+def depth_for_shape(shape: Sequence[int], min_size: int = 6, max_depth: int = 4) -> int:
+    """Number of down-sampling levels so the coarsest level keeps at least ``min_size`` voxels per axis.
+
+    Args:
+        shape: Working image shape ``(Z, Y, X)``.
+        min_size: Smallest extent (voxels) allowed at the coarsest level.
+        max_depth: Upper bound on the depth.
+    """
+    smallest = max(1, min(int(s) for s in shape))
+    return int(max(1, min(max_depth, math.floor(math.log2(max(smallest / min_size, 1.0))) or 1)))
+
+
+class _Block(torch.nn.Module):
+    """Conv (3×3×3) or depthwise-separable conv (3×3×3 depthwise + 1×1×1 pointwise), then LeakyReLU."""
+
+    def __init__(self, cin: int, cout: int, block: str, stride: int = 1):
+        super().__init__()
+        if block == "conv":
+            self.conv = torch.nn.Conv3d(cin, cout, 3, stride=stride, padding=1)
+        else:
+            self.conv = torch.nn.Sequential(
+                torch.nn.Conv3d(cin, cin, 3, stride=stride, padding=1, groups=cin),
+                torch.nn.Conv3d(cin, cout, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.conv(x), 0.2)
 
 
 class UNetFieldPredictor(torch.nn.Module):
-    """A MONAI U-Net predicting a dense displacement from (fixed, moving) working-grid images.
+    """A U-Net predicting a dense field from (fixed, moving) working-grid images.
 
     Args:
-        channels: Feature channels per U-Net level (its length is the depth + 1).
-        max_displacement_voxels: The output is ``tanh``-bounded to this many voxels.
+        channels: Feature channels per level; ``len(channels) - 1`` is the depth (number of halvings).
+        max_displacement_voxels: The raw output is ``tanh``-bounded to this many voxels.
+        block: ``"conv"`` or ``"separable"`` (depthwise-separable, lighter).
+        output: ``"displacement"`` or ``"svf"`` (stationary velocity, integrated by scaling and squaring).
+        integration_steps: Squarings for ``"svf"``.
     """
 
-    def __init__(self, channels: tuple[int, ...] = (16, 32, 32, 32), max_displacement_voxels: float = 8.0):
+    def __init__(self, channels: Sequence[int] = (16, 32, 32, 32), max_displacement_voxels: float = 8.0,
+                 block: str = "conv", output: str = "displacement", integration_steps: int = 6):
         super().__init__()
-        from monai.networks.nets import UNet
-
-        self.channels = tuple(channels)
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, not {block!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, not {output!r}")
+        if len(channels) < 2:
+            raise ValueError("channels needs at least 2 levels")
+        self.channels = tuple(int(c) for c in channels)
         self.max_displacement_voxels = float(max_displacement_voxels)
-        self.net = UNet(spatial_dims=3, in_channels=2, out_channels=self.channels[0], channels=self.channels,
-                        strides=(2,) * (len(self.channels) - 1), num_res_units=1)
-        # a 1×1×1 head initialized to zero: an untrained model predicts the identity
-        self.head = torch.nn.Conv3d(self.channels[0], 3, kernel_size=1)
+        self.block = block
+        self.output = output
+        self.integration_steps = int(integration_steps)
+        ch = self.channels
+        self.stem = _Block(2, ch[0], "conv")  # the first block is always a full conv (2 input channels)
+        self.down = torch.nn.ModuleList(_Block(ch[i], ch[i + 1], block, stride=2) for i in range(len(ch) - 1))
+        self.up = torch.nn.ModuleList(_Block(ch[i + 1] + ch[i], ch[i], block) for i in reversed(range(len(ch) - 1)))
+        # a 3×3×3 head initialized to zero: an untrained model predicts the identity
+        self.head = torch.nn.Conv3d(ch[0], 3, 3, padding=1)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
     @property
+    def depth(self) -> int:
+        return len(self.channels) - 1
+
+    @property
     def multiple(self) -> int:
-        return 2 ** (len(self.channels) - 1)
+        return 2 ** self.depth
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
-        """Displacement in voxels ``(B, 3, Z, Y, X)``, channel order (i, j, k), for inputs ``(B, 1, Z, Y, X)``."""
+        """Raw field in voxels ``(B, 3, Z, Y, X)``, components (i, j, k), for inputs ``(B, 1, Z, Y, X)``.
+
+        A displacement for ``output="displacement"``, a velocity for ``"svf"`` (see :meth:`field_mm`).
+        """
         x = torch.cat([fixed, moving], 1)
         shape = x.shape[2:]
         pad = []
         for n in reversed(shape):
-            extra = (-n) % self.multiple
-            pad += [0, extra]
-        out = self.head(self.net(F.pad(x, pad)))
-        out = out[:, :, :shape[0], :shape[1], :shape[2]]
+            pad += [0, (-n) % self.multiple]
+        x = self.stem(F.pad(x, pad))
+        skips = [x]
+        for down in self.down:
+            x = down(x)
+            skips.append(x)
+        skips.pop()
+        for up in self.up:
+            skip = skips.pop()
+            x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
+            x = up(torch.cat([x, skip], 1))
+        out = self.head(x)[:, :, :shape[0], :shape[1], :shape[2]]
         return self.max_displacement_voxels * torch.tanh(out / self.max_displacement_voxels)
+
+    def field_mm(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Differentiable displacement ``(B, 3, Z, Y, X)`` in LPS mm on ``grid`` (components x, y, z).
+
+        ``warped(x) = moving(x + u(x))``; for ``"svf"`` the velocity is converted to mm and integrated.
+        """
+        raw = self(fixed, moving)
+        m = torch.as_tensor(grid.direction_matrix * np.asarray(grid.spacing)[None, :], dtype=raw.dtype,
+                            device=raw.device)
+        u = torch.einsum("ij,bjzyx->bizyx", m, raw)
+        if self.output == "svf":
+            u = scaling_and_squaring(u, grid, self.integration_steps)
+        return u
 
     def predict(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid) -> torch.Tensor:
         """:class:`FieldPredictor` interface: displacement ``(1, 3, Z, Y, X)`` in LPS mm on ``grid``."""
         self.to(fixed.device)
-        vox = self(fixed, moving)
-        m = torch.as_tensor(grid.direction_matrix * np.asarray(grid.spacing)[None, :], dtype=vox.dtype,
-                            device=vox.device)
-        return torch.einsum("ij,bjzyx->bizyx", m, vox)
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            u = self.field_mm(fixed, moving, grid)
+        self.train(was_training)
+        return u
 
     def config(self) -> dict:
-        return {"architecture": "monai.UNet", "channels": list(self.channels),
-                "max_displacement_voxels": self.max_displacement_voxels}
+        """The architecture as JSON-able values (what :meth:`from_config` needs)."""
+        return {"architecture": "DeepRegistration.UNet", "channels": list(self.channels),
+                "max_displacement_voxels": self.max_displacement_voxels, "block": self.block,
+                "output": self.output, "integration_steps": self.integration_steps}
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "UNetFieldPredictor":
+        """Builds an (untrained) network from :meth:`config`'s dict; raises KeyError/ValueError when invalid."""
+        if cfg.get("architecture") != "DeepRegistration.UNet":
+            raise ValueError(f"unknown architecture {cfg.get('architecture')!r}")
+        return cls(tuple(cfg["channels"]), float(cfg["max_displacement_voxels"]), str(cfg["block"]),
+                   str(cfg["output"]), int(cfg["integration_steps"]))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
 
-def save_predictor(model: UNetFieldPredictor, path: str | Path) -> Path:
-    """Saves weights and a self-description (config, conventions) as a torch file of plain values.
+def save_predictor(model: UNetFieldPredictor, path: str | Path, card: dict | None = None) -> Path:
+    """Saves ``model`` as safetensors weights + JSON card next to ``path``; returns the card path.
 
-    The file is a plain dict of tensors and JSON-able values, readable with ``weights_only=True``.
+    See :func:`DeepRegistrationLib.model_files.save_model`.
     """
-    p = Path(path)
-    torch.save({"config": model.config(), "conventions": "output voxels (i,j,k) of the fixed working grid",
-                "state_dict": model.state_dict()}, p)
-    return p
+    from .model_files import save_model
+
+    return save_model(model, path, card)
 
 
 def load_predictor(path: str | Path) -> UNetFieldPredictor:
-    """Loads a model saved by :func:`save_predictor` without executing pickled code.
+    """Loads a model written by :func:`save_predictor` (no pickle); raises InputError when unusable."""
+    from .model_files import load_model
 
-    Raises:
-        InputError: missing or corrupt file, or a file that is not a DeepRegistration model.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"model file '{p}' does not exist. Check the path.")
-    try:
-        blob = torch.load(p, map_location="cpu", weights_only=True)
-        cfg = blob["config"]
-        model = UNetFieldPredictor(tuple(cfg["channels"]), cfg["max_displacement_voxels"])
-        model.load_state_dict(blob["state_dict"])
-    except Exception as exc:  # torch raises many types for corrupt files
-        raise InputError(f"model file '{p}' is corrupt or not a DeepRegistration model ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:150]}). Re-download or re-train it.") from None
-    return model.eval()
+    return load_model(path).model

@@ -117,7 +117,8 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
                      fixed_mask=None, moving_mask=None, fixed_labels=None, moving_labels=None,
                      fixed_landmarks=None, moving_landmarks=None, overwrite: bool = False,
                      write_png: bool = True, progress: ProgressCallback | None = None,
-                     predictor=None, initial_affine: np.ndarray | None = None) -> RunSummary:
+                     predictor=None, predictor_mode: str = "init",
+                     initial_affine: np.ndarray | None = None) -> RunSummary:
     """Registers MOVING to FIXED (paths) and writes all outputs into ``out_dir`` atomically.
 
     Args:
@@ -131,6 +132,7 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
         write_png: Also draw ``report.png``.
         progress: ``callback(fraction, message)``; returning False cancels with nothing written.
         predictor: Optional learned field predictor (see :class:`~DeepRegistrationLib.pipeline.FieldPredictor`).
+        predictor_mode: ``"init"`` (the prediction starts the finest-level optimization) or ``"replace"``.
         initial_affine: Optional 4×4 LPS matrix (fixed → moving points) that replaces the moments
             initialization; the result includes it.
 
@@ -157,7 +159,8 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
     t_read = time.perf_counter() - t0
 
     result = register(fixed, moving, cfg, fixed_mask=fmask, moving_mask=mmask, predictor=predictor,
-                      initial_affine=initial_affine, progress=Progress(progress, 0.0, 0.85))
+                      predictor_mode=predictor_mode, initial_affine=initial_affine,
+                      progress=Progress(progress, 0.0, 0.85))
     prog(0.86, "writing outputs")
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

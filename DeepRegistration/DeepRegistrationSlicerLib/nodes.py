@@ -479,3 +479,28 @@ def fileUri(path: str) -> str:
     from pathlib import Path
 
     return Path(os.path.abspath(path)).as_uri()
+
+
+def makeScene():
+    """An empty MRML scene with the module logics the glue and the DatasetBuilder need (DESIGN.md §3:
+    Colors, Markups, Segmentations, Transforms, Volumes, SubjectHierarchy); also sets ``slicer.mrmlScene``.
+    Inside Slicer use the application's scene instead; this is for PyPI slicer-core (tests, command line)."""
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    colors = slicer.vtkMRMLColorLogic()
+    colors.SetMRMLScene(scene)
+    app.SetModuleLogic("Colors", colors)
+    logics = [colors]
+    for name, cls in (("Markups", slicer.vtkSlicerMarkupsLogic),
+                      ("Segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
+                      ("Transforms", slicer.vtkSlicerTransformLogic), ("Volumes", slicer.vtkSlicerVolumesLogic),
+                      ("SubjectHierarchy", slicer.vtkSlicerSubjectHierarchyModuleLogic)):
+        logic = cls()
+        logic.SetMRMLApplicationLogic(app)
+        logic.SetMRMLScene(scene)
+        app.SetModuleLogic(name, logic)
+        logics.append(logic)
+    slicer.mrmlScene = scene
+    scene._keep = (app, logics)  # keep the logics alive as long as the scene
+    return scene

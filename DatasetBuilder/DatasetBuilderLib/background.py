@@ -1,0 +1,90 @@
+"""Run a build in a child process (``PythonSlicer`` inside Slicer, ``sys.executable`` elsewhere).
+
+The Slicer module polls :class:`BuildProcess` from a timer, so the GUI stays usable and Cancel really stops
+the work (the child is terminated; every write is atomic, and running the same build again resumes).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def _library_paths() -> list[str]:
+    """Folders that hold ``DatasetBuilderLib`` and ``DeepRegistrationLib`` (source tree or Slicer install)."""
+    here = Path(__file__).resolve().parents[1]
+    candidates = [here, here.parent / "DeepRegistration"]
+    return [str(p) for p in candidates if p.is_dir()]
+
+
+class BuildProcess:
+    """``dataset build`` in a child process with progress, cancel and the exit code.
+
+    Args:
+        arguments: Arguments after ``dataset build`` (inputs, ``-o``, ``--key``, options).
+        python: Interpreter (``PythonSlicer`` in Slicer); default ``sys.executable``.
+
+    Attributes:
+        fraction: Last progress, 0..1; message: last progress message; errors: stderr lines.
+    """
+
+    def __init__(self, arguments: list[str], python: str | None = None) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(_library_paths() + [p for p in [env.get("PYTHONPATH")] if p])
+        cmd = [python or sys.executable, "-m", "DatasetBuilderLib.cli", "dataset", "build", *map(str, arguments),
+               "--machine-progress"]
+        self.fraction = 0.0
+        self.message = "starting"
+        self.output: list[str] = []
+        self.errors: list[str] = []
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self._threads = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _read_stdout(self) -> None:
+        for line in self._proc.stdout:
+            if line.startswith("PROGRESS "):
+                _, fraction, *message = line.rstrip("\n").split(" ", 2)
+                self.fraction, self.message = float(fraction), (message[0] if message else "")
+            else:
+                self.output.append(line.rstrip("\n"))
+
+    def _read_stderr(self) -> None:
+        for line in self._proc.stderr:
+            self.errors.append(line.rstrip("\n"))
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def poll(self) -> int | None:
+        """Exit code (see :mod:`DatasetBuilderLib.cli`), or None while running."""
+        return self._proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self._proc.wait(timeout)
+        for t in self._threads:
+            t.join(5)
+        return code
+
+    def cancel(self, kill: bool = False) -> int:
+        """Stops the child (SIGTERM, or SIGKILL when ``kill``); returns its exit code."""
+        if self._proc.poll() is None:
+            self._proc.kill() if kill else self._proc.terminate()
+        try:
+            return self.wait(10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            return self.wait()
+
+    def last_error(self) -> str:
+        """The last non-empty stderr line that is not a progress bar (for an error message)."""
+        lines = [e.split("\r")[-1].strip() for e in self.errors]
+        return next((e for e in reversed(lines) if e and not e.startswith("[")), "")

@@ -1,0 +1,376 @@
+"""The builder's API: :func:`build_dataset` (scenes → de-identified Learn2Reg dataset), resumable.
+
+Steps: check the output folder (:func:`writer.prepare_output`), read every scene and collect cases and PHI
+strings, skip what cannot be used (reason in the report), pseudonymise subjects (keyed HMAC), number cases
+stably (pseudonymous case registry in ``meta/state.json``), build the label table, assign splits (existing
+subjects keep theirs), write each case atomically (a case whose sidecar exists is done and kept), augment
+training cases, make pairs within splits, write the dataset JSON and report, scan every output byte for
+PHI (a hit raises :class:`PhiFoundError` naming the files) and write the manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from DeepRegistrationLib.image import Image
+
+from . import BUILDER_VERSION
+from . import writer as W
+from .augment import AugmentOptions, augment_case
+from .classical import ClassicalOptions, register_pair
+from .deid import PhiStrings, load_or_create_key, pseudonym, scan_for_phi
+from .dicom_input import load_dicom_folder
+from .labels import LabelTable, normalize
+from .pairs import CaseRef, make_pairs
+from .report import write_report, write_thumbnails
+from .scenes import Skipped, collect_cases, find_scene_files, load_scene, read_subject_mapping
+from .splits import assign_splits
+
+logger = logging.getLogger(__name__)
+Progress = Callable[[float, str], "bool | None"]  # returns True to cancel
+
+
+class BuildCancelled(RuntimeError):
+    """The progress callback asked to stop; finished cases stay and a re-run resumes."""
+
+
+class PhiFoundError(RuntimeError):
+    """The PHI scan found identifying text in the output."""
+
+
+@dataclass
+class BuildOptions:
+    """Builder parameters (everything but paths goes into the manifest).
+
+    Attributes:
+        key_file: Pseudonym key file, outside the output folder (created when missing).
+        task: Learn2Reg task name (file prefix).
+        subject_mapping: CSV ``scene,subject[,session]`` for scenes without DICOM identity.
+        subject_from_file: Scenes with neither: the scene file name is the subject (one scene per subject).
+        pairing: ``intra`` | ``inter`` | ``atlas``; max_pairs_per_split bounds ``inter``;
+            atlas_case: case number of the template (default: the first training case).
+        split_ratios, seed: Train/val/test shares and the seed of the assignment.
+        label_names: Fixed label table (None = every segment name seen); label_synonyms: name → canonical.
+        augment_per_case: Augmented copies of each training case; augment: their ranges;
+            augment_intensity: bias/gamma/noise on (geometry only when False).
+        modality: Modality when the scene does not say.
+        classical: Also store an algorithmic ground truth per (non-augmented) pair from the engine's
+            registration (slow: one registration per pair); classical_options: its settings.
+    """
+
+    key_file: str
+    task: str = "DREG"
+    subject_mapping: str | None = None
+    subject_from_file: bool = False
+    pairing: str = "intra"
+    max_pairs_per_split: int | None = None
+    atlas_case: int | None = None
+    split_ratios: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    seed: int = 0
+    label_names: list[str] | None = None
+    label_synonyms: dict[str, str] | None = None
+    augment_per_case: int = 0
+    augment: AugmentOptions = field(default_factory=AugmentOptions)
+    augment_intensity: bool = True
+    modality: str = "MR"
+    classical: bool = False
+    classical_options: ClassicalOptions = field(default_factory=ClassicalOptions)
+
+    def manifest_parameters(self) -> dict:
+        d = asdict(self)
+        for private in ("key_file", "subject_mapping"):
+            d.pop(private)
+        d["split_ratios"] = list(self.split_ratios)
+        return d
+
+
+@dataclass
+class BuildResult:
+    """What a build did (counts only; no identifying text)."""
+
+    out_dir: Path
+    cases_total: int = 0
+    cases_written: int = 0
+    augmented: int = 0
+    augment_rejected: int = 0
+    pairs: dict = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
+    phi_strings: int = 0
+    phi_hits: list = field(default_factory=list)
+    manifest: dict = field(default_factory=dict)
+
+
+def _tick(progress: Progress | None, fraction: float, message: str) -> None:
+    logger.info("%3.0f%% %s", 100 * fraction, message)
+    if progress is not None and progress(fraction, message):
+        raise BuildCancelled("build cancelled; run it again to resume")
+
+
+def _seed_of(*parts) -> int:
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:16], 16)
+
+
+def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, options: BuildOptions,
+                  progress: Progress | None = None) -> BuildResult:
+    """Builds (or resumes / extends) a de-identified Learn2Reg dataset from Slicer scenes.
+
+    Args:
+        inputs: Scene files (``.mrb``, ``.mrml``) and folders of them or of DICOM series.
+        out_dir: Empty/new folder, or a dataset this builder made for the same task (resume, update).
+        options: :class:`BuildOptions`.
+        progress: ``progress(fraction 0..1, message)``; return True to cancel (raises BuildCancelled).
+
+    Raises:
+        NotOurDatasetError, BuildCancelled, PhiFoundError, ValueError (bad options or inputs).
+    """
+    out = Path(out_dir).resolve()
+    key_path = Path(options.key_file).resolve()
+    if out == key_path.parent or out in key_path.parents:
+        raise ValueError("the pseudonym key must live outside the output folder")
+    W.prepare_output(out, options.task)
+    key = load_or_create_key(key_path)
+    state = W.load_state(out)
+    result = BuildResult(out)
+    mapping = read_subject_mapping(options.subject_mapping)
+    scenes = find_scene_files(inputs)
+    phi = PhiStrings()
+    raw = []
+    for n, path in enumerate(scenes):
+        _tick(progress, 0.3 * n / max(len(scenes), 1), f"reading scene {n + 1}/{len(scenes)}")
+        tag = pseudonym(key, f"input:{path.name}", "input-", 8)
+        try:
+            extra = PhiStrings()
+            if path.is_dir():  # a DICOM series folder
+                scene, extra = load_dicom_folder(path)
+            else:
+                scene = load_scene(path)
+            cases, skipped = collect_cases(scene, str(path), mapping, options.modality, options.subject_from_file)
+            for case in cases:
+                case.phi.update(extra)
+        except Exception as exc:  # an unreadable scene is skipped, with its reason
+            logger.warning("skipping %s: %s", path, exc)
+            result.skipped.append(Skipped(tag, f"scene could not be read ({type(exc).__name__})"))
+            continue
+        result.skipped += [Skipped(tag, s.reason) for s in skipped]
+        for case in cases:
+            phi.update(case.phi)
+            if case.identity is None:
+                result.skipped.append(Skipped(tag, "no subject identity (no DICOM PatientID, not in the mapping)"))
+            else:
+                raw.append(case)
+    births: dict[str, set] = {}
+    for c in raw:
+        if c.birth_date:
+            births.setdefault(c.identity, set()).add(c.birth_date)
+    conflicting = {i for i, b in births.items() if len(b) > 1}
+    if conflicting:
+        result.skipped += [Skipped(pseudonym(key, i), "subject ID shared by different birth dates")
+                           for i in sorted(conflicting)]
+        raw = [c for c in raw if c.identity not in conflicting]
+    # pseudonyms and stable case numbers
+    by_uid = {}
+    for c in raw:
+        c.subject = pseudonym(key, c.identity)
+        digest = hashlib.sha256(np.ascontiguousarray(c.image.array).tobytes()).hexdigest()
+        c.uid = pseudonym(key, f"case:{c.identity}:{c.session}:{digest}", "C", 16)
+        by_uid.setdefault(c.uid, c)
+    originals = [by_uid[u] for u in sorted(by_uid)]
+    # label table (existing IDs kept)
+    table = LabelTable.create(options.label_names, options.label_synonyms)
+    for c in originals:
+        table.observe(c.segment_names)
+    if not table.fixed:
+        old = {k: int(v) for k, v in state["labels"].items()}
+        new = sorted(set(table.ids) - set(old))
+        table.ids = dict(old, **{name: max(old.values(), default=0) + n + 1 for n, name in enumerate(new)})
+    allowed = {normalize(n) for n in table.ids} | set(table.synonyms)
+    phi.values = {v: k for v, k in phi.values.items() if not (k == "segment name" and normalize(v) in allowed)}
+    result.phi_strings = len(phi.values)
+    # splits, modalities, case numbers
+    splits = assign_splits([c.subject for c in originals], options.split_ratios, options.seed, state["splits"])
+    modalities = dict(state.get("modalities", {}))
+    for c in originals:
+        if c.modality not in modalities.values():
+            modalities[str(len(modalities))] = c.modality
+    mod_index = {m: int(i) for i, m in modalities.items()}
+    numbers = dict(state["cases"])
+
+    def number_of(uid: str) -> int:
+        if uid not in numbers:
+            numbers[uid] = max(numbers.values(), default=0) + 1
+        return numbers[uid]
+
+    for c in originals:
+        number_of(c.uid)
+    state.update(cases=numbers, splits=splits, labels=table.ids, modalities=modalities)
+    W.atomic_write_json(out / W.STATE, state)
+    result.cases_total = len(originals)
+    # cases
+    entries: dict[str, dict] = {}
+    aug_pairs: list[dict] = []
+    todo = sorted(originals, key=lambda c: numbers[c.uid])
+    for n, c in enumerate(todo):
+        _tick(progress, 0.3 + 0.6 * n / max(len(todo), 1), f"writing case {n + 1}/{len(todo)}")
+        split = splits[c.subject]
+        entry, wrote = _write_case(out, options.task, numbers[c.uid], mod_index[c.modality], c.subject, split,
+                                   c.modality, c.image, _remap(c, table), c.mask, c.points,
+                                   [pseudonym(key, f"kp:{x}", "K", 8) for x in c.point_labels])
+        entries[c.uid] = entry
+        result.cases_written += wrote
+        if split != "train":
+            continue
+        for k in range(options.augment_per_case):
+            aug_uid = pseudonym(key, f"aug:{c.uid}:{k}:{options.seed}", "C", 16)
+            aug_number = number_of(aug_uid)
+            pair = _augment(out, options, aug_uid, aug_number, c, entry, _remap(c, table), key, mod_index, result)
+            if pair is not None:
+                entries[aug_uid] = pair[0]
+                aug_pairs.append(pair[1])
+    state["cases"] = numbers
+    W.atomic_write_json(out / W.STATE, state)
+    # pairs within splits
+    refs = [CaseRef(c.uid, c.subject, splits[c.subject], "", c.modality) for c in originals]
+    atlas = None
+    if options.pairing == "atlas":
+        inverse = {v: k for k, v in numbers.items()}
+        atlas = inverse.get(options.atlas_case) if options.atlas_case else \
+            min((r.key for r in refs if r.split == "train"), key=lambda u: numbers[u], default=None)
+    pair_list = make_pairs(refs, options.pairing, options.max_pairs_per_split, options.seed, atlas)
+    pairs = {"train": list(aug_pairs), "val": [], "test": []}
+    for n, (f, m) in enumerate(pair_list):
+        pair = _pair_entry(entries[f], entries[m])
+        if options.classical:
+            _tick(progress, 0.9 + 0.05 * n / len(pair_list), f"classical registration {n + 1}/{len(pair_list)}")
+            pair["gold_standard"].append(_classical(out, entries[f], entries[m], options.classical_options))
+        pairs[entries[f]["split"]].append(pair)
+    result.pairs = {k: len(v) for k, v in pairs.items()}
+    _weights([e for e in entries.values() if e["split"] in ("train", "val")])
+    sizes = {tuple(c.image.grid.size) for c in originals}
+    shape = list(sizes.pop()) if len(sizes) == 1 else None  # Learn2Reg: (X, Y, Z), only when all agree
+    W.atomic_write_json(out / f"{options.task}_dataset.json",
+                        W.dataset_json(options.task, table.as_json(), modalities,
+                                       sorted(entries.values(), key=lambda e: e["image"]), pairs, shape))
+    thumbnails = write_thumbnails(out, pairs["train"] + pairs["val"] + pairs["test"])
+    _tick(progress, 0.95, "PHI scan")
+    hits = scan_for_phi(out, phi)
+    write_report(out, options.task, result, table, hits, thumbnails)
+    hits = scan_for_phi(out, phi)
+    result.phi_hits = hits
+    if hits:
+        write_report(out, options.task, result, table, hits, thumbnails)
+        raise PhiFoundError("identifying text found in the output: " +
+                            ", ".join(sorted({f"{h.file} ({h.kind})" for h in hits})))
+    logger.info("%d of %d cases written in this run (the others were already done)", result.cases_written,
+                result.cases_total)
+    result.manifest = W.write_manifest(out, BUILDER_VERSION, options.manifest_parameters(), len(scenes))
+    _tick(progress, 1.0, "done")
+    return result
+
+
+def _remap(c, table: LabelTable) -> np.ndarray | None:
+    if c.labels is None:
+        return None
+    lut = np.zeros(len(c.segment_names) + 1, np.int32)
+    for n, name in enumerate(c.segment_names, start=1):
+        lut[n] = table.id_of(name)
+    return lut[c.labels]
+
+
+def _write_case(out: Path, task: str, number: int, mod: int, subject: str, split: str, modality: str,
+                image: Image, labels, mask, points, point_ids: list[str]) -> tuple[dict, bool]:
+    """Writes one case unless its sidecar exists; returns its dataset entry and whether it was written."""
+    name = W.case_name(task, number, mod)
+    sfx = "Tr" if split in ("train", "val") else "Ts"
+    entry = {"image": f"./images{sfx}/{name}.nii.gz", "subject": subject, "split": split, "modality": modality}
+    if labels is not None:
+        entry["label"] = f"./labels{sfx}/{name}.nii.gz"
+    if mask is not None:
+        entry["mask"] = f"./masks{sfx}/{name}.nii.gz"
+    if points is not None and len(points):
+        entry["keypoints"] = f"./keypoints{sfx}/{name}.csv"
+        entry["keypoints_lps"] = f"./keypoints{sfx}/{name}_lps.csv"
+    sidecar = out / "meta" / f"{name}.json"
+    if sidecar.exists():
+        return json.loads(sidecar.read_text())["entry"], False
+    W.write_image(out / entry["image"], Image(image.array.astype(np.float32), image.grid))
+    if labels is not None:
+        dtype = np.uint8 if labels.max() < 256 else np.uint16
+        W.write_image(out / entry["label"], Image(labels.astype(dtype), image.grid))
+    if mask is not None:
+        W.write_image(out / entry["mask"], Image(mask.astype(np.uint8), image.grid))
+    if "keypoints" in entry:
+        vox, lps = W.keypoint_csvs(points, point_ids, image)
+        W.atomic_write_bytes(out / entry["keypoints"], vox)
+        W.atomic_write_bytes(out / entry["keypoints_lps"], lps)
+    W.atomic_write_json(sidecar, {"entry": entry})
+    return entry, True
+
+
+def _augment(out, options, aug_uid, number, c, orig_entry, labels, key, mod_index, result):
+    name = W.case_name(options.task, number, mod_index[c.modality])
+    transform_rel = f"./transformsTr/{name}.h5"
+    sidecar = out / "meta" / f"{name}.augment.json"
+    if sidecar.exists():
+        info = json.loads(sidecar.read_text())
+        result.augment_rejected += info.get("rejected", 0)
+        result.augmented += "pair" in info
+        return (info["entry"], info["pair"]) if "pair" in info else None
+    rng = np.random.default_rng(_seed_of(options.seed, aug_uid))
+    aug = augment_case(rng, c.image, labels, c.mask, c.points, c.point_labels, options.augment,
+                       options.augment_intensity)
+    if aug is None:
+        result.augment_rejected += options.augment.max_tries
+        W.atomic_write_json(sidecar, {"rejected": options.augment.max_tries, "entry": None})
+        return None
+    result.augment_rejected += aug.rejected
+    ids = [pseudonym(key, f"kp:{x}", "K", 8) for x in aug.point_labels]
+    W.write_transform(out / transform_rel, aug.transform)
+    entry, _ = _write_case(out, options.task, number, mod_index[c.modality], c.subject, "train", c.modality,
+                           aug.image, aug.labels, aug.mask, aug.points, ids)
+    entry["augmented_from"] = orig_entry["image"]
+    pair = _pair_entry(entry, orig_entry)
+    for gold in pair["gold_standard"]:
+        gold["source"] = "expert, carried through the synthetic field"
+    pair["gold_standard"].append({"kind": "synthetic_field", "transform": transform_rel,
+                                  "direction": "fixed->moving", "frame": "LPS",
+                                  "det_jacobian_range": list(aug.det_range)})
+    W.atomic_write_json(sidecar, {"entry": entry, "pair": pair, "rejected": aug.rejected, "params": aug.params})
+    result.augmented += 1
+    return entry, pair
+
+
+def _classical(out: Path, fixed: dict, moving: dict, opts: ClassicalOptions) -> dict:
+    """Algorithmic gold-standard entry of a pair, computed once (cached in a sidecar for resume)."""
+    names = [Path(e["image"]).name.split(".")[0] for e in (fixed, moving)]
+    folder = "transformsTs" if fixed["split"] == "test" else "transformsTr"
+    sidecar = out / "meta" / f"classical_{names[0]}_{names[1]}.json"
+    if sidecar.exists():
+        return json.loads(sidecar.read_text())
+    gold = register_pair(out, fixed, moving, f"./{folder}/{names[0]}_{names[1]}.h5", opts)
+    W.atomic_write_json(sidecar, gold)
+    return gold
+
+
+def _pair_entry(fixed: dict, moving: dict) -> dict:
+    gold = []
+    if "label" in fixed and "label" in moving:
+        gold.append({"kind": "segmentation", "source": "expert"})
+    if "keypoints" in fixed and "keypoints" in moving:
+        gold.append({"kind": "landmarks", "source": "expert"})
+    return {"fixed": fixed["image"], "moving": moving["image"], "gold_standard": gold}
+
+
+def _weights(entries: list[dict]) -> None:
+    """Inverse-frequency sampling weight per modality group (mean 1) in each training entry."""
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e["modality"]] = counts.get(e["modality"], 0) + 1
+    for e in entries:
+        e["weight"] = round(len(entries) / (len(counts) * counts[e["modality"]]), 6)

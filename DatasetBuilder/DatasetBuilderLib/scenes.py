@@ -1,0 +1,268 @@
+"""MRML access (PyPI ``slicer-core`` headless, or inside Slicer): load scenes, collect cases and PHI strings.
+
+A **case** is one scalar volume of a scene with what belongs to it: a segmentation whose reference geometry
+is that volume (exported to a label map on the volume's grid), label-map volumes as masks, and markups point
+lists (LPS mm) of the same subject-hierarchy study (or of the scene when it holds one volume).
+
+Subject identity, in order: ``DICOM.PatientID`` (+ name, birth date) on the volume's subject-hierarchy
+ancestors; the user mapping (CSV ``scene,subject[,session]``, scene = scene file name); the scene file name
+when the user asks for it; else nothing (the case is reported, never guessed). Everything identifying met on the way (DESIGN.md §3: node names and attributes,
+subject-hierarchy names/attributes/UIDs, markup and segment labels, storage file names, the scene file
+name) is collected into :class:`~DatasetBuilderLib.deid.PhiStrings` for the PHI scan.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .deid import PhiStrings
+
+logger = logging.getLogger(__name__)
+
+SCENE_SUFFIXES = (".mrb", ".mrml")
+# Slicer's default node names carry no identity; they are not searched by the PHI scan.
+GENERIC_NAME = re.compile(r"^(volume|segmentation|labelmap|f|l|markupsfiducial|pointlist|segment|mask)"
+                          r"([ _]?\d+)?$", re.IGNORECASE)
+# Subject-hierarchy bookkeeping attributes (values like "Patient", "Study"), not searched.
+NON_IDENTIFYING_ATTRIBUTES = {"Level", "DICOM.Modality", "DICOM.PatientSex"}
+
+
+@dataclass
+class SceneCase:
+    """One image of a scene with its annotations (raw, still identifying: never written as is).
+
+    Attributes:
+        source: Scene file and volume node ID (report of skipped cases only, never written to the dataset).
+        identity: Subject identity (e.g. DICOM PatientID), None when unknown.
+        session: Study date / UID / time point used to order sessions (not written).
+        birth_date: DICOM birth date when present (conflict check).
+        modality: Modality code ("MR", "CT", ...).
+        image: Engine Image, array ``(Z, Y, X)`` float32, LPS grid.
+        labels: ``(Z, Y, X)`` int32, value ``n + 1`` for ``segment_names[n]``; None without segmentation.
+        segment_names: Segment names in label order.
+        mask: ``(Z, Y, X)`` uint8 or None.
+        points: ``(N, 3)`` LPS mm or None.
+        point_labels: One label per point.
+        phi: Identifying strings found for this case.
+    """
+
+    source: str
+    identity: str | None
+    session: str
+    birth_date: str | None
+    modality: str
+    image: object
+    labels: np.ndarray | None = None
+    segment_names: list[str] = field(default_factory=list)
+    mask: np.ndarray | None = None
+    points: np.ndarray | None = None
+    point_labels: list[str] = field(default_factory=list)
+    phi: PhiStrings = field(default_factory=PhiStrings)
+
+
+@dataclass
+class Skipped:
+    """An input left out, with the reason (no identifying text in ``reason``)."""
+
+    source: str
+    reason: str
+
+
+def make_scene():
+    """Empty scene with the logics slicer-core needs (DESIGN.md §3); sets ``slicer.mrmlScene``."""
+    from DeepRegistrationSlicerLib.nodes import makeScene
+
+    return makeScene()
+
+
+def load_scene(path: str | os.PathLike):
+    """A new scene read from an ``.mrml`` (with its data files) or ``.mrb``; ValueError if unreadable."""
+    p = Path(path).resolve()
+    cwd = os.getcwd()
+    try:
+        return _load_scene(p)
+    finally:  # a failing vtkMRMLScene::ReadFromMRB leaves the process in its (deleted) temporary folder
+        try:
+            moved = os.getcwd() != cwd
+        except FileNotFoundError:
+            moved = True
+        if moved:
+            os.chdir(cwd)
+
+
+def _load_scene(p: Path):
+    import slicer
+
+    scene = make_scene()
+    if p.suffix.lower() == ".mrb":
+        cache = slicer.vtkCacheManager()
+        scene.SetCacheManager(cache)
+        dio = slicer.vtkDataIOManager()
+        dio.SetCacheManager(cache)
+        scene.SetDataIOManager(dio)
+        ok = scene.ReadFromMRB(str(p))
+    else:
+        scene.SetURL(str(p))
+        ok = scene.Import()
+    if not ok:  # some data could not be read: keep what was (unreadable nodes are reported per node)
+        if scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0:
+            raise ValueError(f"cannot read scene {p.name}")
+        logger.warning("scene %s read with errors; unreadable data will be skipped", p.name)
+    return scene
+
+
+def find_scene_files(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Scene files and DICOM series folders of the inputs (files, or folders searched recursively), sorted.
+
+    A folder holding a scene is not searched for DICOM (its data files belong to the scene).
+    """
+    from .dicom_input import dicom_series_folders
+
+    found: set[Path] = set()
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            scenes = {q.resolve() for q in p.rglob("*") if q.suffix.lower() in SCENE_SUFFIXES}
+            found |= scenes
+            found |= {d for d in dicom_series_folders(p) if not any(s.parent == d for s in scenes)}
+        elif p.suffix.lower() in SCENE_SUFFIXES and p.is_file():
+            found.add(p.resolve())
+        else:
+            raise ValueError(f"input {p} is neither a scene file (.mrb, .mrml) nor a folder")
+    return sorted(found)
+
+
+def read_subject_mapping(path: str | os.PathLike | None) -> dict[str, tuple[str, str]]:
+    """CSV ``scene,subject[,session]`` → ``{scene file name: (subject, session)}``."""
+    if not path:
+        return {}
+    out = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            out[Path(row["scene"]).name] = (row["subject"].strip(), (row.get("session") or "").strip())
+    return out
+
+
+def _sh_ancestors(sh, item) -> list[int]:
+    out = []
+    while item and item != sh.GetSceneItemID():
+        out.append(item)
+        item = sh.GetItemParent(item)
+    return out
+
+
+def _collect_sh_phi(sh, items: list[int], phi: PhiStrings) -> dict[str, str]:
+    attributes: dict[str, str] = {}
+    for item in items:
+        phi.add(sh.GetItemName(item), "subject hierarchy name")
+        uid = sh.GetItemUID(item, "DICOM")
+        phi.add(uid, "subject hierarchy UID")
+        for name in sh.GetItemAttributeNames(item):
+            value = sh.GetItemAttribute(item, name)
+            if name not in NON_IDENTIFYING_ATTRIBUTES:
+                phi.add(value, name)
+            attributes.setdefault(name, value)
+    return attributes
+
+
+def _add_node_phi(node, phi: PhiStrings) -> None:
+    name = node.GetName() or ""
+    if not GENERIC_NAME.match(name.strip()):
+        phi.add(name, "node name")
+    for attr in node.GetAttributeNames() or ():
+        phi.add(node.GetAttribute(attr), f"node attribute {attr}")
+    storage = node.GetStorageNode() if hasattr(node, "GetStorageNode") else None
+    if storage is not None and storage.GetFileName():
+        stem = Path(storage.GetFileName()).name.split(".")[0]
+        if not GENERIC_NAME.match(stem):
+            phi.add(stem, "storage file name")
+
+
+def collect_cases(scene, source: str, mapping: dict[str, tuple[str, str]] | None = None,
+                  default_modality: str = "MR", subject_from_file: bool = False
+                  ) -> tuple[list[SceneCase], list[Skipped]]:
+    """Cases of a scene (see module doc) and the items skipped with their reasons.
+
+    ``subject_from_file``: last resort, the scene file name (without suffix) is the subject identity.
+    """
+    from DeepRegistrationSlicerLib import nodes as N
+
+    mapping = mapping or {}
+    sh = scene.GetSubjectHierarchyNode()
+    scene_name = Path(source).name
+    scene_phi = PhiStrings()
+    stem = scene_name.split(".")[0]
+    if not GENERIC_NAME.match(stem):
+        scene_phi.add(stem, "scene file name")
+    volumes = [n for n in scene.GetNodesByClass("vtkMRMLScalarVolumeNode") if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+    labelmaps = list(scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode"))
+    segmentations = list(scene.GetNodesByClass("vtkMRMLSegmentationNode"))
+    markups = list(scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode"))
+    for node in volumes + labelmaps + segmentations + markups:
+        _add_node_phi(node, scene_phi)
+    for node in markups:
+        for i in range(node.GetNumberOfControlPoints()):
+            scene_phi.add(node.GetNthControlPointLabel(i), "markup label")
+            scene_phi.add(node.GetNthControlPointDescription(i), "markup description")
+    for node in segmentations:
+        seg = node.GetSegmentation()
+        for i in range(seg.GetNumberOfSegments()):
+            scene_phi.add(seg.GetNthSegment(i).GetName(), "segment name")
+
+    def study_of(node) -> int:
+        item = sh.GetItemByDataNode(node) if sh else 0
+        return sh.GetItemParent(item) if item else 0
+
+    cases: list[SceneCase] = []
+    skipped: list[Skipped] = []
+    used_segs: set[str] = set()
+    for volume in volumes:
+        where = f"{scene_name}:{volume.GetID()}"
+        data = volume.GetImageData()
+        if data is None or min(data.GetDimensions()) < 1 or data.GetNumberOfPoints() == 0:
+            skipped.append(Skipped(where, "volume without image data (file missing or unreadable)"))
+            continue
+        phi = PhiStrings()
+        phi.update(scene_phi)
+        item = sh.GetItemByDataNode(volume) if sh else 0
+        attrs = _collect_sh_phi(sh, _sh_ancestors(sh, item), phi) if item else {}
+        for attr in volume.GetAttributeNames() or ():
+            attrs.setdefault(attr, volume.GetAttribute(attr))
+        identity = attrs.get("DICOM.PatientID") or None
+        session = attrs.get("DICOM.StudyDate", "") + ":" + attrs.get("DICOM.StudyInstanceUID", "")
+        if identity is None and scene_name in mapping:
+            identity, session = mapping[scene_name][0], mapping[scene_name][1] or session
+        if identity is None and subject_from_file:
+            identity = "file:" + scene_name.split(".")[0]
+        if identity is not None:
+            phi.add(identity, "subject identity")
+        case = SceneCase(where, identity, session, attrs.get("DICOM.PatientBirthDate") or None,
+                         attrs.get("DICOM.Modality") or default_modality,
+                         N.volumeToImage(volume, "image", world=True), phi=phi)
+        same = [s for s in segmentations if s.GetNodeReference("referenceImageGeometryRef") is volume]
+        if not same and len(volumes) == 1:
+            same = [s for s in segmentations if s.GetNodeReference("referenceImageGeometryRef") is None]
+        if same:
+            seg = same[0]
+            used_segs.add(seg.GetID())
+            ids = [seg.GetSegmentation().GetNthSegmentID(i) for i in range(seg.GetSegmentation().GetNumberOfSegments())]
+            if ids:
+                case.labels = N.labelArrayOnVolume(seg, volume, ids, "segmentation", scene)
+                case.segment_names = [seg.GetSegmentation().GetSegment(i).GetName() for i in ids]
+        masks = [m for m in labelmaps if len(volumes) == 1 or (study_of(m) and study_of(m) == study_of(volume))]
+        if masks:
+            case.mask = (N.labelArrayOnVolume(masks[0], volume, what="mask", scene=scene) > 0).astype(np.uint8)
+        points = [m for m in markups if len(volumes) == 1 or (study_of(m) and study_of(m) == study_of(volume))]
+        if points and points[0].GetNumberOfControlPoints() > 0:
+            case.points, case.point_labels = N.markupsToLpsPoints(points[0], world=True)
+        cases.append(case)
+    for seg in segmentations:
+        if seg.GetID() not in used_segs:
+            skipped.append(Skipped(f"{scene_name}:{seg.GetID()}", "segmentation without its reference volume"))
+    return cases, skipped

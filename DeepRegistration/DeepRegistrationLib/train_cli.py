@@ -1,0 +1,216 @@
+"""Command-line front end of the learned engine: ``train``, ``models list`` and ``evaluate``.
+
+:func:`add_subparsers` adds the three commands to ``deepregistration``'s sub-parsers; :func:`run` executes
+a parsed command and returns the exit status (errors of the engine are left to the caller, which prints
+them). Results go to stdout as text or JSON; progress goes through :mod:`logging`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+COMMANDS = ("train", "models", "evaluate")
+
+
+def add_subparsers(subparsers) -> None:
+    """Adds ``train``, ``models`` and ``evaluate`` to an ``argparse`` sub-parsers object."""
+    from .training import MODES, TrainConfig
+
+    d = TrainConfig()
+    p = subparsers.add_parser("train", help="train a field predictor (synthetic SynthMorph-style data for now)",
+                              description="Train a registration network; checkpoints let a run resume, and the "
+                                          "final model is written as NAME.json + NAME.safetensors.")
+    p.add_argument("--name", default=d.model_name, help="model name (default: %(default)s)")
+    p.add_argument("-o", "--output-dir", metavar="DIR",
+                   help="run folder for checkpoints and models (default: <user models folder>/runs/NAME)")
+    p.add_argument("--install", action="store_true",
+                   help="also copy the final model into the user models folder (it then appears in 'models list')")
+    p.add_argument("--mode", choices=MODES, default=d.mode, help="loss (default: %(default)s)")
+    p.add_argument("--similarity", choices=("lncc", "mi", "mse"), default=d.similarity)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--shape", type=int, nargs=3, default=list(d.shape), metavar=("Z", "Y", "X"))
+    p.add_argument("--spacing", type=float, default=d.spacing, help="working spacing in mm (default: %(default)s)")
+    p.add_argument("--channels", type=int, nargs="+", help="features per level (default: from --shape)")
+    p.add_argument("--block", choices=("conv", "separable"), default=d.block)
+    p.add_argument("--output", choices=("displacement", "svf"), default=d.output)
+    p.add_argument("--reg-weight", type=float, default=d.reg_weight)
+    p.add_argument("--dice-weight", type=float, default=d.dice_weight)
+    p.add_argument("--supervised-weight", type=float, default=d.supervised_weight)
+    p.add_argument("--max-displacement", type=float, default=d.max_displacement_mm, metavar="MM")
+    p.add_argument("--num-labels", type=int, default=d.num_labels)
+    p.add_argument("--same-contrast", action="store_true", help="mono-modal synthetic pairs")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--val-every", type=int, default=50)
+    p.add_argument("--val-pairs", type=int, default=d.val_pairs)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--init-model", metavar="NAME|PATH", help="fine-tune from this model")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in the run folder")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+
+    m = subparsers.add_parser("models", help="list the shipped and user models")
+    msub = m.add_subparsers(dest="models_command", metavar="ACTION")
+    ml = msub.add_parser("list", help="list models (name, source, path, status)")
+    ml.add_argument("--json", action="store_true", help="machine-readable output")
+    for parser in (m, ml):
+        parser.add_argument("-v", "--verbose", action="store_true", help="log details")
+
+    e = subparsers.add_parser("evaluate", help="score a model on synthetic pairs or on one labelled pair",
+                              description="Synthetic pairs: Dice and folding of the model alone vs no registration. "
+                                          "A labelled pair: Dice, folding and time of instance optimization alone, "
+                                          "model alone and model + instance optimization.")
+    e.add_argument("--model", required=True, metavar="NAME|PATH")
+    e.add_argument("--synthetic", type=int, default=0, metavar="N", help="evaluate on N synthetic pairs")
+    e.add_argument("--pair", nargs=4, metavar=("FIXED", "MOVING", "FIXED_LABELS", "MOVING_LABELS"))
+    e.add_argument("--spacing", type=float, help="working spacing in mm (default: the model card's)")
+    e.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    e.add_argument("-v", "--verbose", action="store_true", help="log details")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs ``train``, ``models`` or ``evaluate``; returns the exit status (0 = success)."""
+    if args.command == "train":
+        return _train(args)
+    if args.command == "models":
+        return _models(args)
+    if args.command == "evaluate":
+        return _evaluate(args)
+    raise ValueError(f"not a learned-engine command: {args.command!r}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .model_files import load_model, save_model
+    from .registry import user_models_dir
+    from .training import TrainConfig, train
+
+    out = Path(args.output_dir) if args.output_dir else user_models_dir() / "runs" / args.name
+    cfg = TrainConfig(mode=args.mode, similarity=args.similarity, reg_weight=args.reg_weight,
+                      dice_weight=args.dice_weight, supervised_weight=args.supervised_weight, steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr, shape=tuple(args.shape), spacing=args.spacing,
+                      channels=tuple(args.channels) if args.channels else None, block=args.block, output=args.output,
+                      max_displacement_mm=args.max_displacement, num_labels=args.num_labels,
+                      same_contrast=args.same_contrast, seed=args.seed, val_every=args.val_every,
+                      val_pairs=args.val_pairs, checkpoint_every=args.checkpoint_every, output_dir=str(out),
+                      model_name=args.name, init_model=args.init_model, amp=not args.no_amp, device=args.device)
+
+    def progress(fraction: float, message: str) -> None:
+        logger.info("%3.0f%% %s", 100 * fraction, message)
+
+    result = train(cfg, progress=progress, resume=not args.no_resume)
+    if result.model_path is None:  # a non-zero rank of a distributed run
+        return 0
+    best = result.best_model_path or result.model_path
+    if args.install:
+        loaded = load_model(best)
+        card = dict(loaded.card, name=args.name)
+        installed = save_model(loaded.model, user_models_dir() / args.name, card)
+        logger.info("installed %s as '%s' (%s)", best.name, args.name, installed)
+    sys.stdout.write(json.dumps({"model": str(result.model_path), "best_model": str(best), "steps": result.step,
+                                 "final_loss": float(np.mean(result.losses[-10:])), "best_dice": result.best_metric,
+                                 "seconds": round(result.seconds, 1)}, indent=2) + "\n")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .registry import list_models
+
+    if getattr(args, "models_command", None) != "list":
+        sys.stderr.write("usage: deepregistration models list [--json]\n")
+        return 2
+    entries = [e.summary() for e in list_models()]
+    if args.json:
+        sys.stdout.write(json.dumps(entries, indent=2) + "\n")
+    else:
+        for e in entries:
+            status = "ok" if e["ok"] else f"UNUSABLE: {e['error']}"
+            sys.stdout.write(f"{e['name']:24s} {e['source']:8s} {status:10s} {e['path']}\n")
+        if not entries:
+            sys.stdout.write("no models installed\n")
+    return 0
+
+
+def evaluate_synthetic(model, cfg_shape, spacing: float, pairs: int, seed: int = 123) -> dict:
+    """Mean Dice (identity and model alone), folding % and seconds per pair on seeded synthetic pairs."""
+    from .training import TrainConfig, synth_pairs, validate
+
+    cfg = TrainConfig(shape=tuple(cfg_shape), spacing=spacing)
+    batches = [synth_pairs(cfg, seed + i).sample(1) for i in range(pairs)]
+    t = time.perf_counter()
+    out = validate(model, batches)
+    out["seconds_per_pair"] = (time.perf_counter() - t) / max(pairs, 1)
+    return out
+
+
+def evaluate_pair(model, fixed_path, moving_path, flab_path, mlab_path, spacing: float,
+                  threads: int = 2) -> dict:
+    """Dice / folding / seconds on one labelled pair for: none, affine only, IO, model alone, model + IO."""
+    from .config import RegistrationConfig
+    from .io import read_image, read_label_image
+    from .metrics import mean_dice
+    from .pipeline import register
+    from .resampling import warp_image
+
+    fixed, moving = read_image(fixed_path, "fixed image"), read_image(moving_path, "moving image")
+    flab = read_label_image(flab_path, "fixed labels", fixed.grid)
+    mlab = read_label_image(mlab_path, "moving labels", moving.grid)
+    cfg = RegistrationConfig(spacing=spacing, threads=threads)
+    zero = _ZeroPredictor()
+    runs = {"affine_only": dict(predictor=zero, predictor_mode="replace"), "instance_optimization": {},
+            "model_alone": dict(predictor=model, predictor_mode="replace"),
+            "model_plus_io": dict(predictor=model, predictor_mode="init")}
+    out = {"no_registration": {"dice": _dice_identity(flab, mlab, mean_dice, warp_image)}}
+    for name, kw in runs.items():
+        t = time.perf_counter()
+        res = register(fixed, moving, cfg, **kw)
+        seconds = time.perf_counter() - t
+        warped = warp_image(mlab, flab.grid, res.transform, "nearest")
+        out[name] = {"dice": mean_dice(flab.array, warped.array), "folding_percent": res.folding_percent,
+                     "seconds": round(seconds, 2)}
+    return out
+
+
+def _dice_identity(flab, mlab, mean_dice, warp_image) -> float:
+    from .transforms import SpatialTransform
+
+    return mean_dice(flab.array, warp_image(mlab, flab.grid, SpatialTransform.identity(), "nearest").array)
+
+
+class _ZeroPredictor:
+    """A predictor of the zero field: ``predictor_mode="replace"`` with it gives the affine stage alone."""
+
+    def predict(self, fixed, moving, grid):
+        import torch
+
+        return torch.zeros(1, 3, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .registry import load
+
+    loaded = load(args.model)
+    spacing = args.spacing or loaded.working_spacing_mm or 2.0
+    result: dict = {"model": str(loaded.card_path), "spacing_mm": spacing}
+    if args.synthetic:
+        shape = loaded.card.get("training", {}).get("recipe", {}).get("shape", [32, 32, 32])
+        result["synthetic"] = evaluate_synthetic(loaded.model, shape, spacing, args.synthetic)
+    if args.pair:
+        result["pair"] = evaluate_pair(loaded.model, *args.pair, spacing=spacing)
+    if not args.synthetic and not args.pair:
+        sys.stderr.write("evaluate: give --synthetic N and/or --pair FIXED MOVING FIXED_LABELS MOVING_LABELS\n")
+        return 2
+    text = json.dumps(result, indent=2)
+    sys.stdout.write(text + "\n")
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0

@@ -1,0 +1,363 @@
+"""Training field predictors: unsupervised, semi-supervised, supervised and SynthMorph-style synthetic.
+
+Losses, for a predicted displacement ``u`` (mm) and the moving image warped by it:
+
+- ``unsupervised``: similarity (LNCC, MI or MSE) + ``reg_weight`` · diffusion(u);
+- ``semi-supervised``: the above + ``dice_weight`` · (1 − soft Dice of the warped one-hot moving labels);
+- ``supervised``: ``supervised_weight`` · mean |u − u_true|² / spacing² (voxels²) + ``reg_weight`` · diffusion;
+- ``synthetic``: SynthMorph's recipe, soft Dice of labels only + ``reg_weight`` · diffusion (contrast-agnostic).
+
+Mechanics: one seed fixes model initialization and data; :func:`train` writes ``checkpoint.pt``
+(model, optimizer, data-generator states, step, history; read back with ``weights_only=True``) every
+``checkpoint_every`` steps and resumes from it at the same step with identical state; validation on a fixed
+synthetic set every ``val_every`` steps (hard Dice, folding %) keeps the best model; the progress callback
+can cancel (a checkpoint is written first); AMP on CUDA; DistributedDataParallel when launched by
+``torchrun`` (NCCL on CUDA, gloo on CPU; each rank draws its own data, rank 0 writes files).
+Data come from :class:`~DeepRegistrationLib.synth.SynthPairs` (a Learn2Reg reader plugs in through ``data``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import model_files
+from .errors import Cancelled, InputError
+from .metrics import mean_dice
+from .networks import UNetFieldPredictor, depth_for_shape
+from .progress import Progress, ProgressCallback
+from .regularizers import diffusion, jacobian_determinant
+from .similarity import MutualInformation, box_filter
+from .synth import SynthBatch, SynthPairs, warp
+
+logger = logging.getLogger(__name__)
+
+MODES = ("unsupervised", "semi-supervised", "supervised", "synthetic")
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (recorded in the model card as the recipe)."""
+
+    mode: str = "synthetic"
+    similarity: str = "lncc"
+    reg_weight: float = 1.0
+    dice_weight: float = 1.0
+    supervised_weight: float = 1.0
+    steps: int = 200
+    batch_size: int = 1
+    lr: float = 1e-3
+    shape: tuple[int, int, int] = (32, 32, 32)
+    spacing: float = 2.0
+    channels: tuple[int, ...] | None = None  # None: width 8/16 with the depth from the shape
+    block: str = "separable"
+    output: str = "svf"
+    max_displacement_mm: float = 8.0
+    num_labels: int = 16
+    label_scale: float = 6.0
+    field_scale: float = 8.0
+    same_contrast: bool = False
+    seed: int = 0
+    val_every: int = 0
+    val_pairs: int = 4
+    checkpoint_every: int = 0
+    output_dir: str | None = None
+    model_name: str = "model"
+    init_model: str | None = None  # registry name or path: fine-tune from it
+    amp: bool = True
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"training mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.similarity not in ("lncc", "mi", "mse"):
+            raise InputError(f"similarity must be lncc, mi or mse, not {self.similarity!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise InputError("steps and batch size must be at least 1")
+        self.shape = tuple(int(s) for s in self.shape)
+        if self.channels is not None:
+            self.channels = tuple(int(c) for c in self.channels)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did. Losses are per step (this rank's batch); paths are None when not written."""
+
+    step: int
+    losses: list[float]
+    validation: list[dict] = field(default_factory=list)
+    best_metric: float = float("nan")
+    best_step: int = -1
+    model_path: Path | None = None
+    best_model_path: Path | None = None
+    checkpoint_path: Path | None = None
+    seconds: float = 0.0
+    model: UNetFieldPredictor | None = None
+
+
+class PairSource(Protocol):
+    """Training data: ``sample(batch) -> SynthBatch``, with a savable random state."""
+
+    def sample(self, batch: int) -> SynthBatch: ...
+    def state(self) -> torch.Tensor: ...
+    def set_state(self, state: torch.Tensor) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def lncc(fixed: torch.Tensor, warped: torch.Tensor, radius: int = 2, eps: float = 1e-5) -> torch.Tensor:
+    """``1 - mean(cc²)`` over ``(2r+1)³`` windows, batched ``(B, 1, Z, Y, X)``, no caching."""
+    mf, mw, mff, mww, mfw = torch.split(
+        box_filter(torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], 1), radius), 1, 1)
+    cross = mfw - mf * mw
+    cc2 = cross * cross / ((mff - mf * mf).clamp_min(0) * (mww - mw * mw).clamp_min(0) + eps)
+    return 1.0 - cc2.mean()
+
+
+def soft_dice_loss(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, u: torch.Tensor, grid,
+                   num_labels: int) -> torch.Tensor:
+    """``1 -`` mean soft Dice over foreground labels of the warped one-hot moving labels (differentiable in u)."""
+    mov = F.one_hot(moving_labels[:, 0], num_labels).movedim(-1, 1).to(u.dtype)
+    fix = F.one_hot(fixed_labels[:, 0], num_labels).movedim(-1, 1).to(u.dtype)
+    warped = warp(mov, u, grid)
+    dims = (2, 3, 4)
+    inter = (warped * fix).sum(dims)
+    denom = warped.sum(dims) + fix.sum(dims)
+    dice = (2 * inter + 1e-5) / (denom + 1e-5)
+    present = (fix.sum(dims) > 0).to(u.dtype)[:, 1:]
+    return 1.0 - (dice[:, 1:] * present).sum() / present.sum().clamp_min(1.0)
+
+
+def training_loss(cfg: TrainConfig, model: torch.nn.Module, batch: SynthBatch,
+                  mi: MutualInformation | None = None) -> torch.Tensor:
+    """The loss of ``cfg.mode`` for one batch (see the module docstring)."""
+    net = model.module if hasattr(model, "module") else model
+    raw = model(batch.fixed, batch.moving)  # through DDP's forward so gradients are synchronized
+    u = _raw_to_mm(net, raw, batch.grid)
+    loss = cfg.reg_weight * diffusion(u, batch.grid)
+    if cfg.mode in ("unsupervised", "semi-supervised"):
+        warped = warp(batch.moving, u, batch.grid)
+        if cfg.similarity == "lncc":
+            loss = loss + lncc(batch.fixed, warped)
+        elif cfg.similarity == "mi":
+            loss = loss + mi.loss(warped.clamp(0, 1), batch.fixed)
+        else:
+            loss = loss + (warped - batch.fixed).square().mean()
+    if cfg.mode in ("semi-supervised", "synthetic"):
+        loss = loss + cfg.dice_weight * soft_dice_loss(batch.fixed_labels, batch.moving_labels, u, batch.grid,
+                                                       int(max(batch.fixed_labels.max(), batch.moving_labels.max())) + 1)
+    if cfg.mode == "supervised":
+        loss = loss + cfg.supervised_weight * ((u - batch.field) / cfg.spacing).square().mean()
+    return loss
+
+
+def _raw_to_mm(net: UNetFieldPredictor, raw: torch.Tensor, grid) -> torch.Tensor:
+    """The network's raw voxel output as mm on the (identity-direction) synthetic grid."""
+    from .transforms import scaling_and_squaring
+
+    u = raw * torch.as_tensor(grid.spacing, dtype=raw.dtype, device=raw.device).view(1, 3, 1, 1, 1)
+    return scaling_and_squaring(u, grid, net.integration_steps) if net.output == "svf" else u
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _device(cfg: TrainConfig, rank: int) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device(f"cuda:{rank % torch.cuda.device_count()}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world_size)``; initializes the process group when launched by torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def synth_pairs(cfg: TrainConfig, seed: int) -> SynthPairs:
+    """The synthetic pair source ``cfg`` describes, seeded with ``seed``."""
+    return SynthPairs(cfg.shape, cfg.spacing, cfg.num_labels, cfg.max_displacement_mm, cfg.field_scale,
+                      cfg.label_scale, same_contrast=cfg.same_contrast, seed=seed)
+
+
+def build_model(cfg: TrainConfig) -> UNetFieldPredictor:
+    """A new network for ``cfg`` (seeded), or the model to fine-tune (``cfg.init_model``)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.init_model:
+        from .registry import load
+
+        return load(cfg.init_model).model.train()
+    channels = cfg.channels or (8,) + (16,) * depth_for_shape(cfg.shape)
+    max_vox = cfg.max_displacement_mm / cfg.spacing * 2
+    return UNetFieldPredictor(channels, max_vox, cfg.block, cfg.output).train()
+
+
+def validate(model: UNetFieldPredictor, batches: list[SynthBatch]) -> dict:
+    """Hard Dice (nearest-neighbour warped labels), identity Dice and folding % on fixed synthetic pairs."""
+    dice, dice0, fold = [], [], []
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for b in batches:
+            u = model.field_mm(b.fixed, b.moving, b.grid)
+            w = warp(b.moving_labels, u, b.grid)
+            dice.append(mean_dice(b.fixed_labels[0, 0].numpy(), w[0, 0].numpy()))
+            dice0.append(mean_dice(b.fixed_labels[0, 0].numpy(), b.moving_labels[0, 0].numpy()))
+            fold.append(float((jacobian_determinant(u, b.grid) <= 0).float().mean()) * 100)
+    model.train(was)
+    return {"dice": float(np.mean(dice)), "dice_identity": float(np.mean(dice0)), "folding_percent": float(np.mean(fold))}
+
+
+def _to(b: SynthBatch, device: torch.device) -> SynthBatch:
+    return SynthBatch(*(t.to(device) for t in (b.fixed, b.moving, b.fixed_labels, b.moving_labels, b.field)), b.grid)
+
+
+def _card(cfg: TrainConfig, result: TrainResult, world: int, device: torch.device, metrics: dict) -> dict:
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    return {"name": cfg.model_name,
+            "description": f"{cfg.output} U-Net ({cfg.block} blocks) trained in '{cfg.mode}' mode",
+            "preprocessing": {"working_spacing_mm": cfg.spacing},
+            "training": {"data": f"synthetic SynthMorph-style pairs ({cfg.num_labels} random labels, shape "
+                                 f"{list(cfg.shape)}, deformations up to {cfg.max_displacement_mm} mm)",
+                         "recipe": asdict(cfg), "hardware": hardware, "device": device.type, "processes": world,
+                         "steps": result.step, "seconds": round(result.seconds, 1),
+                         "final_loss": float(np.mean(result.losses[-10:])) if result.losses else None},
+            "metrics": metrics}
+
+
+def _save_checkpoint(path: Path, model, opt, scaler, data_states: list[torch.Tensor], result: TrainResult,
+                     cfg: TrainConfig) -> None:
+    blob = {"step": result.step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {}, "data_states": data_states,
+            "losses": list(result.losses), "validation": list(result.validation),
+            "best_metric": result.best_metric, "best_step": result.best_step, "seconds": result.seconds,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(path)
+
+
+def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCallback | None = None,
+          resume: bool = True) -> TrainResult:
+    """Trains a field predictor; see the module docstring.
+
+    Args:
+        cfg: The recipe. With ``cfg.output_dir`` set, checkpoints and models (``<model_name>.json`` /
+            ``.safetensors``, best as ``<model_name>-best``) are written there.
+        data: Pair source; default :class:`SynthPairs` seeded with ``cfg.seed`` + 1000 · rank.
+        progress: ``callback(fraction, message)``; returning False cancels (after writing a checkpoint).
+        resume: Continue from ``output_dir/checkpoint.pt`` when it exists.
+
+    Raises:
+        Cancelled: the callback asked to stop.
+    """
+    import torch.distributed as dist
+
+    rank, world = _distributed()
+    device = _device(cfg, rank)
+    out = Path(cfg.output_dir) if cfg.output_dir else None
+    if out is not None and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    net = build_model(cfg).to(device)
+    data = data or synth_pairs(cfg, cfg.seed + 1000 * rank)
+    val_set = [synth_pairs(cfg, cfg.seed + 10_000_000 + i).sample(1) for i in range(cfg.val_pairs)] \
+        if cfg.val_every > 0 and rank == 0 else []
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    mi = MutualInformation() if cfg.similarity == "mi" else None
+    result = TrainResult(step=0, losses=[])
+    ckpt = out / CHECKPOINT if out is not None else None
+    if resume and ckpt is not None and ckpt.is_file():
+        try:
+            blob = torch.load(ckpt, map_location=device, weights_only=True)
+            net.load_state_dict(blob["model"])
+            opt.load_state_dict(blob["optimizer"])
+        except (RuntimeError, KeyError, ValueError, OSError) as exc:
+            raise InputError(f"cannot resume from '{ckpt}': it is corrupt or was written by another recipe "
+                             f"({str(exc).splitlines()[0][:150]}). Use another output folder or do not resume.") from None
+        if scaler is not None and blob["scaler"]:
+            scaler.load_state_dict(blob["scaler"])
+        states = blob["data_states"]
+        if len(states) == world:
+            data.set_state(states[rank].cpu())
+        else:
+            logger.warning("checkpoint written by %d processes, now %d: data streams restart", len(states), world)
+        result = TrainResult(int(blob["step"]), list(blob["losses"]), list(blob["validation"]),
+                             float(blob["best_metric"]), int(blob["best_step"]), seconds=float(blob["seconds"]))
+        logger.info("resumed from %s at step %d", ckpt, result.step)
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    prog = Progress(progress if rank == 0 else None)
+    start = time.perf_counter() - result.seconds
+
+    def checkpoint() -> None:
+        states = [data.state()]
+        if world > 1:
+            states = [torch.empty_like(states[0]) for _ in range(world)]
+            dist.all_gather(states, data.state())
+        result.seconds = time.perf_counter() - start
+        if rank == 0 and ckpt is not None:
+            _save_checkpoint(ckpt, net, opt, scaler, states, result, cfg)
+
+    while result.step < cfg.steps:
+        batch = _to(data.sample(cfg.batch_size), device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            loss = training_loss(cfg, model, batch, mi)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+        result.step += 1
+        result.losses.append(float(loss.detach()))
+        if val_set and result.step % cfg.val_every == 0:
+            metrics = dict(validate(net, val_set), step=result.step)
+            result.validation.append(metrics)
+            logger.info("step %d validation: %s", result.step, metrics)
+            if not metrics["dice"] <= result.best_metric:  # also true when best is NaN
+                result.best_metric, result.best_step = metrics["dice"], result.step
+                if out is not None:
+                    result.seconds = time.perf_counter() - start
+                    result.best_model_path = model_files.save_model(
+                        net, out / f"{cfg.model_name}-best", _card(cfg, result, world, device, metrics))
+        if cfg.checkpoint_every > 0 and result.step % cfg.checkpoint_every == 0:
+            checkpoint()
+        stop = torch.zeros(1)
+        try:
+            prog(result.step / cfg.steps, f"step {result.step}/{cfg.steps}, loss {result.losses[-1]:.4f}")
+        except Cancelled:
+            stop += 1
+        if world > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item() > 0:
+            checkpoint()
+            raise Cancelled(f"Training cancelled at step {result.step}; resume from the checkpoint to continue.")
+    result.seconds = time.perf_counter() - start
+    if out is not None:
+        checkpoint()
+        result.checkpoint_path = ckpt
+        if rank == 0:
+            metrics = result.validation[-1] if result.validation else {}
+            result.model_path = model_files.save_model(net, out / cfg.model_name, _card(cfg, result, world, device, metrics))
+            best = out / f"{cfg.model_name}-best.json"
+            result.best_model_path = best if result.best_step > 0 and best.is_file() else None
+    result.model = net.eval()
+    return result

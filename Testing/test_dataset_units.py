@@ -1,0 +1,159 @@
+"""DatasetBuilder pure logic: splits, pairs, label table, pseudonyms, PHI scan, augmentation, HDF5 times."""
+from __future__ import annotations
+
+import gzip
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "DatasetBuilder") not in sys.path:
+    sys.path.insert(0, str(ROOT / "DatasetBuilder"))
+
+from DatasetBuilderLib import deid  # noqa: E402
+from DatasetBuilderLib.augment import AugmentOptions, augment_case, jacobian_determinant  # noqa: E402
+from DatasetBuilderLib.hdf5_times import lookup3, zero_object_header_times  # noqa: E402
+from DatasetBuilderLib.labels import LabelTable  # noqa: E402
+from DatasetBuilderLib.pairs import CaseRef, check_no_cross_split, make_pairs  # noqa: E402
+from DatasetBuilderLib.splits import assign_splits  # noqa: E402
+from DeepRegistrationLib.grid import Grid  # noqa: E402
+from DeepRegistrationLib.io import read_label_image  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------ splits
+@pytest.mark.parametrize("n, expected", [(10, (7, 1, 2)), (100, (70, 10, 20)), (3, (2, 0, 1))])
+def test_splits_follow_the_ratios(n, expected):
+    subjects = [f"S{i:03d}" for i in range(n)]
+    splits = assign_splits(subjects, seed=1)
+    assert tuple(sum(v == s for v in splits.values()) for s in ("train", "val", "test")) == expected
+    assert assign_splits(list(reversed(subjects)), seed=1) == splits  # order of the inputs does not matter
+    assert assign_splits(subjects, seed=2) != splits or n <= 3
+
+
+def test_splits_are_stable_under_additions():
+    first = assign_splits([f"S{i}" for i in range(20)], seed=0)
+    grown = assign_splits([f"S{i}" for i in range(50)], seed=0, existing=first)
+    assert all(grown[s] == first[s] for s in first)
+    counts = [sum(v == s for v in grown.values()) for s in ("train", "val", "test")]
+    assert counts == [35, 5, 10]
+    with pytest.raises(ValueError):
+        assign_splits(["a"], ratios=(1, -1, 0))
+
+
+# ------------------------------------------------------------------------------------------------ pairs
+def _cases():
+    return [CaseRef(f"c{s}{t}", f"s{s}", "train" if s < 4 else ("val" if s == 4 else "test"), str(t))
+            for s in range(7) for t in range(2)]
+
+
+def test_pairs_stay_within_splits_for_every_strategy():
+    cases = _cases()
+    split_of = {c.key: c.split for c in cases}
+    subject_of = {c.key: c.subject for c in cases}
+    intra = make_pairs(cases, "intra")
+    assert len(intra) == 14 and all(subject_of[a] == subject_of[b] for a, b in intra)
+    inter = make_pairs(cases, "inter")
+    assert len(inter) == (8 * 7 - 4 * 2) + 0 + (4 * 3 - 2 * 2)  # ordered pairs across subjects: train, val, test
+    assert all(subject_of[a] != subject_of[b] and split_of[a] == split_of[b] for a, b in inter)
+    bounded = make_pairs(cases, "inter", max_pairs_per_split=5, seed=1)
+    assert bounded == make_pairs(cases, "inter", max_pairs_per_split=5, seed=1)
+    assert sum(split_of[a] == "train" for a, _ in bounded) == 5
+    atlas = make_pairs(cases, "atlas", atlas_key="c00")
+    assert len(atlas) == 7 and all(a == "c00" and split_of[b] == "train" for a, b in atlas)
+    with pytest.raises(ValueError, match="cross"):
+        check_no_cross_split([("c00", "c50")], split_of)
+
+
+# ------------------------------------------------------------------------------------------------ labels
+def test_label_table_synonyms_and_unmatched_names():
+    table = LabelTable.create(["Hippocampus_L", "Hippocampus_R"], {"left hippocampus": "Hippocampus_L"})
+    table.observe(["Left_Hippocampus", "hippocampus-r", "Tumour of J. Smith"])
+    assert table.id_of("LEFT hippocampus ") == 1 and table.id_of("Hippocampus_R") == 2
+    assert table.id_of("Tumour of J. Smith") == 0 and table.unmatched == {"Tumour of J. Smith": 1}
+    open_table = LabelTable.create(None, {"lh": "Liver"})
+    open_table.observe(["Spleen", "lh", "Liver", "Kidney"])
+    open_table.finalize()
+    assert open_table.as_json() == {"0": "background", "1": "Kidney", "2": "Liver", "3": "Spleen"}
+
+
+# ------------------------------------------------------------------------------------------------ de-identification
+def test_pseudonyms_are_keyed_and_stable(tmp_path):
+    key = deid.load_or_create_key(tmp_path / "k.hex")
+    assert deid.load_or_create_key(tmp_path / "k.hex") == key
+    assert deid.pseudonym(key, "PID-1") == deid.pseudonym(key, " PID-1 ") != deid.pseudonym(key, "PID-2")
+    assert deid.pseudonym(b"x" * 32, "PID-1") != deid.pseudonym(key, "PID-1")
+    assert "PID" not in deid.pseudonym(key, "PID-1")
+
+
+def test_phi_scan_finds_strings_in_compressed_files_and_respects_number_boundaries(tmp_path):
+    phi = deid.PhiStrings()
+    phi.add("Doe^Jane", "DICOM.PatientName")
+    phi.add("20190312", "DICOM.StudyDate")
+    phi.add("M", "too short")
+    (tmp_path / "a.txt").write_text("value 120190312.5 and 0.20190312")  # inside longer numbers: no hit
+    (tmp_path / "b.nii.gz").write_bytes(gzip.compress(b"header ... jane ..."))
+    (tmp_path / "c.csv").write_text("date,20190312\n")
+    hits = deid.scan_for_phi(tmp_path, phi)
+    assert sorted((h.file, h.value) for h in hits) == [("b.nii.gz", "Jane"), ("c.csv", "20190312")]
+    assert "M" not in phi.values
+
+
+def test_nifti_scrub_and_deterministic_gzip(tmp_path, sample_dir):
+    img = sitk.ReadImage(str(sample_dir / "fixed_labels.nii.gz"))
+    p = tmp_path / "x.nii"
+    sitk.WriteImage(img, str(p))
+    raw = bytearray(p.read_bytes())
+    raw[148:160] = b"Doe^Jane 123"
+    clean = deid.scrub_nifti_bytes(bytes(raw))
+    assert b"Doe" not in clean[:352] and clean[352:] == bytes(raw[352:])
+    z = deid.deterministic_gzip(clean)
+    assert z == deid.deterministic_gzip(clean) and gzip.decompress(z) == clean and not z[3] & 0x08
+
+
+# ------------------------------------------------------------------------------------------------ augmentation
+def test_jacobian_of_a_known_affine_and_a_known_field():
+    grid = Grid((12, 14, 16), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    a = np.diag([1.2, 0.9, 1.1, 1.0])
+    np.testing.assert_allclose(jacobian_determinant(a, None, grid), np.prod([1.2, 0.9, 1.1]))
+    x = grid.world_points()
+    u = np.stack([0.1 * x[..., 0], np.zeros(grid.shape), -0.2 * x[..., 2]])  # u = (0.1 x, 0, -0.2 z)
+    np.testing.assert_allclose(jacobian_determinant(np.eye(4), u, grid), 1.1 * 0.8, rtol=1e-9)
+
+
+def test_augmentation_rejects_implausible_fields_and_keeps_labels_exact(sample_dir):
+    from DeepRegistrationLib.io import read_image
+
+    image = read_image(sample_dir / "fixed.nii.gz")
+    labels = read_label_image(sample_dir / "fixed_labels.nii.gz").array
+    strict = AugmentOptions(svf_max_mm=6.0, min_det=0.99, max_det=1.01, max_tries=2)
+    assert augment_case(np.random.default_rng(0), image, labels, None, None, [], strict) is None
+    rng = np.random.default_rng(1)
+    aug = augment_case(rng, image, labels, None, None, [], AugmentOptions(svf_max_mm=3.0))
+    assert aug is not None and aug.rejected >= 0 and 0.5 <= aug.det_range[0] < 1 < aug.det_range[1] <= 2
+    ref = sitk.GetImageFromArray(labels)
+    image.grid.apply_to_sitk(ref)
+    expected = sitk.GetArrayFromImage(sitk.Resample(ref, ref, aug.transform, sitk.sitkNearestNeighbor, 0))
+    np.testing.assert_array_equal(aug.labels, expected)
+    assert {"gamma", "noise_std", "bias_log_amplitude"} <= set(aug.params)
+
+
+# ------------------------------------------------------------------------------------------------ HDF5
+def test_lookup3_reference_values_and_reproducible_h5(tmp_path):
+    assert lookup3(b"") == 0xDEADBEEF
+    assert lookup3(b"Four score and seven years ago") == 0x17770551  # lookup3.c driver5
+    assert lookup3(b"Four score and seven years ago", 1) == 0xCD628161
+    t = sitk.Euler3DTransform((1, 2, 3), 0.1, 0.2, 0.3, (4, 5, 6))
+    blobs = []
+    for n in range(2):
+        time.sleep(1.1 * n)  # HDF5 time stamps have a resolution of one second
+        sitk.WriteTransform(t, str(tmp_path / f"{n}.h5"))
+        blobs.append(zero_object_header_times((tmp_path / f"{n}.h5").read_bytes()))
+    assert (tmp_path / "0.h5").read_bytes() != (tmp_path / "1.h5").read_bytes()
+    assert blobs[0][1] > 0 and blobs[0][0] == blobs[1][0]
+    (tmp_path / "z.h5").write_bytes(blobs[0][0])
+    back = sitk.ReadTransform(str(tmp_path / "z.h5"))
+    np.testing.assert_allclose(back.TransformPoint((1, 1, 1)), t.TransformPoint((1, 1, 1)))

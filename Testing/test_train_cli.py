@@ -1,0 +1,45 @@
+"""The learned engine's commands (``train``, ``models list``, ``evaluate``) through argparse, as cli.py will wire them."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from DeepRegistrationLib import registry, train_cli
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="deepregistration")
+    sub = parser.add_subparsers(dest="command")
+    train_cli.add_subparsers(sub)
+    return parser.parse_args(argv)
+
+
+def test_train_install_list_and_evaluate(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(registry.ENV_MODELS_DIR, str(tmp_path / "models"))
+    args = parse(["train", "--name", "cli-tiny", "-o", str(tmp_path / "run"), "--steps", "3", "--shape", "16", "16",
+                  "16", "--num-labels", "4", "--val-every", "2", "--val-pairs", "1", "--install"])
+    assert train_cli.run(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == 3 and (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert (tmp_path / "models" / "cli-tiny.json").is_file()
+
+    assert train_cli.run(parse(["models", "list", "--json"])) == 0
+    listed = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
+    assert listed["cli-tiny"]["ok"] and listed["cli-tiny"]["source"] == "user"
+
+    assert train_cli.run(parse(["evaluate", "--model", "cli-tiny", "--synthetic", "2",
+                                "--json", str(tmp_path / "e.json")])) == 0
+    capsys.readouterr()
+    scores = json.loads((tmp_path / "e.json").read_text())["synthetic"]
+    assert 0 <= scores["dice"] <= 1 and 0 <= scores["dice_identity"] <= 1
+    assert train_cli.run(parse(["evaluate", "--model", "cli-tiny"])) == 2
+
+
+def test_unknown_model_is_an_input_error(tmp_path, monkeypatch):
+    from DeepRegistrationLib.errors import InputError
+
+    monkeypatch.setenv(registry.ENV_MODELS_DIR, str(tmp_path))
+    with pytest.raises(InputError, match="unknown model"):
+        train_cli.run(parse(["evaluate", "--model", "nothing-here", "--synthetic", "1"]))
