@@ -208,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deepregistration: interrupted; nothing was written.", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        extra = {"slicer": "dataset", "vtk": "dataset", "pydicom": "dataset"}.get((exc.name or "").split(".")[0])
+        hint = f"pip install 'deepregistration[{extra}]'" if extra else f"pip install {exc.name}"
+        print(f"deepregistration: error: this command needs the Python package '{exc.name}', which is not "
+              f"installed. Install it ({hint}) and run again.", file=sys.stderr)
+        return 2
     except MemoryError:
         print("deepregistration: error: out of memory; use a coarser --spacing (e.g. 3) or --device cuda.",
               file=sys.stderr)
