@@ -34,3 +34,14 @@ def brain(sample_dir):
 def brain_mask(image, threshold: float = 0.1) -> np.ndarray:
     """Voxels of a brain image brighter than ``threshold`` × its 99th percentile."""
     return image.array > threshold * np.percentile(image.array, 99)
+
+
+def random_smooth_field(shape, rng: np.random.Generator, max_mm: float) -> np.ndarray:
+    """A random smooth displacement ``(3, *shape)`` in mm (Gaussian-smoothed noise, σ = 3 voxels) whose
+    largest component is ``max_mm``."""
+    import SimpleITK as sitk
+
+    comps = [sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(rng.normal(size=shape)),
+                                                                      3.0)) for _ in range(3)]
+    field = np.stack(comps)
+    return field * (max_mm / np.abs(field).max())

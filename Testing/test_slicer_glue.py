@@ -18,6 +18,7 @@ from DeepRegistrationLib.grid import Grid  # noqa: E402
 from DeepRegistrationLib.transforms import SpatialTransform  # noqa: E402
 from DeepRegistrationSlicerLib import nodes as N  # noqa: E402
 from DeepRegistrationSlicerLib import run as R  # noqa: E402
+from conftest import random_smooth_field  # noqa: E402
 
 C = np.diag([-1.0, -1.0, 1.0])
 OBLIQUE = (0.9362934, -0.2896295, 0.1986693, 0.3129918, 0.9447025, -0.0978434, -0.1593451, 0.1537912, 0.9751703)
@@ -159,13 +160,6 @@ def test_markups_round_trip_lps():
 
 
 # ------------------------------------------------------------------------------------------------ transforms
-def _smooth_field(shape, rng, max_mm):
-    comps = [sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(rng.normal(size=shape)),
-                                                                      3.0)) for _ in range(3)]
-    field = np.stack(comps)
-    return field * (max_mm / np.abs(field).max())
-
-
 @pytest.mark.parametrize("direction", [(-1, 0, 0, 0, -1, 0, 0, 0, 1), OBLIQUE], ids=["ras", "oblique"])
 def test_grid_transform_node_maps_like_engine_and_simpleitk(tmp_path, direction):
     scene = make_scene()
@@ -174,7 +168,7 @@ def test_grid_transform_node_maps_like_engine_and_simpleitk(tmp_path, direction)
     affine = np.eye(4)
     affine[:3, :3] += rng.normal(0, 0.05, (3, 3))
     affine[:3, 3] = rng.normal(0, 5, 3)
-    ours = SpatialTransform(affine, _smooth_field(grid.shape, rng, 4.0), grid)
+    ours = SpatialTransform(affine, random_smooth_field(grid.shape, rng, 4.0), grid)
     h5 = tmp_path / "engine.h5"
     sitk.WriteTransform(ours.to_sitk(), str(h5))
 

@@ -11,20 +11,12 @@ import SimpleITK as sitk
 
 from DeepRegistrationLib.grid import Grid
 from DeepRegistrationLib.transforms import SpatialTransform
+from conftest import random_smooth_field  # noqa: E402
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (test extra) not installed")
 
 C = np.diag([-1.0, -1.0, 1.0])
 OBLIQUE = (0.9362934, -0.2896295, 0.1986693, 0.3129918, 0.9447025, -0.0978434, -0.1593451, 0.1537912, 0.9751703)
-
-
-def _smooth_field(shape, rng, max_mm: float) -> np.ndarray:
-    comps = []
-    for _ in range(3):
-        noise = sitk.GetImageFromArray(rng.normal(0.0, 1.0, shape))
-        comps.append(sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(noise, 3.0)))
-    field = np.stack(comps)
-    return field * (max_mm / np.abs(field).max())
 
 
 def _set_linear(transform) -> None:
@@ -44,7 +36,7 @@ def test_mrml_reads_our_h5_like_simpleitk(tmp_path, direction):
     affine = np.eye(4)
     affine[:3, :3] += rng.normal(0, 0.05, (3, 3))
     affine[:3, 3] = rng.normal(0, 5, 3)
-    ours = SpatialTransform(affine, _smooth_field(grid.shape, rng, 4.0), grid)
+    ours = SpatialTransform(affine, random_smooth_field(grid.shape, rng, 4.0), grid)
     path = tmp_path / "transform.h5"
     sitk.WriteTransform(ours.to_sitk(), str(path))
 
