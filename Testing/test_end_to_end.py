@@ -109,3 +109,4 @@ def test_overwrite_replaces_only_when_complete(tmp_path, sample_dir):
     assert code == 0
     assert not (out / "old.txt").exists() and (out / "transform.h5").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+

@@ -242,6 +242,21 @@ def _initial_affine(cfg: RegistrationConfig, fw: WorkingImage, mw: WorkingImage)
     return a
 
 
+def _padded_field(u: np.ndarray | None, grid: Grid) -> tuple[np.ndarray | None, Grid | None]:
+    """The field extended by one voxel on every side (edge values repeated), on the matching grid.
+
+    ITK (and our ``warp.sample_field``) give zero displacement beyond half a voxel outside a field's grid.
+    The working grid's outermost voxel centres can lie inside the fixed image's outermost voxels, so
+    without this margin the exported transform would jump from ``u`` to 0 in the fixed image's border
+    layer (measured: 0.17 % "folded" border voxels on a 1 mm brain pair).
+    """
+    if u is None:
+        return None, None
+    padded = np.pad(u, ((0, 0), (1, 1), (1, 1), (1, 1)), mode="edge")
+    origin = np.asarray(grid.origin) - grid.direction_matrix @ np.asarray(grid.spacing)
+    return padded, Grid(tuple(n + 2 for n in grid.shape), grid.spacing, tuple(origin), grid.direction)
+
+
 def register(fixed: Image, moving: Image, config: RegistrationConfig | None = None, *,
              fixed_mask: Image | None = None, moving_mask: Image | None = None,
              initial_affine: np.ndarray | None = None, predictor: FieldPredictor | None = None,
@@ -351,7 +366,7 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
     else:
         detj = np.full(fw.grid.shape, float(np.linalg.det(a_np[:3, :3])))
     result = RegistrationResult(
-        transform=SpatialTransform(a_np, u_np, fw.grid if u_np is not None else None),
+        transform=SpatialTransform(a_np, *_padded_field(u_np, fw.grid)),
         working_grid=fw.grid, similarity_before=sim_before, similarity_after=sim_after,
         ncc_before=ncc_before, ncc_after=ncc_after, jacobian=detj.astype(np.float32),
         folding_percent=float(metrics.folding_percent(detj)), sdlogj=metrics.sdlogj(detj),
