@@ -116,11 +116,16 @@ class _Level:
         norm = W.world_to_normalized(mapped, self.mgrid)
         out = torch.nn.functional.grid_sample(self.moving, norm, mode="bilinear", padding_mode="zeros",
                                               align_corners=True)
+        return out[:, :1], self._valid(out, norm, fov)
+
+    @staticmethod
+    def _valid(out: torch.Tensor, norm: torch.Tensor, fov: bool) -> torch.Tensor | None:
+        """The ``valid`` mask of :meth:`warp` from the sampled channels and the normalized points."""
         valid = (norm.detach().abs() <= 1.0).all(dim=-1).unsqueeze(1) if fov else None
         if out.shape[1] > 1:
             inside = out[:, 1:2].detach() > 0.5
             valid = inside if valid is None else valid & inside
-        return out[:, :1], valid
+        return valid
 
 
 class _Best:
@@ -227,9 +232,12 @@ def _optimize_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters:
 def _evaluate(lv: _Level, affine: torch.Tensor, u: torch.Tensor | None, sim: Similarity) -> tuple[float, float]:
     with torch.no_grad():
         pts = lv.pts if u is None else lv.pts + torch.movedim(u, 1, -1)
-        warped, valid = lv.warp(W.apply_affine(pts, affine), sim.uses_fov)
-        loss = float(sim(lv.fixed, warped, valid, lv.fmask))
-        _, inside = lv.warp(W.apply_affine(pts, affine), True)
+        norm = W.world_to_normalized(W.apply_affine(pts, affine), lv.mgrid)
+        out = torch.nn.functional.grid_sample(lv.moving, norm, mode="bilinear", padding_mode="zeros",
+                                              align_corners=True)
+        warped = out[:, :1]
+        loss = float(sim(lv.fixed, warped, lv._valid(out, norm, sim.uses_fov), lv.fmask))
+        inside = lv._valid(out, norm, True)  # the NCC summary always counts only samples inside the view
         return loss, global_ncc(lv.fixed, warped, inside if lv.fmask is None else inside & lv.fmask)
 
 
