@@ -65,9 +65,7 @@ def parentToWorldMatrix(node) -> np.ndarray:
     if not parent.IsTransformToWorldLinear():
         raise InputError(f"'{node.GetName()}' is under the non-linear transform '{parent.GetName()}'. Harden the "
                          "transform on it (Data module, right-click > Harden transform) or remove it, then run again.")
-    m = vtk.vtkMatrix4x4()
-    parent.GetMatrixTransformToWorld(m)
-    return arrayFromVtkMatrix(m)
+    return _matrixToWorld(parent)
 
 
 def transformNodeToWorldMatrix(transformNode) -> np.ndarray:
@@ -75,6 +73,11 @@ def transformNodeToWorldMatrix(transformNode) -> np.ndarray:
     if not transformNode.IsTransformToWorldLinear():
         raise InputError(f"the initial transform '{transformNode.GetName()}' is not linear. Use a linear (rigid or "
                          "affine) initial transform, or harden it on the moving volume first.")
+    return _matrixToWorld(transformNode)
+
+
+def _matrixToWorld(transformNode) -> np.ndarray:
+    """4×4 RAS matrix of a transform node that is linear to world."""
     m = vtk.vtkMatrix4x4()
     transformNode.GetMatrixTransformToWorld(m)
     return arrayFromVtkMatrix(m)
