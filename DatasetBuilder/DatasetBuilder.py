@@ -20,12 +20,15 @@ class DatasetBuilder(ScriptedLoadableModule):
         self.parent.contributors = ["The DeepRegistration authors"]
         self.parent.helpText = """
 Dataset Builder turns Slicer scenes (volumes with segmentations, masks and landmarks; subjects identified by
-their DICOM attributes in the subject hierarchy or by a CSV mapping) into de-identified training sets in the
-Learn2Reg layout (imagesTr/labelsTr/masksTr/keypointsTr, a dataset.json, a manifest and a report) for training
-registration models in the Deep Registration module. Subjects get keyed pseudonyms (keep the key file outside
-the dataset), splits are subject-grouped and stable, every output byte is scanned for identifying text.
+their DICOM attributes in the subject hierarchy or by a CSV mapping) and DICOM series folders into
+de-identified training sets in the Learn2Reg layout (imagesTr/labelsTr/masksTr/keypointsTr, a dataset.json,
+a manifest and a report with thumbnails) for training registration models in the Deep Registration module.
+Subjects get keyed pseudonyms (keep the key file outside the dataset); DICOM headers go through the PS3.15
+Annex E basic profile; study dates are removed or shifted per subject; segments are matched to one label
+table by terminology code, then name; splits are subject-grouped and stable; every output byte is scanned
+for identifying text. Optional algorithmic ground truth per pair (the engine or ANTs SyN).
 <br><br>
-Not in this version: DICOM folders as input, face removal, thumbnails, classical-registration ground truth.
+Not in this version: face removal (the report warns about head images).
 The build runs in a background PythonSlicer process (Cancel stops it; building again resumes).
 <br><br>
 <b>Intended use:</b> research use only, not for clinical decisions.
@@ -69,6 +72,18 @@ class DatasetBuilderWidget(ScriptedLoadableModuleWidget):
         self.augmentBox = qt.QSpinBox()
         self.augmentBox.setRange(0, 20)
         form.addRow("Augmented copies per case:", self.augmentBox)
+        self.subjectsEdit = ctk.ctkPathLineEdit()
+        self.subjectsEdit.nameFilters = ["CSV (*.csv)"]
+        self.subjectsEdit.toolTip = "Optional CSV scene,subject[,session] for scenes without DICOM identity."
+        form.addRow("Subjects CSV:", self.subjectsEdit)
+        self.datesBox = qt.QComboBox()
+        self.datesBox.addItems(["remove", "shift"])
+        self.datesBox.toolTip = "Study dates: write none, or shift them per subject (keeps intervals)."
+        form.addRow("Study dates:", self.datesBox)
+        self.classicalBox = qt.QComboBox()
+        self.classicalBox.addItems(["none", "engine", "ants"])
+        self.classicalBox.toolTip = "Algorithmic ground truth per pair (slow): the engine, or ANTs SyN (antspyx)."
+        form.addRow("Classical ground truth:", self.classicalBox)
         self.buildButton = qt.QPushButton("Build")
         self.cancelButton = qt.QPushButton("Cancel")
         self.cancelButton.enabled = False
@@ -92,10 +107,13 @@ class DatasetBuilderWidget(ScriptedLoadableModuleWidget):
         import qt
 
         with slicer.util.tryWithErrorDisplay("Could not start the dataset build.", waitCursor=True):
+            self.logic.ensurePythonPackages()
             ratios = [float(v) for v in self.splitEdit.text.split(",")]
             self.process, self._tmp = self.logic.startBuild(
                 self.inputEdit.currentPath or None, self.outputEdit.currentPath, self.keyEdit.currentPath,
-                pairing=self.pairingBox.currentText, splitRatios=ratios, augmentPerCase=self.augmentBox.value)
+                pairing=self.pairingBox.currentText, splitRatios=ratios, augmentPerCase=self.augmentBox.value,
+                subjectsCsv=self.subjectsEdit.currentPath or None, dates=self.datesBox.currentText,
+                classical=self.classicalBox.currentText)
             self.buildButton.enabled, self.cancelButton.enabled = False, True
             self.timer = qt.QTimer()
             self.timer.setInterval(200)
@@ -139,6 +157,26 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
 
     implemented = True
 
+    def ensurePythonPackages(self) -> None:
+        """The engine's packages (through the Deep Registration module: PyTorch extension, monai, ...) and
+        this module's ``Resources/requirements.txt`` (dicom-anonymizer, for DICOM input), after asking."""
+        slicer.util.getModuleLogic("DeepRegistration").ensurePythonPackages()
+        requirements = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
+        try:
+            from slicer import packaging as slicerPackaging
+        except ImportError:  # Slicer < 5.12
+            slicerPackaging = None
+        if slicerPackaging is not None:
+            slicerPackaging.pip_ensure(slicerPackaging.load_requirements(requirements), requester="DatasetBuilder")
+            return
+        import importlib.util
+
+        if importlib.util.find_spec("dicomanonymizer") is None:
+            if not slicer.util.confirmOkCancelDisplay("Dataset Builder needs the Python package dicom-anonymizer "
+                                                      "(DICOM de-identification). Install it now?"):
+                raise RuntimeError("dicom-anonymizer was not installed.")
+            slicer.util.pip_install("dicom-anonymizer>=2.1,<3")
+
     def build(self, scenesFolder, outDir, keyFile, progress=None, **options):
         """Builds a dataset from a folder of scenes, or from the current scene when ``scenesFolder`` is None.
 
@@ -164,10 +202,11 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
         return path
 
     def startBuild(self, scenesFolder, outDir, keyFile, pairing="intra", splitRatios=(0.7, 0.1, 0.2),
-                   augmentPerCase=0):
+                   augmentPerCase=0, subjectsCsv=None, dates="remove", classical="none"):
         """Starts ``dataset build`` in a PythonSlicer child process; returns (BuildProcess, temp folder or None).
 
         The current scene (when no folder is given) is saved to a temporary .mrb the caller cleans up.
+        ``classical``: ``none``, ``engine`` or ``ants`` (algorithmic ground truth per pair).
         """
         from DatasetBuilderLib.background import BuildProcess
         from DeepRegistrationSlicerLib.run import pythonExecutable
@@ -179,7 +218,12 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
             tmp = tempfile.TemporaryDirectory()
             scenesFolder = self._saveCurrentScene(tmp.name)
         args = [scenesFolder, "-o", outDir, "--key", keyFile, "--pairing", pairing,
-                "--split", ",".join(str(r) for r in splitRatios), "--augment", str(int(augmentPerCase))]
+                "--split", ",".join(str(r) for r in splitRatios), "--augment", str(int(augmentPerCase)),
+                "--dates", dates]
+        if subjectsCsv:
+            args += ["--subjects", subjectsCsv]
+        if classical != "none":
+            args += ["--classical", "--classical-method", classical]
         return BuildProcess(args, python=pythonExecutable()), tmp
 
 

@@ -25,6 +25,7 @@ if str(ROOT / "DatasetBuilder") not in sys.path:
     sys.path.insert(0, str(ROOT / "DatasetBuilder"))
 
 from DatasetBuilderLib import build as B  # noqa: E402
+from DatasetBuilderLib.classical import ClassicalOptions  # noqa: E402
 from DatasetBuilderLib.scenes import make_scene  # noqa: E402
 from DatasetBuilderLib.writer import NotOurDatasetError  # noqa: E402
 from DeepRegistrationSlicerLib import nodes as N  # noqa: E402
@@ -32,6 +33,8 @@ from DeepRegistrationSlicerLib import nodes as N  # noqa: E402
 SEGMENTS = ("Left Hemisphere", "right_hemisphere", "Cerebellum")
 TABLE = ["Hemisphere_L", "Hemisphere_R", "Cerebellum"]
 SYNONYMS = {"left hemisphere": "Hemisphere_L", "right hemisphere": "Hemisphere_R"}
+CEREBELLUM_TERMINOLOGY = ("Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical "
+                          "Structure~SCT^113305005^Cerebellum~^^~Anatomic codes - DICOM master list~^^~^^")
 
 
 def subject_phi(n: int) -> dict[str, str]:
@@ -80,6 +83,9 @@ def make_subject_scene(sample: Path, folder: Path, n: int, session: int, fmt: st
     s = seg.GetSegmentation()
     for i in range(s.GetNumberOfSegments()):
         s.GetNthSegment(i).SetName(names[i])
+    if n == 2:  # named in another language but coded: the terminology, not the name, finds its label
+        s.GetNthSegment(2).SetName("Kleinhirn")
+        s.GetNthSegment(2).SetTerminology(CEREBELLUM_TERMINOLOGY)
     if n % 2:  # an extra segment whose name identifies the subject (not in the label table)
         s.AddEmptySegment("extra", names[3])
     lm = N.lpsPointsToMarkups(np.loadtxt(sample / f"{image}_landmarks.csv", delimiter=",", skiprows=2,
@@ -194,11 +200,14 @@ def test_build_is_complete_and_free_of_injected_identifiers(built):
 
 def test_labels_masks_keypoints_match_the_scene(built, sample_dir):
     folder, out, result, injected, meta = built
-    entry = next(e for e in meta["training"] + meta["test"] if "augmented_from" not in e)
+    originals = [e for e in meta["training"] + meta["test"] if "augmented_from" not in e]
+    for e in originals:  # every case has all three labels (subject 2's cerebellum matched by terminology)
+        assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / e["label"]))))) == {0, 1, 2, 3}
+    assert result.manifest["parameters"]["label_names"] == TABLE
+    entry = originals[0]
     image = sitk.ReadImage(str(out / entry["image"]))
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / entry["label"])))
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / entry["mask"])))
-    assert set(np.unique(labels)) == {0, 1, 2, 3}
     np.testing.assert_array_equal(mask > 0, labels > 0)
     lps = np.loadtxt(out / entry["keypoints_lps"], delimiter=",", skiprows=1, usecols=(1, 2, 3))
     vox = np.loadtxt(out / entry["keypoints"], delimiter=",")
@@ -424,9 +433,27 @@ def test_dicom_series_folders_with_real_headers(scenes):
         ds.save_as(target / "IM0001.dcm")
     strings = sorted(s for s in strings if len(s) >= 4)
     out = folder / "dicom_out"
-    result = B.build_dataset([root], out, options(folder, augment_per_case=0, label_names=None))
+    result = B.build_dataset([root], out, options(folder, augment_per_case=0, label_names=None, dates="shift"))
     meta = json.loads((out / "DREG_dataset.json").read_text())
     assert result.cases_total == 3 and not result.skipped and not result.phi_hits
+    # PS3.15 basic profile: the header summary keeps acquisition parameters, no identity, no UID, no private tag
+    entries = meta["training"] + meta["test"]
+    for e in entries:
+        header = json.loads((out / e["dicom_header"]).read_text())
+        assert header["Modality"] == e["modality"] and "SliceThickness" in header and "PixelSpacing" in header
+        assert not {"PatientName", "PatientID", "PatientBirthDate", "StudyDate", "InstitutionName",
+                    "InstitutionAddress", "StudyInstanceUID", "SOPInstanceUID", "AccessionNumber"} & set(header)
+        assert not any(k.startswith("(0041") for k in header)
+    mr = next(e for e in entries if e["modality"] == "MR")
+    assert json.loads((out / mr["dicom_header"]).read_text())["RepetitionTime"] == "4000.0000"
+    # dates shifted per subject: no real date written, the interval between the MR sessions kept
+    mr_dates = sorted(e["study_date"] for e in entries if e["modality"] == "MR")
+    assert len(mr_dates) == 2 and all(d.count("-") == 2 for d in mr_dates)
+    pairs = meta["training_paired_images"] + meta["registration_val"] + meta["registration_test"]
+    intervals = sorted(abs(p["interval_days"]) for p in pairs)
+    first = pydicom.valuerep.DA(str(pydicom.dcmread(get_testdata_file("MR_small.dcm")).StudyDate))
+    assert intervals == [abs((pydicom.valuerep.DA("20050117") - first).days)] * 2
+    assert not any(d.replace("-", "") in (str(first).replace("-", ""), "20050117") for d in mr_dates)
     assert sorted(meta["modality"].values()) == ["CT", "MR"]
     assert len({e["subject"] for e in meta["training"] + meta["test"]}) == 2
     assert len(meta["training_paired_images"]) + len(meta["registration_val"]) + len(meta["registration_test"]) == 2
@@ -482,19 +509,25 @@ def test_build_killed_in_a_child_process_resumes_to_the_same_manifest(built):
     assert json.loads((other / "manifest.json").read_text()) == result.manifest
 
 
-def test_classical_registration_ground_truth_is_flagged_and_improves_the_pair(scenes):
+@pytest.mark.parametrize("method", ["engine", "ants"])
+def test_classical_registration_ground_truth_is_flagged_and_improves_the_pair(scenes, method):
+    if method == "ants":
+        pytest.importorskip("ants", reason="antspyx (test extra) not installed")
     folder, injected = scenes
     inputs = sorted(p for p in (folder / "in").iterdir() if p.name.startswith("Quixley0"))
-    out = folder / "classical"
-    B.build_dataset(inputs, out, options(folder, augment_per_case=0, classical=True, split_ratios=(1, 0, 0)))
+    out = folder / f"classical_{method}"
+    B.build_dataset(inputs, out, options(folder, augment_per_case=0, classical=True, split_ratios=(1, 0, 0),
+                                         classical_options=ClassicalOptions(method=method)))
     meta = json.loads((out / "DREG_dataset.json").read_text())
     pairs = meta["training_paired_images"]
     assert len(pairs) == 2
     by_image = {e["image"]: e for e in meta["training"]}
     for pair in pairs:
         gold = next(g for g in pair["gold_standard"] if g["kind"] == "algorithmic")
+        assert ("ANTs" in gold["method"]) == (method == "ants") and gold["transform"].endswith(f"_{method}.h5")
         q = gold["quality"]
         assert q["ncc_after"] > q["ncc_before"] and q["dice_after"] > q["dice_before"] + 0.1, q
+        assert q["folding_percent"] < 0.05, q
         # the stored .h5 brings the moving landmarks onto the fixed ones better than no transform
         transform = sitk.ReadTransform(str(out / gold["transform"]))
         fk, mk = (np.loadtxt(out / by_image[pair[s]]["keypoints_lps"], delimiter=",", skiprows=1,

@@ -17,7 +17,7 @@ if str(ROOT / "DatasetBuilder") not in sys.path:
 from DatasetBuilderLib import deid  # noqa: E402
 from DatasetBuilderLib.augment import AugmentOptions, augment_case, jacobian_determinant  # noqa: E402
 from DatasetBuilderLib.hdf5_times import lookup3, zero_object_header_times  # noqa: E402
-from DatasetBuilderLib.labels import LabelTable  # noqa: E402
+from DatasetBuilderLib.labels import LabelTable, Term, parse_terminology  # noqa: E402
 from DatasetBuilderLib.pairs import CaseRef, check_no_cross_split, make_pairs  # noqa: E402
 from DatasetBuilderLib.splits import assign_splits  # noqa: E402
 from DeepRegistrationLib.grid import Grid  # noqa: E402
@@ -78,6 +78,36 @@ def test_label_table_synonyms_and_unmatched_names():
     open_table.observe(["Spleen", "lh", "Liver", "Kidney"])
     open_table.finalize()
     assert open_table.as_json() == {"0": "background", "1": "Kidney", "2": "Liver", "3": "Spleen"}
+
+
+SLICER_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+ANATOMY = "Anatomic codes - DICOM master list"
+
+
+def _entry(kind: str, modifier: str = "^^") -> str:
+    """A TerminologyEntry string as Slicer writes it (category, type, modifier, anatomic context, region)."""
+    return f"{SLICER_CONTEXT}~SCT^123037004^Anatomical Structure~{kind}~{modifier}~{ANATOMY}~^^~^^"
+
+
+def test_terminology_codes_match_segments_named_differently():
+    liver = parse_terminology(_entry("SCT^10200004^Liver"))
+    left_kidney = parse_terminology(_entry("SCT^64033007^Kidney", "SCT^7771000^Left"))
+    assert liver == Term("SCT^10200004", "Liver")
+    assert left_kidney == Term("SCT^64033007/SCT^7771000", "Kidney (Left)")
+    # Slicer's default entry ("Tissue") and malformed strings carry no meaning
+    assert parse_terminology(f"{SLICER_CONTEXT}~SCT^85756007^Tissue~SCT^85756007^Tissue~^^~{ANATOMY}~^^~^^") is None
+    assert parse_terminology("") is None and parse_terminology("garbage") is None
+    # open table: coded segments are labelled by their meaning whatever their names
+    table = LabelTable.create(None, None)
+    table.observe(["Leber", "liver_seg_final JS", "Niere li", "Spleen"], [liver, liver, left_kidney, None])
+    table.finalize()
+    assert table.as_json() == {"0": "background", "1": "Kidney (Left)", "2": "Liver", "3": "Spleen"}
+    assert table.id_of("Leber", liver) == table.id_of("liver_seg_final JS", liver) == 2
+    # fixed table: a code synonym, and a meaning equal to a table name, both match; the name alone does not
+    fixed = LabelTable.create(["LIVER", "Kidney_L"], {"SCT^64033007/SCT^7771000": "Kidney_L"})
+    fixed.observe(["Leber", "Niere li", "Niere li"], [liver, left_kidney, None])
+    assert fixed.id_of("Leber", liver) == 1 and fixed.id_of("Niere li", left_kidney) == 2
+    assert fixed.id_of("Niere li") == 0 and fixed.unmatched == {"Niere li": 1}
 
 
 # ------------------------------------------------------------------------------------------------ de-identification

@@ -9,6 +9,7 @@ PHI (a hit raises :class:`PhiFoundError` naming the files) and write the manifes
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ from DeepRegistrationLib.image import Image
 from . import BUILDER_VERSION
 from . import writer as W
 from .augment import AugmentOptions, augment_case
-from .classical import ClassicalOptions, register_pair
+from .classical import ClassicalOptions, check_available, register_pair
 from .deid import PhiStrings, load_or_create_key, pseudonym, scan_for_phi
 from .dicom_input import load_dicom_folder
 from .labels import LabelTable, normalize
@@ -61,8 +62,12 @@ class BuildOptions:
         augment_per_case: Augmented copies of each training case; augment: their ranges;
             augment_intensity: bias/gamma/noise on (geometry only when False).
         modality: Modality when the scene does not say.
-        classical: Also store an algorithmic ground truth per (non-augmented) pair from the engine's
-            registration (slow: one registration per pair); classical_options: its settings.
+        classical: Also store an algorithmic ground truth per (non-augmented) pair from a classical
+            registration (slow: one registration per pair); classical_options: its settings (method
+            ``engine``, or ``ants`` when antspyx is installed).
+        dates: ``remove`` (default: no date is written) or ``shift``: each case's study date is written
+            shifted by a per-subject offset of 1 to 11 years back (keyed hash, so stable across builds;
+            intervals between a subject's sessions are kept, and intra-subject pairs get ``interval_days``).
     """
 
     key_file: str
@@ -82,6 +87,11 @@ class BuildOptions:
     modality: str = "MR"
     classical: bool = False
     classical_options: ClassicalOptions = field(default_factory=ClassicalOptions)
+    dates: str = "remove"
+
+    def __post_init__(self) -> None:
+        if self.dates not in ("remove", "shift"):
+            raise ValueError(f"dates must be 'remove' or 'shift', not {self.dates!r}")
 
     def manifest_parameters(self) -> dict:
         d = asdict(self)
@@ -134,6 +144,8 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
     key_path = Path(options.key_file).resolve()
     if out == key_path.parent or out in key_path.parents:
         raise ValueError("the pseudonym key must live outside the output folder")
+    if options.classical:
+        check_available(options.classical_options)
     W.prepare_output(out, options.task)
     key = load_or_create_key(key_path)
     state = W.load_state(out)
@@ -146,14 +158,17 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
         _tick(progress, 0.3 * n / max(len(scenes), 1), f"reading scene {n + 1}/{len(scenes)}")
         tag = pseudonym(key, f"input:{path.name}", "input-", 8)
         try:
-            extra = PhiStrings()
+            extra, headers = PhiStrings(), {}
             if path.is_dir():  # a DICOM series folder
-                scene, extra = load_dicom_folder(path)
+                scene, extra, headers = load_dicom_folder(path)
             else:
                 scene = load_scene(path)
             cases, skipped = collect_cases(scene, str(path), mapping, options.modality, options.subject_from_file)
             for case in cases:
                 case.phi.update(extra)
+                case.header = headers.get(case.source.rsplit(":", 1)[-1])
+        except ImportError as exc:  # a missing optional package is the user's to fix, not a bad scene
+            raise ValueError(str(exc)) from exc
         except Exception as exc:  # an unreadable scene is skipped, with its reason
             logger.warning("skipping %s: %s", path, exc)
             result.skipped.append(Skipped(tag, f"scene could not be read ({type(exc).__name__})"))
@@ -185,7 +200,7 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
     # label table (existing IDs kept)
     table = LabelTable.create(options.label_names, options.label_synonyms)
     for c in originals:
-        table.observe(c.segment_names)
+        table.observe(c.segment_names, c.segment_terms)
     if not table.fixed:
         old = {k: int(v) for k, v in state["labels"].items()}
         new = sorted(set(table.ids) - set(old))
@@ -219,9 +234,14 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
     for n, c in enumerate(todo):
         _tick(progress, 0.3 + 0.6 * n / max(len(todo), 1), f"writing case {n + 1}/{len(todo)}")
         split = splits[c.subject]
+        extra = {}
+        if options.dates == "shift" and _parse_date(c.study_date) is not None:
+            extra["study_date"] = shifted_date(key, c.identity, c.study_date)
+        if c.header:
+            extra["dicom_header"] = {k: v for k, v in c.header.items() if not phi.occurs_in(json.dumps(v))}
         entry, wrote = _write_case(out, options.task, numbers[c.uid], mod_index[c.modality], c.subject, split,
                                    c.modality, c.image, _remap(c, table), c.mask, c.points,
-                                   [pseudonym(key, f"kp:{x}", "K", 8) for x in c.point_labels])
+                                   [pseudonym(key, f"kp:{x}", "K", 8) for x in c.point_labels], extra)
         entries[c.uid] = entry
         result.cases_written += wrote
         if split != "train":
@@ -278,17 +298,41 @@ def _remap(c, table: LabelTable) -> np.ndarray | None:
     if c.labels is None:
         return None
     lut = np.zeros(len(c.segment_names) + 1, np.int32)
-    for n, name in enumerate(c.segment_names, start=1):
-        lut[n] = table.id_of(name)
+    terms = c.segment_terms or [None] * len(c.segment_names)
+    for n, (name, term) in enumerate(zip(c.segment_names, terms), start=1):
+        lut[n] = table.id_of(name, term)
     return lut[c.labels]
 
 
+def _parse_date(text: str | None) -> datetime.date | None:
+    try:
+        return datetime.datetime.strptime(str(text).strip()[:8], "%Y%m%d").date()
+    except ValueError:
+        return None
+
+
+def shifted_date(key: bytes, identity: str, study_date: str) -> str:
+    """``study_date`` (DICOM ``YYYYMMDD``) moved back by the subject's keyed offset (365 to 4014 days), ISO."""
+    offset = 365 + int(pseudonym(key, f"dateshift:{identity}", "", 12), 16) % 3650
+    return (_parse_date(study_date) - datetime.timedelta(days=offset)).isoformat()
+
+
 def _write_case(out: Path, task: str, number: int, mod: int, subject: str, split: str, modality: str,
-                image: Image, labels, mask, points, point_ids: list[str]) -> tuple[dict, bool]:
-    """Writes one case unless its sidecar exists; returns its dataset entry and whether it was written."""
+                image: Image, labels, mask, points, point_ids: list[str], extra: dict | None = None
+                ) -> tuple[dict, bool]:
+    """Writes one case unless its sidecar exists; returns its dataset entry and whether it was written.
+
+    ``extra``: ``study_date`` (shifted) goes into the entry; ``dicom_header`` (de-identified summary) is
+    written to ``headers{Tr,Ts}/<name>.json`` and referenced from the entry.
+    """
+    extra = extra or {}
     name = W.case_name(task, number, mod)
     sfx = "Tr" if split in ("train", "val") else "Ts"
     entry = {"image": f"./images{sfx}/{name}.nii.gz", "subject": subject, "split": split, "modality": modality}
+    if "study_date" in extra:
+        entry["study_date"] = extra["study_date"]
+    if extra.get("dicom_header"):
+        entry["dicom_header"] = f"./headers{sfx}/{name}.json"
     if labels is not None:
         entry["label"] = f"./labels{sfx}/{name}.nii.gz"
     if mask is not None:
@@ -305,6 +349,8 @@ def _write_case(out: Path, task: str, number: int, mod: int, subject: str, split
         W.write_image(out / entry["label"], Image(labels.astype(dtype), image.grid))
     if mask is not None:
         W.write_image(out / entry["mask"], Image(mask.astype(np.uint8), image.grid))
+    if "dicom_header" in entry:
+        W.atomic_write_json(out / entry["dicom_header"], extra["dicom_header"])
     if "keypoints" in entry:
         vox, lps = W.keypoint_csvs(points, point_ids, image)
         W.atomic_write_bytes(out / entry["keypoints"], vox)
@@ -350,10 +396,11 @@ def _classical(out: Path, fixed: dict, moving: dict, opts: ClassicalOptions) -> 
     """Algorithmic gold-standard entry of a pair, computed once (cached in a sidecar for resume)."""
     names = [Path(e["image"]).name.split(".")[0] for e in (fixed, moving)]
     folder = "transformsTs" if fixed["split"] == "test" else "transformsTr"
-    sidecar = out / "meta" / f"classical_{names[0]}_{names[1]}.json"
+    stem = f"{names[0]}_{names[1]}_{opts.method}"
+    sidecar = out / "meta" / f"classical_{stem}.json"
     if sidecar.exists():
         return json.loads(sidecar.read_text())
-    gold = register_pair(out, fixed, moving, f"./{folder}/{names[0]}_{names[1]}.h5", opts)
+    gold = register_pair(out, fixed, moving, f"./{folder}/{stem}.h5", opts)
     W.atomic_write_json(sidecar, gold)
     return gold
 
@@ -364,7 +411,11 @@ def _pair_entry(fixed: dict, moving: dict) -> dict:
         gold.append({"kind": "segmentation", "source": "expert"})
     if "keypoints" in fixed and "keypoints" in moving:
         gold.append({"kind": "landmarks", "source": "expert"})
-    return {"fixed": fixed["image"], "moving": moving["image"], "gold_standard": gold}
+    pair = {"fixed": fixed["image"], "moving": moving["image"], "gold_standard": gold}
+    if "study_date" in fixed and "study_date" in moving and fixed["subject"] == moving["subject"]:
+        pair["interval_days"] = (datetime.date.fromisoformat(moving["study_date"]) -
+                                 datetime.date.fromisoformat(fixed["study_date"])).days
+    return pair
 
 
 def _weights(entries: list[dict]) -> None:

@@ -39,6 +39,11 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--no-intensity", action="store_true", help="augmentation without bias/gamma/noise")
     b.add_argument("--classical", action="store_true",
                    help="add an algorithmic ground truth per pair (engine registration, flagged, with scores)")
+    b.add_argument("--classical-method", choices=("engine", "ants"), default="engine",
+                   help="method of --classical: the engine's optimization (default) or ANTs SyN (needs antspyx)")
+    b.add_argument("--dates", choices=("remove", "shift"), default="remove",
+                   help="study dates: write none (default) or shift them per subject by a keyed offset "
+                        "(keeps the intervals between a subject's sessions)")
     b.add_argument("--modality", default="MR", help="modality when a scene does not say (default MR)")
     b.add_argument("--machine-progress", action="store_true",
                    help="print 'PROGRESS <fraction> <message>' lines on stdout (for a parent process)")
@@ -67,6 +72,7 @@ class _Bar:
 def run(args: argparse.Namespace) -> int:
     """Runs ``dataset build`` from parsed arguments; returns the exit code."""
     from .build import BuildCancelled, BuildOptions, PhiFoundError, build_dataset
+    from .classical import ClassicalOptions
     from .writer import NotOurDatasetError
 
     try:
@@ -89,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
                            max_pairs_per_split=args.max_pairs, atlas_case=args.atlas_case, split_ratios=ratios,
                            seed=args.seed, label_names=names, label_synonyms=synonyms,
                            augment_per_case=args.augment, augment_intensity=not args.no_intensity,
-                           modality=args.modality, classical=args.classical)
+                           modality=args.modality, classical=args.classical,
+                           classical_options=ClassicalOptions(method=args.classical_method), dates=args.dates)
     try:
         progress = _machine_progress if getattr(args, "machine_progress", False) else _Bar()
         result = build_dataset(args.inputs, args.out, options, progress=progress)

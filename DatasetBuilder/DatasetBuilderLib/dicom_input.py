@@ -5,14 +5,23 @@ patient and study items carrying the DICOM attributes the builder uses (``DICOM.
 date, study date and UID, modality), so :func:`DatasetBuilderLib.scenes.collect_cases` treats it like a
 scene loaded by Slicer's DICOM module.
 
-Identifying text: the outputs are NIfTI images with cleared headers, never DICOM, so no header is carried
-over; instead every text value of every file of the series (pydicom ``iterall``: nested sequences and private
-tags included) that can identify — person names, dates, date-times, UIDs, and LO/SH/LT/ST/UT/AE values of
-patient, study, institution, physician, operator, device and comment attributes and of all private tags —
-is collected for the PHI scan (a broader net than the PS3.15 Annex E basic profile's text attributes).
+Headers: each file's header goes through the DICOM PS3.15 Annex E **Basic Application Level
+Confidentiality Profile** as implemented by Kitware's ``dicom-anonymizer`` (tables of the DICOM 2026c
+standard; private tags removed). What the profile keeps (acquisition parameters: manufacturer, model,
+sequence, TR/TE, spacing, ...) of the series' first file is the case's de-identified header summary
+(``headersTr/<case>.json``), minus UIDs (regenerated randomly by the profile: useless for NIfTI and not
+reproducible), binary values, emptied values and the profile's placeholders — and minus any value that an
+identifying string of the inputs occurs in (the builder filters against all of them).
+
+Identifying text for the PHI scan, from every file of the series (pydicom ``iterall``: nested sequences
+and private tags included): every text, name, date/time or UID value the profile removed or replaced
+(numbers and code strings are not searched: "F" or "4000" would match everywhere), plus a broader net — person names,
+dates, date-times, UIDs, and LO/SH/LT/ST/UT/AE values of patient, study, institution, physician, operator,
+device and comment attributes and of all private tags.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -41,8 +50,62 @@ def dicom_series_folders(root: str | os.PathLike) -> list[Path]:
     return sorted(out)
 
 
-def harvest_phi(dataset, phi: PhiStrings) -> None:
-    """Adds the identifying text values of a pydicom dataset (see module doc) to ``phi``."""
+ANNEX_E_TABLES = "dicomfields_2026c"  # dicom-anonymizer's tables of PS3.15 Annex E (DICOM 2026c)
+SUMMARY_SKIP_VRS = {"UI", "SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}
+PHI_VRS = {"PN", "LO", "SH", "LT", "ST", "UT", "AE", "UC", "DA", "DT", "TM", "UI"}
+PLACEHOLDERS = {"", "ANONYMIZED", "00010101", "00010101010101.000000+0000", "000000.00"}
+
+
+def deidentify(dataset):
+    """A copy of a pydicom dataset after the PS3.15 Annex E Basic Profile (private tags removed).
+
+    Raises:
+        ImportError naming the package when ``dicom-anonymizer`` is not installed.
+    """
+    try:
+        from dicomanonymizer.simpledicomanonymizer import anonymize_dataset, initialize_actions
+    except ImportError as exc:
+        raise ImportError("DICOM input needs the package dicom-anonymizer (PS3.15 Annex E profile): "
+                          "pip install 'dicom-anonymizer==2.1.0'") from exc
+    out = copy.deepcopy(dataset)
+    anonymize_dataset(out, None, True, lambda: initialize_actions(ANNEX_E_TABLES))
+    return out
+
+
+def _text_values(dataset) -> set[str]:
+    """Values of free-text, name, date/time and UID elements (codes and numbers are not searched: "F",
+    "4000" and the like would match everywhere by chance)."""
+    values = set()
+    for element in dataset.iterall():
+        if element.VR not in PHI_VRS or element.value in (None, ""):
+            continue
+        for value in (element.value if element.VM > 1 else [element.value]):
+            values.add(str(value))
+    return values
+
+
+def header_summary(anonymized) -> dict[str, object]:
+    """Top-level attributes the profile kept: ``{keyword: value or [values]}`` (see module doc)."""
+    out: dict[str, object] = {}
+    for element in anonymized:
+        if element.VR in SUMMARY_SKIP_VRS or element.tag.is_private or not element.keyword:
+            continue
+        values = [str(v) for v in (element.value if element.VM > 1 else [element.value]) if v is not None]
+        if not values or all(v.strip() in PLACEHOLDERS for v in values):
+            continue
+        out[element.keyword] = values if element.VM > 1 else values[0]
+    return out
+
+
+def harvest_phi(dataset, phi: PhiStrings, anonymized=None) -> None:
+    """Adds the identifying text values of a pydicom dataset (see module doc) to ``phi``.
+
+    ``anonymized``: the dataset after :func:`deidentify`; every value it no longer holds is identifying.
+    """
+    if anonymized is not None:
+        kept = _text_values(anonymized)
+        for value in _text_values(dataset) - kept:
+            phi.add(value, "DICOM value removed by the PS3.15 basic profile")
     for element in dataset.iterall():
         if element.VR not in ALWAYS_VRS | TEXT_VRS or element.value in (None, ""):
             continue
@@ -56,7 +119,8 @@ def harvest_phi(dataset, phi: PhiStrings) -> None:
 
 
 def load_dicom_folder(folder: str | os.PathLike):
-    """A scene holding every series of ``folder``, and the identifying strings of all their files."""
+    """A scene holding every series of ``folder``, the identifying strings of all their files, and the
+    de-identified header summary of each series by volume node ID."""
     import pydicom
 
     from DeepRegistrationLib.image import Image
@@ -68,12 +132,14 @@ def load_dicom_folder(folder: str | os.PathLike):
     scene = make_scene()
     sh = scene.GetSubjectHierarchyNode()
     phi = PhiStrings()
+    summaries: dict[str, dict] = {}
     patients: dict[str, int] = {}
     for series in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series)
         headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-        for ds in headers:
-            harvest_phi(ds, phi)
+        clean = [deidentify(ds) for ds in headers]
+        for ds, anonymized in zip(headers, clean):
+            harvest_phi(ds, phi, anonymized)
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
         image = sitk_to_image(reader.Execute(), "DICOM series")
@@ -82,6 +148,7 @@ def load_dicom_folder(folder: str | os.PathLike):
         volume = N.imageToVolume(Image(image.array.astype(np.float32), image.grid), name=str(first.get(
             "SeriesDescription", "") or "series"), scene=scene)
         volume.SetAttribute("DICOM.instanceUIDs", " ".join(str(ds.SOPInstanceUID) for ds in headers))
+        summaries[volume.GetID()] = header_summary(clean[0])
         if pid not in patients:
             patients[pid] = sh.CreateSubjectItem(sh.GetSceneItemID(), str(first.get("PatientName", "") or pid))
             for key in ("PatientID", "PatientName", "PatientBirthDate"):
@@ -92,5 +159,5 @@ def load_dicom_folder(folder: str | os.PathLike):
         sh.CreateItem(study, volume)
         if not pid:
             sh.RemoveItemAttribute(patients[pid], "DICOM.PatientID")
-    logger.info("read %d DICOM series from a folder", len(patients))
-    return scene, phi
+    logger.info("read %d DICOM series from a folder", len(summaries))
+    return scene, phi, summaries

@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from .deid import PhiStrings
+from .labels import parse_terminology
 
 logger = logging.getLogger(__name__)
 
 SCENE_SUFFIXES = (".mrb", ".mrml")
 # Slicer's default node names carry no identity; they are not searched by the PHI scan.
-GENERIC_NAME = re.compile(r"^(volume|segmentation|labelmap|f|l|markupsfiducial|pointlist|segment|mask)"
+GENERIC_NAME = re.compile(r"^(volume|segmentation|labelmap|f|l|markupsfiducial|pointlist|segment|mask|"
+                          r"patient|subject|study|series)"
                           r"([ _]?\d+)?$", re.IGNORECASE)
 # Subject-hierarchy bookkeeping attributes (values like "Patient", "Study"), not searched.
 NON_IDENTIFYING_ATTRIBUTES = {"Level", "DICOM.Modality", "DICOM.PatientSex"}
@@ -46,10 +48,13 @@ class SceneCase:
         image: Engine Image, array ``(Z, Y, X)`` float32, LPS grid.
         labels: ``(Z, Y, X)`` int32, value ``n + 1`` for ``segment_names[n]``; None without segmentation.
         segment_names: Segment names in label order.
+        segment_terms: Their coded terminology (:class:`~DatasetBuilderLib.labels.Term`) or None each.
         mask: ``(Z, Y, X)`` uint8 or None.
         points: ``(N, 3)`` LPS mm or None.
         point_labels: One label per point.
         phi: Identifying strings found for this case.
+        study_date: DICOM study date ``YYYYMMDD`` when present (written only shifted, never as is).
+        header: De-identified DICOM header summary (DICOM input only), see ``dicom_input.header_summary``.
     """
 
     source: str
@@ -60,10 +65,13 @@ class SceneCase:
     image: object
     labels: np.ndarray | None = None
     segment_names: list[str] = field(default_factory=list)
+    segment_terms: list = field(default_factory=list)
     mask: np.ndarray | None = None
     points: np.ndarray | None = None
     point_labels: list[str] = field(default_factory=list)
     phi: PhiStrings = field(default_factory=PhiStrings)
+    study_date: str | None = None
+    header: dict | None = None
 
 
 @dataclass
@@ -160,7 +168,8 @@ def _sh_ancestors(sh, item) -> list[int]:
 def _collect_sh_phi(sh, items: list[int], phi: PhiStrings) -> dict[str, str]:
     attributes: dict[str, str] = {}
     for item in items:
-        phi.add(sh.GetItemName(item), "subject hierarchy name")
+        if not GENERIC_NAME.match((sh.GetItemName(item) or "").strip()):
+            phi.add(sh.GetItemName(item), "subject hierarchy name")
         uid = sh.GetItemUID(item, "DICOM")
         phi.add(uid, "subject hierarchy UID")
         for name in sh.GetItemAttributeNames(item):
@@ -244,7 +253,8 @@ def collect_cases(scene, source: str, mapping: dict[str, tuple[str, str]] | None
             phi.add(identity, "subject identity")
         case = SceneCase(where, identity, session, attrs.get("DICOM.PatientBirthDate") or None,
                          attrs.get("DICOM.Modality") or default_modality,
-                         N.volumeToImage(volume, "image", world=True), phi=phi)
+                         N.volumeToImage(volume, "image", world=True), phi=phi,
+                         study_date=attrs.get("DICOM.StudyDate") or None)
         same = [s for s in segmentations if s.GetNodeReference("referenceImageGeometryRef") is volume]
         if not same and len(volumes) == 1:
             same = [s for s in segmentations if s.GetNodeReference("referenceImageGeometryRef") is None]
@@ -254,7 +264,9 @@ def collect_cases(scene, source: str, mapping: dict[str, tuple[str, str]] | None
             ids = [seg.GetSegmentation().GetNthSegmentID(i) for i in range(seg.GetSegmentation().GetNumberOfSegments())]
             if ids:
                 case.labels = N.labelArrayOnVolume(seg, volume, ids, "segmentation", scene)
-                case.segment_names = [seg.GetSegmentation().GetSegment(i).GetName() for i in ids]
+                segments = [seg.GetSegmentation().GetSegment(i) for i in ids]
+                case.segment_names = [s.GetName() for s in segments]
+                case.segment_terms = [parse_terminology(s.GetTerminology()) for s in segments]
         masks = [m for m in labelmaps if len(volumes) == 1 or (study_of(m) and study_of(m) == study_of(volume))]
         if masks:
             case.mask = (N.labelArrayOnVolume(masks[0], volume, what="mask", scene=scene) > 0).astype(np.uint8)
