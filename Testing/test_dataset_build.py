@@ -535,3 +535,38 @@ def test_classical_registration_ground_truth_is_flagged_and_improves_the_pair(sc
         mapped = np.array([transform.TransformPoint(tuple(map(float, p))) for p in fk])
         assert np.linalg.norm(mapped - mk, axis=1).mean() < 0.7 * np.linalg.norm(fk - mk, axis=1).mean()
     assert independent_scan(out, injected) == []
+
+
+def test_evaluate_scores_methods_on_the_dataset_pairs(built, tmp_path, capsys):
+    """``deepregistration evaluate --dataset``: per-pair Learn2Reg metrics of none / IO / model / model + IO."""
+    from DeepRegistrationLib import cli
+    from DeepRegistrationLib.model_files import save_model
+    from DeepRegistrationLib.networks import UNetFieldPredictor
+
+    folder, out, result, injected, meta = built
+    model = save_model(UNetFieldPredictor((4, 8), 4.0, "separable", "svf"), tmp_path / "untrained",
+                       {"name": "untrained", "preprocessing": {"working_spacing_mm": 4.0}})
+    report = tmp_path / "eval"
+    args = ["evaluate", "--dataset", str(out), "--pairs", "training_paired_images", "--max-pairs", "2",
+            "--model", str(model), "--spacing", "4", "-o", str(report)]
+    assert cli.main(args) == 0
+    assert "model+io" in capsys.readouterr().out
+    ev = json.loads((report / "evaluation.json").read_text())
+    assert ev["methods"] == ["none", "io", "model", "model+io"] and len(ev["pairs"]) == 2
+    s = ev["summary"]
+    assert s["io"]["dice"]["mean"] > s["none"]["dice"]["mean"] + 0.05
+    assert s["io"]["tre"]["mean"] < 0.8 * s["io"]["tre_before"]["mean"]
+    assert s["io"]["dice"]["p30"] <= s["io"]["dice"]["median"] and s["io"]["folding_percent"]["max"] < 0.05
+    # the untrained model predicts no deformation: alone it is the affine stage, as the IO's start it is harmless
+    assert s["model"]["dice"]["mean"] < s["io"]["dice"]["mean"]
+    assert abs(s["model+io"]["dice"]["mean"] - s["io"]["dice"]["mean"]) < 0.02
+    md = (report / "evaluation.md").read_text()
+    assert "Dice p30" in md and md.count("| model+io |") == 3  # summary + one row per pair
+    png = sitk.ReadImage(str(report / "evaluation.png"))
+    assert png.GetSize()[0] > 500
+    # an existing report is never overwritten silently; a missing pair list is one clear error
+    before = (report / "evaluation.json").read_bytes()
+    assert cli.main(args) != 0 and (report / "evaluation.json").read_bytes() == before
+    assert "already holds" in capsys.readouterr().err
+    assert cli.main(["evaluate", "--dataset", str(out), "--pairs", "registration_val", "-o", str(tmp_path / "e2")]) != 0
+    assert "no 'registration_val' pairs" in capsys.readouterr().err
