@@ -570,3 +570,58 @@ def test_evaluate_scores_methods_on_the_dataset_pairs(built, tmp_path, capsys):
     assert "already holds" in capsys.readouterr().err
     assert cli.main(["evaluate", "--dataset", str(out), "--pairs", "registration_val", "-o", str(tmp_path / "e2")]) != 0
     assert "no 'registration_val' pairs" in capsys.readouterr().err
+
+
+def test_training_pairs_from_the_dataset_are_weighted_cropped_and_carry_the_known_field(built, tmp_path):
+    torch = pytest.importorskip("torch")
+    from DeepRegistrationLib.dataset_pairs import DatasetPairs
+    from DeepRegistrationLib.errors import InputError
+    from DeepRegistrationLib.synth import warp
+
+    folder, out, result, injected, meta = built
+    pairs = DatasetPairs(out, shape=(24, 24, 24), spacing=4.0, seed=1)
+    assert len(pairs) == len(meta["training_paired_images"])
+    batch = pairs.sample(2)
+    assert batch.fixed.shape == (2, 1, 24, 24, 24) and batch.fixed_labels.dtype == torch.int64
+    assert 0 <= float(batch.fixed.min()) and float(batch.fixed.max()) <= 1
+    assert set(np.unique(batch.fixed_labels)) <= {0, 1, 2, 3}
+    # supervised: only the augmented pairs; their stored field maps the fixed crop onto the moving one
+    known = DatasetPairs(out, shape=(32, 32, 32), spacing=3.0, need_field=True, jitter=0.0)
+    assert len(known) == sum(any(g["kind"] == "synthetic_field" for g in p["gold_standard"])
+                             for p in meta["training_paired_images"])
+    b = known.fixed_batches(1)[0]
+    assert float(b.field.abs().max()) > 1.0
+    before = (b.moving - b.fixed).abs().mean()
+    after = (warp(b.moving, b.field, b.grid) - b.fixed).abs().mean()
+    assert after < 0.6 * before, (float(before), float(after))
+    # weighted sampling follows the cases' weights (mean of the pair's two)
+    heavy = tmp_path / "weighted"
+    shutil.copytree(out, heavy)
+    data = json.loads((heavy / "DREG_dataset.json").read_text())
+    first = data["training_paired_images"][0]
+    for entry in data["training"]:
+        entry["weight"] = 9.0 if entry["image"] in (first["fixed"], first["moving"]) else 1.0
+    (heavy / "DREG_dataset.json").write_text(json.dumps(data))
+    weighted = DatasetPairs(heavy, seed=5)
+    expected = (weighted.weights / weighted.weights.sum())[0].item()
+    share = np.mean([k == 0 for k in weighted.pick(4000)])
+    assert expected > 2.0 / len(weighted) and abs(share - expected) < 0.03
+    with pytest.raises(InputError, match="no 'registration_val' pair"):
+        DatasetPairs(out, pairs="registration_val")
+
+
+def test_train_on_the_dataset_writes_a_model_whose_card_names_no_identity(built, tmp_path):
+    pytest.importorskip("torch")
+    from DeepRegistrationLib.model_files import load_model
+    from DeepRegistrationLib.training import TrainConfig, train
+
+    folder, out, result, injected, meta = built
+    cfg = TrainConfig(mode="semi-supervised", steps=16, shape=(16, 16, 16), spacing=6.0, channels=(4, 8, 8),
+                      val_every=8, val_pairs=2, output_dir=str(tmp_path / "run"), model_name="from-dataset",
+                      dataset=str(out), seed=2)
+    res = train(cfg)
+    assert res.step == 16 and all(np.isfinite(res.losses)) and len(res.validation) == 2
+    card = load_model(res.model_path).card
+    assert "Learn2Reg-layout dataset 'DREG'" in card["training"]["data"]
+    assert card["training"]["recipe"]["dataset"] == str(out)
+    assert independent_scan(tmp_path / "run", injected) == []

@@ -25,7 +25,8 @@ def add_subparsers(subparsers) -> None:
     from .training import MODES, TrainConfig
 
     d = TrainConfig()
-    p = subparsers.add_parser("train", help="train a field predictor (synthetic SynthMorph-style data for now)",
+    p = subparsers.add_parser("train", help="train a field predictor (synthetic SynthMorph-style pairs or a "
+                                            "Learn2Reg-layout dataset)",
                               description="Train a registration network; checkpoints let a run resume, and the "
                                           "final model is written as NAME.json + NAME.safetensors.")
     p.add_argument("--name", default=d.model_name, help="model name (default: %(default)s)")
@@ -49,6 +50,11 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--max-displacement", type=float, default=d.max_displacement_mm, metavar="MM")
     p.add_argument("--num-labels", type=int, default=d.num_labels)
     p.add_argument("--same-contrast", action="store_true", help="mono-modal synthetic pairs")
+    p.add_argument("--dataset", metavar="DIR",
+                   help="train on a Learn2Reg-layout dataset (e.g. DatasetBuilder output) instead of synthetic pairs")
+    p.add_argument("--dataset-pairs", default="training_paired_images",
+                   choices=("training_paired_images", "registration_val", "registration_test"),
+                   help="pair list of --dataset (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--val-pairs", type=int, default=d.val_pairs)
@@ -116,7 +122,8 @@ def _train(args: argparse.Namespace) -> int:
                       max_displacement_mm=args.max_displacement, num_labels=args.num_labels,
                       same_contrast=args.same_contrast, seed=args.seed, val_every=args.val_every,
                       val_pairs=args.val_pairs, checkpoint_every=args.checkpoint_every, output_dir=str(out),
-                      model_name=args.name, init_model=args.init_model, amp=not args.no_amp, device=args.device)
+                      model_name=args.name, init_model=args.init_model, amp=not args.no_amp, device=args.device,
+                      dataset=args.dataset, dataset_pairs=args.dataset_pairs)
 
     def progress(fraction: float, message: str) -> None:
         logger.info("%3.0f%% %s", 100 * fraction, message)

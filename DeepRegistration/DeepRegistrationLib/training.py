@@ -13,7 +13,10 @@ Mechanics: one seed fixes model initialization and data; :func:`train` writes ``
 synthetic set every ``val_every`` steps (hard Dice, folding %) keeps the best model; the progress callback
 can cancel (a checkpoint is written first); AMP on CUDA; DistributedDataParallel when launched by
 ``torchrun`` (NCCL on CUDA, gloo on CPU; each rank draws its own data, rank 0 writes files).
-Data come from :class:`~DeepRegistrationLib.synth.SynthPairs` (a Learn2Reg reader plugs in through ``data``).
+Data come from :class:`~DeepRegistrationLib.synth.SynthPairs`, or with ``dataset`` set from a Learn2Reg-layout
+dataset through :class:`~DeepRegistrationLib.dataset_pairs.DatasetPairs` (weighted sampling, random crops;
+validation on its ``registration_val`` pairs with labels, else on synthetic pairs); any other source plugs in
+through ``data``.
 """
 from __future__ import annotations
 
@@ -75,6 +78,8 @@ class TrainConfig:
     init_model: str | None = None  # registry name or path: fine-tune from it
     amp: bool = True
     device: str = "auto"
+    dataset: str | None = None  # Learn2Reg-layout folder; None = synthetic pairs
+    dataset_pairs: str = "training_paired_images"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -191,6 +196,27 @@ def synth_pairs(cfg: TrainConfig, seed: int) -> SynthPairs:
                       cfg.label_scale, same_contrast=cfg.same_contrast, seed=seed)
 
 
+def dataset_pairs(cfg: TrainConfig, seed: int):
+    """The Learn2Reg dataset source ``cfg`` describes (supervised mode keeps pairs with a known field)."""
+    from .dataset_pairs import DatasetPairs
+
+    return DatasetPairs(cfg.dataset, cfg.shape, cfg.spacing, cfg.dataset_pairs,
+                        need_field=cfg.mode == "supervised", seed=seed)
+
+
+def validation_set(cfg: TrainConfig) -> list[SynthBatch]:
+    """Fixed validation batches: the dataset's labelled ``registration_val`` pairs, else synthetic pairs."""
+    if cfg.dataset:
+        from .dataset_pairs import DatasetPairs
+
+        try:
+            return DatasetPairs(cfg.dataset, cfg.shape, cfg.spacing, "registration_val", need_labels=True,
+                                jitter=0.0).fixed_batches(cfg.val_pairs)
+        except InputError as exc:
+            logger.warning("validating on synthetic pairs: %s", exc)
+    return [synth_pairs(cfg, cfg.seed + 10_000_000 + i).sample(1) for i in range(cfg.val_pairs)]
+
+
 def build_model(cfg: TrainConfig) -> UNetFieldPredictor:
     """A new network for ``cfg`` (seeded), or the model to fine-tune (``cfg.init_model``)."""
     torch.manual_seed(cfg.seed)
@@ -229,12 +255,26 @@ def _card(cfg: TrainConfig, result: TrainResult, world: int, device: torch.devic
     return {"name": cfg.model_name,
             "description": f"{cfg.output} U-Net ({cfg.block} blocks) trained in '{cfg.mode}' mode",
             "preprocessing": {"working_spacing_mm": cfg.spacing},
-            "training": {"data": f"synthetic SynthMorph-style pairs ({cfg.num_labels} random labels, shape "
-                                 f"{list(cfg.shape)}, deformations up to {cfg.max_displacement_mm} mm)",
+            "training": {"data": _data_summary(cfg),
                          "recipe": asdict(cfg), "hardware": hardware, "device": device.type, "processes": world,
                          "steps": result.step, "seconds": round(result.seconds, 1),
                          "final_loss": float(np.mean(result.losses[-10:])) if result.losses else None},
             "metrics": metrics}
+
+
+def _data_summary(cfg: TrainConfig) -> str:
+    if cfg.dataset:
+        import json
+
+        try:
+            meta = json.loads(next(Path(cfg.dataset).glob("*_dataset.json")).read_text())
+        except (StopIteration, OSError, ValueError):
+            meta = {}
+        return (f"Learn2Reg-layout dataset '{meta.get('name', 'unnamed')}': {len(meta.get(cfg.dataset_pairs, []))} "
+                f"'{cfg.dataset_pairs}' pairs, crops {list(cfg.shape)} at {cfg.spacing} mm, weighted sampling")
+    return (f"synthetic SynthMorph-style pairs ({cfg.num_labels} random labels, shape {list(cfg.shape)}, "
+            f"deformations up to {cfg.max_displacement_mm} mm, {'shared' if cfg.same_contrast else 'independent'} "
+            "random contrasts)")
 
 
 def _save_checkpoint(path: Path, model, opt, scaler, data_states: list[torch.Tensor], result: TrainResult,
@@ -271,9 +311,9 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
     if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     net = build_model(cfg).to(device)
-    data = data or synth_pairs(cfg, cfg.seed + 1000 * rank)
-    val_set = [synth_pairs(cfg, cfg.seed + 10_000_000 + i).sample(1) for i in range(cfg.val_pairs)] \
-        if cfg.val_every > 0 and rank == 0 else []
+    if data is None:
+        data = (dataset_pairs if cfg.dataset else synth_pairs)(cfg, cfg.seed + 1000 * rank)
+    val_set = validation_set(cfg) if cfg.val_every > 0 and rank == 0 else []
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
