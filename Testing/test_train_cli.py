@@ -19,10 +19,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def test_train_install_list_and_evaluate(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(registry.ENV_MODELS_DIR, str(tmp_path / "models"))
     args = parse(["train", "--name", "cli-tiny", "-o", str(tmp_path / "run"), "--steps", "3", "--shape", "16", "16",
-                  "16", "--num-labels", "4", "--val-every", "2", "--val-pairs", "1", "--install"])
+                  "16", "--num-labels", "4", "--val-every", "2", "--val-pairs", "1", "--install", "--tensorboard"])
     assert train_cli.run(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["steps"] == 3 and (tmp_path / "run" / "checkpoint.pt").is_file()
+    # TensorBoard event file with the loss of every step and the validation Dice
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("validation/dice")] == [2]
     assert (tmp_path / "models" / "cli-tiny.json").is_file()
 
     assert train_cli.run(parse(["models", "list", "--json"])) == 0

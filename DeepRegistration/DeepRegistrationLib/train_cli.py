@@ -63,6 +63,8 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in the run folder")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="write TensorBoard logs to the run folder's tensorboard/ (needs the tensorboard package)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
 
     m = subparsers.add_parser("models", help="list the shipped and user models")
@@ -123,12 +125,22 @@ def _train(args: argparse.Namespace) -> int:
                       same_contrast=args.same_contrast, seed=args.seed, val_every=args.val_every,
                       val_pairs=args.val_pairs, checkpoint_every=args.checkpoint_every, output_dir=str(out),
                       model_name=args.name, init_model=args.init_model, amp=not args.no_amp, device=args.device,
-                      dataset=args.dataset, dataset_pairs=args.dataset_pairs)
+                      dataset=args.dataset, dataset_pairs=args.dataset_pairs, tensorboard=args.tensorboard)
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, unit="step", desc=f"train {args.name}", disable=None, file=sys.stderr)
 
     def progress(fraction: float, message: str) -> None:
-        logger.info("%3.0f%% %s", 100 * fraction, message)
+        step = int(round(fraction * cfg.steps))
+        if step > bar.n:
+            bar.update(step - bar.n)
+            bar.set_postfix_str(message.split(", ")[-1])
+        logger.debug("%3.0f%% %s", 100 * fraction, message)
 
-    result = train(cfg, progress=progress, resume=not args.no_resume)
+    try:
+        result = train(cfg, progress=progress, resume=not args.no_resume)
+    finally:
+        bar.close()
     if result.model_path is None:  # a non-zero rank of a distributed run
         return 0
     best = result.best_model_path or result.model_path

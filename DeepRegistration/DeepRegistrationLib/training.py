@@ -12,7 +12,8 @@ Mechanics: one seed fixes model initialization and data; :func:`train` writes ``
 ``checkpoint_every`` steps and resumes from it at the same step with identical state; validation on a fixed
 synthetic set every ``val_every`` steps (hard Dice, folding %) keeps the best model; the progress callback
 can cancel (a checkpoint is written first); AMP on CUDA; DistributedDataParallel when launched by
-``torchrun`` (NCCL on CUDA, gloo on CPU; each rank draws its own data, rank 0 writes files).
+``torchrun`` (NCCL on CUDA, gloo on CPU; each rank draws its own data, rank 0 writes files); optional
+TensorBoard event files (``train/loss`` per step, ``validation/*`` per validation) in ``output_dir/tensorboard``.
 Data come from :class:`~DeepRegistrationLib.synth.SynthPairs`, or with ``dataset`` set from a Learn2Reg-layout
 dataset through :class:`~DeepRegistrationLib.dataset_pairs.DatasetPairs` (weighted sampling, random crops;
 validation on its ``registration_val`` pairs with labels, else on synthetic pairs); any other source plugs in
@@ -80,6 +81,7 @@ class TrainConfig:
     device: str = "auto"
     dataset: str | None = None  # Learn2Reg-layout folder; None = synthetic pairs
     dataset_pairs: str = "training_paired_images"
+    tensorboard: bool = False  # TensorBoard event files in output_dir/tensorboard (needs the tensorboard package)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -277,6 +279,20 @@ def _data_summary(cfg: TrainConfig) -> str:
             "random contrasts)")
 
 
+def _tensorboard(cfg: TrainConfig, out: Path | None):
+    """A TensorBoard ``SummaryWriter`` in ``out/tensorboard`` when asked for, else None."""
+    if not cfg.tensorboard:
+        return None
+    if out is None:
+        raise InputError("TensorBoard logs need an output folder (output_dir / --output-dir)")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise InputError("TensorBoard logs need the package tensorboard: pip install tensorboard "
+                         "(or train without --tensorboard)") from None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
 def _save_checkpoint(path: Path, model, opt, scaler, data_states: list[torch.Tensor], result: TrainResult,
                      cfg: TrainConfig) -> None:
     blob = {"step": result.step, "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -338,6 +354,7 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
         result = TrainResult(int(blob["step"]), list(blob["losses"]), list(blob["validation"]),
                              float(blob["best_metric"]), int(blob["best_step"]), seconds=float(blob["seconds"]))
         logger.info("resumed from %s at step %d", ckpt, result.step)
+    board = _tensorboard(cfg, out) if rank == 0 else None
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     prog = Progress(progress if rank == 0 else None)
     start = time.perf_counter() - result.seconds
@@ -368,9 +385,14 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
             opt.step()
         result.step += 1
         result.losses.append(float(loss.detach()))
+        if board is not None:
+            board.add_scalar("train/loss", result.losses[-1], result.step)
         if val_set and result.step % cfg.val_every == 0:
             metrics = dict(validate(net, val_set), step=result.step)
             result.validation.append(metrics)
+            if board is not None:
+                for key in ("dice", "dice_identity", "folding_percent"):
+                    board.add_scalar(f"validation/{key}", metrics[key], result.step)
             logger.info("step %d validation: %s", result.step, metrics)
             if not metrics["dice"] <= result.best_metric:  # also true when best is NaN
                 result.best_metric, result.best_step = metrics["dice"], result.step
@@ -391,6 +413,8 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
             checkpoint()
             raise Cancelled(f"Training cancelled at step {result.step}; resume from the checkpoint to continue.")
     result.seconds = time.perf_counter() - start
+    if board is not None:
+        board.close()
     if out is not None:
         checkpoint()
         result.checkpoint_path = ckpt
