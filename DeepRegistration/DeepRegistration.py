@@ -105,6 +105,7 @@ class DeepRegistrationParameterNode:
     movingMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
     initialTransform: vtkMRMLTransformNode
     preset: Annotated[str, Choice(PRESETS)] = "Deformable — fast"
+    model: str = ""  # learned model name ("" = none); the widget fills modelComboBox with the installed models
     device: Annotated[str, Choice(DEVICES)] = "auto"
     similarity: Annotated[str, Choice(SIMILARITIES)] = "lncc"
     regularizationWeight: Annotated[float, WithinRange(0.0, 50.0)] = 3.0
@@ -150,6 +151,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.resetAdvancedButton.connect("clicked(bool)", self.onResetAdvanced)
         self.ui.presetComboBox.connect("currentIndexChanged(int)", self.onPresetChanged)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.applyToMovingNodesButton.connect("clicked(bool)", self.onApplyToMovingNodes)
         self.ui.progressBar.hide()
         self.initializeParameterNode()
@@ -160,6 +162,31 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+
+    def _fillModels(self) -> None:
+        """Lists the usable learned models (cards read without torch) and selects the parameter node's."""
+        from DeepRegistrationSlicerLib.run import availableModels
+
+        try:
+            names = availableModels()
+        except Exception as exc:  # a broken models folder must not break the module
+            logging.warning(f"DeepRegistration: cannot list learned models: {exc}")
+            names = []
+        wanted = self._parameterNode.model if self._parameterNode else ""
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        combo.addItems(["None"] + names)
+        combo.currentIndex = names.index(wanted) + 1 if wanted in names else 0
+        combo.blockSignals(wasBlocked)
+
+    def onModelChanged(self, index=None) -> None:
+        """Stores the chosen model; its working spacing becomes the spacing (the model expects it)."""
+        if not self._parameterNode:
+            return
+        name = "" if self.ui.modelComboBox.currentIndex <= 0 else self.ui.modelComboBox.currentText
+        with slicer.util.tryWithErrorDisplay("Could not read the model.", waitCursor=True):
+            self.logic.setModel(self._parameterNode, name)
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -190,6 +217,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # widgets in the .ui carry a "SlicerParameterName" dynamic property naming their parameter
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._fillModels()
             self._updateButtons()
 
     def _updateButtons(self, caller=None, event=None) -> None:
@@ -359,11 +387,25 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
             parameterNode.iterations = int(cfg.get("iterations", defaults.iterations))
             parameterNode.regularizationWeight = float(cfg.get("reg_weight", defaults.reg_weight))
             parameterNode.diffeomorphic = bool(cfg.get("diffeomorphic", defaults.diffeomorphic))
+        if parameterNode.model:  # a learned model keeps its own working spacing
+            DeepRegistrationLogic.setModel(parameterNode, parameterNode.model)
+
+    @staticmethod
+    def setModel(parameterNode, name: str) -> None:
+        """Chooses a learned model ("" = none); a model sets the working spacing to the one it was trained at."""
+        from DeepRegistrationLib.registry import read_card, resolve  # torch-free
+
+        with slicer.util.NodeModify(parameterNode):
+            parameterNode.model = name
+            if name:
+                spacing = read_card(resolve(name)).get("preprocessing", {}).get("working_spacing_mm")
+                if spacing:
+                    parameterNode.spacing = float(spacing)
 
     @staticmethod
     def jobArguments(p) -> dict:
         """RegistrationJob keyword arguments from the parameter node."""
-        return dict(preset=p.preset, device=p.device, similarity=p.similarity,
+        return dict(preset=p.preset, model=p.model or None, device=p.device, similarity=p.similarity,
                     regularizationWeight=p.regularizationWeight, spacing=p.spacing, iterations=p.iterations,
                     diffeomorphic=p.diffeomorphic, fixedMask=p.fixedMask, movingMask=p.movingMask,
                     initialTransform=p.initialTransform, fixedSegmentation=p.fixedSegmentation,
@@ -398,6 +440,8 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
         Args:
             preset: "Rigid", "Affine", "Deformable — fast" or "Deformable — accurate".
             progressCallback: ``callback(fraction, message)``; returning False cancels.
+            model: optional learned model name or card path (``DeepRegistrationSlicerLib.run.availableModels()``)
+                whose prediction starts the deformable optimization (``modelMode="replace"``: used alone).
             **options: engine options overriding the preset (similarity, regularizationWeight, spacing,
                 iterations, diffeomorphic, device, threads, ...) and nodes: fixedMask, movingMask,
                 initialTransform, fixedSegmentation, movingSegmentation, fixedLandmarks, movingLandmarks,

@@ -90,6 +90,7 @@ def test_glue_import_does_not_load_torch():
 
     module_dir = Path(N.__file__).parents[1]
     code = ("import sys; sys.path.insert(0, %r); import DeepRegistrationSlicerLib.nodes, DeepRegistrationSlicerLib.run; "
+            "DeepRegistrationSlicerLib.run.availableModels(); "  # the module lists models when it opens
             "bad = [m for m in ('torch', 'monai') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
             % str(module_dir))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -470,3 +471,32 @@ def test_engine_config_presets_and_overrides():
     assert cfg["diffeomorphic"] is True
     assert R.engineConfig("Rigid", spacing=None) == {"mode": "rigid"}
     assert set(R.PRESETS) == {"Rigid", "Affine", "Deformable — fast", "Deformable — accurate"}
+
+
+def test_learned_models_are_listed_and_used_by_the_background_job(sample_dir, tmp_path, monkeypatch):
+    """A model in the user's folder appears among the module's models; a job with it loads it in the worker,
+    works at the model's spacing and records it on the transform; a non-deformable preset refuses it."""
+    from DeepRegistrationLib import registry
+    from DeepRegistrationLib.errors import InputError
+    from DeepRegistrationLib.model_files import save_model
+    from DeepRegistrationLib.networks import UNetFieldPredictor
+
+    monkeypatch.setenv(registry.ENV_MODELS_DIR, str(tmp_path / "models"))
+    save_model(UNetFieldPredictor((4, 8), 4.0, "separable", "svf"), tmp_path / "models" / "tiny",
+               {"name": "tiny", "preprocessing": {"working_spacing_mm": 4.0}})
+    (tmp_path / "models" / "broken.json").write_text("{not json")
+    assert "tiny" in R.availableModels() and "broken" not in R.availableModels()
+    scene = make_scene()
+    fixed = read_node(scene, sample_dir / "fixed.nii.gz")
+    moving = read_node(scene, sample_dir / "moving.nii.gz")
+    with pytest.raises(InputError, match="predicts a deformation"):
+        R.RegistrationJob(fixed, moving, "Rigid", model="tiny")
+    with pytest.raises(InputError, match="unknown model 'nothing'.*tiny"):
+        R.RegistrationJob(fixed, moving, model="nothing")
+    job = R.RegistrationJob(fixed, moving, "Deformable — fast", model="tiny", threads=1, iterations=3)
+    assert job.config["spacing"] == 4.0
+    result = R.register(fixed, moving, "Deformable — fast", model="tiny", modelMode="init", threads=1, iterations=3)
+    node = result.transformNode
+    assert node.GetAttribute("DeepRegistration.model") == "tiny (init)"
+    assert result.report["parameters"]["spacing"] == 4.0
+    assert result.metrics["ncc_after"] > result.metrics["ncc_before"]

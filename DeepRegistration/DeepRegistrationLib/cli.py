@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smoothness penalty of the deformation (default: %(default)s)")
     g.add_argument("--reg-weight", type=float, default=d.reg_weight, metavar="W",
                    help="smoothness weight; larger = smoother deformation (default: %(default)s)")
-    g.add_argument("--spacing", type=float, default=d.spacing, metavar="MM",
-                   help="working voxel size in mm; smaller = more detail, slower (default: %(default)s)")
+    g.add_argument("--spacing", type=float, default=None, metavar="MM",
+                   help=f"working voxel size in mm; smaller = more detail, slower (default: {d.spacing}, or the "
+                        "--model's own working spacing)")
     g.add_argument("--iterations", type=int, default=d.iterations, metavar="N",
                    help="deformable iterations at the finest level, coarser levels run 2N (default: %(default)s)")
     g.add_argument("--affine-iterations", type=int, default=d.affine_iterations, metavar="N",
@@ -152,18 +153,21 @@ def _register(args: argparse.Namespace) -> int:
     from .outputs import check_output_dir, run_registration, summary_lines
 
     check_output_dir(args.output, args.overwrite)
-    cfg = RegistrationConfig(mode=args.mode, similarity=args.similarity, regularization=args.regularization,
-                             reg_weight=args.reg_weight, spacing=args.spacing, iterations=args.iterations,
-                             affine_iterations=args.affine_iterations, levels=args.levels,
-                             diffeomorphic=args.diffeomorphic, jacobian_weight=args.jacobian_weight,
-                             initialization=args.initialization, device=args.device, seed=args.seed,
-                             threads=args.threads).validate()
     predictor = None
     if args.model:
         from . import registry
 
         loaded = registry.load(args.model)  # InputError for unknown, corrupt or tampered models
         predictor = loaded.model
+        if args.spacing is None:  # a model works at the spacing it was trained at
+            args.spacing = loaded.working_spacing_mm
+    spacing = args.spacing if args.spacing is not None else RegistrationConfig().spacing
+    cfg = RegistrationConfig(mode=args.mode, similarity=args.similarity, regularization=args.regularization,
+                             reg_weight=args.reg_weight, spacing=spacing, iterations=args.iterations,
+                             affine_iterations=args.affine_iterations, levels=args.levels,
+                             diffeomorphic=args.diffeomorphic, jacobian_weight=args.jacobian_weight,
+                             initialization=args.initialization, device=args.device, seed=args.seed,
+                             threads=args.threads).validate()
     bar = _Bar(not args.quiet)
     try:
         summary = run_registration(

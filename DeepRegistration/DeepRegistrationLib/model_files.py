@@ -22,11 +22,13 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import InputError
 from .io import sha256_file
-from .networks import UNetFieldPredictor
+
+if TYPE_CHECKING:  # torch is imported by the functions that need it: reading cards needs none
+    from .networks import UNetFieldPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ def versions() -> dict:
     """Versions of the software that wrote a model."""
     import numpy
     import safetensors
+    import torch
 
     return {"torch": torch.__version__, "safetensors": safetensors.__version__, "numpy": numpy.__version__,
             "python": platform.python_version()}
@@ -90,6 +93,8 @@ def save_model(model: UNetFieldPredictor, path: str | Path, card: dict | None = 
 
     card_path, weights_path = model_paths(path)
     card_path.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights_path), metadata={"format": CARD_FORMAT})
     out = copy.deepcopy(card or {})
@@ -162,6 +167,8 @@ def load_model(path: str | Path, verify_hash: bool = True) -> LoadedModel:
         raise InputError(f"model weights '{weights_path}' are corrupt or not safetensors ({exc}). "
                          "Re-download or re-train the model.") from None
     try:
+        from .networks import UNetFieldPredictor
+
         model = UNetFieldPredictor.from_config(card["architecture"])
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"model card '{card_path}' describes an unknown or invalid architecture ({exc}). "

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .model_files import LoadedModel, load_model, read_card
+from .model_files import LoadedModel, load_model, read_card  # torch-free until a model is loaded
 
 logger = logging.getLogger(__name__)
 

@@ -100,11 +100,20 @@ def run_job(job: dict, stream=sys.stdout) -> dict:
     """Runs one job, reporting progress on ``stream``; returns the report."""
     from .outputs import run_registration
 
-    config = make_config(job.get("config") or {})
+    options = dict(job.get("config") or {})
+    predictor, mode = None, job.get("model_mode") or "init"
+    if job.get("model"):
+        from .registry import load
+
+        loaded = load(job["model"])  # InputError for unknown, corrupt or tampered models
+        predictor = loaded.model
+        options.setdefault("spacing", loaded.working_spacing_mm or 2.0)  # a model works at its own spacing
+    config = make_config(options)
     emit(stream, progress=0.0, message="starting")
     summary = run_registration(job["fixed"], job["moving"], job["out_dir"], config,
                                overwrite=bool(job.get("overwrite", False)), write_png=False,
-                               progress=_Reporter(stream), **{k: job.get(k) for k in OPTIONAL_INPUTS})
+                               progress=_Reporter(stream), predictor=predictor, predictor_mode=mode,
+                               **{k: job.get(k) for k in OPTIONAL_INPUTS})
     return summary.report
 
 

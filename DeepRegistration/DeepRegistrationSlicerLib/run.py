@@ -68,6 +68,13 @@ def engineConfig(preset: str = "Deformable — fast", **options) -> dict:
     return config
 
 
+def availableModels() -> list[str]:
+    """Names of the usable learned models (shipped, then the user's), read from their cards without torch."""
+    from DeepRegistrationLib.registry import list_models
+
+    return [e.name for e in list_models(include_broken=False)]
+
+
 def pythonExecutable() -> str:
     """The Python that runs the worker: ``PythonSlicer`` inside Slicer (it has Slicer's packages)."""
     if hasattr(slicer, "app"):
@@ -143,6 +150,9 @@ class RegistrationJob:
         applyToMoving: Put the moving volume under the output transform when done.
         scene: The MRML scene (default ``slicer.mrmlScene``).
         keepFiles: Keep the temporary folder (for debugging).
+        model: Optional learned model (registry name or card path, see :func:`availableModels`) whose
+            prediction starts the deformable optimization (``modelMode="init"``) or replaces it
+            (``"replace"``); without an explicit ``spacing`` option the model's working spacing is used.
         **options: Engine options overriding the preset (see :data:`OPTION_NAMES`).
     """
 
@@ -150,7 +160,7 @@ class RegistrationJob:
                  movingMask=None, initialTransform=None, fixedSegmentation=None, movingSegmentation=None,
                  fixedLandmarks=None, movingLandmarks=None, outputTransform=None, outputVolume=None,
                  jacobianVolume=None, metricsTable=True, applyToMoving: bool = True, scene=None,
-                 keepFiles: bool = False, **options):
+                 keepFiles: bool = False, model: str | None = None, modelMode: str = "init", **options):
         if fixedVolume is None or movingVolume is None:
             raise InputError("select a fixed volume and a moving volume.")
         if fixedVolume == movingVolume:
@@ -172,6 +182,20 @@ class RegistrationJob:
         self.metricsTable, self.applyToMoving, self.keepFiles = metricsTable, applyToMoving, keepFiles
         self.config = engineConfig(preset, **options)
         self.preset = preset
+        self.model, self.modelMode = None, modelMode
+        if model:
+            from DeepRegistrationLib.registry import read_card, resolve
+
+            if modelMode not in ("init", "replace"):
+                raise InputError(f"modelMode must be 'init' or 'replace', not {modelMode!r}.")
+            if self.config.get("mode", "deformable") != "deformable":
+                raise InputError(f"a learned model predicts a deformation; preset '{preset}' has none. "
+                                 "Choose a Deformable preset or no model.")
+            self.model = str(resolve(model))  # InputError naming the available models
+            if options.get("spacing") is None:
+                spacing = read_card(self.model).get("preprocessing", {}).get("working_spacing_mm")
+                if spacing:
+                    self.config["spacing"] = float(spacing)
         self.process: subprocess.Popen | None = None
         self.workDir: Path | None = None
         self.state, self.progress, self.message = "new", 0.0, ""
@@ -195,6 +219,8 @@ class RegistrationJob:
         write_image(moving, folder / "moving.nii.gz", compress=False)
         job = {"fixed": str(folder / "fixed.nii.gz"), "moving": str(folder / "moving.nii.gz"),
                "out_dir": str(folder / "result"), "config": self.config}
+        if self.model:
+            job.update(model=self.model, model_mode=self.modelMode)
         grids = {"fixed": (self.fixedVolume, fixed.grid), "moving": (self.movingVolume, moving.grid)}
         for side in ("fixed", "moving"):
             mask = self.inputs[f"{side}Mask"]
@@ -367,6 +393,8 @@ class RegistrationJob:
             N.setRegistrationReferences(transformNode, self.fixedVolume, self.movingVolume)
             transformNode.SetAttribute(N.RESULT_ATTRIBUTE, self.preset)
             transformNode.SetAttribute("DeepRegistration.config", json.dumps(self.config))
+            if self.model:
+                transformNode.SetAttribute("DeepRegistration.model", f"{Path(self.model).stem} ({self.modelMode})")
             result = RegistrationResult(transformNode, report=self.report, metrics=N.flatMetrics(self.report))
             if warped is not None:
                 node = None if self.outputVolume is True else self.outputVolume
