@@ -7,6 +7,10 @@ whole, separate process (wall-clock time and peak RSS of that process, imports i
 - ``deepreg``: ``<venv>/bin/deepregistration register FIXED MOVING -o OUT --overwrite --no-png -q --threads N``
 - ``ants``:    ``PEER_PYTHON benchmarks/run_ants.py register ...`` (antspyx SyN defaults)
 - ``elastix``: ``PEER_PYTHON benchmarks/run_elastix.py register ...`` (default affine + B-spline maps)
+- ``deepreg+model``: ``deepregistration register ... --model NAME`` (the learned model's prediction starts
+  a finest-level-only optimization, at the model's working spacing) — the learned default preset;
+- ``model``: the same with ``--model-mode replace`` (affine stage + the model alone, no optimization).
+  Both need ``--model NAME|PATH``.
 
 All methods are then evaluated the same way in this process, from each method's full fixed → moving
 transform read with SimpleITK (deepreg ``transform.h5``; ANTs ``[affine.mat, warp.nii.gz]`` as a
@@ -49,7 +53,8 @@ sys.path.insert(0, str(HERE))
 import synthetic_pairs as sp  # noqa: E402
 
 logger = logging.getLogger("benchmark")
-METHODS = ("deepreg", "ants", "elastix")
+METHODS = ("deepreg", "ants", "elastix", "deepreg+model", "model")
+DEEPREG_FAMILY = ("deepreg", "deepreg+model", "model")  # same CLI, same transform.h5
 TARGETS_NOTE = "targets (issue): Dice >= ANTs at 2 and 1 mm; folding <= 0.05 %; time <= 1/3 of ANTs; peak memory at 1 mm < 4 GB"
 
 
@@ -132,9 +137,13 @@ def method_commands(method: str, pair: sp.PairFiles, run_dir: Path, args: argpar
                     ) -> tuple[list[str], list[str] | None]:
     """(timed registration command, untimed export command or None) for one method."""
     f, m = str(pair.fixed), str(pair.moving)
-    if method == "deepreg":
+    if method in DEEPREG_FAMILY:
         cmd = deepreg_command(args) + ["register", f, m, "-o", str(run_dir), "--overwrite", "--no-png", "-q",
                                        "--threads", str(args.threads)] + args.deepreg_args.split()
+        if method != "deepreg":
+            if not args.model:
+                raise ValueError(f"method {method} needs --model NAME|PATH")
+            cmd += ["--model", args.model, "--model-mode", "init" if method == "deepreg+model" else "replace"]
         return cmd, None
     if method == "ants":
         runner = [args.peer_python, str(HERE / "run_ants.py")]
@@ -151,7 +160,7 @@ def load_transform(method: str, run_dir: Path) -> sitk.Transform:
     """Each method's full fixed → moving transform (LPS mm) as a SimpleITK transform."""
     if method == "none":
         return sitk.Transform(3, sitk.sitkIdentity)
-    if method == "deepreg":
+    if method in DEEPREG_FAMILY:
         return sitk.ReadTransform(str(run_dir / "transform.h5"))
     if method == "ants":
         aff = sitk.ReadTransform(str(run_dir / "affine.mat"))
@@ -273,7 +282,7 @@ def evaluate(method: str, run_dir: Path, pair: sp.PairFiles, transform: sitk.Tra
         na = sitk.GetArrayFromImage(sitk.ReadImage(str(native))).astype(np.int64)
         if na.shape == wa.shape:
             row["agreement_with_native_warp_dice"] = float(np.nanmean(dice_per_label(na, wa, labels)))
-    if method == "deepreg" and (run_dir / "jacobian.nii.gz").exists():
+    if method in DEEPREG_FAMILY and (run_dir / "jacobian.nii.gz").exists():
         ej = sitk.GetArrayFromImage(sitk.ReadImage(str(run_dir / "jacobian.nii.gz")))
         row["engine_reported_folding_pct"] = float(100.0 * np.mean(ej <= 0))
     return row
@@ -379,6 +388,17 @@ def targets(summary: dict) -> list[dict]:
     d1 = summary.get("1.0", {}).get("deepreg")
     add("peak memory at 1 mm < 4 GB", None if not d1 else d1["peak_mb"] < 4096,
         f"{d1['peak_mb']:.0f} MB" if d1 else "")
+    # the learned engine's targets (model issue), measured only when the model methods ran
+    for sp_mm, s in summary.items():
+        d, a = s.get("deepreg+model"), s.get("ants")
+        if d and a:
+            add(f"learned preset: Dice >= ANTs at {float(sp_mm):g} mm", d["dice_mean"] >= a["dice_mean"],
+                f"{d['dice_mean']:.4f} vs {a['dice_mean']:.4f}")
+            add(f"learned preset: folding <= 0.05 % at {float(sp_mm):g} mm", d["folding_pct_max"] <= 0.05,
+                f"max {d['folding_pct_max']:.4f} %")
+            if sp_mm == "2.0":
+                add("learned preset: time <= 1/10 ANTs at 2 mm", d["time_s"] <= a["time_s"] / 10,
+                    f"{d['time_s']:.1f} s vs {a['time_s']:.1f} s (ratio {d['time_s'] / a['time_s']:.2f})")
     return res
 
 
@@ -420,7 +440,8 @@ def plot(path: Path, summary: dict, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     methods = [m for m in METHODS if any(m in s for s in summary.values())]
-    colors = {"deepreg": "tab:red", "ants": "tab:blue", "elastix": "tab:green"}
+    colors = {"deepreg": "tab:red", "ants": "tab:blue", "elastix": "tab:green", "deepreg+model": "tab:purple",
+              "model": "tab:orange"}
     markers = {"2.0": "o", "1.0": "s"}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for r in rows:
@@ -470,6 +491,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peer-python", default=sys.executable, help="Python with antspyx and itk-elastix")
     ap.add_argument("--deepreg-cli", help="path of the deepregistration executable (default: next to python)")
     ap.add_argument("--deepreg-args", default="", help="extra arguments for 'deepregistration register'")
+    ap.add_argument("--model", help="learned model (registry name or card path) for deepreg+model / model")
     ap.add_argument("--templates", help="mricron templates folder (default: search; else apt-get download)")
     ap.add_argument("--fixed-orientation", default="LPS")
     ap.add_argument("--moving-orientation", default="RAS")
