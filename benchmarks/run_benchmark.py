@@ -330,6 +330,7 @@ def environment(args: argparse.Namespace) -> dict:
             "platform": platform.platform(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)), "cpu_model": cpu_model,
             "memory_gb": round(mem_gb, 1), "threads_per_method": args.threads,
+            "moving_contrast": args.moving_contrast, "model": args.model, "deepreg_args": args.deepreg_args,
             "main_python": sys.executable, "peer_python": args.peer_python,
             "versions": {"deepregistration": _version("deepregistration"), "torch": _version("torch"),
                          "SimpleITK": _version("SimpleITK"), "numpy": _version("numpy")},
@@ -492,6 +493,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--deepreg-cli", help="path of the deepregistration executable (default: next to python)")
     ap.add_argument("--deepreg-args", default="", help="extra arguments for 'deepregistration register'")
     ap.add_argument("--model", help="learned model (registry name or card path) for deepreg+model / model")
+    ap.add_argument("--moving-contrast", default="same", choices=("same", "inverted"),
+                    help="'inverted': a T2-like synthetic contrast for the moving image (multimodal case; "
+                         "give --deepreg-args '--similarity mi')")
     ap.add_argument("--templates", help="mricron templates folder (default: search; else apt-get download)")
     ap.add_argument("--fixed-orientation", default="LPS")
     ap.add_argument("--moving-orientation", default="RAS")
@@ -516,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds:
             tag = f"s{spacing:g}mm_seed{seed}"
             pair = sp.make_pair(templates, spacing, seed, out / "pairs" / tag,
-                                fixed_orientation=args.fixed_orientation, moving_orientation=args.moving_orientation)
+                                fixed_orientation=args.fixed_orientation, moving_orientation=args.moving_orientation,
+                                moving_contrast=args.moving_contrast)
             base = {"spacing_mm": spacing, "seed": seed, "pair": str(pair.out_dir)}
             rows.append({**base, "method": "none", "ok": True, **evaluate("none", out, pair)})
             if not args.no_gt_row:  # the exact S^-1: reference for what these label maps allow

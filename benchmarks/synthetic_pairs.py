@@ -360,7 +360,8 @@ def make_pair(templates_dir: str | os.PathLike, spacing_mm: float, seed: int, ou
               scale_range: tuple[float, float] = (0.92, 1.08), max_shear: float = 0.04,
               displacement_range_mm: tuple[float, float] = (5.0, 7.0),
               gamma_range: tuple[float, float] = (0.8, 1.25), bias_amplitude: float = 0.15,
-              noise_fraction: float = 0.02, max_origin_shift_mm: float = 4.0) -> PairFiles:
+              noise_fraction: float = 0.02, max_origin_shift_mm: float = 4.0,
+              moving_contrast: str = "same") -> PairFiles:
     """Builds one synthetic pair and writes it into ``out_dir`` (created if needed).
 
     Args:
@@ -371,6 +372,9 @@ def make_pair(templates_dir: str | os.PathLike, spacing_mm: float, seed: int, ou
         fixed_orientation: ``"native"`` (ch2bet's own direction, RAS-stored) or a 3-letter code (``"LPS"``).
         moving_orientation: ``"same"`` as the fixed one, or a 3-letter code (``"RAS"``, ``"LPS"``, ``"LIP"``...).
         n_landmarks: Maximum number of landmarks (the most compact AAL regions).
+        moving_contrast: ``"same"`` (T1, like the fixed image) or ``"inverted"``: a synthetic second contrast
+            for multimodal tests (inside the head the intensity order is reversed, T2-like: CSF bright, white
+            matter dark; background stays dark), applied before gamma, bias and noise.
         The remaining keyword arguments bound the random draws (see the module docstring).
 
     Returns:
@@ -439,6 +443,11 @@ def make_pair(templates_dir: str | os.PathLike, spacing_mm: float, seed: int, ou
     # --- intensity change on the moving image ---------------------------------------------------------
     m = sitk.GetArrayFromImage(moving_clean).astype(np.float64)
     p99 = float(np.percentile(m, 99))
+    if moving_contrast == "inverted":
+        inside = m > 0.1 * p99
+        m = np.where(inside, 1.1 * p99 - np.clip(m, 0, 1.05 * p99), 0.0)
+    elif moving_contrast != "same":
+        raise ValueError(f"moving_contrast must be 'same' or 'inverted', not {moving_contrast!r}")
     gamma = float(rng.uniform(*gamma_range))
     m = p99 * (np.clip(m, 0, None) / p99) ** gamma
     extent = np.array(moving_ref.GetSize()) * spacing_mm
