@@ -28,6 +28,9 @@ Annex E basic profile; study dates are removed or shifted per subject; segments 
 table by terminology code, then name; splits are subject-grouped and stable; every output byte is scanned
 for identifying text. Optional algorithmic ground truth per pair (the engine or ANTs SyN).
 <br><br>
+<i>Train a model on the dataset</i> trains (or fine-tunes) a registration network on the built dataset in the
+background; the new model appears in the Deep Registration module's <i>Learned model</i> list.
+<br><br>
 Not in this version: face removal (the report warns about head images).
 The build runs in a background PythonSlicer process (Cancel stops it; building again resumes).
 <br><br>
@@ -88,6 +91,25 @@ class DatasetBuilderWidget(ScriptedLoadableModuleWidget):
         self.cancelButton = qt.QPushButton("Cancel")
         self.cancelButton.enabled = False
         form.addRow(self.buildButton, self.cancelButton)
+        trainBox = ctk.ctkCollapsibleButton()
+        trainBox.text = "Train a model on the dataset"
+        trainBox.collapsed = True
+        trainForm = qt.QFormLayout(trainBox)
+        self.modelNameEdit = qt.QLineEdit("mymodel")
+        self.modelNameEdit.toolTip = "Name of the new model (it appears in Deep Registration's Learned model list)."
+        trainForm.addRow("Model name:", self.modelNameEdit)
+        self.stepsBox = qt.QSpinBox()
+        self.stepsBox.setRange(1, 1000000)
+        self.stepsBox.value = 2000
+        trainForm.addRow("Steps:", self.stepsBox)
+        self.initModelBox = qt.QComboBox()
+        self.initModelBox.toolTip = "Fine-tune an installed model instead of starting from scratch."
+        trainForm.addRow("Start from:", self.initModelBox)
+        self.trainButton = qt.QPushButton("Train")
+        self.trainButton.toolTip = ("Trains on the output folder's dataset in the background (GPU when available). "
+                                    "Cancel stops it; Train again resumes from the last checkpoint.")
+        trainForm.addRow(self.trainButton)
+        form.addRow(trainBox)
         self.progressBar = qt.QProgressBar()
         form.addRow(self.progressBar)
         self.statusLabel = qt.QLabel("")
@@ -96,6 +118,32 @@ class DatasetBuilderWidget(ScriptedLoadableModuleWidget):
         self.layout.addStretch(1)
         self.buildButton.connect("clicked(bool)", self.onBuild)
         self.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.trainButton.connect("clicked(bool)", self.onTrain)
+        trainBox.connect("contentsCollapsed(bool)", self._fillModels)
+        self._fillModels()
+        self.training = False
+
+    def _fillModels(self, collapsed=False) -> None:
+        from DeepRegistrationSlicerLib.run import availableModels
+
+        self.initModelBox.clear()
+        self.initModelBox.addItems(["Scratch"] + availableModels())
+
+    def onTrain(self) -> None:
+        """Starts ``deepregistration train --dataset OUTPUT`` in a child process, polled like a build."""
+        import qt
+
+        with slicer.util.tryWithErrorDisplay("Could not start the training.", waitCursor=True):
+            self.logic.ensurePythonPackages()
+            init = self.initModelBox.currentText if self.initModelBox.currentIndex > 0 else None
+            self.process = self.logic.startTraining(self.outputEdit.currentPath, self.modelNameEdit.text.strip(),
+                                                    self.stepsBox.value, initModel=init)
+            self.training = True
+            self.buildButton.enabled, self.trainButton.enabled, self.cancelButton.enabled = False, False, True
+            self.timer = qt.QTimer()
+            self.timer.setInterval(500)
+            self.timer.connect("timeout()", self.onPoll)
+            self.timer.start()
 
     def onCancel(self) -> None:
         """Stops the child process; finished cases stay and Build resumes."""
@@ -133,7 +181,19 @@ class DatasetBuilderWidget(ScriptedLoadableModuleWidget):
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-        self.buildButton.enabled, self.cancelButton.enabled = True, False
+        self.buildButton.enabled, self.trainButton.enabled, self.cancelButton.enabled = True, True, False
+        if self.training:
+            self.training = False
+            if code == 0:
+                self.statusLabel.text = (f"Model '{self.modelNameEdit.text.strip()}' installed: choose it as Learned "
+                                         "model in the Deep Registration module.")
+                self._fillModels()
+            elif code < 0 or code == 130:
+                self.statusLabel.text = "Training stopped. Train again with the same name to resume."
+            else:
+                slicer.util.errorDisplay(f"Training failed: {self.process.last_error()}")
+            self.process = None
+            return
         report = os.path.join(self.outputEdit.currentPath, "report.md")
         if code == 0:
             self.statusLabel.text = "\n".join(self.process.output[-1:]) or "Done."
@@ -225,6 +285,25 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
         if classical != "none":
             args += ["--classical", "--classical-method", classical]
         return BuildProcess(args, python=pythonExecutable()), tmp
+
+
+    def startTraining(self, datasetDir, name, steps, initModel=None, shape=(64, 64, 64), spacing=3.0):
+        """Starts ``deepregistration train`` on a built dataset in a PythonSlicer child process (progress,
+        Cancel); the model is installed in the user models folder, where Deep Registration lists it.
+        Returns the ``TrainProcess``."""
+        from DatasetBuilderLib.background import TrainProcess
+        from DeepRegistrationSlicerLib.run import pythonExecutable
+
+        if not datasetDir or not os.path.isdir(datasetDir):
+            raise ValueError("choose the output folder of a built dataset first")
+        if not name or any(c in name for c in '/\\:'):
+            raise ValueError("give the model a name (letters, digits, - and _)")
+        args = ["--dataset", datasetDir, "--name", name, "--steps", str(int(steps)), "--mode", "semi-supervised",
+                "--shape", *map(str, shape), "--spacing", str(spacing), "--val-every", str(max(int(steps) // 10, 1)),
+                "--checkpoint-every", str(max(int(steps) // 20, 1)), "--install"]
+        if initModel:
+            args += ["--init-model", initModel]
+        return TrainProcess(args, python=pythonExecutable())
 
 
 #

@@ -625,3 +625,28 @@ def test_train_on_the_dataset_writes_a_model_whose_card_names_no_identity(built,
     assert "Learn2Reg-layout dataset 'DREG'" in card["training"]["data"]
     assert card["training"]["recipe"]["dataset"] == str(out)
     assert independent_scan(tmp_path / "run", injected) == []
+
+
+def test_training_in_a_child_process_installs_the_model_and_cancel_stops_it(built, tmp_path, monkeypatch):
+    """The DatasetBuilder module's "Train" path: ``train --dataset`` in a child with progress lines; the
+    model lands in the user models folder (Deep Registration lists it); Cancel stops a run, nothing installed."""
+    import time
+
+    from DatasetBuilderLib.background import TrainProcess
+    from DeepRegistrationLib import registry
+
+    folder, out, result, injected, meta = built
+    monkeypatch.setenv(registry.ENV_MODELS_DIR, str(tmp_path / "models"))
+    common = ["--dataset", out, "--shape", "16", "16", "16", "--spacing", "6", "--channels", "4", "8",
+              "--mode", "semi-supervised", "--install", "--val-every", "2", "--checkpoint-every", "2"]
+    child = TrainProcess(common + ["--name", "child-model", "--steps", "4", "-o", tmp_path / "run"])
+    assert child.wait(240) == 0, child.last_error()
+    assert child.fraction == 1.0 and "step 4/4" in child.message
+    assert [e.name for e in registry.list_models() if e.ok] == ["child-model"]
+    long = TrainProcess(common + ["--name", "stopped", "--steps", "100000", "-o", tmp_path / "run2"])
+    deadline = time.time() + 120
+    while long.fraction <= 0 and long.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert long.poll() is None, long.last_error()
+    assert long.cancel() != 0
+    assert "stopped" not in [e.name for e in registry.list_models()]

@@ -1,7 +1,10 @@
-"""Run a build in a child process (``PythonSlicer`` inside Slicer, ``sys.executable`` elsewhere).
+"""Run a dataset build or a training in a child process (``PythonSlicer`` inside Slicer, ``sys.executable``
+elsewhere).
 
-The Slicer module polls :class:`BuildProcess` from a timer, so the GUI stays usable and Cancel really stops
-the work (the child is terminated; every write is atomic, and running the same build again resumes).
+The Slicer module polls :class:`BuildProcess` / :class:`TrainProcess` from a timer, so the GUI stays usable
+and Cancel really stops the work (the child is terminated; every build write is atomic and running the same
+build again resumes; a training resumes from its last checkpoint). Both children print
+``PROGRESS <fraction> <message>`` lines (``--machine-progress``).
 """
 from __future__ import annotations
 
@@ -22,22 +25,18 @@ def _library_paths() -> list[str]:
     return [str(p) for p in candidates if p.is_dir()]
 
 
-class BuildProcess:
-    """``dataset build`` in a child process with progress, cancel and the exit code.
-
-    Args:
-        arguments: Arguments after ``dataset build`` (inputs, ``-o``, ``--key``, options).
-        python: Interpreter (``PythonSlicer`` in Slicer); default ``sys.executable``.
+class ChildProcess:
+    """``python -m MODULE ARGS... --machine-progress`` with progress, cancel and the exit code.
 
     Attributes:
-        fraction: Last progress, 0..1; message: last progress message; errors: stderr lines.
+        fraction: Last progress, 0..1; message: last progress message; output: other stdout lines;
+        errors: stderr lines.
     """
 
-    def __init__(self, arguments: list[str], python: str | None = None) -> None:
+    def __init__(self, module_and_arguments: list[str], python: str | None = None) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(_library_paths() + [p for p in [env.get("PYTHONPATH")] if p])
-        cmd = [python or sys.executable, "-m", "DatasetBuilderLib.cli", "dataset", "build", *map(str, arguments),
-               "--machine-progress"]
+        cmd = [python or sys.executable, "-m", *map(str, module_and_arguments), "--machine-progress"]
         self.fraction = 0.0
         self.message = "starting"
         self.output: list[str] = []
@@ -88,3 +87,27 @@ class BuildProcess:
         """The last non-empty stderr line that is not a progress bar (for an error message)."""
         lines = [e.split("\r")[-1].strip() for e in self.errors]
         return next((e for e in reversed(lines) if e and not e.startswith("[")), "")
+
+
+class BuildProcess(ChildProcess):
+    """``dataset build`` in a child process (exit codes: see :mod:`DatasetBuilderLib.cli`).
+
+    Args:
+        arguments: Arguments after ``dataset build`` (inputs, ``-o``, ``--key``, options).
+        python: Interpreter (``PythonSlicer`` in Slicer); default ``sys.executable``.
+    """
+
+    def __init__(self, arguments: list[str], python: str | None = None) -> None:
+        super().__init__(["DatasetBuilderLib.cli", "dataset", "build", *map(str, arguments)], python)
+
+
+class TrainProcess(ChildProcess):
+    """``deepregistration train`` in a child process (exit code 0 when the model is written).
+
+    Args:
+        arguments: Arguments after ``train`` (``--dataset``, ``--name``, ``--steps``, ``--install``...).
+        python: Interpreter (``PythonSlicer`` in Slicer); default ``sys.executable``.
+    """
+
+    def __init__(self, arguments: list[str], python: str | None = None) -> None:
+        super().__init__(["DeepRegistrationLib.cli", "train", *map(str, arguments)], python)

@@ -63,6 +63,8 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in the run folder")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
+    p.add_argument("--machine-progress", action="store_true",
+                   help="print 'PROGRESS <fraction> <message>' lines on stdout instead of a progress bar")
     p.add_argument("--tensorboard", action="store_true",
                    help="write TensorBoard logs to the run folder's tensorboard/ (needs the tensorboard package)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -128,9 +130,16 @@ def _train(args: argparse.Namespace) -> int:
                       dataset=args.dataset, dataset_pairs=args.dataset_pairs, tensorboard=args.tensorboard)
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, unit="step", desc=f"train {args.name}", disable=None, file=sys.stderr)
+    machine = getattr(args, "machine_progress", False)
+    bar = tqdm(total=cfg.steps, unit="step", desc=f"train {args.name}", disable=True if machine else None,
+               file=sys.stderr)
+    last = [-1.0]
 
     def progress(fraction: float, message: str) -> None:
+        if machine and (fraction - last[0] >= 0.005 or fraction >= 1.0):
+            last[0] = fraction
+            sys.stdout.write(f"PROGRESS {fraction:.4f} {message}\n")
+            sys.stdout.flush()
         step = int(round(fraction * cfg.steps))
         if step > bar.n:
             bar.update(step - bar.n)
