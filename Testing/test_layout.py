@@ -129,6 +129,12 @@ def test_top_level_cmakelists():
     assert "include(${Slicer_EXTENSION_CPACK})" in text
     # the order matters: modules after find_package, CPack last
     assert text.index("find_package(Slicer") < text.index("add_subdirectory(") < text.index("Slicer_EXTENSION_CPACK")
+    # icon and screenshot URLs point into this repository's main branch at files that exist
+    urls = re.findall(r'"(https://raw\.githubusercontent\.com/[^/]+/[^/]+/main/[^"\s]+)"', text)
+    assert len(urls) >= 2, urls
+    for url in urls:
+        path = url.split("/main/", 1)[1]
+        assert (ROOT / path).is_file(), f"{url}: {path} is not in the repository"
 
 
 @pytest.mark.parametrize("module", MODULES)
