@@ -317,6 +317,21 @@ def test_adding_subjects_keeps_earlier_splits_pseudonyms_and_files(scenes, sampl
         if rel.startswith(("images", "labels", "masks", "keypoints")):
             assert result.manifest["files"][rel] == digest, rel
     assert independent_scan(out, injected) == []
+    # a subject left out of the inputs (e.g. consent withdrawn) leaves the dataset entirely; the others stay
+    kept = sorted(p for p in (folder / "in").iterdir() if not p.name.startswith("Quixley0")) + [folder / "more"]
+    result = B.build_dataset(kept, out, opts)
+    third = json.loads((out / "DREG_dataset.json").read_text())
+    remaining = {e["image"]: (e["subject"], e["split"]) for e in third["training"] + third["test"]}
+    gone = sorted(set(after) - set(remaining))
+    assert result.removed == 2 and len(gone) == 2 and result.cases_written == 0
+    assert all(remaining[i] == after[i] for i in remaining)
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    stems = [Path(g).name.split(".")[0] for g in gone]
+    assert not [f for f in files if any(stem in f for stem in stems)], "files of a removed case remain"
+    assert not [f for f in result.manifest["files"] if any(stem in f for stem in stems)]
+    pairs = third["training_paired_images"] + third["registration_val"] + third["registration_test"]
+    assert not [p for p in pairs if p["fixed"] in gone or p["moving"] in gone]
+    assert "cases removed because their inputs were not given again: 2" in (out / "report.md").read_text()
 
 
 def test_identifying_segment_name_fails_the_build_and_names_the_file(scenes):

@@ -1,5 +1,9 @@
 """The builder's API: :func:`build_dataset` (scenes → de-identified Learn2Reg dataset), resumable.
 
+An update mirrors the inputs: new cases are added, earlier ones are kept byte for byte (same numbers,
+pseudonyms and splits), and the files of cases whose inputs are not given again are deleted (a subject who
+withdrew consent leaves the dataset by being left out of the next build).
+
 Steps: check the output folder (:func:`writer.prepare_output`), read every scene and collect cases and PHI
 strings, skip what cannot be used (reason in the report), pseudonymise subjects (keyed HMAC), number cases
 stably (pseudonymous case registry in ``meta/state.json``), build the label table, assign splits (existing
@@ -14,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -115,6 +120,7 @@ class BuildResult:
     phi_strings: int = 0
     phi_hits: list = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
+    removed: int = 0
 
 
 def _tick(progress: Progress | None, fraction: float, message: str) -> None:
@@ -255,6 +261,7 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
                 aug_pairs.append(pair[1])
     state["cases"] = numbers
     W.atomic_write_json(out / W.STATE, state)
+    result.removed = _prune(out, entries)
     # pairs within splits
     refs = [CaseRef(c.uid, c.subject, splits[c.subject], "", c.modality) for c in originals]
     atlas = None
@@ -292,6 +299,43 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
     result.manifest = W.write_manifest(out, BUILDER_VERSION, options.manifest_parameters(), len(scenes))
     _tick(progress, 1.0, "done")
     return result
+
+
+ENTRY_FILES = ("image", "label", "mask", "keypoints", "keypoints_lps", "dicom_header")
+
+
+def _prune(out: Path, entries: dict[str, dict]) -> int:
+    """Deletes the files of cases no longer among the inputs (a subject dropped from the inputs, e.g. after
+    consent was withdrawn, leaves the dataset entirely), with their augmentations and algorithmic ground
+    truths; returns how many cases were removed. Runs after every current case is written, so an
+    interrupted build never loses a current case."""
+    current = {e["image"] for e in entries.values()}
+    names = {Path(i).name.split(".")[0] for i in current}
+    removed = 0
+    for sidecar in sorted((out / "meta").glob("*.json")):
+        if sidecar.name in (Path(W.STATE).name, Path(W.MARKER).name):
+            continue
+        info = json.loads(sidecar.read_text())
+        if sidecar.name.startswith("classical_"):  # classical_<fixed>_<moving>_<method>.json
+            match = re.fullmatch(r"classical_(.+_\d{4,}_\d{4,})_(.+_\d{4,}_\d{4,})_[a-z]+", sidecar.stem)
+            if match is None or not {match.group(1), match.group(2)} <= names:
+                (out / info["transform"]).unlink(missing_ok=True)
+                sidecar.unlink()
+            continue
+        entry = info.get("entry")
+        if entry is None or entry["image"] in current:
+            continue
+        for key in ENTRY_FILES:
+            if key in entry:
+                (out / entry[key]).unlink(missing_ok=True)
+        for gold in (info.get("pair") or {}).get("gold_standard", []):
+            if gold.get("transform"):
+                (out / gold["transform"]).unlink(missing_ok=True)
+        sidecar.unlink()
+        removed += "augmented_from" not in entry
+    if removed:
+        logger.info("removed %d case(s) no longer among the inputs", removed)
+    return removed
 
 
 def _remap(c, table: LabelTable) -> np.ndarray | None:

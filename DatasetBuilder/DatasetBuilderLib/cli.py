@@ -21,7 +21,9 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     sub = dataset.add_subparsers(dest="dataset_command", required=True)
     b = sub.add_parser("build", help="scenes (.mrb/.mrml or folders) -> dataset folder")
     b.add_argument("inputs", nargs="+", metavar="INPUT", help="scene files (.mrb, .mrml) or folders of them")
-    b.add_argument("-o", "--out", required=True, metavar="OUTDIR", help="new/empty folder, or a dataset to update")
+    b.add_argument("-o", "--out", required=True, metavar="OUTDIR",
+                   help="new/empty folder, or a dataset to update: it then mirrors the INPUTs given (new cases "
+                        "added, earlier ones kept unchanged, cases whose inputs are not given again removed)")
     b.add_argument("--key", required=True, metavar="FILE",
                    help="pseudonym key file, outside OUTDIR (created when missing; keep it for updates)")
     b.add_argument("--task", default="DREG", help="task name, the file prefix (default DREG)")

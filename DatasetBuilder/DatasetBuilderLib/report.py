@@ -37,6 +37,9 @@ def write_thumbnails(out: Path, pairs: list[dict]) -> list[str]:
             sitk.WriteImage(sitk.GetImageFromArray(tile), str(Path(tmp) / "t.png"))
             atomic_write_bytes(out / rel, (Path(tmp) / "t.png").read_bytes())
         written.append(rel)
+    for old in (out / "thumbnails").glob("*.png") if (out / "thumbnails").is_dir() else []:
+        if f"thumbnails/{old.name}" not in written:  # of an earlier build (maybe of a removed subject)
+            old.unlink()
     return written
 
 
@@ -49,7 +52,8 @@ def write_report(out: Path, task: str, result, table, hits: list, thumbnails: li
              f"{result.augment_rejected}",
              f"- pairs: train {result.pairs.get('train', 0)}, val {result.pairs.get('val', 0)}, "
              f"test {result.pairs.get('test', 0)}",
-             f"- skipped inputs: {len(result.skipped)}", "",
+             f"- skipped inputs: {len(result.skipped)}",
+             f"- cases removed because their inputs were not given again: {getattr(result, 'removed', 0)}", "",
              "## Label table", "", "| ID | name |", "|---|---|"]
     lines += [f"| {i} | {name} |" for name, i in sorted(table.ids.items(), key=lambda kv: kv[1])]
     lines += ["", f"Segment names matching no label (left out): {sum(table.unmatched.values())} segment(s), "
