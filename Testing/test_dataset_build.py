@@ -543,6 +543,11 @@ def test_classical_registration_ground_truth_is_flagged_and_improves_the_pair(sc
         q = gold["quality"]
         assert q["ncc_after"] > q["ncc_before"] and q["dice_after"] > q["dice_before"] + 0.1, q
         assert q["folding_percent"] < 0.05, q
+    if method == "engine":  # algorithmic transforms are pseudo ground truth for supervised training
+        from DeepRegistrationLib.dataset_pairs import DatasetPairs
+
+        known = DatasetPairs(out, shape=(24, 24, 24), spacing=4.0, need_field=True, jitter=0.0)
+        assert len(known) == 2 and float(known.fixed_batches(1)[0].field.abs().max()) > 1.0
         # the stored .h5 brings the moving landmarks onto the fixed ones better than no transform
         transform = sitk.ReadTransform(str(out / gold["transform"]))
         fk, mk = (np.loadtxt(out / by_image[pair[s]]["keypoints_lps"], delimiter=",", skiprows=1,

@@ -17,7 +17,9 @@ training.train` trains on real pairs exactly as on synthetic ones:
 - **Labels** keep the dataset's label IDs (one table for the whole dataset); zeros when a case has none.
 - **Known field** (supervised mode): from the pair's ground-truth ``.h5`` (fixed → moving, LPS), as
   ``u(x) = T(x) - x`` in mm on the working grid; zeros for pairs without one (``need_field`` keeps only
-  pairs with one).
+  pairs with one). Ground truth is the augmentation's exact field or, for real pairs, the algorithmic
+  transform of a classical registration (DatasetBuilder ``--classical``): pseudo ground truth, so unlabeled
+  real pairs can train a model in supervised mode (self-training from the instance optimization or ANTs).
 
 Tensors are ``(B, C, Z, Y, X)``; the batch grid has origin 0 (the arrays are already on the working grid,
 and the training losses only use spacing and shape).
