@@ -220,22 +220,10 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
     def ensurePythonPackages(self) -> None:
         """The engine's packages (through the Deep Registration module: PyTorch extension, monai, ...) and
         this module's ``Resources/requirements.txt`` (dicom-anonymizer, for DICOM input), after asking."""
-        slicer.util.getModuleLogic("DeepRegistration").ensurePythonPackages()
+        logic = slicer.util.getModuleLogic("DeepRegistration")
+        logic.ensurePythonPackages()
         requirements = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
-        try:
-            from slicer import packaging as slicerPackaging
-        except ImportError:  # Slicer < 5.12
-            slicerPackaging = None
-        if slicerPackaging is not None:
-            slicerPackaging.pip_ensure(slicerPackaging.load_requirements(requirements), requester="DatasetBuilder")
-            return
-        import importlib.util
-
-        if importlib.util.find_spec("dicomanonymizer") is None:
-            if not slicer.util.confirmOkCancelDisplay("Dataset Builder needs the Python package dicom-anonymizer "
-                                                      "(DICOM de-identification). Install it now?"):
-                raise RuntimeError("dicom-anonymizer was not installed.")
-            slicer.util.pip_install("dicom-anonymizer>=2.1,<3")
+        logic.ensureRequirements(requirements, "DatasetBuilder", ("dicomanonymizer",), ["dicom-anonymizer>=2.1,<3"])
 
     def build(self, scenesFolder, outDir, keyFile, progress=None, **options):
         """Builds a dataset from a folder of scenes, or from the current scene when ``scenesFolder`` is None.

@@ -357,22 +357,29 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
             if torch is None:
                 raise RuntimeError("PyTorch is needed to register images; its installation was cancelled.")
         requirements = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
+        self.ensureRequirements(requirements, "DeepRegistration", ("monai", "safetensors"), FALLBACK_REQUIREMENTS,
+                                askConfirmation)
+        self._packagesChecked = True
+
+    @staticmethod
+    def ensureRequirements(requirementsFile: str, requester: str, modules, fallbackSpecs,
+                           askConfirmation: bool = True) -> None:
+        """Installs a module's ``requirements.txt`` with ``slicer.packaging.pip_ensure`` (it asks the user);
+        on Slicer < 5.12 asks, then ``pip_install``s ``fallbackSpecs`` when one of ``modules`` is missing."""
         try:
             from slicer import packaging as slicerPackaging
         except ImportError:  # Slicer < 5.12
             slicerPackaging = None
         if slicerPackaging is not None:
-            slicerPackaging.pip_ensure(slicerPackaging.load_requirements(requirements), requester="DeepRegistration")
-        else:
-            import importlib.util
+            slicerPackaging.pip_ensure(slicerPackaging.load_requirements(requirementsFile), requester=requester)
+            return
+        import importlib.util
 
-            if any(importlib.util.find_spec(name) is None for name in ("monai", "safetensors")):
-                if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                        f"DeepRegistration needs these Python packages: {', '.join(FALLBACK_REQUIREMENTS)}. "
-                        "Install them now?"):
-                    raise RuntimeError("Required Python packages were not installed.")
-                slicer.util.pip_install(FALLBACK_REQUIREMENTS)
-        self._packagesChecked = True
+        if any(importlib.util.find_spec(name) is None for name in modules):
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                    f"{requester} needs these Python packages: {', '.join(fallbackSpecs)}. Install them now?"):
+                raise RuntimeError("Required Python packages were not installed.")
+            slicer.util.pip_install(list(fallbackSpecs))
 
     # ---------------------------------------------------------------------------------- options
     @staticmethod
