@@ -427,10 +427,16 @@ def test_dicom_series_folders_with_real_headers(scenes):
     folder, _ = scenes
     root = folder / "dicom"
     strings = set()
+    mr = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     for n, (name, study_date) in enumerate((("CT_small.dcm", None), ("MR_small.dcm", None),
-                                            ("MR_small.dcm", "20050117"))):
+                                            ("MR_small.dcm", "20050117"), ("CT_small.dcm", "same study"))):
         ds = pydicom.dcmread(get_testdata_file(name))
-        if study_date:  # a second time point of the MR subject, with more identifying text
+        if study_date == "same study":  # a CT of the MR subject in its first MR study: one time point, 2 modalities
+            for keyword in ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "StudyDate"):
+                setattr(ds, keyword, mr.get(keyword))
+            ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".88"
+            ds.SOPInstanceUID = ds.SOPInstanceUID + ".88"
+        elif study_date:  # a second time point of the MR subject, with more identifying text
             ds.StudyDate = study_date
             ds.StudyInstanceUID = ds.StudyInstanceUID + ".77"
             ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".77"
@@ -450,7 +456,7 @@ def test_dicom_series_folders_with_real_headers(scenes):
     out = folder / "dicom_out"
     result = B.build_dataset([root], out, options(folder, augment_per_case=0, label_names=None, dates="shift"))
     meta = json.loads((out / "DREG_dataset.json").read_text())
-    assert result.cases_total == 3 and not result.skipped and not result.phi_hits
+    assert result.cases_total == 4 and not result.skipped and not result.phi_hits
     # PS3.15 basic profile: the header summary keeps acquisition parameters, no identity, no UID, no private tag
     entries = meta["training"] + meta["test"]
     for e in entries:
@@ -467,11 +473,16 @@ def test_dicom_series_folders_with_real_headers(scenes):
     pairs = meta["training_paired_images"] + meta["registration_val"] + meta["registration_test"]
     intervals = sorted(abs(p["interval_days"]) for p in pairs)
     first = pydicom.valuerep.DA(str(pydicom.dcmread(get_testdata_file("MR_small.dcm")).StudyDate))
-    assert intervals == [abs((pydicom.valuerep.DA("20050117") - first).days)] * 2
+    days = abs((pydicom.valuerep.DA("20050117") - first).days)
+    assert days > 0 and intervals == [0, 0] + [days] * 4  # CT <-> MR of one study: 0 days
+    # the CT and the MR of one study share their case number: <TASK>_<case>_<modality> as in Learn2Reg
+    names = sorted(Path(e["image"]).name.split(".")[0] for e in entries)
+    numbers = [n.split("_")[1] for n in names]
+    assert len(set(numbers)) == 3 and sorted({n.split("_")[2] for n in names}) == ["0000", "0001"]
     assert not any(d.replace("-", "") in (str(first).replace("-", ""), "20050117") for d in mr_dates)
     assert sorted(meta["modality"].values()) == ["CT", "MR"]
     assert len({e["subject"] for e in meta["training"] + meta["test"]}) == 2
-    assert len(meta["training_paired_images"]) + len(meta["registration_val"]) + len(meta["registration_test"]) == 2
+    assert len(meta["training_paired_images"]) + len(meta["registration_val"]) + len(meta["registration_test"]) == 6
     assert result.phi_strings >= len(strings)
     assert independent_scan(out, strings) == []
     image = sitk.ReadImage(str(out / (meta["training"] + meta["test"])[0]["image"]))

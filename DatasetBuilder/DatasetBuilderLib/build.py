@@ -222,15 +222,26 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
             modalities[str(len(modalities))] = c.modality
     mod_index = {m: int(i) for i, m in modalities.items()}
     numbers = dict(state["cases"])
+    groups, case_mods = dict(state.get("groups", {})), dict(state.get("case_modalities", {}))
+    used = {(numbers[u], case_mods[u]) for u in numbers if u in case_mods}
 
-    def number_of(uid: str) -> int:
+    def number_of(uid: str, group: str | None = None, mod: int | None = None) -> int:
+        """Stable case number; images of one session in different modalities share it (Learn2Reg's
+        ``<case>_0000`` / ``<case>_0001``), the first free one of its group, else a new number."""
         if uid not in numbers:
-            numbers[uid] = max(numbers.values(), default=0) + 1
+            mates = sorted({numbers[u] for u, g in groups.items() if group is not None and g == group and u in numbers})
+            numbers[uid] = next((n for n in mates if (n, mod) not in used), max(numbers.values(), default=0) + 1)
+            if group is not None:
+                groups[uid], case_mods[uid] = group, mod
+                used.add((numbers[uid], mod))
         return numbers[uid]
 
     for c in originals:
-        number_of(c.uid)
-    state.update(cases=numbers, splits=splits, labels=table.ids, modalities=modalities)
+        known_session = c.session.strip(":") != ""  # same study (date + UID): one time point
+        number_of(c.uid, pseudonym(key, f"group:{c.identity}:{c.session}", "G", 16) if known_session else None,
+                  mod_index[c.modality])
+    state.update(cases=numbers, splits=splits, labels=table.ids, modalities=modalities, groups=groups,
+                 case_modalities=case_mods)
     W.atomic_write_json(out / W.STATE, state)
     result.cases_total = len(originals)
     # cases
@@ -266,7 +277,9 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
     refs = [CaseRef(c.uid, c.subject, splits[c.subject], "", c.modality) for c in originals]
     atlas = None
     if options.pairing == "atlas":
-        inverse = {v: k for k, v in numbers.items()}
+        inverse: dict[int, str] = {}
+        for r in sorted(refs, key=lambda r: mod_index[r.modality]):  # a shared number: its first modality
+            inverse.setdefault(numbers[r.key], r.key)
         atlas = inverse.get(options.atlas_case) if options.atlas_case else \
             min((r.key for r in refs if r.split == "train"), key=lambda u: numbers[u], default=None)
     pair_list = make_pairs(refs, options.pairing, options.max_pairs_per_split, options.seed, atlas)

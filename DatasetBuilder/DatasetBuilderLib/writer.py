@@ -4,7 +4,8 @@ Layout (DESIGN.md §5): ``imagesTr/ labelsTr/ masksTr/ keypointsTr/`` (+ ``Ts``)
 truth ``.h5``, fixed → moving, LPS), ``<TASK>_dataset.json``, ``manifest.json`` (SHA-256 of every file),
 ``report.md`` and ``meta/`` (builder state: pseudonymous case registry, splits, label table; one sidecar per
 finished case, written last, which is what makes a case count as done on resume).
-Names: ``<TASK>_<case:04d>_<modality:04d>.nii.gz``. Keypoints: ``<name>.csv`` rows ``i,j,k`` (voxel
+Names: ``<TASK>_<case:04d>_<modality:04d>.nii.gz``; images of one session (same study) in different modalities
+share the case number (``_0000``, ``_0001``, Learn2Reg style). Keypoints: ``<name>.csv`` rows ``i,j,k`` (voxel
 indices, Learn2Reg) and ``<name>_lps.csv`` ``id,x,y,z`` (LPS mm) in the same row order, sorted by keypoint ID.
 """
 from __future__ import annotations
