@@ -1,7 +1,8 @@
 """Learn2Reg-layout output: atomic, de-identified file writes, the dataset JSON, manifest and state.
 
 Layout (DESIGN.md §5): ``imagesTr/ labelsTr/ masksTr/ keypointsTr/`` (+ ``Ts``), ``transformsTr/`` (ground
-truth ``.h5``, fixed → moving, LPS), ``<TASK>_dataset.json``, ``manifest.json`` (SHA-256 of every file),
+truth ``.h5``, fixed → moving, LPS), ``headersTr/`` (+ ``Ts``: de-identified DICOM header summaries of
+DICOM input), ``thumbnails/``, ``<TASK>_dataset.json``, ``manifest.json`` (SHA-256 of every file),
 ``report.md`` and ``meta/`` (builder state: pseudonymous case registry, splits, label table; one sidecar per
 finished case, written last, which is what makes a case count as done on resume).
 Names: ``<TASK>_<case:04d>_<modality:04d>.nii.gz``; images of one session (same study) in different modalities
