@@ -144,3 +144,25 @@ def test_shipped_models_load_and_their_cards_validate():
         loaded = load_model(entry.card_path)
         assert loaded.card["training"]["steps"] > 0 and loaded.card["training"]["hardware"]
         assert loaded.weights_path.stat().st_size < 20 * 2 ** 20
+
+
+def test_default_model_improves_the_bundled_pair(sample_dir):
+    """The shipped default model: alone (after the affine stage) it beats the affine stage, far above no
+    registration; as the start of the instance optimization it does not make the result worse."""
+    from DeepRegistrationLib.train_cli import evaluate_pair
+
+    loaded = registry.load("default")
+    assert loaded.card["training"]["recipe"]["same_contrast"] is True  # documented: single-contrast pairs
+    r = evaluate_pair(loaded.model, sample_dir / "fixed.nii.gz", sample_dir / "moving.nii.gz",
+                      sample_dir / "fixed_labels.nii.gz", sample_dir / "moving_labels.nii.gz",
+                      spacing=loaded.working_spacing_mm, threads=2)
+    assert r["model_alone"]["dice"] > r["no_registration"]["dice"] + 0.5
+    assert r["model_alone"]["dice"] >= r["affine_only"]["dice"] + 0.01, r
+    assert r["model_plus_io"]["dice"] >= r["instance_optimization"]["dice"] - 0.005, r
+    assert r["model_alone"]["folding_percent"] == 0 and r["model_plus_io"]["folding_percent"] < 0.05
+
+
+def test_single_contrast_model_warns_for_multimodal_similarity():
+    card = registry.read_card(registry.resolve("default"))
+    assert registry.usage_warning(card, "lncc") is None
+    assert "single-contrast" in registry.usage_warning(card, "mi")

@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("trained %d steps in %.0f s", result.step, time.perf_counter() - start)
     chosen = result.best_model_path or result.model_path
     loaded = load_model(chosen)
-    synthetic = evaluate_synthetic(loaded.model, cfg.shape, cfg.spacing, 8, seed=777)
+    synthetic = {kind: evaluate_synthetic(loaded.model, cfg.shape, cfg.spacing, 8, seed=777, same_contrast=same,
+                                          max_displacement_mm=cfg.max_displacement_mm)
+                 for kind, same in (("same_contrast", True), ("multimodal", False))}
     pair = evaluate_pair(loaded.model, SAMPLE / "fixed.nii.gz", SAMPLE / "moving.nii.gz",
                          SAMPLE / "fixed_labels.nii.gz", SAMPLE / "moving_labels.nii.gz", spacing=cfg.spacing)
     report = {"model": str(chosen), "synthetic_test": synthetic, "bundled_pair": pair}

@@ -168,6 +168,10 @@ def _register(args: argparse.Namespace) -> int:
                              diffeomorphic=args.diffeomorphic, jacobian_weight=args.jacobian_weight,
                              initialization=args.initialization, device=args.device, seed=args.seed,
                              threads=args.threads).validate()
+    if args.model:
+        warning = registry.usage_warning(loaded.card, cfg.similarity)
+        if warning:
+            sys.stderr.write(f"warning: {warning}\n")
     bar = _Bar(not args.quiet)
     try:
         summary = run_registration(

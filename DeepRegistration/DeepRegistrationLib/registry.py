@@ -134,6 +134,16 @@ def resolve(name_or_path: str | Path) -> Path:
                      f"'{shipped_models_dir()}' and '{user_models_dir()}' (set {ENV_MODELS_DIR} to change the latter).")
 
 
+def usage_warning(card: dict, similarity: str) -> str | None:
+    """A warning when a model is used outside what it was trained for (a single-contrast model with the
+    multimodal similarity ``mi``), else None."""
+    recipe = card.get("training", {}).get("recipe", {})
+    if similarity == "mi" and recipe.get("same_contrast") and recipe.get("dataset") is None:
+        return (f"model '{card.get('name', '?')}' was trained on single-contrast pairs; for images of different "
+                "contrasts (similarity mi) its prediction can be wrong: consider registering without it")
+    return None
+
+
 def load(name_or_path: str | Path) -> LoadedModel:
     """Resolves and loads a model (see :func:`resolve` and :func:`~DeepRegistrationLib.model_files.load_model`)."""
     return load_model(resolve(name_or_path))

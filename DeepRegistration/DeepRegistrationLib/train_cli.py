@@ -182,11 +182,14 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_synthetic(model, cfg_shape, spacing: float, pairs: int, seed: int = 123) -> dict:
-    """Mean Dice (identity and model alone), folding % and seconds per pair on seeded synthetic pairs."""
+def evaluate_synthetic(model, cfg_shape, spacing: float, pairs: int, seed: int = 123, same_contrast: bool = False,
+                       max_displacement_mm: float = 8.0) -> dict:
+    """Mean Dice (identity and model alone), folding % and seconds per pair on seeded synthetic pairs
+    (one contrast per pair with ``same_contrast``, else one per image: multimodal)."""
     from .training import TrainConfig, synth_pairs, validate
 
-    cfg = TrainConfig(shape=tuple(cfg_shape), spacing=spacing)
+    cfg = TrainConfig(shape=tuple(cfg_shape), spacing=spacing, same_contrast=same_contrast,
+                      max_displacement_mm=max_displacement_mm)
     batches = [synth_pairs(cfg, seed + i).sample(1) for i in range(pairs)]
     t = time.perf_counter()
     out = validate(model, batches)
@@ -280,8 +283,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     spacing = args.spacing or loaded.working_spacing_mm or 2.0
     result: dict = {"model": str(loaded.card_path), "spacing_mm": spacing}
     if args.synthetic:
-        shape = loaded.card.get("training", {}).get("recipe", {}).get("shape", [32, 32, 32])
-        result["synthetic"] = evaluate_synthetic(loaded.model, shape, spacing, args.synthetic)
+        recipe = loaded.card.get("training", {}).get("recipe", {})
+        result["synthetic"] = evaluate_synthetic(loaded.model, recipe.get("shape", [32, 32, 32]), spacing,
+                                                 args.synthetic, same_contrast=bool(recipe.get("same_contrast")),
+                                                 max_displacement_mm=float(recipe.get("max_displacement_mm", 8.0)))
     if args.pair:
         result["pair"] = evaluate_pair(loaded.model, *args.pair, spacing=spacing)
     if not args.synthetic and not args.pair:

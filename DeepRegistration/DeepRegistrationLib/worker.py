@@ -110,6 +110,13 @@ def run_job(job: dict, stream=sys.stdout) -> dict:
         options.setdefault("spacing", loaded.working_spacing_mm or 2.0)  # a model works at its own spacing
     config = make_config(options)
     emit(stream, progress=0.0, message="starting")
+    if predictor is not None:
+        from .registry import usage_warning
+
+        warning = usage_warning(loaded.card, config.similarity)
+        if warning:
+            logging.getLogger(__name__).warning(warning)
+            emit(stream, progress=0.0, message=f"warning: {warning}")
     summary = run_registration(job["fixed"], job["moving"], job["out_dir"], config,
                                overwrite=bool(job.get("overwrite", False)), write_png=False,
                                progress=_Reporter(stream), predictor=predictor, predictor_mode=mode,
