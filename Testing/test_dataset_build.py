@@ -673,7 +673,7 @@ def test_training_in_a_child_process_installs_the_model_and_cancel_stops_it(buil
     child = TrainProcess(common + ["--name", "child-model", "--steps", "4", "-o", tmp_path / "run"])
     assert child.wait(240) == 0, child.last_error()
     assert child.fraction == 1.0 and "step 4/4" in child.message
-    assert [e.name for e in registry.list_models() if e.ok] == ["child-model"]
+    assert [e.name for e in registry.list_models() if e.ok and e.source == "user"] == ["child-model"]
     long = TrainProcess(common + ["--name", "stopped", "--steps", "100000", "-o", tmp_path / "run2"])
     deadline = time.time() + 120
     while long.fraction <= 0 and long.poll() is None and time.time() < deadline:
