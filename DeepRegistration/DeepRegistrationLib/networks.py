@@ -68,10 +68,14 @@ class UNetFieldPredictor(torch.nn.Module):
         block: ``"conv"`` or ``"separable"`` (depthwise-separable, lighter).
         output: ``"displacement"`` or ``"svf"`` (stationary velocity, integrated by scaling and squaring).
         integration_steps: Squarings for ``"svf"``.
+        seg_classes: With N > 0, a segmentation head on the shared encoder-decoder features (multi-task
+            registration + segmentation): logits of N classes (0 = background) for the fixed image and for
+            the moving image (:meth:`segment`).
     """
 
     def __init__(self, channels: Sequence[int] = (16, 32, 32, 32), max_displacement_voxels: float = 8.0,
-                 block: str = "conv", output: str = "displacement", integration_steps: int = 6):
+                 block: str = "conv", output: str = "displacement", integration_steps: int = 6,
+                 seg_classes: int = 0):
         super().__init__()
         if block not in BLOCKS:
             raise ValueError(f"block must be one of {BLOCKS}, not {block!r}")
@@ -92,6 +96,8 @@ class UNetFieldPredictor(torch.nn.Module):
         self.head = torch.nn.Conv3d(ch[0], 3, 3, padding=1)
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
+        self.seg_classes = int(seg_classes)
+        self.seg_head = torch.nn.Conv3d(ch[0], 2 * self.seg_classes, 3, padding=1) if self.seg_classes > 0 else None
 
     @property
     def depth(self) -> int:
@@ -101,10 +107,12 @@ class UNetFieldPredictor(torch.nn.Module):
     def multiple(self) -> int:
         return 2 ** self.depth
 
-    def forward(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+    def forward(self, fixed: torch.Tensor, moving: torch.Tensor, with_segmentation: bool = False):
         """Raw field in voxels ``(B, 3, Z, Y, X)``, components (i, j, k), for inputs ``(B, 1, Z, Y, X)``.
 
         A displacement for ``output="displacement"``, a velocity for ``"svf"`` (see :meth:`field_mm`).
+        ``with_segmentation`` (multi-task models): returns ``(field, logits)``, logits ``(B, 2N, Z, Y, X)``:
+        N classes of the fixed image, then N of the moving image.
         """
         x = torch.cat([fixed, moving], 1)
         shape = x.shape[2:]
@@ -122,7 +130,23 @@ class UNetFieldPredictor(torch.nn.Module):
             x = F.interpolate(x, size=skip.shape[2:], mode="trilinear", align_corners=False)
             x = up(torch.cat([x, skip], 1))
         out = self.head(x)[:, :, :shape[0], :shape[1], :shape[2]]
-        return self.max_displacement_voxels * torch.tanh(out / self.max_displacement_voxels)
+        field = self.max_displacement_voxels * torch.tanh(out / self.max_displacement_voxels)
+        if not with_segmentation:
+            return field
+        if self.seg_head is None:
+            raise ValueError("this model has no segmentation head (seg_classes = 0)")
+        return field, self.seg_head(x)[:, :, :shape[0], :shape[1], :shape[2]]
+
+    def segment(self, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Label maps ``(B, 1, Z, Y, X)`` int64 of the fixed and the moving image (argmax of the
+        segmentation head), for working-grid inputs ``(B, 1, Z, Y, X)`` normalized to [0, 1]."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            _, logits = self(fixed, moving, with_segmentation=True)
+        self.train(was_training)
+        n = self.seg_classes
+        return logits[:, :n].argmax(1, keepdim=True), logits[:, n:].argmax(1, keepdim=True)
 
     def field_mm(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid) -> torch.Tensor:
         """Differentiable displacement ``(B, 3, Z, Y, X)`` in LPS mm on ``grid`` (components x, y, z).
@@ -151,7 +175,8 @@ class UNetFieldPredictor(torch.nn.Module):
         """The architecture as JSON-able values (what :meth:`from_config` needs)."""
         return {"architecture": "DeepRegistration.UNet", "channels": list(self.channels),
                 "max_displacement_voxels": self.max_displacement_voxels, "block": self.block,
-                "output": self.output, "integration_steps": self.integration_steps}
+                "output": self.output, "integration_steps": self.integration_steps,
+                "seg_classes": self.seg_classes}
 
     @classmethod
     def from_config(cls, cfg: dict) -> "UNetFieldPredictor":
@@ -159,7 +184,7 @@ class UNetFieldPredictor(torch.nn.Module):
         if cfg.get("architecture") != "DeepRegistration.UNet":
             raise ValueError(f"unknown architecture {cfg.get('architecture')!r}")
         return cls(tuple(cfg["channels"]), float(cfg["max_displacement_voxels"]), str(cfg["block"]),
-                   str(cfg["output"]), int(cfg["integration_steps"]))
+                   str(cfg["output"]), int(cfg["integration_steps"]), int(cfg.get("seg_classes", 0)))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

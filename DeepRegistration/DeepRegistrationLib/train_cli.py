@@ -47,6 +47,8 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--reg-weight", type=float, default=d.reg_weight)
     p.add_argument("--dice-weight", type=float, default=d.dice_weight)
     p.add_argument("--supervised-weight", type=float, default=d.supervised_weight)
+    p.add_argument("--seg-weight", type=float, default=d.seg_weight,
+                   help="weight of the segmentation head's loss (mode multi-task; classes = --num-labels)")
     p.add_argument("--max-displacement", type=float, default=d.max_displacement_mm, metavar="MM")
     p.add_argument("--num-labels", type=int, default=d.num_labels)
     p.add_argument("--same-contrast", action="store_true", help="mono-modal synthetic pairs")
@@ -120,7 +122,8 @@ def _train(args: argparse.Namespace) -> int:
 
     out = Path(args.output_dir) if args.output_dir else user_models_dir() / "runs" / args.name
     cfg = TrainConfig(mode=args.mode, similarity=args.similarity, reg_weight=args.reg_weight,
-                      dice_weight=args.dice_weight, supervised_weight=args.supervised_weight, steps=args.steps,
+                      dice_weight=args.dice_weight, supervised_weight=args.supervised_weight,
+                      seg_weight=args.seg_weight, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, shape=tuple(args.shape), spacing=args.spacing,
                       channels=tuple(args.channels) if args.channels else None, block=args.block, output=args.output,
                       max_displacement_mm=args.max_displacement, num_labels=args.num_labels,

@@ -5,7 +5,9 @@ Losses, for a predicted displacement ``u`` (mm) and the moving image warped by i
 - ``unsupervised``: similarity (LNCC, MI or MSE) + ``reg_weight`` · diffusion(u);
 - ``semi-supervised``: the above + ``dice_weight`` · (1 − soft Dice of the warped one-hot moving labels);
 - ``supervised``: ``supervised_weight`` · mean |u − u_true|² / spacing² (voxels²) + ``reg_weight`` · diffusion;
-- ``synthetic``: SynthMorph's recipe, soft Dice of labels only + ``reg_weight`` · diffusion (contrast-agnostic).
+- ``synthetic``: SynthMorph's recipe, soft Dice of labels only + ``reg_weight`` · diffusion (contrast-agnostic);
+- ``multi-task``: the semi-supervised loss + ``seg_weight`` · (cross-entropy + soft Dice) of a segmentation
+  head that shares the encoder-decoder and labels both images (``num_labels`` classes).
 
 Mechanics: one seed fixes model initialization and data; :func:`train` writes ``checkpoint.pt``
 (model, optimizer, data-generator states, step, history; read back with ``weights_only=True``) every
@@ -44,7 +46,7 @@ from .synth import SynthBatch, SynthPairs, warp
 
 logger = logging.getLogger(__name__)
 
-MODES = ("unsupervised", "semi-supervised", "supervised", "synthetic")
+MODES = ("unsupervised", "semi-supervised", "supervised", "synthetic", "multi-task")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -57,6 +59,7 @@ class TrainConfig:
     reg_weight: float = 1.0
     dice_weight: float = 1.0
     supervised_weight: float = 1.0
+    seg_weight: float = 1.0
     steps: int = 200
     batch_size: int = 1
     lr: float = 1e-3
@@ -143,14 +146,39 @@ def soft_dice_loss(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, u: t
     return 1.0 - (dice[:, 1:] * present).sum() / present.sum().clamp_min(1.0)
 
 
+def segmentation_loss(logits: torch.Tensor, fixed_labels: torch.Tensor, moving_labels: torch.Tensor) -> torch.Tensor:
+    """Mean over both images of cross-entropy + (1 − soft Dice over foreground classes present).
+
+    ``logits`` ``(B, 2N, Z, Y, X)`` (fixed classes, then moving); labels ``(B, 1, Z, Y, X)`` int64 < N.
+    """
+    n = logits.shape[1] // 2
+    total = logits.new_zeros(())
+    for part, labels in ((logits[:, :n], fixed_labels), (logits[:, n:], moving_labels)):
+        target = labels[:, 0].clamp(0, n - 1)
+        prob = part.float().softmax(1)
+        onehot = F.one_hot(target, n).movedim(-1, 1).to(prob.dtype)
+        dims = (2, 3, 4)
+        dice = (2 * (prob * onehot).sum(dims) + 1e-5) / (prob.sum(dims) + onehot.sum(dims) + 1e-5)
+        present = (onehot.sum(dims) > 0).to(prob.dtype)[:, 1:]
+        soft = (dice[:, 1:] * present).sum() / present.sum().clamp_min(1.0)
+        total = total + F.cross_entropy(part.float(), target) + (1.0 - soft)
+    return total / 2
+
+
 def training_loss(cfg: TrainConfig, model: torch.nn.Module, batch: SynthBatch,
                   mi: MutualInformation | None = None) -> torch.Tensor:
     """The loss of ``cfg.mode`` for one batch (see the module docstring)."""
     net = model.module if hasattr(model, "module") else model
-    raw = model(batch.fixed, batch.moving)  # through DDP's forward so gradients are synchronized
+    logits = None
+    if cfg.mode == "multi-task":  # through DDP's forward so gradients are synchronized
+        raw, logits = model(batch.fixed, batch.moving, with_segmentation=True)
+    else:
+        raw = model(batch.fixed, batch.moving)
     u = _raw_to_mm(net, raw, batch.grid)
     loss = cfg.reg_weight * diffusion(u, batch.grid)
-    if cfg.mode in ("unsupervised", "semi-supervised"):
+    if logits is not None:
+        loss = loss + cfg.seg_weight * segmentation_loss(logits, batch.fixed_labels, batch.moving_labels)
+    if cfg.mode in ("unsupervised", "semi-supervised", "multi-task"):
         warped = warp(batch.moving, u, batch.grid)
         if cfg.similarity == "lncc":
             loss = loss + lncc(batch.fixed, warped)
@@ -158,7 +186,7 @@ def training_loss(cfg: TrainConfig, model: torch.nn.Module, batch: SynthBatch,
             loss = loss + mi.loss(warped.clamp(0, 1), batch.fixed)
         else:
             loss = loss + (warped - batch.fixed).square().mean()
-    if cfg.mode in ("semi-supervised", "synthetic"):
+    if cfg.mode in ("semi-supervised", "synthetic", "multi-task"):
         loss = loss + cfg.dice_weight * soft_dice_loss(batch.fixed_labels, batch.moving_labels, u, batch.grid,
                                                        int(max(batch.fixed_labels.max(), batch.moving_labels.max())) + 1)
     if cfg.mode == "supervised":
@@ -228,23 +256,34 @@ def build_model(cfg: TrainConfig) -> UNetFieldPredictor:
         return load(cfg.init_model).model.train()
     channels = cfg.channels or (8,) + (16,) * depth_for_shape(cfg.shape)
     max_vox = cfg.max_displacement_mm / cfg.spacing * 2
-    return UNetFieldPredictor(channels, max_vox, cfg.block, cfg.output).train()
+    seg_classes = cfg.num_labels if cfg.mode == "multi-task" else 0
+    return UNetFieldPredictor(channels, max_vox, cfg.block, cfg.output, seg_classes=seg_classes).train()
 
 
 def validate(model: UNetFieldPredictor, batches: list[SynthBatch]) -> dict:
-    """Hard Dice (nearest-neighbour warped labels), identity Dice and folding % on fixed synthetic pairs."""
-    dice, dice0, fold = [], [], []
+    """Hard Dice (nearest-neighbour warped labels), identity Dice and folding % on fixed validation pairs;
+    for multi-task models also ``seg_dice``, the mean Dice of the segmentation head on both images."""
+    dice, dice0, fold, seg = [], [], [], []
     was = model.training
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
         for b in batches:
+            b = _to(b, device)
             u = model.field_mm(b.fixed, b.moving, b.grid)
             w = warp(b.moving_labels, u, b.grid)
-            dice.append(mean_dice(b.fixed_labels[0, 0].numpy(), w[0, 0].numpy()))
-            dice0.append(mean_dice(b.fixed_labels[0, 0].numpy(), b.moving_labels[0, 0].numpy()))
+            fl, ml = b.fixed_labels[0, 0].cpu().numpy(), b.moving_labels[0, 0].cpu().numpy()
+            dice.append(mean_dice(fl, w[0, 0].cpu().numpy()))
+            dice0.append(mean_dice(fl, ml))
             fold.append(float((jacobian_determinant(u, b.grid) <= 0).float().mean()) * 100)
+            if getattr(model, "seg_classes", 0):
+                sf, sm = model.segment(b.fixed, b.moving)
+                seg.append((mean_dice(fl, sf[0, 0].cpu().numpy()) + mean_dice(ml, sm[0, 0].cpu().numpy())) / 2)
     model.train(was)
-    return {"dice": float(np.mean(dice)), "dice_identity": float(np.mean(dice0)), "folding_percent": float(np.mean(fold))}
+    out = {"dice": float(np.mean(dice)), "dice_identity": float(np.mean(dice0)), "folding_percent": float(np.mean(fold))}
+    if seg:
+        out["seg_dice"] = float(np.mean(seg))
+    return out
 
 
 def _to(b: SynthBatch, device: torch.device) -> SynthBatch:
@@ -329,6 +368,9 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
     net = build_model(cfg).to(device)
     if data is None:
         data = (dataset_pairs if cfg.dataset else synth_pairs)(cfg, cfg.seed + 1000 * rank)
+    if cfg.mode == "multi-task" and getattr(data, "num_labels", 0) > net.seg_classes:
+        raise InputError(f"the training data have labels up to {data.num_labels - 1} but the segmentation head has "
+                         f"{net.seg_classes} classes: set num_labels (--num-labels) to at least {data.num_labels}")
     val_set = validation_set(cfg) if cfg.val_every > 0 and rank == 0 else []
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     use_amp = cfg.amp and device.type == "cuda"
@@ -391,8 +433,9 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
             metrics = dict(validate(net, val_set), step=result.step)
             result.validation.append(metrics)
             if board is not None:
-                for key in ("dice", "dice_identity", "folding_percent"):
-                    board.add_scalar(f"validation/{key}", metrics[key], result.step)
+                for key in ("dice", "dice_identity", "folding_percent", "seg_dice"):
+                    if key in metrics:
+                        board.add_scalar(f"validation/{key}", metrics[key], result.step)
             logger.info("step %d validation: %s", result.step, metrics)
             if not metrics["dice"] <= result.best_metric:  # also true when best is NaN
                 result.best_metric, result.best_step = metrics["dice"], result.step
