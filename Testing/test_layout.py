@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import json
+import fnmatch
 import re
 import struct
 import xml.etree.ElementTree as ET
@@ -172,6 +173,15 @@ def test_deep_registration_resources_listed():
     text = cmake_text(ROOT / "DeepRegistration" / "CMakeLists.txt")
     sample_listed = "Resources/SampleData/" in text
     assert sample_listed, "the bundled sample data (used by the module's self-test) must be installed as resources"
+    # every file under Resources is installed: listed by name or by one of the module's GLOBs
+    globs = re.findall(r"file\(GLOB\s+(\w+)\s+RELATIVE\s+\S+\s+\$\{CMAKE_CURRENT_SOURCE_DIR\}/(\S+)\s*\)", text)
+    assert {name for name, _ in globs} == {"MODULE_SAMPLE_DATA", "MODULE_MODELS"}
+    assert all(f"${{{name}}}" in resources for name, _ in globs)
+    folder = ROOT / "DeepRegistration"
+    for path in sorted(p for p in (folder / "Resources").rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        assert rel in resources or any(fnmatch.fnmatch(rel, pattern) for _, pattern in globs), \
+            f"{rel} is not installed (add it to MODULE_PYTHON_RESOURCES)"
 
 
 # ---------------------------------------------------------------------------------------------------------
