@@ -582,7 +582,8 @@ def test_evaluate_scores_methods_on_the_dataset_pairs(built, tmp_path, capsys):
             "--model", str(model), "--spacing", "4", "-o", str(report)]
     assert cli.main(args) == 0
     assert "model+io" in capsys.readouterr().out
-    ev = json.loads((report / "evaluation.json").read_text())
+    ev = json.loads((report / "evaluation.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
+    assert ev["summary"]["none"]["sdlogj"]["mean"] == 0.0
     assert ev["methods"] == ["none", "io", "model", "model+io"] and len(ev["pairs"]) == 2
     s = ev["summary"]
     assert s["io"]["dice"]["mean"] > s["none"]["dice"]["mean"] + 0.05

@@ -205,8 +205,20 @@ def plot(result: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
+def _strict(value):
+    """The result with NaN / infinity (a metric that does not apply) as None: strict JSON."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def write_report(result: dict, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
-    """Writes ``evaluation.json``, ``evaluation.md`` and ``evaluation.png`` into ``out_dir``.
+    """Writes ``evaluation.json`` (strict JSON: metrics that do not apply are null), ``evaluation.md`` and
+    ``evaluation.png`` into ``out_dir``.
 
     Raises:
         InputError: a report already exists there and ``overwrite`` is False (nothing is written).
@@ -220,7 +232,7 @@ def write_report(result: dict, out_dir: str | Path, overwrite: bool = False) -> 
         raise InputError(f"{out} already holds {', '.join(existing)}; choose another folder or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     tmp = [p.with_name(".tmp-" + p.name) for p in paths]
-    tmp[0].write_text(json.dumps(result, indent=2) + "\n")
+    tmp[0].write_text(json.dumps(_strict(result), indent=2, allow_nan=False) + "\n")
     tmp[1].write_text(markdown(result))
     plot(result, tmp[2])
     for t, p in zip(tmp, paths):
