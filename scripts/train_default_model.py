@@ -47,7 +47,7 @@ MODELS = ROOT / "DeepRegistration" / "Resources" / "Models"
 def recipe(args: argparse.Namespace) -> TrainConfig:
     """The default model's recipe (everything else is TrainConfig's defaults)."""
     return TrainConfig(mode="semi-supervised", similarity="lncc", same_contrast=True, steps=args.steps,
-                       batch_size=1, lr=args.lr, shape=(32, 32, 32), spacing=3.0, channels=(8, 16, 16, 16),
+                       batch_size=1, lr=args.lr, shape=(32, 32, 32), spacing=args.spacing, channels=(8, 16, 16, 16),
                        block="separable", output="svf", reg_weight=0.3, dice_weight=1.0, max_displacement_mm=20.0,
                        num_labels=16, label_scale=6.0, field_scale=8.0,
                        seed=args.seed, val_every=max(args.steps // 10, 1), val_pairs=8,
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spacing", type=float, default=3.0, help="working spacing of the model in mm")
     p.add_argument("--name", default="default")
     p.add_argument("--run-dir", type=Path, default=ROOT / "build" / "default_model_run")
     p.add_argument("--tolerance", type=float, default=0.005, help="allowed Dice loss of model + IO vs IO alone")
