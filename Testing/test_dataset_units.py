@@ -187,3 +187,13 @@ def test_lookup3_reference_values_and_reproducible_h5(tmp_path):
     (tmp_path / "z.h5").write_bytes(blobs[0][0])
     back = sitk.ReadTransform(str(tmp_path / "z.h5"))
     np.testing.assert_allclose(back.TransformPoint((1, 1, 1)), t.TransformPoint((1, 1, 1)))
+
+
+def test_phi_scan_finds_non_ascii_names_also_json_escaped(tmp_path):
+    phi = deid.PhiStrings()
+    phi.add("Müller^Jörg", "DICOM PatientName")
+    (tmp_path / "plain.json").write_text('{"x": "Jörg"}', encoding="utf-8")
+    (tmp_path / "escaped.json").write_text('{"x": "M\\u00fcller"}', encoding="ascii")
+    (tmp_path / "clean.json").write_text('{"x": "Mueller"}')
+    hits = {h.file for h in deid.scan_for_phi(tmp_path, phi)}
+    assert hits == {"plain.json", "escaped.json"}

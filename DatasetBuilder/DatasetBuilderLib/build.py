@@ -255,7 +255,8 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
         if options.dates == "shift" and _parse_date(c.study_date) is not None:
             extra["study_date"] = shifted_date(key, c.identity, c.study_date)
         if c.header:
-            extra["dicom_header"] = {k: v for k, v in c.header.items() if not phi.occurs_in(json.dumps(v))}
+            extra["dicom_header"] = {k: v for k, v in c.header.items()
+                                     if not phi.occurs_in(v if isinstance(v, str) else " ".join(map(str, v)))}
         entry, wrote = _write_case(out, options.task, numbers[c.uid], mod_index[c.modality], c.subject, split,
                                    c.modality, c.image, _remap(c, table), c.mask, c.points,
                                    [pseudonym(key, f"kp:{x}", "K", 8) for x in c.point_labels], extra)

@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import hmac
 import io
+import json
 import logging
 import os
 import re
@@ -107,7 +108,14 @@ class PhiStrings:
     def needles(self) -> list[tuple[str, bytes, bool]]:
         """``(value, lower-case UTF-8 bytes, numeric)``; numeric values (IDs, dates, UIDs) must not be part
         of a longer number to count as found."""
-        return [(v, v.lower().encode("utf-8"), bool(re.fullmatch(r"[0-9.]+", v))) for v in sorted(self.values)]
+        out = []
+        for v in sorted(self.values):
+            numeric = bool(re.fullmatch(r"[0-9.]+", v))
+            forms = {v.lower()}
+            if not v.isascii():  # also as JSON writes it escaped ("m\u00fcller"), whoever wrote the file
+                forms.add(json.dumps(v.lower())[1:-1])
+            out += [(v, form.encode("utf-8"), numeric) for form in sorted(forms)]
+        return out
 
 
 def _found(data: bytes, needle: bytes, numeric: bool) -> bool:

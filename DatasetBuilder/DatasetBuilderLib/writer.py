@@ -50,7 +50,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    """JSON as UTF-8 text, non-ASCII characters unescaped (so the PHI scan sees "Müller", not "M\\u00fcller")."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def nifti_bytes(image: Image) -> bytes:
