@@ -179,6 +179,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.addItems(["None"] + names)
         combo.currentIndex = names.index(wanted) + 1 if wanted in names else 0
         combo.blockSignals(wasBlocked)
+        if wanted and wanted not in names and self._parameterNode:  # removed since the scene was saved
+            self._parameterNode.model = ""
 
     def onModelChanged(self, index=None) -> None:
         """Stores the chosen model; its working spacing becomes the spacing (the model expects it)."""
@@ -395,7 +397,10 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
             parameterNode.regularizationWeight = float(cfg.get("reg_weight", defaults.reg_weight))
             parameterNode.diffeomorphic = bool(cfg.get("diffeomorphic", defaults.diffeomorphic))
         if parameterNode.model:  # a learned model keeps its own working spacing
-            DeepRegistrationLogic.setModel(parameterNode, parameterNode.model)
+            try:
+                DeepRegistrationLogic.setModel(parameterNode, parameterNode.model)
+            except Exception as exc:  # the model is gone: registering will say so; the preset still applies
+                logging.warning(f"DeepRegistration: {exc}")
 
     @staticmethod
     def setModel(parameterNode, name: str) -> None:
