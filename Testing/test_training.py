@@ -181,3 +181,22 @@ def test_multi_task_head_learns_to_segment_both_images(tmp_path):
 
     with pytest.raises(InputError, match="num_labels"):
         train(small(mode="multi-task", steps=1, num_labels=3), data=SynthPairs((16, 16, 16), num_labels=6, seed=1))
+
+
+def test_fine_tuning_starts_from_the_shipped_model(tmp_path):
+    """``init_model``: training continues from a registry model's weights and architecture (transfer learning)."""
+    from DeepRegistrationLib import registry
+
+    shipped = registry.load("default")
+    base = dict(mode="semi-supervised", shape=(32, 32, 32), spacing=shipped.working_spacing_mm, same_contrast=True,
+                init_model="default", seed=4)
+    frozen = train(TrainConfig(steps=2, lr=0.0, **base))  # lr 0: the weights stay the shipped ones
+    b = synth_pairs(TrainConfig(**base), 9).sample(1)
+    np.testing.assert_allclose(frozen.model.predict(b.fixed, b.moving, b.grid).numpy(),
+                               shipped.model.predict(b.fixed, b.moving, b.grid).numpy(), atol=1e-6)
+    tuned = train(TrainConfig(steps=3, lr=1e-3, output_dir=str(tmp_path), model_name="tuned", **base))
+    card = load_model(tuned.model_path).card
+    assert card["architecture"] == shipped.model.config() and card["training"]["recipe"]["init_model"] == "default"
+    changed = [not torch.equal(a, c) for a, c in zip(tuned.model.state_dict().values(),
+                                                      shipped.model.state_dict().values())]
+    assert any(changed)
