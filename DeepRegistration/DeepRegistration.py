@@ -168,15 +168,19 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from DeepRegistrationSlicerLib.run import availableModels
 
         try:
-            names = availableModels()
+            models = availableModels(withDescriptions=True)
         except Exception as exc:  # a broken models folder must not break the module
             logging.warning(f"DeepRegistration: cannot list learned models: {exc}")
-            names = []
+            models = []
+        names = [name for name, _ in models]
         wanted = self._parameterNode.model if self._parameterNode else ""
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        combo.addItems(["None"] + names)
+        combo.addItem("None")
+        for index, (name, description) in enumerate(models, start=1):
+            combo.addItem(name)
+            combo.setItemData(index, description, qt.Qt.ToolTipRole)
         combo.currentIndex = names.index(wanted) + 1 if wanted in names else 0
         combo.blockSignals(wasBlocked)
         if wanted and wanted not in names and self._parameterNode:  # removed since the scene was saved

@@ -487,6 +487,8 @@ def test_learned_models_are_listed_and_used_by_the_background_job(sample_dir, tm
                {"name": "tiny", "preprocessing": {"working_spacing_mm": 4.0}})
     (tmp_path / "models" / "broken.json").write_text("{not json")
     assert "tiny" in R.availableModels() and "broken" not in R.availableModels()
+    described = dict(R.availableModels(withDescriptions=True))
+    assert "working spacing 4.0 mm" in described["tiny"] and "user" in described["tiny"]
     scene = make_scene()
     fixed = read_node(scene, sample_dir / "fixed.nii.gz")
     moving = read_node(scene, sample_dir / "moving.nii.gz")

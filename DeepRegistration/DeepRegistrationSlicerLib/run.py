@@ -68,11 +68,20 @@ def engineConfig(preset: str = "Deformable — fast", **options) -> dict:
     return config
 
 
-def availableModels() -> list[str]:
-    """Names of the usable learned models (shipped, then the user's), read from their cards without torch."""
+def availableModels(withDescriptions: bool = False):
+    """Names of the usable learned models (shipped, then the user's), read from their cards without torch;
+    with ``withDescriptions`` a list of ``(name, one-line description)`` (card description, spacing, source)."""
     from DeepRegistrationLib.registry import list_models
 
-    return [e.name for e in list_models(include_broken=False)]
+    entries = list_models(include_broken=False)
+    if not withDescriptions:
+        return [e.name for e in entries]
+    out = []
+    for e in entries:
+        s = e.summary()
+        out.append((e.name, f"{s['description'] or e.name} ({e.source}; working spacing "
+                             f"{s['working_spacing_mm'] or '?'} mm)"))
+    return out
 
 
 def pythonExecutable() -> str:
