@@ -50,3 +50,13 @@ def test_unknown_model_is_an_input_error(tmp_path, monkeypatch):
     monkeypatch.setenv(registry.ENV_MODELS_DIR, str(tmp_path))
     with pytest.raises(InputError, match="unknown model"):
         train_cli.run(parse(["evaluate", "--model", "nothing-here", "--synthetic", "1"]))
+
+
+def test_bad_dataset_is_one_error_and_leaves_no_run_folder(tmp_path, capsys):
+    from DeepRegistrationLib import cli
+
+    assert cli.main(["train", "--dataset", str(tmp_path / "missing"), "--steps", "1", "-o", str(tmp_path / "run")]) == 2
+    assert cli.main(["evaluate", "--dataset", str(tmp_path / "missing"), "-o", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("expected one *_dataset.json") == 2 and "Traceback" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "eval").exists()

@@ -363,8 +363,6 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
     rank, world = _distributed()
     device = _device(cfg, rank)
     out = Path(cfg.output_dir) if cfg.output_dir else None
-    if out is not None and rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     net = build_model(cfg).to(device)
     if data is None:
         data = (dataset_pairs if cfg.dataset else synth_pairs)(cfg, cfg.seed + 1000 * rank)
@@ -372,6 +370,8 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
         raise InputError(f"the training data have labels up to {data.num_labels - 1} but the segmentation head has "
                          f"{net.seg_classes} classes: set num_labels (--num-labels) to at least {data.num_labels}")
     val_set = validation_set(cfg) if cfg.val_every > 0 and rank == 0 else []
+    if out is not None and rank == 0:  # only once the model and the data are known to work
+        out.mkdir(parents=True, exist_ok=True)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
