@@ -34,3 +34,17 @@ def test_unknown_or_corrupt_model_is_one_clear_error(tmp_path, sample_dir, capsy
     assert main(_args(sample_dir, out) + ["--model", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("deepregistration: error:") and not out.exists()
+    # a model with a rigid/affine mode would be silently unused: refused instead
+    assert main(_args(sample_dir, out) + ["--model", "default", "--mode", "rigid"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--mode deformable" in err[0] and not out.exists()
+
+
+def test_register_with_the_shipped_model_uses_its_spacing(tmp_path, sample_dir, capsys):
+    out = tmp_path / "out"
+    args = ["register", str(sample_dir / "fixed.nii.gz"), str(sample_dir / "moving.nii.gz"), "-o", str(out),
+            "--quiet", "--no-png", "--model", "default"]
+    assert main(args) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["parameters"]["spacing"] == 3.0  # the card's working spacing, not the engine's 2 mm
+    assert report["similarity"]["ncc_after"] > 0.95

@@ -154,6 +154,11 @@ def _register(args: argparse.Namespace) -> int:
 
     check_output_dir(args.output, args.overwrite)
     predictor = None
+    if args.model and args.mode != "deformable":
+        from .errors import InputError
+
+        raise InputError(f"a learned model predicts a deformation and --mode {args.mode} has none: "
+                         "use --mode deformable, or leave out --model")
     if args.model:
         from . import registry
 
