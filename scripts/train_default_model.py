@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_ship:
         return 0
     card = dict(loaded.card)
+    card["training"] = dict(card["training"], recipe=dict(card["training"]["recipe"], output_dir=None))  # no local path
     card["metrics"] = {"bundled_pair_spacing_mm": cfg.spacing, "bundled_pair": pair, "synthetic_test": synthetic}
     card["description"] = ("SVF U-Net (depthwise-separable) trained only on synthetic SynthMorph-style pairs, "
                            "one random contrast per pair (any single contrast; not trained for multimodal "
