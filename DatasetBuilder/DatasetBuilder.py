@@ -306,6 +306,38 @@ class DatasetBuilderTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_LogicRefusesMissingOutput()
+        self.setUp()
+        self.test_BuildFromCurrentScene()
+
+    def test_BuildFromCurrentScene(self):
+        """The module's Slicer-only path: the current scene (the bundled pair with segmentations) is saved to
+        a temporary .mrb and built into a dataset; the report's PHI scan is clean; the scene is unchanged."""
+        import json
+
+        from DeepRegistration import sampleDataDir
+
+        folder = sampleDataDir()
+        volumes = [slicer.util.loadVolume(os.path.join(folder, f"{side}.nii.gz")) for side in ("fixed", "moving")]
+        for side, volume in zip(("fixed", "moving"), volumes):
+            seg = slicer.util.loadSegmentation(os.path.join(folder, f"{side}_labels.nii.gz"))
+            seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "dataset")
+            self.delayDisplay("Building a dataset from the current scene")
+            logic = DatasetBuilderLogic()
+            logic.ensurePythonPackages()
+            result = logic.build(None, out, os.path.join(tmp, "key.hex"), subject_from_file=True, augment_per_case=0)
+            meta = json.loads(open(os.path.join(out, "DREG_dataset.json")).read())
+            cases = meta["training"] + meta["test"]
+            self.assertEqual(result.cases_total, 2)
+            self.assertEqual(len(cases), 2)
+            self.assertTrue(all("label" in c for c in cases))
+            pairs = meta["training_paired_images"] + meta["registration_val"] + meta["registration_test"]
+            self.assertEqual(len(pairs), 2)  # one subject (the scene file), two images: both directions
+            self.assertIn("no identifying string found", open(os.path.join(out, "report.md")).read())
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        self.delayDisplay("Test passed: dataset built from the current scene")
 
     def test_LogicRefusesMissingOutput(self):
         """The logic reaches the library and refuses a build without output folder (full tests: pytest)."""

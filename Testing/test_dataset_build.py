@@ -682,3 +682,41 @@ def test_training_in_a_child_process_installs_the_model_and_cancel_stops_it(buil
     assert long.poll() is None, long.last_error()
     assert long.cancel() != 0
     assert "stopped" not in [e.name for e in registry.list_models()]
+
+
+def test_current_scene_with_generic_names_builds(tmp_path, sample_dir):
+    """What the DatasetBuilder module does with the current scene (saved as ``current_scene.mrb``): nodes
+    named "fixed", "moving", "fixed_labels"... (Slicer names loaded files after them) are role words, not
+    identity — they must not fail the PHI scan by matching the dataset's own "fixed"/"moving" keys."""
+    scene = make_scene()
+    volumes = []
+    for side in ("fixed", "moving"):
+        volume = _read(scene, sample_dir / f"{side}.nii.gz", "vtkMRMLScalarVolumeNode",
+                       "vtkMRMLVolumeArchetypeStorageNode")
+        volume.SetName(side)
+        labels = _read(scene, sample_dir / f"{side}_labels.nii.gz", "vtkMRMLLabelMapVolumeNode",
+                       "vtkMRMLVolumeArchetypeStorageNode")
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{side}_labels")
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labels, seg)
+        scene.RemoveNode(labels)
+        seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        volumes.append(volume)
+    data = tmp_path / "scene"
+    data.mkdir()
+    scene.SetRootDirectory(str(data))
+    for node in volumes + list(scene.GetNodesByClass("vtkMRMLSegmentationNode")):
+        node.AddDefaultStorageNode()
+        st = node.GetStorageNode()
+        st.SetFileName(str(data / f"{node.GetName()}.{st.GetDefaultWriteFileExtension()}"))
+        assert st.WriteData(node)
+    scene.SetURL(str(data / "current_scene.mrml"))
+    assert scene.Commit(str(data / "current_scene.mrml"))
+    assert scene.WriteToMRB(str(tmp_path / "current_scene.mrb"))
+    result = B.build_dataset([tmp_path / "current_scene.mrb"], tmp_path / "out",
+                             B.BuildOptions(key_file=str(tmp_path / "k.hex"), subject_from_file=True))
+    meta = json.loads((tmp_path / "out" / "DREG_dataset.json").read_text())
+    cases = meta["training"] + meta["test"]
+    pairs = meta["training_paired_images"] + meta["registration_val"] + meta["registration_test"]
+    assert result.cases_total == 2 and not result.phi_hits and not result.skipped
+    assert all("label" in c for c in cases) and len(pairs) == 2
+    assert "no identifying string found" in (tmp_path / "out" / "report.md").read_text()
