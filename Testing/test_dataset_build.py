@@ -431,6 +431,7 @@ def test_dicom_series_folders_with_real_headers(scenes):
     for n, (name, study_date) in enumerate((("CT_small.dcm", None), ("MR_small.dcm", None),
                                             ("MR_small.dcm", "20050117"), ("CT_small.dcm", "same study"))):
         ds = pydicom.dcmread(get_testdata_file(name))
+        ds.StudyDescription = "HEAD"  # a common description: not identifying, and the report says "Head MR/CT"
         if study_date == "same study":  # a CT of the MR subject in its first MR study: one time point, 2 modalities
             for keyword in ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "StudyDate"):
                 setattr(ds, keyword, mr.get(keyword))

@@ -197,3 +197,14 @@ def test_phi_scan_finds_non_ascii_names_also_json_escaped(tmp_path):
     (tmp_path / "clean.json").write_text('{"x": "Mueller"}')
     hits = {h.file for h in deid.scan_for_phi(tmp_path, phi)}
     assert hits == {"plain.json", "escaped.json"}
+
+
+def test_generic_words_are_not_phi_but_names_are():
+    phi = deid.PhiStrings()
+    for value in ("HEAD", "MR Brain", "fixed_labels", "Chest CT 2", "Volume_3", "T1"):
+        phi.add(value, "description")
+    assert phi.values == {}
+    phi.add("Brain^Johanna", "DICOM PatientName")  # a surname that is a generic word: the name still counts
+    assert set(phi.values) == {"Brain^Johanna", "Johanna"}
+    phi.add("Head Clinic Vexmoor", "institution")
+    assert "Head Clinic Vexmoor" in phi.values

@@ -212,7 +212,8 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
         new = sorted(set(table.ids) - set(old))
         table.ids = dict(old, **{name: max(old.values(), default=0) + n + 1 for n, name in enumerate(new)})
     allowed = {normalize(n) for n in table.ids} | set(table.synonyms)
-    phi.values = {v: k for v, k in phi.values.items() if not (k == "segment name" and normalize(v) in allowed)}
+    # a label name is written on purpose (a study described "Liver" with a "Liver" label is no leak)
+    phi.values = {v: k for v, k in phi.values.items() if normalize(v) not in allowed}
     result.phi_strings = len(phi.values)
     # splits, modalities, case numbers
     splits = assign_splits([c.subject for c in originals], options.split_ratios, options.seed, state["splits"])

@@ -25,6 +25,13 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 MIN_PHI_LENGTH = 4  # shorter strings ("M", "F", "45") match by chance everywhere and are not searched
+# Role, modality and body-part words ("fixed", "Volume_2", "T1", "HEAD", "MR Brain", "Chest CT 3") identify nobody
+# and also occur in the builder's own output ("fixed" in every pair, "head" in the report): not searched.
+_GENERIC_WORD = (r"(volume|segmentation|labelmap|labels?|f|l|markupsfiducial|pointlist|segment|mask|patient|"
+                 r"subject|study|series|fixed|moving|image|template|atlas|reference|landmarks|t1|t2|flair|dwi|"
+                 r"ct|mr|mri|pet|brain|head|neck|chest|thorax|abdomen|pelvis|spine|knee|hip|body|whole|scan|"
+                 r"contrast|axial|coronal|sagittal|routine|baseline|followup|follow up)")
+GENERIC_TEXT = re.compile(rf"^{_GENERIC_WORD}([ _-]{_GENERIC_WORD})*([ _]?\d+)?$", re.IGNORECASE)
 # NIfTI-1 text fields: (offset, length) in the 348-byte header
 NIFTI_TEXT_FIELDS = {"db_name": (4, 18), "descrip": (148, 80), "aux_file": (228, 24), "intent_name": (328, 16)}
 
@@ -87,12 +94,15 @@ class PhiStrings:
 
     def add(self, value, kind: str) -> None:
         """Records ``value`` (and, for DICOM person names ``A^B``, its components) when long enough
-        (``MIN_PHI_LENGTH`` characters, 3 of them letters or digits: ``"----"`` is not searched)."""
+        (``MIN_PHI_LENGTH`` characters, 3 of them letters or digits: ``"----"`` is not searched) and not
+        generic words only (:data:`GENERIC_TEXT`)."""
         if value is None:
             return
         text = str(value).strip()
         parts = {text} | ({p.strip() for p in re.split(r"[\^=]", text)} if "^" in text else set())
         for part in parts:
+            if GENERIC_TEXT.match(part):
+                continue
             if len(part) >= MIN_PHI_LENGTH and sum(ch.isalnum() for ch in part) >= 3:
                 self.values.setdefault(part, kind)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .deid import PhiStrings
+from .deid import GENERIC_TEXT, PhiStrings
 from .labels import parse_terminology
 
 logger = logging.getLogger(__name__)
@@ -29,9 +29,7 @@ logger = logging.getLogger(__name__)
 SCENE_SUFFIXES = (".mrb", ".mrml")
 # Slicer's default node names and generic role words ("fixed", "moving labels", "T1 2") carry no identity; they
 # are not searched by the PHI scan (they would also match the builder's own words, e.g. the "fixed" of a pair).
-_GENERIC_WORD = (r"(volume|segmentation|labelmap|labels?|f|l|markupsfiducial|pointlist|segment|mask|patient|subject|"
-                 r"study|series|fixed|moving|image|template|atlas|reference|landmarks|t1|t2|flair|ct|mr|brain)")
-GENERIC_NAME = re.compile(rf"^{_GENERIC_WORD}([ _-]{_GENERIC_WORD})?([ _]?\d+)?$", re.IGNORECASE)
+GENERIC_NAME = GENERIC_TEXT
 # Subject-hierarchy bookkeeping attributes (values like "Patient", "Study"), not searched.
 NON_IDENTIFYING_ATTRIBUTES = {"Level", "DICOM.Modality", "DICOM.PatientSex"}
 
