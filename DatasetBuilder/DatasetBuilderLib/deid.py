@@ -30,7 +30,7 @@ MIN_PHI_LENGTH = 4  # shorter strings ("M", "F", "45") match by chance everywher
 _GENERIC_WORD = (r"(volume|segmentation|labelmap|labels?|f|l|markupsfiducial|pointlist|segment|mask|patient|"
                  r"subject|study|series|fixed|moving|image|template|atlas|reference|landmarks|t1|t2|flair|dwi|"
                  r"ct|mr|mri|pet|brain|head|neck|chest|thorax|abdomen|pelvis|spine|knee|hip|body|whole|scan|"
-                 r"contrast|axial|coronal|sagittal|routine|baseline|followup|follow up)")
+                 r"contrast|axial|coronal|sagittal|routine|baseline|followup|follow up|true|false|none|null|yes|off)")
 GENERIC_TEXT = re.compile(rf"^{_GENERIC_WORD}([ _-]{_GENERIC_WORD})*([ _]?\d+)?$", re.IGNORECASE)
 # NIfTI-1 text fields: (offset, length) in the 348-byte header
 NIFTI_TEXT_FIELDS = {"db_name": (4, 18), "descrip": (148, 80), "aux_file": (228, 24), "intent_name": (328, 16)}
