@@ -208,3 +208,16 @@ def test_generic_words_are_not_phi_but_names_are():
     assert set(phi.values) == {"Brain^Johanna", "Johanna"}
     phi.add("Head Clinic Vexmoor", "institution")
     assert "Head Clinic Vexmoor" in phi.values
+
+
+def test_numeric_identifiers_are_searched_as_whole_tokens_of_six_digits_or_more(tmp_path):
+    phi = deid.PhiStrings()
+    phi.add("4711", "DICOM PatientID")  # too short: would match case numbers and hex digests by chance
+    phi.add("20040826", "DICOM StudyDate")
+    phi.add("1.2.840.99.7", "DICOM StudyInstanceUID")
+    assert set(phi.values) == {"20040826", "1.2.840.99.7"}
+    (tmp_path / "hex.json").write_text('{"uid": "C3fa20040826b1"}')  # inside a hex pseudonym: not the date
+    (tmp_path / "longer.txt").write_text("120040826 1.2.840.99.77")   # inside longer numbers
+    (tmp_path / "leak.csv").write_text("id,date\nx,20040826\n")      # a whole token: found
+    (tmp_path / "uid.txt").write_text("uid=1.2.840.99.7;")
+    assert {h.file for h in deid.scan_for_phi(tmp_path, phi)} == {"leak.csv", "uid.txt"}

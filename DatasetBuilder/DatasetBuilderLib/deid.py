@@ -25,6 +25,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 MIN_PHI_LENGTH = 4  # shorter strings ("M", "F", "45") match by chance everywhere and are not searched
+# Digit-only strings need 6 digits: "0001" or "4711" would match case numbers ("DREG_0001_0000") and, by chance,
+# the hex pseudonyms of the builder's own files; dates (8), times (6), UIDs and record numbers are longer.
+MIN_NUMERIC_LENGTH = 6
 # Role, modality and body-part words ("fixed", "Volume_2", "T1", "HEAD", "MR Brain", "Chest CT 3") identify nobody
 # and also occur in the builder's own output ("fixed" in every pair, "head" in the report): not searched.
 _GENERIC_WORD = (r"(volume|segmentation|labelmap|labels?|f|l|markupsfiducial|pointlist|segment|mask|patient|"
@@ -103,6 +106,8 @@ class PhiStrings:
         for part in parts:
             if GENERIC_TEXT.match(part):
                 continue
+            if re.fullmatch(r"[0-9.]+", part) and sum(ch.isdigit() for ch in part) < MIN_NUMERIC_LENGTH:
+                continue
             if len(part) >= MIN_PHI_LENGTH and sum(ch.isalnum() for ch in part) >= 3:
                 self.values.setdefault(part, kind)
 
@@ -129,14 +134,15 @@ class PhiStrings:
 
 
 def _found(data: bytes, needle: bytes, numeric: bool) -> bool:
-    """Whether ``needle`` occurs in (lower-cased) ``data``; numeric needles not inside a longer number."""
+    """Whether ``needle`` occurs in (lower-cased) ``data``; numeric needles only as a whole token (not inside a
+    longer number or an alphanumeric token such as a hex digest)."""
     start = data.find(needle)
     while start >= 0:
         if not numeric:
             return True
         before = data[start - 1:start] if start else b""
         after = data[start + len(needle):start + len(needle) + 1]
-        if not (before.isdigit() or before == b".") and not after.isdigit():
+        if not (before.isalnum() or before == b".") and not after.isalnum():
             return True
         start = data.find(needle, start + 1)
     return False
