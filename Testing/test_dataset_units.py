@@ -221,3 +221,13 @@ def test_numeric_identifiers_are_searched_as_whole_tokens_of_six_digits_or_more(
     (tmp_path / "leak.csv").write_text("id,date\nx,20040826\n")      # a whole token: found
     (tmp_path / "uid.txt").write_text("uid=1.2.840.99.7;")
     assert {h.file for h in deid.scan_for_phi(tmp_path, phi)} == {"leak.csv", "uid.txt"}
+
+
+def test_short_name_parts_count_as_whole_words_only(tmp_path):
+    phi = deid.PhiStrings()
+    phi.add("Case^Jo-Ann Wexford", "DICOM PatientName")
+    (tmp_path / "report.md").write_text("- cases written: 4\n- showcase\n")  # the builder's own words
+    (tmp_path / "a.csv").write_text("name\nCase\n")                       # the surname as a word
+    (tmp_path / "case_01.json").write_text("{}")                           # in a file name, between separators
+    (tmp_path / "b.txt").write_text("xxjo-ann wexfordxx")                  # long parts: anywhere
+    assert {h.file for h in deid.scan_for_phi(tmp_path, phi)} == {"a.csv", "case_01.json", "b.txt"}

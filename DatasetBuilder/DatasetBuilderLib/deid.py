@@ -133,16 +133,21 @@ class PhiStrings:
         return out
 
 
+SHORT_WORD = 5  # text needles this short count only as whole words ("Case" is not in "cases")
+
+
 def _found(data: bytes, needle: bytes, numeric: bool) -> bool:
-    """Whether ``needle`` occurs in (lower-cased) ``data``; numeric needles only as a whole token (not inside a
-    longer number or an alphanumeric token such as a hex digest)."""
+    """Whether ``needle`` occurs in (lower-cased) ``data``. Numeric needles and text needles of up to
+    :data:`SHORT_WORD` characters count only as whole tokens (not inside a longer number, word or hex digest;
+    ``_``, ``-``, spaces and punctuation separate tokens); longer text needles count anywhere."""
     start = data.find(needle)
+    whole = numeric or len(needle) <= SHORT_WORD
     while start >= 0:
-        if not numeric:
+        if not whole:
             return True
         before = data[start - 1:start] if start else b""
         after = data[start + len(needle):start + len(needle) + 1]
-        if not (before.isalnum() or before == b".") and not after.isalnum():
+        if not (before.isalnum() or (numeric and before == b".")) and not after.isalnum():
             return True
         start = data.find(needle, start + 1)
     return False
