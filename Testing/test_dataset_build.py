@@ -586,6 +586,7 @@ def test_evaluate_scores_methods_on_the_dataset_pairs(built, tmp_path, capsys):
     ev = json.loads((report / "evaluation.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
     assert ev["summary"]["none"]["sdlogj"]["mean"] == 0.0
     assert ev["methods"] == ["none", "io", "model", "model+io"] and len(ev["pairs"]) == 2
+    assert ev["config"]["similarity"] == "lncc" and ev["config"]["spacing_mm"] == 4.0
     s = ev["summary"]
     assert s["io"]["dice"]["mean"] > s["none"]["dice"]["mean"] + 0.05
     assert s["io"]["tre"]["mean"] < 0.8 * s["io"]["tre_before"]["mean"]

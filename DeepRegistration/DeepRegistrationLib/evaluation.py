@@ -146,7 +146,8 @@ def evaluate_dataset(root: str | Path, pairs: str = "registration_val", model=No
                    for metric in METRICS}
                for m in methods}
     return {"dataset": str(Path(root).resolve()), "pairs_list": pairs, "methods": list(methods),
-            "config": {"spacing_mm": config.spacing, "iterations": config.iterations, "mode": config.mode},
+            "config": {"spacing_mm": config.spacing, "iterations": config.iterations, "mode": config.mode,
+                       "similarity": config.similarity},
             "pairs": rows, "summary": summary}
 
 

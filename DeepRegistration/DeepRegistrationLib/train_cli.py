@@ -95,6 +95,8 @@ def add_subparsers(subparsers) -> None:
                    help="methods for --dataset (default: none io, plus model model+io with --model)")
     e.add_argument("--max-pairs", type=int, metavar="N", help="only the first N pairs of --dataset")
     e.add_argument("--iterations", type=int, help="IO iterations per level (default: the engine's)")
+    e.add_argument("--similarity", choices=("lncc", "mi", "mse"), default="lncc",
+                   help="IO similarity for --dataset: lncc (same contrast, default) or mi (e.g. CT/MR pairs)")
     e.add_argument("-o", "--out", metavar="DIR", help="where --dataset writes evaluation.json/.md/.png")
     e.add_argument("--overwrite", action="store_true", help="replace an existing evaluation in --out")
     e.add_argument("--synthetic", type=int, default=0, metavar="N", help="evaluate on N synthetic pairs")
@@ -256,7 +258,14 @@ def _evaluate_dataset(args: argparse.Namespace) -> int:
         raise InputError(f"{out} already holds an evaluation; choose another folder or pass --overwrite")
     loaded = load(args.model) if args.model else None
     spacing = args.spacing or (loaded.working_spacing_mm if loaded else None) or RegistrationConfig().spacing
-    cfg = RegistrationConfig(spacing=spacing, **({"iterations": args.iterations} if args.iterations else {}))
+    cfg = RegistrationConfig(spacing=spacing, similarity=args.similarity,
+                             **({"iterations": args.iterations} if args.iterations else {}))
+    if loaded is not None:
+        from .registry import usage_warning
+
+        warning = usage_warning(loaded.card, cfg.similarity)
+        if warning:
+            sys.stderr.write(f"warning: {warning}\n")
 
     def progress(fraction: float, message: str) -> None:
         logger.info("%3.0f%% %s", 100 * fraction, message)
