@@ -409,14 +409,14 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def setModel(parameterNode, name: str) -> None:
         """Chooses a learned model ("" = none); a model sets the working spacing to the one it was trained at."""
-        from DeepRegistrationLib.registry import read_card, resolve  # torch-free
+        from DeepRegistrationLib.registry import card_working_spacing, read_card, resolve  # torch-free
 
         with slicer.util.NodeModify(parameterNode):
             parameterNode.model = name
             if name:
-                spacing = read_card(resolve(name)).get("preprocessing", {}).get("working_spacing_mm")
+                spacing = card_working_spacing(read_card(resolve(name)))
                 if spacing:
-                    parameterNode.spacing = float(spacing)
+                    parameterNode.spacing = spacing
 
     @staticmethod
     def jobArguments(p) -> dict:

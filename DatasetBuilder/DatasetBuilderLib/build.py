@@ -31,7 +31,7 @@ from . import BUILDER_VERSION
 from . import writer as W
 from .augment import AugmentOptions, augment_case
 from .classical import ClassicalOptions, check_available, register_pair
-from .deid import PhiStrings, load_or_create_key, pseudonym, scan_for_phi
+from .deid import PhiStrings, load_or_create_key, occurs_in, pseudonym, scan_for_phi
 from .dicom_input import load_dicom_folder
 from .labels import LabelTable, normalize
 from .pairs import CaseRef, make_pairs
@@ -249,6 +249,7 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
     entries: dict[str, dict] = {}
     aug_pairs: list[dict] = []
     todo = sorted(originals, key=lambda c: numbers[c.uid])
+    needles = phi.needles()  # the PHI strings as the scan searches them, for the header summaries
     for n, c in enumerate(todo):
         _tick(progress, 0.3 + 0.6 * n / max(len(todo), 1), f"writing case {n + 1}/{len(todo)}")
         split = splits[c.subject]
@@ -257,7 +258,7 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
             extra["study_date"] = shifted_date(key, c.identity, c.study_date)
         if c.header:
             extra["dicom_header"] = {k: v for k, v in c.header.items()
-                                     if not phi.occurs_in(v if isinstance(v, str) else " ".join(map(str, v)))}
+                                     if not occurs_in(v if isinstance(v, str) else " ".join(map(str, v)), needles)}
         entry, wrote = _write_case(out, options.task, numbers[c.uid], mod_index[c.modality], c.subject, split,
                                    c.modality, c.image, _remap(c, table), c.mask, c.points,
                                    [pseudonym(key, f"kp:{x}", "K", 8) for x in c.point_labels], extra)

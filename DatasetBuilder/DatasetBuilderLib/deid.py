@@ -115,11 +115,6 @@ class PhiStrings:
         for value, kind in other.values.items():
             self.values.setdefault(value, kind)
 
-    def occurs_in(self, text: str) -> bool:
-        """Whether any of the strings occurs in ``text`` (the scan's rules: case-insensitive, numbers whole)."""
-        data = str(text).lower().encode("utf-8")
-        return any(_found(data, needle, numeric) for _, needle, numeric in self.needles())
-
     def needles(self) -> list[tuple[str, bytes, bool]]:
         """``(value, lower-case UTF-8 bytes, numeric)``; numeric values (IDs, dates, UIDs) must not be part
         of a longer number to count as found."""
@@ -151,6 +146,12 @@ def _found(data: bytes, needle: bytes, numeric: bool) -> bool:
             return True
         start = data.find(needle, start + 1)
     return False
+
+
+def occurs_in(text: str, needles: list[tuple[str, bytes, bool]]) -> bool:
+    """Whether any needle (:meth:`PhiStrings.needles`) occurs in ``text`` by the scan's rules."""
+    data = str(text).lower().encode("utf-8")
+    return any(_found(data, needle, numeric) for _, needle, numeric in needles)
 
 
 @dataclass

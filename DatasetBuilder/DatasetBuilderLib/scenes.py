@@ -27,9 +27,6 @@ from .labels import parse_terminology
 logger = logging.getLogger(__name__)
 
 SCENE_SUFFIXES = (".mrb", ".mrml")
-# Slicer's default node names and generic role words ("fixed", "moving labels", "T1 2") carry no identity; they
-# are not searched by the PHI scan (they would also match the builder's own words, e.g. the "fixed" of a pair).
-GENERIC_NAME = GENERIC_TEXT
 # Subject-hierarchy bookkeeping attributes (values like "Patient", "Study"), not searched.
 NON_IDENTIFYING_ATTRIBUTES = {"Level", "DICOM.Modality", "DICOM.PatientSex"}
 
@@ -167,7 +164,7 @@ def _sh_ancestors(sh, item) -> list[int]:
 def _collect_sh_phi(sh, items: list[int], phi: PhiStrings) -> dict[str, str]:
     attributes: dict[str, str] = {}
     for item in items:
-        if not GENERIC_NAME.match((sh.GetItemName(item) or "").strip()):
+        if not GENERIC_TEXT.match((sh.GetItemName(item) or "").strip()):
             phi.add(sh.GetItemName(item), "subject hierarchy name")
         uid = sh.GetItemUID(item, "DICOM")
         phi.add(uid, "subject hierarchy UID")
@@ -181,14 +178,14 @@ def _collect_sh_phi(sh, items: list[int], phi: PhiStrings) -> dict[str, str]:
 
 def _add_node_phi(node, phi: PhiStrings) -> None:
     name = node.GetName() or ""
-    if not GENERIC_NAME.match(name.strip()):
+    if not GENERIC_TEXT.match(name.strip()):
         phi.add(name, "node name")
     for attr in node.GetAttributeNames() or ():
         phi.add(node.GetAttribute(attr), f"node attribute {attr}")
     storage = node.GetStorageNode() if hasattr(node, "GetStorageNode") else None
     if storage is not None and storage.GetFileName():
         stem = Path(storage.GetFileName()).name.split(".")[0]
-        if not GENERIC_NAME.match(stem):
+        if not GENERIC_TEXT.match(stem):
             phi.add(stem, "storage file name")
 
 
@@ -206,7 +203,7 @@ def collect_cases(scene, source: str, mapping: dict[str, tuple[str, str]] | None
     scene_name = Path(source).name
     scene_phi = PhiStrings()
     stem = scene_name.split(".")[0]
-    if not GENERIC_NAME.match(stem):
+    if not GENERIC_TEXT.match(stem):
         scene_phi.add(stem, "scene file name")
     volumes = [n for n in scene.GetNodesByClass("vtkMRMLScalarVolumeNode") if not n.IsA("vtkMRMLLabelMapVolumeNode")]
     labelmaps = list(scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode"))

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import RegistrationConfig
-from .errors import Cancelled, InputError
+from .errors import InputError
 from .image import Image
 from .metrics import hd95_per_label, mean_dice, summarize, tre_mm
 from .progress import Progress, ProgressCallback
@@ -36,15 +36,6 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("none", "io", "model", "model+io")
 METRICS = ("dice", "hd95", "tre", "tre_before", "folding_percent", "sdlogj", "seconds")
-
-
-class _ZeroPredictor:
-    """The zero field: ``predictor_mode="replace"`` with it is the affine stage alone."""
-
-    def predict(self, fixed, moving, grid):
-        import torch
-
-        return torch.zeros(1, 3, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device)
 
 
 def _image(item: dict, side: str) -> Image:
@@ -217,6 +208,19 @@ def _strict(value):
     return value
 
 
+REPORT_FILES = ("evaluation.json", "evaluation.md", "evaluation.png")
+
+
+def check_report_folder(out_dir: str | Path, overwrite: bool = False) -> list[Path]:
+    """The report's paths in ``out_dir``; raises InputError when one exists and ``overwrite`` is False
+    (call it before a long evaluation so it fails first)."""
+    paths = [Path(out_dir) / name for name in REPORT_FILES]
+    existing = [p.name for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise InputError(f"{out_dir} already holds {', '.join(existing)}; choose another folder or pass --overwrite")
+    return paths
+
+
 def write_report(result: dict, out_dir: str | Path, overwrite: bool = False) -> list[Path]:
     """Writes ``evaluation.json`` (strict JSON: metrics that do not apply are null), ``evaluation.md`` and
     ``evaluation.png`` into ``out_dir``.
@@ -227,10 +231,7 @@ def write_report(result: dict, out_dir: str | Path, overwrite: bool = False) -> 
     import json
 
     out = Path(out_dir)
-    paths = [out / "evaluation.json", out / "evaluation.md", out / "evaluation.png"]
-    existing = [p.name for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise InputError(f"{out} already holds {', '.join(existing)}; choose another folder or pass --overwrite")
+    paths = check_report_folder(out, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     tmp = [p.with_name(".tmp-" + p.name) for p in paths]
     tmp[0].write_text(json.dumps(_strict(result), indent=2, allow_nan=False) + "\n")
@@ -241,4 +242,4 @@ def write_report(result: dict, out_dir: str | Path, overwrite: bool = False) -> 
     return paths
 
 
-__all__ = ["METHODS", "Cancelled", "evaluate_dataset", "markdown", "plot", "write_report"]
+__all__ = ["METHODS", "check_report_folder", "evaluate_dataset", "markdown", "plot", "write_report"]

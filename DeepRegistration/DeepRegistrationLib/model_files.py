@@ -59,7 +59,13 @@ class LoadedModel:
 
     @property
     def working_spacing_mm(self) -> float | None:
-        return self.card.get("preprocessing", {}).get("working_spacing_mm")
+        return card_working_spacing(self.card)
+
+
+def card_working_spacing(card: dict) -> float | None:
+    """The working spacing (mm) a model card says the model expects, or None."""
+    spacing = card.get("preprocessing", {}).get("working_spacing_mm")
+    return float(spacing) if spacing else None
 
 
 def versions() -> dict:

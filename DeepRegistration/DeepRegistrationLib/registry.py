@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .model_files import LoadedModel, load_model, read_card  # torch-free until a model is loaded
+from .model_files import LoadedModel, card_working_spacing, load_model, read_card  # torch-free until a model loads
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ModelEntry:
         arch = self.card.get("architecture", {})
         return {"name": self.name, "source": self.source, "path": str(self.card_path), "ok": self.ok,
                 "error": self.error, "description": self.card.get("description", ""),
-                "working_spacing_mm": self.card.get("preprocessing", {}).get("working_spacing_mm"),
+                "working_spacing_mm": card_working_spacing(self.card),
                 "output": arch.get("output"), "block": arch.get("block"),
                 "metrics": self.card.get("metrics", {})}
 

@@ -248,14 +248,13 @@ class _ZeroPredictor:
 def _evaluate_dataset(args: argparse.Namespace) -> int:
     from .config import RegistrationConfig
     from .errors import InputError
-    from .evaluation import evaluate_dataset, write_report
+    from .evaluation import check_report_folder, evaluate_dataset, write_report
     from .registry import load
 
     if not args.out:
         raise InputError("evaluate --dataset needs an output folder: -o DIR")
     out = Path(args.out)
-    if not args.overwrite and any((out / n).exists() for n in ("evaluation.json", "evaluation.md", "evaluation.png")):
-        raise InputError(f"{out} already holds an evaluation; choose another folder or pass --overwrite")
+    check_report_folder(out, args.overwrite)
     loaded = load(args.model) if args.model else None
     spacing = args.spacing or (loaded.working_spacing_mm if loaded else None) or RegistrationConfig().spacing
     cfg = RegistrationConfig(spacing=spacing, similarity=args.similarity,

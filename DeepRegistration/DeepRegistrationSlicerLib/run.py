@@ -193,7 +193,7 @@ class RegistrationJob:
         self.preset = preset
         self.model, self.modelMode = None, modelMode
         if model:
-            from DeepRegistrationLib.registry import read_card, resolve
+            from DeepRegistrationLib.registry import card_working_spacing, read_card, resolve
 
             if modelMode not in ("init", "replace"):
                 raise InputError(f"modelMode must be 'init' or 'replace', not {modelMode!r}.")
@@ -202,9 +202,9 @@ class RegistrationJob:
                                  "Choose a Deformable preset or no model.")
             self.model = str(resolve(model))  # InputError naming the available models
             if options.get("spacing") is None:
-                spacing = read_card(self.model).get("preprocessing", {}).get("working_spacing_mm")
+                spacing = card_working_spacing(read_card(self.model))
                 if spacing:
-                    self.config["spacing"] = float(spacing)
+                    self.config["spacing"] = spacing
         self.process: subprocess.Popen | None = None
         self.workDir: Path | None = None
         self.state, self.progress, self.message = "new", 0.0, ""
