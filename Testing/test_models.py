@@ -166,3 +166,34 @@ def test_single_contrast_model_warns_for_multimodal_similarity():
     card = registry.read_card(registry.resolve("default"))
     assert registry.usage_warning(card, "lncc") is None
     assert "single-contrast" in registry.usage_warning(card, "mi")
+
+
+def test_model_runs_at_its_own_spacing_on_any_working_grid(sample_dir):
+    """``LoadedModel.predictor()`` feeds the network images on a grid of the model's working spacing (3 mm)
+    when the registration works at another (4 mm here), and the prediction still helps there."""
+    from DeepRegistrationLib.config import RegistrationConfig
+    from DeepRegistrationLib.io import read_image
+    from DeepRegistrationLib.pipeline import register
+    from DeepRegistrationLib.preprocess import prepare
+    from DeepRegistrationLib.train_cli import evaluate_pair
+
+    loaded = registry.load("default")
+    assert loaded.working_spacing_mm == 3.0
+    seen = []
+    hook = loaded.model.stem.register_forward_hook(lambda mod, inp, out: seen.append(tuple(inp[0].shape[2:])))
+    try:
+        fixed = read_image(sample_dir / "fixed.nii.gz")
+        moving = read_image(sample_dir / "moving.nii.gz")
+        res = register(fixed, moving, RegistrationConfig(spacing=4.0, threads=2), predictor=loaded.predictor(),
+                       predictor_mode="replace")
+    finally:
+        hook.remove()
+    grid4 = prepare(fixed, 4.0).grid
+    assert res.working_grid.spacing == (4.0, 4.0, 4.0) and grid4.shape == res.working_grid.shape
+    coarse = grid4.with_spacing(3.0)
+    multiple = loaded.model.multiple
+    assert seen == [tuple(-(-n // multiple) * multiple for n in coarse.shape)]  # padded inside the network
+    r = evaluate_pair(loaded.predictor(), sample_dir / "fixed.nii.gz", sample_dir / "moving.nii.gz",
+                      sample_dir / "fixed_labels.nii.gz", sample_dir / "moving_labels.nii.gz", spacing=4.0, threads=2)
+    assert r["model_alone"]["dice"] >= r["affine_only"]["dice"] + 0.015, r
+    assert r["model_plus_io"]["dice"] >= r["instance_optimization"]["dice"] - 0.005, r

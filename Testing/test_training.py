@@ -200,3 +200,37 @@ def test_fine_tuning_starts_from_the_shipped_model(tmp_path):
     changed = [not torch.equal(a, c) for a, c in zip(tuned.model.state_dict().values(),
                                                       shipped.model.state_dict().values())]
     assert any(changed)
+
+
+def test_pseudo_labels_fill_unlabeled_images_from_the_segmentation_head(monkeypatch):
+    """Self-training (multi-task): an image without labels (all 0, as a dataset case without a label map) takes
+    the segmentation head's argmax, a labelled one keeps its own, per image of the batch; training switches it
+    on at ``pseudo_labels_after`` and not before; other modes refuse the option."""
+    from dataclasses import replace
+
+    import DeepRegistrationLib.training as T
+    from DeepRegistrationLib.errors import InputError
+
+    cfg = small(mode="multi-task")
+    a, b = (synth_pairs(cfg, 400 + i).sample(1) for i in range(2))
+    batch = SynthBatch(torch.cat([a.fixed, b.fixed]), torch.cat([a.moving, b.moving]),
+                       torch.cat([a.fixed_labels, torch.zeros_like(b.fixed_labels)]),
+                       torch.cat([torch.zeros_like(a.moving_labels), b.moving_labels]),
+                       torch.cat([a.field, b.field]), a.grid)
+    logits = torch.randn(2, 12, *cfg.shape, generator=torch.Generator().manual_seed(0))
+    filled = T.with_pseudo_labels(batch, logits)
+    head_fixed, head_moving = logits[:, :6].argmax(1, keepdim=True), logits[:, 6:].argmax(1, keepdim=True)
+    assert torch.equal(filled.fixed_labels[0], a.fixed_labels[0])      # labelled: kept
+    assert torch.equal(filled.fixed_labels[1], head_fixed[1])          # unlabeled: the head's labels
+    assert torch.equal(filled.moving_labels[0], head_moving[0])
+    assert torch.equal(filled.moving_labels[1], b.moving_labels[0])
+    assert filled.fixed is batch.fixed and filled.field is batch.field
+
+    calls = []
+    real = T.with_pseudo_labels
+    monkeypatch.setattr(T, "with_pseudo_labels", lambda bt, lg: calls.append(1) or real(bt, lg))
+    unlabeled = replace(b, fixed_labels=torch.zeros_like(b.fixed_labels), moving_labels=torch.zeros_like(b.moving_labels))
+    result = train(small(mode="multi-task", steps=6, pseudo_labels_after=4), data=RepeatPairs([a, unlabeled]))
+    assert len(calls) == 2 and len(result.losses) == 6  # the 5th and 6th steps: after 4 steps
+    with pytest.raises(InputError, match="multi-task"):
+        small(mode="semi-supervised", pseudo_labels_after=10)

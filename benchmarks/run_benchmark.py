@@ -302,16 +302,19 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def environment(args: argparse.Namespace) -> dict:
-    """Machine and software versions (main Python and the peer Python)."""
-    cpu_model = ""
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (else ``platform.processor()``)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def environment(args: argparse.Namespace) -> dict:
+    """Machine and software versions (main Python and the peer Python)."""
     mem_gb = float("nan")
     try:
         mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
@@ -328,7 +331,7 @@ def environment(args: argparse.Namespace) -> dict:
         peer = {"error": str(exc)}
     return {"date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)), "cpu_model": cpu_model,
+            "cpu_count": os.cpu_count(), "cpu_affinity": len(os.sched_getaffinity(0)), "cpu_model": cpu_model(),
             "memory_gb": round(mem_gb, 1), "threads_per_method": args.threads,
             "moving_contrast": args.moving_contrast, "model": args.model, "deepreg_args": args.deepreg_args,
             "main_python": sys.executable, "peer_python": args.peer_python,

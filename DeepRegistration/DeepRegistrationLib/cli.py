@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smoothness weight; larger = smoother deformation (default: %(default)s)")
     g.add_argument("--spacing", type=float, default=None, metavar="MM",
                    help=f"working voxel size in mm; smaller = more detail, slower (default: {d.spacing}, or the "
-                        "--model's own working spacing)")
+                        "--model's own working spacing; the model itself always runs at its own spacing)")
     g.add_argument("--iterations", type=int, default=d.iterations, metavar="N",
                    help="deformable iterations at the finest level, coarser levels run 2N (default: %(default)s)")
     g.add_argument("--affine-iterations", type=int, default=d.affine_iterations, metavar="N",
@@ -163,7 +163,7 @@ def _register(args: argparse.Namespace) -> int:
         from . import registry
 
         loaded = registry.load(args.model)  # InputError for unknown, corrupt or tampered models
-        predictor = loaded.model
+        predictor = loaded.predictor()
         if args.spacing is None:  # a model works at the spacing it was trained at
             args.spacing = loaded.working_spacing_mm
     spacing = args.spacing if args.spacing is not None else RegistrationConfig().spacing

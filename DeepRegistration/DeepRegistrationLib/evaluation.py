@@ -88,7 +88,7 @@ def evaluate_dataset(root: str | Path, pairs: str = "registration_val", model=No
     Args:
         root: Dataset folder (``<TASK>_dataset.json``, as the DatasetBuilder writes it).
         pairs: Pair list: ``registration_val``, ``registration_test`` or ``training_paired_images``.
-        model: A loaded field predictor (``registry.load(...).model``); needed by ``model`` and ``model+io``.
+        model: A field predictor (``registry.load(...).predictor()``); needed by ``model`` and ``model+io``.
         config: Engine settings (default: the engine's defaults, or the model card's working spacing).
         methods: Subset of :data:`METHODS` (default: ``none``, ``io``, and with a model ``model``, ``model+io``).
         max_pairs: Score only the first N pairs.

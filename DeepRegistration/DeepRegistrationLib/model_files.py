@@ -61,6 +61,13 @@ class LoadedModel:
     def working_spacing_mm(self) -> float | None:
         return card_working_spacing(self.card)
 
+    def predictor(self):
+        """The pipeline's :class:`FieldPredictor`: the network run at its card's working spacing
+        (:class:`~DeepRegistrationLib.networks.AtSpacing`), whatever the registration's spacing."""
+        from .networks import AtSpacing
+
+        return AtSpacing(self.model, self.working_spacing_mm)
+
 
 def card_working_spacing(card: dict) -> float | None:
     """The working spacing (mm) a model card says the model expects, or None."""

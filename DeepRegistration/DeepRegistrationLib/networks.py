@@ -190,6 +190,42 @@ class UNetFieldPredictor(torch.nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+class AtSpacing:
+    """A :class:`FieldPredictor` that runs ``model`` at its own working spacing whatever the pipeline's grid.
+
+    A network sees structures at the voxel size it was trained at. When the pipeline's working grid has
+    another spacing (e.g. a 3 mm model starting a 2 mm optimization), the fixed and moving images are
+    resampled onto a grid with the model's spacing covering the same field of view (same direction, centred;
+    box-smoothed first when coarsening by more than 1.25×), the model predicts there, and the displacement
+    (LPS mm) is resampled trilinearly back to the pipeline's grid (border values repeat beyond the coarse
+    grid's outer voxel centres, at most one coarse voxel).
+
+    Args:
+        model: The network.
+        spacing_mm: Its working spacing (isotropic mm); None = use the pipeline's grid as it is.
+    """
+
+    def __init__(self, model: UNetFieldPredictor, spacing_mm: float | None):
+        self.model = model
+        self.spacing_mm = None if spacing_mm is None else float(spacing_mm)
+
+    def predict(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """Displacement ``(1, 3, Z, Y, X)`` in LPS mm on ``grid`` for inputs ``(1, 1, Z, Y, X)`` in [0, 1] on ``grid``."""
+        from . import warp as W
+        from .similarity import box_filter
+
+        if self.spacing_mm is None or np.allclose(grid.spacing, self.spacing_mm, rtol=0.02):
+            return self.model.predict(fixed, moving, grid)
+        coarse = grid.with_spacing(self.spacing_mm)
+        if self.spacing_mm > 1.25 * min(grid.spacing):
+            fixed, moving = box_filter(fixed, 1), box_filter(moving, 1)
+        pts = W.grid_points(coarse, fixed.device, fixed.dtype)
+        f_c = W.sample(fixed, grid, pts, padding_mode="border")
+        m_c = W.sample(moving, grid, pts, padding_mode="border")
+        u = self.model.predict(f_c, m_c, coarse)
+        return W.sample(u, coarse, W.grid_points(grid, u.device, u.dtype), padding_mode="border")
+
+
 def save_predictor(model: UNetFieldPredictor, path: str | Path, card: dict | None = None) -> Path:
     """Saves ``model`` as safetensors weights + JSON card next to ``path``; returns the card path.
 

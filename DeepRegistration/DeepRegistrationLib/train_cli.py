@@ -62,6 +62,9 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--val-pairs", type=int, default=d.val_pairs)
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--init-model", metavar="NAME|PATH", help="fine-tune from this model")
+    p.add_argument("--pseudo-labels-after", type=int, default=0, metavar="STEP",
+                   help="multi-task: after STEP steps, images without labels take the segmentation head's labels "
+                        "(self-training on unlabeled cases; default 0 = off)")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in the run folder")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
@@ -132,7 +135,8 @@ def _train(args: argparse.Namespace) -> int:
                       same_contrast=args.same_contrast, seed=args.seed, val_every=args.val_every,
                       val_pairs=args.val_pairs, checkpoint_every=args.checkpoint_every, output_dir=str(out),
                       model_name=args.name, init_model=args.init_model, amp=not args.no_amp, device=args.device,
-                      dataset=args.dataset, dataset_pairs=args.dataset_pairs, tensorboard=args.tensorboard)
+                      dataset=args.dataset, dataset_pairs=args.dataset_pairs, tensorboard=args.tensorboard,
+                      pseudo_labels_after=args.pseudo_labels_after)
     from tqdm import tqdm
 
     machine = getattr(args, "machine_progress", False)
@@ -269,7 +273,7 @@ def _evaluate_dataset(args: argparse.Namespace) -> int:
     def progress(fraction: float, message: str) -> None:
         logger.info("%3.0f%% %s", 100 * fraction, message)
 
-    result = evaluate_dataset(args.dataset, args.pairs, loaded.model if loaded else None, cfg,
+    result = evaluate_dataset(args.dataset, args.pairs, loaded.predictor() if loaded else None, cfg,
                               tuple(args.methods) if args.methods else None, args.max_pairs, progress)
     result["model"] = str(loaded.card_path) if loaded else None
     paths = write_report(result, out, overwrite=args.overwrite)

@@ -7,7 +7,11 @@ Losses, for a predicted displacement ``u`` (mm) and the moving image warped by i
 - ``supervised``: ``supervised_weight`` · mean |u − u_true|² / spacing² (voxels²) + ``reg_weight`` · diffusion;
 - ``synthetic``: SynthMorph's recipe, soft Dice of labels only + ``reg_weight`` · diffusion (contrast-agnostic);
 - ``multi-task``: the semi-supervised loss + ``seg_weight`` · (cross-entropy + soft Dice) of a segmentation
-  head that shares the encoder-decoder and labels both images (``num_labels`` classes).
+  head that shares the encoder-decoder and labels both images (``num_labels`` classes). With
+  ``pseudo_labels_after`` = N > 0, after N steps every unlabeled image (an all-zero label map, as
+  :class:`~DeepRegistrationLib.dataset_pairs.DatasetPairs` gives cases without labels) takes the
+  segmentation head's own labels (argmax, no gradient) in both the Dice and the segmentation terms:
+  self-training on unlabeled cases once the head has learned from the labelled ones.
 
 Mechanics: one seed fixes model initialization and data; :func:`train` writes ``checkpoint.pt``
 (model, optimizer, data-generator states, step, history; read back with ``weights_only=True``) every
@@ -27,7 +31,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -85,6 +89,7 @@ class TrainConfig:
     dataset: str | None = None  # Learn2Reg-layout folder; None = synthetic pairs
     dataset_pairs: str = "training_paired_images"
     tensorboard: bool = False  # TensorBoard event files in output_dir/tensorboard (needs the tensorboard package)
+    pseudo_labels_after: int = 0  # multi-task: after this many steps, unlabeled images take the head's labels (0 = off)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -93,6 +98,10 @@ class TrainConfig:
             raise InputError(f"similarity must be lncc, mi or mse, not {self.similarity!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise InputError("steps and batch size must be at least 1")
+        if self.pseudo_labels_after < 0 or (self.pseudo_labels_after and self.mode != "multi-task"):
+            raise InputError("pseudo-labels come from the segmentation head of mode multi-task: use --mode multi-task "
+                             f"with a step >= 1, or leave pseudo_labels_after at 0 (got {self.pseudo_labels_after} "
+                             f"with mode {self.mode})")
         self.shape = tuple(int(s) for s in self.shape)
         if self.channels is not None:
             self.channels = tuple(int(c) for c in self.channels)
@@ -165,13 +174,27 @@ def segmentation_loss(logits: torch.Tensor, fixed_labels: torch.Tensor, moving_l
     return total / 2
 
 
+def with_pseudo_labels(batch: SynthBatch, logits: torch.Tensor) -> SynthBatch:
+    """``batch`` with the labels of every unlabeled image (label map all 0) replaced by the segmentation head's
+    argmax (no gradient); labelled images keep theirs. ``logits`` ``(B, 2N, Z, Y, X)``: fixed classes, then moving."""
+    n = logits.shape[1] // 2
+    filled = []
+    for labels, part in ((batch.fixed_labels, logits[:, :n]), (batch.moving_labels, logits[:, n:])):
+        unlabeled = (labels.flatten(1).amax(1) == 0).view(-1, 1, 1, 1, 1)
+        filled.append(torch.where(unlabeled, part.detach().argmax(1, keepdim=True), labels))
+    return replace(batch, fixed_labels=filled[0], moving_labels=filled[1])
+
+
 def training_loss(cfg: TrainConfig, model: torch.nn.Module, batch: SynthBatch,
-                  mi: MutualInformation | None = None) -> torch.Tensor:
-    """The loss of ``cfg.mode`` for one batch (see the module docstring)."""
+                  mi: MutualInformation | None = None, pseudo_labels: bool = False) -> torch.Tensor:
+    """The loss of ``cfg.mode`` for one batch (see the module docstring); ``pseudo_labels`` (multi-task):
+    unlabeled images take the segmentation head's labels (:func:`with_pseudo_labels`)."""
     net = model.module if hasattr(model, "module") else model
     logits = None
     if cfg.mode == "multi-task":  # through DDP's forward so gradients are synchronized
         raw, logits = model(batch.fixed, batch.moving, with_segmentation=True)
+        if pseudo_labels:
+            batch = with_pseudo_labels(batch, logits)
     else:
         raw = model(batch.fixed, batch.moving)
     u = _raw_to_mm(net, raw, batch.grid)
@@ -413,7 +436,8 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
     while result.step < cfg.steps:
         batch = _to(data.sample(cfg.batch_size), device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            loss = training_loss(cfg, model, batch, mi)
+            loss = training_loss(cfg, model, batch, mi,
+                                 pseudo_labels=0 < cfg.pseudo_labels_after <= result.step)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -106,7 +106,7 @@ def run_job(job: dict, stream=sys.stdout) -> dict:
         from .registry import load
 
         loaded = load(job["model"])  # InputError for unknown, corrupt or tampered models
-        predictor = loaded.model
+        predictor = loaded.predictor()  # runs at the model's own spacing
         options.setdefault("spacing", loaded.working_spacing_mm or 2.0)  # a model works at its own spacing
     config = make_config(options)
     emit(stream, progress=0.0, message="starting")
