@@ -187,6 +187,8 @@ class DatasetBuilderWidget(ScriptedLoadableModuleWidget):
             if code == 0:
                 self.statusLabel.text = (f"Model '{self.modelNameEdit.text.strip()}' installed: choose it as Learned "
                                          "model in the Deep Registration module.")
+                for warning in self.process.warnings():
+                    self.statusLabel.text += f"\nWarning: {warning}"
                 self._fillModels()
             elif code < 0 or code == 130:
                 self.statusLabel.text = "Training stopped. Train again with the same name to resume."

@@ -21,8 +21,12 @@ def test_train_install_list_and_evaluate(tmp_path, monkeypatch, capsys):
     args = parse(["train", "--name", "cli-tiny", "-o", str(tmp_path / "run"), "--steps", "3", "--shape", "16", "16",
                   "16", "--num-labels", "4", "--val-every", "2", "--val-pairs", "1", "--install", "--tensorboard"])
     assert train_cli.run(args) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
     assert out["steps"] == 3 and (tmp_path / "run" / "checkpoint.pt").is_file()
+    # two steps from a zero-initialized head: still the identity, and the command says so
+    assert out["best_dice"] <= out["dice_no_registration"] + 0.001
+    assert "has not learned to register yet" in captured.err
     # TensorBoard event file with the loss of every step and the validation Dice
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

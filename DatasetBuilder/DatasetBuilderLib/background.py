@@ -83,6 +83,10 @@ class ChildProcess:
             self._proc.kill()
             return self.wait()
 
+    def warnings(self) -> list[str]:
+        """The child's ``warning: ...`` lines on stderr, without the prefix (e.g. a model that has not learned)."""
+        return [e.strip()[len("warning:"):].strip() for e in self.errors if e.strip().startswith("warning:")]
+
     def last_error(self) -> str:
         """The last non-empty stderr line that is not a progress bar (for an error message)."""
         lines = [e.split("\r")[-1].strip() for e in self.errors]

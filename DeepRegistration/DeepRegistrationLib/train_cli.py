@@ -162,6 +162,11 @@ def _train(args: argparse.Namespace) -> int:
     if result.model_path is None:  # a non-zero rank of a distributed run
         return 0
     best = result.best_model_path or result.model_path
+    identity = result.validation[-1].get("dice_identity") if result.validation else None
+    if identity is not None and not result.best_metric > identity + 0.001:
+        sys.stderr.write(f"warning: the model has not learned to register yet: its best validation Dice "
+                         f"({result.best_metric:.4f}) is not above no registration's ({identity:.4f}). Train longer "
+                         "(--steps, or rerun to resume), or check the mode and the data.\n")
     if args.install:
         loaded = load_model(best)
         card = dict(loaded.card, name=args.name)
@@ -169,6 +174,7 @@ def _train(args: argparse.Namespace) -> int:
         logger.info("installed %s as '%s' (%s)", best.name, args.name, installed)
     sys.stdout.write(json.dumps({"model": str(result.model_path), "best_model": str(best), "steps": result.step,
                                  "final_loss": float(np.mean(result.losses[-10:])), "best_dice": result.best_metric,
+                                 "dice_no_registration": identity,
                                  "seconds": round(result.seconds, 1)}, indent=2) + "\n")
     return 0
 
