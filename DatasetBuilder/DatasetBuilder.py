@@ -220,7 +220,7 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
     implemented = True
 
     def ensurePythonPackages(self) -> None:
-        """The engine's packages (through the Deep Registration module: PyTorch extension, monai, ...) and
+        """The engine's packages (through the Deep Registration module: PyTorch extension, safetensors) and
         this module's ``Resources/requirements.txt`` (dicom-anonymizer, for DICOM input), after asking."""
         logic = slicer.util.getModuleLogic("DeepRegistration")
         logic.ensurePythonPackages()

@@ -21,7 +21,7 @@ PRESETS = ["Rigid", "Affine", "Deformable — fast", "Deformable — accurate"]
 DEVICES = ["auto", "CPU", "GPU"]
 SIMILARITIES = ["lncc", "mi", "mse"]
 MINIMUM_TORCH_VERSION = "2.2"
-FALLBACK_REQUIREMENTS = ["monai>=1.4,<1.7", "safetensors>=0.4"]  # same as Resources/requirements.txt, for Slicer < 5.12
+FALLBACK_REQUIREMENTS = ["safetensors>=0.4"]  # same as Resources/requirements.txt, for Slicer < 5.12
 
 
 # DeepRegistration
@@ -363,7 +363,7 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
             if torch is None:
                 raise RuntimeError("PyTorch is needed to register images; its installation was cancelled.")
         requirements = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
-        self.ensureRequirements(requirements, "DeepRegistration", ("monai", "safetensors"), FALLBACK_REQUIREMENTS,
+        self.ensureRequirements(requirements, "DeepRegistration", ("safetensors",), FALLBACK_REQUIREMENTS,
                                 askConfirmation)
         self._packagesChecked = True
 

@@ -65,10 +65,6 @@ def versions() -> dict:
         from . import __version__
 
         out["deepregistration"] = __version__
-    try:
-        out["monai"] = version("monai")
-    except PackageNotFoundError:
-        pass
     return out
 
 

@@ -206,7 +206,7 @@ def training_loss(cfg: TrainConfig, model: torch.nn.Module, batch: SynthBatch,
         if cfg.similarity == "lncc":
             loss = loss + lncc(batch.fixed, warped)
         elif cfg.similarity == "mi":
-            loss = loss + mi.loss(warped.clamp(0, 1), batch.fixed)
+            loss = loss + mi(batch.fixed, warped.clamp(0, 1))
         else:
             loss = loss + (warped - batch.fixed).square().mean()
     if cfg.mode in ("semi-supervised", "synthetic", "multi-task"):
