@@ -166,6 +166,8 @@ def test_single_contrast_model_warns_for_multimodal_similarity():
     card = registry.read_card(registry.resolve("default"))
     assert registry.usage_warning(card, "lncc") is None
     assert "single-contrast" in registry.usage_warning(card, "mi")
+    blind = dict(card, architecture=dict(card["architecture"], input_features="local-contrast"))
+    assert registry.usage_warning(blind, "mi") is None  # it sees a T1 and a T2-like image alike
 
 
 def test_model_runs_at_its_own_spacing_on_any_working_grid(sample_dir):
@@ -197,3 +199,34 @@ def test_model_runs_at_its_own_spacing_on_any_working_grid(sample_dir):
                       sample_dir / "fixed_labels.nii.gz", sample_dir / "moving_labels.nii.gz", spacing=4.0, threads=2)
     assert r["model_alone"]["dice"] >= r["affine_only"]["dice"] + 0.015, r
     assert r["model_plus_io"]["dice"] >= r["instance_optimization"]["dice"] - 0.005, r
+
+
+def test_local_contrast_inputs_ignore_linear_contrast_changes(tmp_path):
+    """``input_features="local-contrast"``: the network sees the same inputs for an image and any linear
+    remapping of it, an inverted contrast included, so its prediction does not change; the choice is saved in
+    the card and restored on load."""
+    from DeepRegistrationLib.networks import local_contrast
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 28, 28, 28, generator=g), 3, 1, 1)  # smooth texture
+    image = (base - base.min()) / (base.max() - base.min())
+    for a, b in ((-1.0, 1.0), (0.5, 0.25)):
+        np.testing.assert_allclose(local_contrast(a * image + b, floor=0.0), local_contrast(image, floor=0.0),
+                                   atol=1e-4)
+    net = UNetFieldPredictor((4, 8, 8), block="separable", output="svf", input_features="local-contrast")
+    torch.nn.init.normal_(net.head.weight, std=0.1)  # a non-trivial prediction
+    grid = Grid((28, 28, 28), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    moving = torch.roll(image, 2, dims=4)
+    u = net.predict(image, moving, grid)
+    assert float(u.abs().max()) > 0.01
+    np.testing.assert_allclose(net.predict(image, 1 - moving, grid), u, atol=2e-3)  # T2-like moving: same field
+    plain = UNetFieldPredictor((4, 8, 8), block="separable", output="svf")
+    plain.load_state_dict(net.state_dict())
+    assert float((plain.predict(image, 1 - moving, grid) - plain.predict(image, moving, grid)).abs().max()) > 0.01
+    card = save_model(net, tmp_path / "lc")
+    loaded = load_model(card)
+    assert loaded.card["architecture"]["input_features"] == "local-contrast"
+    assert loaded.model.input_features == "local-contrast"
+    np.testing.assert_allclose(loaded.model.predict(image, moving, grid), u, atol=1e-6)
+    with pytest.raises(ValueError, match="input_features"):
+        UNetFieldPredictor((4, 8, 8), input_features="edges")

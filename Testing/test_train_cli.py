@@ -64,3 +64,12 @@ def test_bad_dataset_is_one_error_and_leaves_no_run_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("expected one *_dataset.json") == 2 and "Traceback" not in err
     assert not (tmp_path / "run").exists() and not (tmp_path / "eval").exists()
+
+
+def test_train_with_local_contrast_inputs_records_them(tmp_path, capsys):
+    args = parse(["train", "--name", "lc", "-o", str(tmp_path / "run"), "--steps", "1", "--shape", "16", "16", "16",
+                  "--num-labels", "4", "--val-every", "0", "--input-features", "local-contrast"])
+    assert train_cli.run(args) == 0
+    card = json.loads((tmp_path / "run" / "lc.json").read_text())
+    assert card["architecture"]["input_features"] == "local-contrast"
+    assert card["training"]["recipe"]["input_features"] == "local-contrast"

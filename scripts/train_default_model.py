@@ -50,6 +50,7 @@ def recipe(args: argparse.Namespace) -> TrainConfig:
                        batch_size=1, lr=args.lr, shape=(32, 32, 32), spacing=args.spacing, channels=(8, 16, 16, 16),
                        block="separable", output="svf", reg_weight=0.3, dice_weight=1.0, max_displacement_mm=20.0,
                        num_labels=16, label_scale=6.0, field_scale=8.0,
+                       input_features=args.input_features,
                        seed=args.seed, val_every=max(args.steps // 10, 1), val_pairs=8,
                        checkpoint_every=max(args.steps // 10, 1), output_dir=str(args.run_dir),
                        model_name=args.name)
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spacing", type=float, default=3.0, help="working spacing of the model in mm")
     p.add_argument("--name", default="default")
+    p.add_argument("--input-features", default="intensity", choices=("intensity", "local-contrast"),
+                   help="what the network sees: the intensities, or their local contrast (networks.local_contrast: "
+                        "unchanged by local linear intensity maps, an inverted contrast included)")
     p.add_argument("--run-dir", type=Path, default=ROOT / "build" / "default_model_run")
     p.add_argument("--tolerance", type=float, default=0.005, help="allowed Dice loss of model + IO vs IO alone")
     p.add_argument("--min-gain", type=float, default=0.01,
@@ -97,9 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     card = dict(loaded.card)
     card["training"] = dict(card["training"], recipe=dict(card["training"]["recipe"], output_dir=None))  # no local path
     card["metrics"] = {"bundled_pair_spacing_mm": cfg.spacing, "bundled_pair": pair, "synthetic_test": synthetic}
-    card["description"] = ("SVF U-Net (depthwise-separable) trained only on synthetic SynthMorph-style pairs, "
-                           "one random contrast per pair (any single contrast; not trained for multimodal "
-                           "pairs); meant as the initialization of a short instance optimization.")
+    if args.input_features == "local-contrast":
+        card["description"] = ("SVF U-Net (depthwise-separable) trained only on synthetic SynthMorph-style pairs; it "
+                               "sees each image's local contrast (unchanged by local linear intensity maps, an "
+                               "inverted contrast included), so a T1 and a T2-like image look alike to it; meant as "
+                               "the initialization of a short instance optimization.")
+    else:
+        card["description"] = ("SVF U-Net (depthwise-separable) trained only on synthetic SynthMorph-style pairs, "
+                               "one random contrast per pair (any single contrast; not trained for multimodal "
+                               "pairs); meant as the initialization of a short instance optimization.")
     MODELS.mkdir(parents=True, exist_ok=True)
     out = save_model(loaded.model, MODELS / args.name, card)
     logger.info("shipped %s (%d bytes of weights)", out, out.with_suffix(".safetensors").stat().st_size)

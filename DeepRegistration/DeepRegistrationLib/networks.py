@@ -1,7 +1,8 @@
 """Learned field predictors that plug into the pipeline's :class:`~DeepRegistrationLib.pipeline.FieldPredictor` slot.
 
 :class:`UNetFieldPredictor` is a VoxelMorph-style 3D U-Net (2 input channels: the fixed image and the
-affinely aligned moving image on the fixed working grid, intensities in [0, 1]). Its raw output is a
+affinely aligned moving image on the fixed working grid, intensities in [0, 1]; or, with
+``input_features="local-contrast"``, their :func:`local_contrast`, which a linear contrast change does not alter). Its raw output is a
 field in **voxels of the working grid along (i, j, k)**: a displacement, or a stationary velocity
 (``output="svf"``) integrated by scaling and squaring (diffeomorphic). :meth:`~UNetFieldPredictor.field_mm`
 converts it to LPS mm with the grid's direction and spacing, so a model trained at one orientation works
@@ -29,6 +30,22 @@ from .transforms import scaling_and_squaring
 
 BLOCKS = ("conv", "separable")
 OUTPUTS = ("displacement", "svf")
+INPUT_FEATURES = ("intensity", "local-contrast")
+
+
+def local_contrast(image: torch.Tensor, radius: int = 2, floor: float = 0.05) -> torch.Tensor:
+    """How far each voxel is from its neighbourhood's mean, in local standard deviations, mapped to [0, 1).
+
+    ``z = |I − mean| / sqrt(var + floor²)`` over ``(2·radius + 1)³`` windows, returned as ``z / (1 + z)``, for
+    images ``(B, 1, Z, Y, X)`` normalized to [0, 1]. Any local linear intensity map ``a·I + b`` (``a ≠ 0``: an
+    inverted contrast too) leaves ``z`` unchanged where the window's spread exceeds ``floor`` (which keeps
+    noise in flat regions small): a network fed these sees a T1 and a T2-like image of the same anatomy alike.
+    """
+    from .similarity import box_filter
+
+    mean, mean_sq = torch.split(box_filter(torch.cat([image, image * image], 1), radius), 1, 1)
+    z = (image - mean).abs() / torch.sqrt((mean_sq - mean * mean).clamp_min(0) + floor * floor)
+    return z / (1.0 + z)
 
 
 def depth_for_shape(shape: Sequence[int], min_size: int = 6, max_depth: int = 4) -> int:
@@ -68,6 +85,9 @@ class UNetFieldPredictor(torch.nn.Module):
         block: ``"conv"`` or ``"separable"`` (depthwise-separable, lighter).
         output: ``"displacement"`` or ``"svf"`` (stationary velocity, integrated by scaling and squaring).
         integration_steps: Squarings for ``"svf"``.
+        input_features: ``"intensity"`` (the images as given) or ``"local-contrast"`` (:func:`local_contrast`
+            of each image, computed inside the network: unchanged by local linear contrast changes, inversion
+            included).
         seg_classes: With N > 0, a segmentation head on the shared encoder-decoder features (multi-task
             registration + segmentation): logits of N classes (0 = background) for the fixed image and for
             the moving image (:meth:`segment`).
@@ -75,8 +95,11 @@ class UNetFieldPredictor(torch.nn.Module):
 
     def __init__(self, channels: Sequence[int] = (16, 32, 32, 32), max_displacement_voxels: float = 8.0,
                  block: str = "conv", output: str = "displacement", integration_steps: int = 6,
-                 seg_classes: int = 0):
+                 seg_classes: int = 0, input_features: str = "intensity"):
         super().__init__()
+        if input_features not in INPUT_FEATURES:
+            raise ValueError(f"input_features must be one of {INPUT_FEATURES}, not {input_features!r}")
+        self.input_features = input_features
         if block not in BLOCKS:
             raise ValueError(f"block must be one of {BLOCKS}, not {block!r}")
         if output not in OUTPUTS:
@@ -114,6 +137,8 @@ class UNetFieldPredictor(torch.nn.Module):
         ``with_segmentation`` (multi-task models): returns ``(field, logits)``, logits ``(B, 2N, Z, Y, X)``:
         N classes of the fixed image, then N of the moving image.
         """
+        if self.input_features == "local-contrast":
+            fixed, moving = local_contrast(fixed), local_contrast(moving)
         x = torch.cat([fixed, moving], 1)
         shape = x.shape[2:]
         pad = []
@@ -176,7 +201,7 @@ class UNetFieldPredictor(torch.nn.Module):
         return {"architecture": "DeepRegistration.UNet", "channels": list(self.channels),
                 "max_displacement_voxels": self.max_displacement_voxels, "block": self.block,
                 "output": self.output, "integration_steps": self.integration_steps,
-                "seg_classes": self.seg_classes}
+                "seg_classes": self.seg_classes, "input_features": self.input_features}
 
     @classmethod
     def from_config(cls, cfg: dict) -> "UNetFieldPredictor":
@@ -184,7 +209,8 @@ class UNetFieldPredictor(torch.nn.Module):
         if cfg.get("architecture") != "DeepRegistration.UNet":
             raise ValueError(f"unknown architecture {cfg.get('architecture')!r}")
         return cls(tuple(cfg["channels"]), float(cfg["max_displacement_voxels"]), str(cfg["block"]),
-                   str(cfg["output"]), int(cfg["integration_steps"]), int(cfg.get("seg_classes", 0)))
+                   str(cfg["output"]), int(cfg["integration_steps"]), int(cfg.get("seg_classes", 0)),
+                   str(cfg.get("input_features", "intensity")))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

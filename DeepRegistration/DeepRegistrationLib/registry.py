@@ -136,9 +136,11 @@ def resolve(name_or_path: str | Path) -> Path:
 
 def usage_warning(card: dict, similarity: str) -> str | None:
     """A warning when a model is used outside what it was trained for (a single-contrast model with the
-    multimodal similarity ``mi``), else None."""
+    multimodal similarity ``mi``), else None. A model that sees local contrast
+    (``input_features="local-contrast"``) gets the same inputs from a T1 and a T2-like image: no warning."""
     recipe = card.get("training", {}).get("recipe", {})
-    if similarity == "mi" and recipe.get("same_contrast") and recipe.get("dataset") is None:
+    contrast_blind = card.get("architecture", {}).get("input_features") == "local-contrast"
+    if similarity == "mi" and recipe.get("same_contrast") and recipe.get("dataset") is None and not contrast_blind:
         return (f"model '{card.get('name', '?')}' was trained on single-contrast pairs; for images of different "
                 "contrasts (similarity mi) its prediction can be wrong: consider registering without it")
     return None

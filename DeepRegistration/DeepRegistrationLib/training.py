@@ -77,6 +77,7 @@ class TrainConfig:
     label_scale: float = 6.0
     field_scale: float = 8.0
     same_contrast: bool = False
+    input_features: str = "intensity"  # or "local-contrast" (networks.local_contrast: contrast-invariant inputs)
     seed: int = 0
     val_every: int = 0
     val_pairs: int = 4
@@ -280,7 +281,8 @@ def build_model(cfg: TrainConfig) -> UNetFieldPredictor:
     channels = cfg.channels or (8,) + (16,) * depth_for_shape(cfg.shape)
     max_vox = cfg.max_displacement_mm / cfg.spacing * 2
     seg_classes = cfg.num_labels if cfg.mode == "multi-task" else 0
-    return UNetFieldPredictor(channels, max_vox, cfg.block, cfg.output, seg_classes=seg_classes).train()
+    return UNetFieldPredictor(channels, max_vox, cfg.block, cfg.output, seg_classes=seg_classes,
+                              input_features=cfg.input_features).train()
 
 
 def validate(model: UNetFieldPredictor, batches: list[SynthBatch]) -> dict:
