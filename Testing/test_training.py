@@ -197,6 +197,7 @@ def test_fine_tuning_starts_from_the_shipped_model(tmp_path):
     tuned = train(TrainConfig(steps=3, lr=1e-3, output_dir=str(tmp_path), model_name="tuned", **base))
     card = load_model(tuned.model_path).card
     assert card["architecture"] == shipped.model.config() and card["training"]["recipe"]["init_model"] == "default"
+    assert card["training"]["recipe"]["input_features"] == shipped.model.input_features  # the recipe tells the truth
     changed = [not torch.equal(a, c) for a, c in zip(tuned.model.state_dict().values(),
                                                       shipped.model.state_dict().values())]
     assert any(changed)

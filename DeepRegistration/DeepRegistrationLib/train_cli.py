@@ -216,8 +216,9 @@ def evaluate_synthetic(model, cfg_shape, spacing: float, pairs: int, seed: int =
 
 
 def evaluate_pair(model, fixed_path, moving_path, flab_path, mlab_path, spacing: float,
-                  threads: int = 2) -> dict:
-    """Dice / folding / seconds on one labelled pair for: none, affine only, IO, model alone, model + IO."""
+                  threads: int = 2, similarity: str = "lncc") -> dict:
+    """Dice / folding / seconds on one labelled pair for: none, affine only, IO, model alone, model + IO
+    (the affine stage and IO with ``similarity``)."""
     from .config import RegistrationConfig
     from .io import read_image, read_label_image
     from .metrics import mean_dice
@@ -227,7 +228,7 @@ def evaluate_pair(model, fixed_path, moving_path, flab_path, mlab_path, spacing:
     fixed, moving = read_image(fixed_path, "fixed image"), read_image(moving_path, "moving image")
     flab = read_label_image(flab_path, "fixed labels", fixed.grid)
     mlab = read_label_image(mlab_path, "moving labels", moving.grid)
-    cfg = RegistrationConfig(spacing=spacing, threads=threads)
+    cfg = RegistrationConfig(spacing=spacing, threads=threads, similarity=similarity)
     zero = _ZeroPredictor()
     runs = {"affine_only": dict(predictor=zero, predictor_mode="replace"), "instance_optimization": {},
             "model_alone": dict(predictor=model, predictor_mode="replace"),

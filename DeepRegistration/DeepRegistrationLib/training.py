@@ -389,6 +389,9 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
     device = _device(cfg, rank)
     out = Path(cfg.output_dir) if cfg.output_dir else None
     net = build_model(cfg).to(device)
+    if net.input_features != cfg.input_features:  # fine-tuning keeps the model's inputs; the card says so
+        logger.info("fine-tuning %s: the network sees %s", cfg.init_model, net.input_features)
+        cfg = replace(cfg, input_features=net.input_features)
     if data is None:
         data = (dataset_pairs if cfg.dataset else synth_pairs)(cfg, cfg.seed + 1000 * rank)
     if cfg.mode == "multi-task" and getattr(data, "num_labels", 0) > net.seg_classes:
