@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "DeepRegistration"))
 
 from DeepRegistrationLib.model_files import load_model, save_model  # noqa: E402
+from DeepRegistrationLib.networks import INPUT_FEATURES  # noqa: E402
 from DeepRegistrationLib.train_cli import evaluate_pair, evaluate_synthetic  # noqa: E402
 from DeepRegistrationLib.training import TrainConfig, train  # noqa: E402
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spacing", type=float, default=3.0, help="working spacing of the model in mm")
     p.add_argument("--name", default="default")
-    p.add_argument("--input-features", default="local-contrast", choices=("intensity", "local-contrast"),
+    p.add_argument("--input-features", default="local-contrast", choices=INPUT_FEATURES,
                    help="what the network sees: the intensities, or their local contrast (networks.local_contrast: "
                         "unchanged by local linear intensity maps, an inverted contrast included; default)")
     p.add_argument("--run-dir", type=Path, default=ROOT / "build" / "default_model_run")

@@ -2,8 +2,8 @@
 
 :class:`UNetFieldPredictor` is a VoxelMorph-style 3D U-Net (2 input channels: the fixed image and the
 affinely aligned moving image on the fixed working grid, intensities in [0, 1]; or, with
-``input_features="local-contrast"``, their :func:`local_contrast`, which a linear contrast change does not alter). Its raw output is a
-field in **voxels of the working grid along (i, j, k)**: a displacement, or a stationary velocity
+``input_features="local-contrast"``, their :func:`local_contrast`, which a linear contrast change does not
+alter). Its raw output is a field in **voxels of the working grid along (i, j, k)**: a displacement, or a stationary velocity
 (``output="svf"``) integrated by scaling and squaring (diffeomorphic). :meth:`~UNetFieldPredictor.field_mm`
 converts it to LPS mm with the grid's direction and spacing, so a model trained at one orientation works
 at any other. Blocks are plain 3×3×3 convolutions (``block="conv"``) or depthwise-separable
@@ -25,7 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import warp as W
 from .grid import Grid
+from .similarity import box_filter
 from .transforms import scaling_and_squaring
 
 BLOCKS = ("conv", "separable")
@@ -41,8 +43,6 @@ def local_contrast(image: torch.Tensor, radius: int = 2, floor: float = 0.05) ->
     inverted contrast too) leaves ``z`` unchanged where the window's spread exceeds ``floor`` (which keeps
     noise in flat regions small): a network fed these sees a T1 and a T2-like image of the same anatomy alike.
     """
-    from .similarity import box_filter
-
     mean, mean_sq = torch.split(box_filter(torch.cat([image, image * image], 1), radius), 1, 1)
     z = (image - mean).abs() / torch.sqrt((mean_sq - mean * mean).clamp_min(0) + floor * floor)
     return z / (1.0 + z)
@@ -237,9 +237,6 @@ class AtSpacing:
 
     def predict(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid) -> torch.Tensor:
         """Displacement ``(1, 3, Z, Y, X)`` in LPS mm on ``grid`` for inputs ``(1, 1, Z, Y, X)`` in [0, 1] on ``grid``."""
-        from . import warp as W
-        from .similarity import box_filter
-
         if self.spacing_mm is None or np.allclose(grid.spacing, self.spacing_mm, rtol=0.02):
             return self.model.predict(fixed, moving, grid)
         coarse = grid.with_spacing(self.spacing_mm)

@@ -22,6 +22,7 @@ COMMANDS = ("train", "models", "evaluate")
 
 def add_subparsers(subparsers) -> None:
     """Adds ``train``, ``models`` and ``evaluate`` to an ``argparse`` sub-parsers object."""
+    from .networks import INPUT_FEATURES
     from .training import MODES, TrainConfig
 
     d = TrainConfig()
@@ -61,7 +62,7 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--val-pairs", type=int, default=d.val_pairs)
     p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--input-features", choices=("intensity", "local-contrast"), default=d.input_features,
+    p.add_argument("--input-features", choices=INPUT_FEATURES, default=d.input_features,
                    help="what the network sees: the intensities, or their local contrast (the same for a T1 and a "
                         "T2-like image of one anatomy; default: %(default)s)")
     p.add_argument("--init-model", metavar="NAME|PATH", help="fine-tune from this model")
@@ -135,8 +136,9 @@ def _train(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, lr=args.lr, shape=tuple(args.shape), spacing=args.spacing,
                       channels=tuple(args.channels) if args.channels else None, block=args.block, output=args.output,
                       max_displacement_mm=args.max_displacement, num_labels=args.num_labels,
-                      same_contrast=args.same_contrast, input_features=args.input_features, seed=args.seed, val_every=args.val_every,
-                      val_pairs=args.val_pairs, checkpoint_every=args.checkpoint_every, output_dir=str(out),
+                      same_contrast=args.same_contrast, input_features=args.input_features, seed=args.seed,
+                      val_every=args.val_every, val_pairs=args.val_pairs, checkpoint_every=args.checkpoint_every,
+                      output_dir=str(out),
                       model_name=args.name, init_model=args.init_model, amp=not args.no_amp, device=args.device,
                       dataset=args.dataset, dataset_pairs=args.dataset_pairs, tensorboard=args.tensorboard,
                       pseudo_labels_after=args.pseudo_labels_after)
