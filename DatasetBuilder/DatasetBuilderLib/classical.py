@@ -9,7 +9,7 @@ next to the pair.
 
 Methods: ``engine`` (DeepRegistration's instance optimization, always available) and ``ants`` (ANTs SyN
 through ``antspyx`` with its defaults, when installed; its ``fwdtransforms`` ``[warp, affine]`` are stored
-as one SimpleITK CompositeTransform ``[affine, warp]``, i.e. ``T(x) = A(x + u(x))``, DESIGN.md §2).
+as one SimpleITK CompositeTransform ``[affine, warp]``, i.e. ``T(x) = A(x + u(x))``, docs/CONVENTIONS.md §2).
 elastix is not offered (its transforms need transformix to become one ITK transform).
 """
 from __future__ import annotations

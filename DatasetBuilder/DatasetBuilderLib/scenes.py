@@ -6,7 +6,7 @@ lists (LPS mm) of the same subject-hierarchy study (or of the scene when it hold
 
 Subject identity, in order: ``DICOM.PatientID`` (+ name, birth date) on the volume's subject-hierarchy
 ancestors; the user mapping (CSV ``scene,subject[,session]``, scene = scene file name); the scene file name
-when the user asks for it; else nothing (the case is reported, never guessed). Everything identifying met on the way (DESIGN.md §3: node names and attributes,
+when the user asks for it; else nothing (the case is reported, never guessed). Everything identifying met on the way (docs/CONVENTIONS.md §4: node names and attributes,
 subject-hierarchy names/attributes/UIDs, markup and segment labels, storage file names, the scene file
 name) is collected into :class:`~DatasetBuilderLib.deid.PhiStrings` for the PHI scan.
 """
@@ -79,7 +79,7 @@ class Skipped:
 
 
 def make_scene():
-    """Empty scene with the logics slicer-core needs (DESIGN.md §3); sets ``slicer.mrmlScene``."""
+    """Empty scene with the logics slicer-core needs (docs/CONVENTIONS.md §3); sets ``slicer.mrmlScene``."""
     from DeepRegistrationSlicerLib.nodes import makeScene
 
     return makeScene()

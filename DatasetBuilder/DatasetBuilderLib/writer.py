@@ -1,6 +1,6 @@
 """Learn2Reg-layout output: atomic, de-identified file writes, the dataset JSON, manifest and state.
 
-Layout (DESIGN.md §5): ``imagesTr/ labelsTr/ masksTr/ keypointsTr/`` (+ ``Ts``), ``transformsTr/`` (ground
+Layout (docs/CONVENTIONS.md §5): ``imagesTr/ labelsTr/ masksTr/ keypointsTr/`` (+ ``Ts``), ``transformsTr/`` (ground
 truth ``.h5``, fixed → moving, LPS), ``headersTr/`` (+ ``Ts``: de-identified DICOM header summaries of
 DICOM input), ``thumbnails/``, ``<TASK>_dataset.json``, ``manifest.json`` (SHA-256 of every file),
 ``report.md`` and ``meta/`` (builder state: pseudonymous case registry, splits, label table; one sidecar per
