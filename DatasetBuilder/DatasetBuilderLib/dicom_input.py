@@ -6,9 +6,11 @@ date, study date and UID, modality), so :func:`DatasetBuilderLib.scenes.collect_
 scene loaded by Slicer's DICOM module.
 
 Headers: each file's header goes through the DICOM PS3.15 Annex E **Basic Application Level
-Confidentiality Profile** as implemented by Kitware's ``dicom-anonymizer`` (tables of the DICOM 2026c
-standard; private tags removed). What the profile keeps (acquisition parameters: manufacturer, model,
-sequence, TR/TE, spacing, ...) of the series' first file is the case's de-identified header summary
+Confidentiality Profile** as implemented by Kitware's ``dicom-anonymizer`` (private tags removed; the tables
+of the DICOM 2026c standard with dicom-anonymizer 2.x, which needs Python >= 3.10; on Python 3.9, i.e.
+3D Slicer 5.8, the last release for it, 1.0.13.post1, with the DICOM 2024b tables; both work with the
+pydicom 2.4.4 that Slicer 5.8 and 5.10 bundle). What the profile keeps (acquisition parameters:
+manufacturer, model, sequence, TR/TE, spacing, ...) of the series' first file is the case's de-identified header summary
 (``headersTr/<case>.json``), minus UIDs (regenerated randomly by the profile: useless for NIfTI and not
 reproducible), binary values, emptied values and the profile's placeholders — and minus any value that an
 identifying string of the inputs occurs in (the builder filters against all of them).
@@ -22,8 +24,10 @@ device and comment attributes and of all private tags.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -50,25 +54,55 @@ def dicom_series_folders(root: str | os.PathLike) -> list[Path]:
     return sorted(out)
 
 
-ANNEX_E_TABLES = "dicomfields_2026c"  # dicom-anonymizer's tables of PS3.15 Annex E (DICOM 2026c)
+# dicom-anonymizer's tables of PS3.15 Annex E, newest first (2.x has 2026c; 1.0.13.post1, the last release for
+# Python 3.9, has 2024b)
+ANNEX_E_TABLES = ("dicomfields_2026c", "dicomfields_2024b")
+# What to install (also in the module's Resources/DatasetBuilder-requirements.txt): 2.x needs Python >= 3.10
+DICOM_ANONYMIZER_SPEC = ("dicom-anonymizer>=2.1,<3" if sys.version_info >= (3, 10)
+                         else "dicom-anonymizer==1.0.13.post1")
 SUMMARY_SKIP_VRS = {"UI", "SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}
 PHI_VRS = {"PN", "LO", "SH", "LT", "ST", "UT", "AE", "UC", "DA", "DT", "TM", "UI"}
 PLACEHOLDERS = {"", "ANONYMIZED", "00010101", "00010101010101.000000+0000", "000000.00"}
+
+
+def dicom_support_problem() -> str | None:
+    """Why DICOM series folders cannot be read in this Python (one sentence naming the fix), or None."""
+    if importlib.util.find_spec("pydicom") is None:
+        return "DICOM input needs the package pydicom (it comes with 3D Slicer): pip install pydicom"
+    if importlib.util.find_spec("dicomanonymizer") is None:
+        return ("DICOM input needs the package dicom-anonymizer (PS3.15 Annex E profile): "
+                f"pip install '{DICOM_ANONYMIZER_SPEC}'")
+    if annex_e_tables() is None:
+        return ("the installed dicom-anonymizer has none of the PS3.15 Annex E tables this builder knows "
+                f"({', '.join(ANNEX_E_TABLES)}): pip install '{DICOM_ANONYMIZER_SPEC}'")
+    return None
+
+
+def annex_e_tables() -> str | None:
+    """The newest PS3.15 Annex E tables of the installed dicom-anonymizer (None when there is none we know)."""
+    for name in ANNEX_E_TABLES:
+        try:
+            if importlib.util.find_spec(f"dicomanonymizer.dicom_anonymization_databases.{name}") is not None:
+                return name
+        except ImportError:  # dicom-anonymizer not installed
+            return None
+    return None
 
 
 def deidentify(dataset):
     """A copy of a pydicom dataset after the PS3.15 Annex E Basic Profile (private tags removed).
 
     Raises:
-        ImportError naming the package when ``dicom-anonymizer`` is not installed.
+        ImportError naming the package and the command that installs it when ``dicom-anonymizer`` is missing.
     """
-    try:
-        from dicomanonymizer.simpledicomanonymizer import anonymize_dataset, initialize_actions
-    except ImportError as exc:
-        raise ImportError("DICOM input needs the package dicom-anonymizer (PS3.15 Annex E profile): "
-                          "pip install 'dicom-anonymizer==2.1.0'") from exc
+    problem = dicom_support_problem()
+    if problem:
+        raise ImportError(problem)
+    from dicomanonymizer.simpledicomanonymizer import anonymize_dataset, initialize_actions
+
+    tables = annex_e_tables()
     out = copy.deepcopy(dataset)
-    anonymize_dataset(out, None, True, lambda: initialize_actions(ANNEX_E_TABLES))
+    anonymize_dataset(out, None, True, lambda: initialize_actions(tables))
     return out
 
 

@@ -73,7 +73,8 @@ def add_subparsers(subparsers) -> None:
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     p.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N]")
     p.add_argument("--machine-progress", action="store_true",
-                   help="print 'PROGRESS <fraction> <message>' lines on stdout instead of a progress bar")
+                   help="JSON progress/message/result/error lines on stdout for a parent process (see "
+                        "DeepRegistrationLib.jobs) instead of a progress bar")
     p.add_argument("--tensorboard", action="store_true",
                    help="write TensorBoard logs to the run folder's tensorboard/ (needs the tensorboard package)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -142,45 +143,73 @@ def _train(args: argparse.Namespace) -> int:
                       model_name=args.name, init_model=args.init_model, amp=not args.no_amp, device=args.device,
                       dataset=args.dataset, dataset_pairs=args.dataset_pairs, tensorboard=args.tensorboard,
                       pseudo_labels_after=args.pseudo_labels_after)
-    from tqdm import tqdm
-
     machine = getattr(args, "machine_progress", False)
-    bar = tqdm(total=cfg.steps, unit="step", desc=f"train {args.name}", disable=True if machine else None,
-               file=sys.stderr)
-    last = [-1.0]
+    from . import jobs
+    from .errors import Cancelled, DeepRegistrationError
 
-    def progress(fraction: float, message: str) -> None:
-        if machine and (fraction - last[0] >= 0.005 or fraction >= 1.0):
-            last[0] = fraction
-            sys.stdout.write(f"PROGRESS {fraction:.4f} {message}\n")
-            sys.stdout.flush()
-        step = int(round(fraction * cfg.steps))
-        if step > bar.n:
-            bar.update(step - bar.n)
-            bar.set_postfix_str(message.split(", ")[-1])
+    emitter = jobs.Emitter(sys.stdout, min_step=0.005) if machine else None
+    jobs.watch_stdin(grace=2.0)  # started by a Job: a Cancel (closed stdin) stops it, keeping the checkpoint
+    bar = None
+    if not machine:
+        try:
+            from tqdm import tqdm
+        except ImportError:  # optional (3D Slicer bundles no tqdm): plain log lines instead of a bar
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=cfg.steps, unit="step", desc=f"train {args.name}", file=sys.stderr)
+    last = [-1.0, -1.0]  # fraction of the last PROGRESS line, of the last plain log line
+
+    def progress(fraction: float, message: str) -> bool | None:
+        if emitter is not None and emitter(fraction, message) is False:
+            return False  # the parent cancelled: train() writes a checkpoint and raises Cancelled
+        if bar is not None:
+            step = int(round(fraction * cfg.steps))
+            if step > bar.n:
+                bar.update(step - bar.n)
+                bar.set_postfix_str(message.split(", ")[-1])
+        elif not machine and (fraction - last[1] >= 0.05 or fraction >= 1.0):
+            last[1] = fraction
+            logger.info("train %s: %3.0f%% %s", args.name, 100 * fraction, message)
         logger.debug("%3.0f%% %s", 100 * fraction, message)
 
     try:
         result = train(cfg, progress=progress, resume=not args.no_resume)
+    except DeepRegistrationError as exc:
+        if emitter is not None:
+            emitter.error(str(exc), "cancelled" if isinstance(exc, Cancelled) else "input")
+        raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     if result.model_path is None:  # a non-zero rank of a distributed run
         return 0
     best = result.best_model_path or result.model_path
     identity = result.validation[-1].get("dice_identity") if result.validation else None
     if identity is not None and not result.best_metric > identity + 0.001:
-        sys.stderr.write(f"warning: the model has not learned to register yet: its best validation Dice "
-                         f"({result.best_metric:.4f}) is not above no registration's ({identity:.4f}). Train longer "
-                         "(--steps, or rerun to resume), or check the mode and the data.\n")
+        warning = (f"the model has not learned to register yet: its best validation Dice "
+                   f"({result.best_metric:.4f}) is not above no registration's ({identity:.4f}). Train longer "
+                   "(--steps, or rerun to resume), or check the mode and the data.")
+        sys.stderr.write(f"warning: {warning}\n")
+        if emitter is not None:
+            emitter.message(warning, "warning")
     if args.install:
-        loaded = load_model(best)
-        card = dict(loaded.card, name=args.name)
-        installed = save_model(loaded.model, user_models_dir() / args.name, card)
+        try:
+            with jobs.commit():  # a Cancel before this point installs nothing; once begun, the install completes
+                loaded = load_model(best)
+                card = dict(loaded.card, name=args.name)
+                installed = save_model(loaded.model, user_models_dir() / args.name, card)
+        except Cancelled as exc:
+            if emitter is not None:
+                emitter.error(str(exc), "cancelled")
+            raise
         logger.info("installed %s as '%s' (%s)", best.name, args.name, installed)
-    sys.stdout.write(json.dumps({"model": str(result.model_path), "best_model": str(best), "steps": result.step,
-                                 "final_loss": float(np.mean(result.losses[-10:])), "best_dice": result.best_metric,
-                                 "dice_no_registration": identity,
-                                 "seconds": round(result.seconds, 1)}, indent=2) + "\n")
+    summary = {"model": str(result.model_path), "best_model": str(best), "steps": result.step,
+               "final_loss": float(np.mean(result.losses[-10:])), "best_dice": result.best_metric,
+               "dice_no_registration": identity, "seconds": round(result.seconds, 1)}
+    if emitter is not None:
+        emitter.result(summary)
+    else:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     return 0
 
 
