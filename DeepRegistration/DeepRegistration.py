@@ -6,22 +6,28 @@ import qt
 import vtk
 
 import slicer
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
-from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode,
+from slicer import (vtkMRMLBSplineTransformNode, vtkMRMLGridTransformNode, vtkMRMLLabelMapVolumeNode,
+                    vtkMRMLLinearTransformNode, vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode,
                     vtkMRMLSegmentationNode, vtkMRMLTableNode, vtkMRMLTransformNode)
 
 # Everything that converts nodes or runs the engine lives in DeepRegistrationSlicerLib (tested with a real MRML
 # scene in pytest); the engine (DeepRegistrationLib, torch) only runs in a PythonSlicer subprocess.
 
-PRESETS = ["Rigid", "Affine", "Deformable — fast", "Deformable — accurate"]
+PRESETS = ["Rigid", "Affine", "Deformable — fast", "Deformable — accurate"]  # stored in scenes: not translated
+LINEAR_PRESETS = ("Rigid", "Affine")
 DEVICES = ["auto", "CPU", "GPU"]
 SIMILARITIES = ["lncc", "mi", "mse"]
-MINIMUM_TORCH_VERSION = "2.2"
-FALLBACK_REQUIREMENTS = ["safetensors>=0.4"]  # same as Resources/requirements.txt, for Slicer < 5.12
+MINIMUM_TORCH_VERSION = "2.2"  # as the engine's pyproject.toml
+TORCH_DOWNLOAD_SIZE = "about 1 GB (CPU) to 3 GB (CUDA)"
+REQUIREMENTS_FILE = "DeepRegistration-requirements.txt"  # in Resources/; a per-module name (all modules share a folder)
+FALLBACK_REQUIREMENTS = ["safetensors>=0.4"]  # same as Resources/DeepRegistration-requirements.txt, for Slicer < 5.12
 
 
 # DeepRegistration
@@ -30,55 +36,78 @@ FALLBACK_REQUIREMENTS = ["safetensors>=0.4"]  # same as Resources/requirements.t
 class DeepRegistration(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Deep Registration"
+        self.parent.title = _("Deep Registration")
         self.parent.categories = ["Registration"]
         self.parent.dependencies = []  # PyTorch is an extension dependency, imported lazily (in the worker)
-        self.parent.contributors = ["The DeepRegistration authors"]
-        self.parent.helpText = """
+        self.parent.contributors = ["The DeepRegistration authors (SlicerDeepRegistration project)"]
+        self.parent.helpText = _("""
 Registers a moving volume to a fixed volume (rigid, affine, or affine + deformable) with a PyTorch engine that
-works in physical space (millimetres). Results: a transform node (the moving volume placed under it is aligned
-to the fixed volume; its segmentations and landmarks can follow with one click), optionally the resampled
-moving volume and a Jacobian-determinant map, and a metrics table (similarity before/after, folding %, and
-Dice/HD95/TRE when segmentations or landmarks are selected). The registration runs in the background: the
-application stays usable and Cancel stops it at once.
+works in physical space (millimetres). It starts from the moving volume's current alignment (its parent
+transform, e.g. set in the Transforms module) unless an initial transform is chosen, and places the result on top
+of it. Results: a transform node (segmentations and landmarks of the moving volume can follow with one click),
+optionally the resampled moving volume and a Jacobian-determinant map, and a metrics table (similarity
+before/after, folding %, and Dice/HD95/TRE when segmentations or landmarks are selected). Inspect the result with
+the fade slider, flicker and the deformation grid; harden it when satisfied.
+The registration runs in a background process: the application stays usable, and Cancel stops the process
+(the scene is left unchanged); a failed run keeps its log (Show log).
 <br><br>
 <b>Intended use:</b> research use only, not for clinical decisions. This software is not a medical device;
 always check registration results visually.
-See the <a href="https://github.com/deepregistration/SlicerDeepRegistration">documentation</a>.
-"""
-        self.parent.acknowledgementText = """
+See the <a href="https://github.com/deepregistration/SlicerDeepRegistration#in-3d-slicer">documentation</a>.
+""")
+        self.parent.acknowledgementText = _("""
 The bundled sample data are derived from the Colin27 (ch2) template and the AAL atlas as packaged in
 Debian's <i>mricron-data</i> (BSD license). Module layout follows the 3D Slicer extension templates.
-"""
+""")
         slicer.app.connect("startupCompleted()", registerSampleData)
         slicer.app.connect("startupCompleted()", _observeSceneImports)
+
+
+def moduleCategory() -> str:
+    """The module's category in the application's language (the built-in Registration category)."""
+    return translate("qSlicerAbstractCoreModule", "Registration")
 
 
 def sampleDataDir() -> str:
     return os.path.join(os.path.dirname(__file__), "Resources", "SampleData")
 
 
+SAMPLE_FILES = [("fixed.nii.gz", "DeepRegistration fixed", "VolumeFile"),
+                ("moving.nii.gz", "DeepRegistration moving", "VolumeFile"),
+                ("fixed_labels.nii.gz", "DeepRegistration fixed segmentation", "SegmentationFile"),
+                ("moving_labels.nii.gz", "DeepRegistration moving segmentation", "SegmentationFile"),
+                ("fixed_landmarks.mrk.json", "DeepRegistration fixed landmarks", "MarkupsFile"),
+                ("moving_landmarks.mrk.json", "DeepRegistration moving landmarks", "MarkupsFile")]
+"""The bundled pair in the Sample Data module: file, node name, Slicer file type."""
+
+
 def registerSampleData():
-    """Adds the bundled pair to the Sample Data module (local files, works offline)."""
+    """Adds the bundled pair to the Sample Data module (local files, works offline). SHA256 checksums make
+    SampleData replace a cached copy when the extension ships updated files."""
     import SampleData
     from DeepRegistrationSlicerLib.nodes import fileUri
 
     folder = sampleDataDir()
-    files = [("fixed.nii.gz", "DeepRegistration fixed", "VolumeFile"),
-             ("moving.nii.gz", "DeepRegistration moving", "VolumeFile"),
-             ("fixed_labels.nii.gz", "DeepRegistration fixed segmentation", "SegmentationFile"),
-             ("moving_labels.nii.gz", "DeepRegistration moving segmentation", "SegmentationFile"),
-             ("fixed_landmarks.mrk.json", "DeepRegistration fixed landmarks", "MarkupsFile"),
-             ("moving_landmarks.mrk.json", "DeepRegistration moving landmarks", "MarkupsFile")]
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="Registration",
+        category=moduleCategory(),
         sampleName="DeepRegistrationBrainPair",
-        uris=[fileUri(os.path.join(folder, f)) for f, _, _ in files],
-        fileNames=[f"DeepRegistration_{f}" for f, _, _ in files],
-        nodeNames=[n for _, n, _ in files],
+        uris=[fileUri(os.path.join(folder, f)) for f, _n, _t in SAMPLE_FILES],
+        fileNames=[f"DeepRegistration_{f}" for f, _n, _t in SAMPLE_FILES],
+        nodeNames=[n for _f, n, _t in SAMPLE_FILES],
+        checksums=[f"SHA256:{_sha256(os.path.join(folder, f))}" for f, _n, _t in SAMPLE_FILES],
         thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "DeepRegistration.png"),
-        loadFileType=[t for _, _, t in files],
+        loadFileTypes=[t for _f, _n, t in SAMPLE_FILES],
     )
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _observeSceneImports():
@@ -93,17 +122,25 @@ def _observeSceneImports():
 
 # DeepRegistrationParameterNode
 
+LABEL_NODE = Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
+"""Masks and quality segmentations. A node Union needs ``None`` to be optional: the parameterNodeWrapper writes
+each default (None) into a new parameter node and a Union without None cannot serialize it."""
+
 
 @parameterNodeWrapper
 class DeepRegistrationParameterNode:
     """Module parameters. ``preset`` sets the engine options; the advanced fields override them (they are reset
-    to the preset's values when the preset changes). ``outputTransform`` is fixed -> moving (FromParent)."""
+    to the preset's values when the user picks a preset). ``outputTransform`` is fixed -> moving (FromParent).
+    ``useCurrentAlignment``: start from the moving volume's parent transform and keep it (result on top)."""
 
     fixedVolume: vtkMRMLScalarVolumeNode
     movingVolume: vtkMRMLScalarVolumeNode
-    fixedMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
-    movingMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
-    initialTransform: vtkMRMLTransformNode
+    fixedMask: LABEL_NODE
+    movingMask: LABEL_NODE
+    # linear transform nodes are vtkMRMLLinearTransformNode (files, Transforms module, landmark registration);
+    # the module's own results are vtkMRMLTransformNode. The node selector lists exactly these classes.
+    initialTransform: Union[vtkMRMLLinearTransformNode, vtkMRMLTransformNode, None]
+    useCurrentAlignment: bool = True
     preset: Annotated[str, Choice(PRESETS)] = "Deformable — fast"
     model: str = ""  # learned model name ("" = none); the widget fills modelComboBox with the installed models
     device: Annotated[str, Choice(DEVICES)] = "auto"
@@ -112,15 +149,80 @@ class DeepRegistrationParameterNode:
     spacing: Annotated[float, WithinRange(0.5, 8.0)] = 2.0
     iterations: Annotated[int, WithinRange(0, 2000)] = 10
     diffeomorphic: bool = False
-    outputTransform: vtkMRMLTransformNode
+    # "Create new" makes the first class: a general transform node, which holds any result
+    outputTransform: Union[vtkMRMLTransformNode, vtkMRMLLinearTransformNode, vtkMRMLGridTransformNode,
+                           vtkMRMLBSplineTransformNode, None]
     outputVolume: vtkMRMLScalarVolumeNode
     jacobianVolume: vtkMRMLScalarVolumeNode
     applyToMoving: bool = True
-    fixedSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
-    movingSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    fixedSegmentation: LABEL_NODE
+    movingSegmentation: LABEL_NODE
     fixedLandmarks: vtkMRMLMarkupsFiducialNode
     movingLandmarks: vtkMRMLMarkupsFiducialNode
     metricsTable: vtkMRMLTableNode
+
+
+def isDeformable(preset: str) -> bool:
+    return preset not in LINEAR_PRESETS
+
+
+def modelDisabledReason(parameterNode) -> str:
+    """Why the Learned-model choice does not apply ("" when it does)."""
+    if parameterNode is not None and not isDeformable(parameterNode.preset):
+        return _("A learned model predicts a deformation; it is not used by the {preset} preset. Choose a "
+                 "Deformable preset to use one.").format(preset=parameterNode.preset)
+    return ""
+
+
+def applyDisabledReason(parameterNode) -> str:
+    """Why Apply cannot run with these parameters ("" when it can): the tooltip of the disabled Apply button."""
+    p = parameterNode
+    if p is None:
+        return _("The module has no parameter node (no scene).")
+    if p.fixedVolume is None or p.movingVolume is None:
+        return _("Select a fixed volume and a moving volume.")
+    if p.fixedVolume == p.movingVolume:
+        return _("The fixed and moving volumes are the same node: select two different volumes.")
+    for role, node in ((_("fixed"), p.fixedVolume), (_("moving"), p.movingVolume)):
+        if node.GetImageData() is None:
+            return _("The {role} volume '{name}' has no image data.").format(role=role, name=node.GetName())
+    for output in (p.outputVolume, p.jacobianVolume):
+        if output is not None and output in (p.fixedVolume, p.movingVolume):
+            return _("The output volume '{name}' is an input: select another node or 'Create new'.").format(
+                name=output.GetName())
+    if p.outputVolume is not None and p.outputVolume == p.jacobianVolume:
+        return _("The output volume and the Jacobian volume are the same node: select two different nodes.")
+    fixedParent = p.fixedVolume.GetParentTransformNode()
+    if fixedParent is not None and not fixedParent.IsTransformToWorldLinear():
+        return _("The fixed volume is under the non-linear transform '{name}': harden or remove it.").format(
+            name=fixedParent.GetName())
+    if p.initialTransform is not None and not p.initialTransform.IsTransformToWorldLinear():
+        return _("The initial transform '{name}' is not linear: choose a linear (rigid or affine) transform.").format(
+            name=p.initialTransform.GetName())
+    if p.outputTransform is not None and p.outputTransform.IsA("vtkMRMLLinearTransformNode") and \
+            isDeformable(p.preset):
+        return _("The output transform '{name}' is a linear transform node and cannot hold a deformable result: "
+                 "select another transform or 'Create new'.").format(name=p.outputTransform.GetName())
+    if (p.fixedSegmentation is None) != (p.movingSegmentation is None):
+        return _("Dice needs both a fixed and a moving segmentation (or neither).")
+    if (p.fixedLandmarks is None) != (p.movingLandmarks is None):
+        return _("TRE needs both fixed and moving landmarks (or neither).")
+    return ""
+
+
+def defaultVolumes(scene, exclude=()) -> list:
+    """Scalar volumes that make sensible default inputs, in scene order: not label maps (a subclass the
+    selectors do not list), not the module's own outputs (warped and Jacobian volumes) or ``exclude``."""
+    volumes = []
+    for n in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(n, "vtkMRMLScalarVolumeNode")
+        if node.GetClassName() != "vtkMRMLScalarVolumeNode" or node in exclude:
+            continue
+        if node.GetNodeReference("spatialRegistrationTransform") is not None or \
+                node.GetAttribute("DeepRegistration.output") is not None:
+            continue
+        volumes.append(node)
+    return volumes
 
 
 # DeepRegistrationWidget
@@ -134,9 +236,14 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
+        self._jobNodes = []
+        self._lastLogPath = None
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self._onPoll)
+        self._flickerTimer = qt.QTimer()
+        self._flickerTimer.setInterval(500)
+        self._flickerTimer.connect("timeout()", self._onFlicker)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -147,21 +254,38 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = DeepRegistrationLogic()
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAboutToBeRemovedEvent, self.onNodeAboutToBeRemoved)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.resetAdvancedButton.connect("clicked(bool)", self.onResetAdvanced)
-        self.ui.presetComboBox.connect("currentIndexChanged(int)", self.onPresetChanged)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        # activated(): user choices only. currentIndexChanged() also fires when the parameter-node connector
+        # clears and refills the combo box or restores a saved scene, which would reset the Advanced values.
+        self.ui.presetComboBox.connect("activated(int)", self.onPresetActivated)
+        self.ui.modelComboBox.connect("activated(int)", self.onModelActivated)
         self.ui.applyToMovingNodesButton.connect("clicked(bool)", self.onApplyToMovingNodes)
+        self.ui.showLogButton.connect("clicked(bool)", self.onShowLog)
+        self.ui.fadeSliderWidget.connect("valueChanged(double)", self.onFade)
+        self.ui.flickerButton.connect("toggled(bool)", self.onFlickerToggled)
+        self.ui.showGridCheckBox.connect("toggled(bool)", self.onShowGrid)
+        self.ui.hardenButton.connect("clicked(bool)", self.onHarden)
         self.ui.progressBar.hide()
+        self.ui.showLogButton.hide()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self._flickerTimer.stop()
         self._cancelJob()
+        self.setParameterNode(None)
         self.removeObservers()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        self.initializeParameterNode()  # connects the GUI only when the parameter node changed (see there)
+
+    def exit(self) -> None:
+        # The GUI stays connected to the parameter node while the module is hidden: Slicer 5.8's connectGui
+        # returns no tag, so a connection made on every enter() could never be removed. The parameter node is
+        # the single source of truth, so nothing goes stale.
+        self.ui.flickerButton.checked = False
 
     def _fillModels(self) -> None:
         """Lists the usable learned models (cards read without torch) and selects the parameter node's."""
@@ -172,12 +296,12 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:  # a broken models folder must not break the module
             logging.warning(f"DeepRegistration: cannot list learned models: {exc}")
             models = []
-        names = [name for name, _ in models]
+        names = [name for name, _description in models]
         wanted = self._parameterNode.model if self._parameterNode else ""
         combo = self.ui.modelComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        combo.addItem("None")
+        combo.addItem(_("None"))
         for index, (name, description) in enumerate(models, start=1):
             combo.addItem(name)
             combo.setItemData(index, description, qt.Qt.ToolTipRole)
@@ -186,19 +310,13 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if wanted and wanted not in names and self._parameterNode:  # removed since the scene was saved
             self._parameterNode.model = ""
 
-    def onModelChanged(self, index=None) -> None:
+    def onModelActivated(self, index=None) -> None:
         """Stores the chosen model; its working spacing becomes the spacing (the model expects it)."""
         if not self._parameterNode:
             return
         name = "" if self.ui.modelComboBox.currentIndex <= 0 else self.ui.modelComboBox.currentText
-        with slicer.util.tryWithErrorDisplay("Could not read the model.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not read the model."), waitCursor=True):
             self.logic.setModel(self._parameterNode, name)
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelJob()
@@ -208,20 +326,34 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeAboutToBeRemoved(self, caller, event, node) -> None:
+        """An input or output of the running registration is deleted: stop it (its results would have nowhere
+        to go); the scene is otherwise unchanged."""
+        if self._job is not None and node in self._jobNodes:
+            self._cancelJob()
+            self.ui.statusLabel.text = _("Cancelled: '{name}' was deleted during the registration.").format(
+                name=node.GetName())
+
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        p = self._parameterNode
-        if not p.fixedVolume:
-            p.fixedVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        self.logic.setDefaultInputs(self._parameterNode, slicer.mrmlScene)
 
     def setParameterNode(self, inputParameterNode: Optional[DeepRegistrationParameterNode]) -> None:
+        current = self._parameterNode.parameterNode if self._parameterNode else None
+        wanted = inputParameterNode.parameterNode if inputParameterNode else None
+        if current is wanted and current is not None:  # same node (e.g. enter()): already connected
+            self._updateButtons()
+            return
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            # widgets in the .ui carry a "SlicerParameterName" dynamic property naming their parameter
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # widgets in the .ui carry a "SlicerParameterName" dynamic property naming their parameter;
+            # connectParametersToGui returns the tag on every Slicer version (connectGui does not on 5.8)
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(guiMapping(self.ui))
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
             self._fillModels()
             self._updateButtons()
@@ -229,16 +361,25 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self, caller=None, event=None) -> None:
         running = self._job is not None
         p = self._parameterNode
-        ok = bool(p and p.fixedVolume and p.movingVolume and p.fixedVolume != p.movingVolume)
-        self.ui.applyButton.enabled = ok and not running
-        self.ui.applyButton.toolTip = "Register the moving volume to the fixed volume" if ok else \
-            "Select two different volumes: fixed and moving"
+        reason = _("A registration is running.") if running else applyDisabledReason(p)
+        self.ui.applyButton.enabled = not reason
+        self.ui.applyButton.toolTip = reason or _("Register the moving volume to the fixed volume.")
         self.ui.cancelButton.enabled = running
+        modelReason = modelDisabledReason(p)
+        self.ui.modelComboBox.enabled = not modelReason and not running
+        self.ui.modelComboBox.toolTip = modelReason or _("Optional learned model whose prediction starts the "
+                                                         "deformable optimization.")
+        hasResult = bool(p and p.outputTransform)
         self.ui.applyToMovingNodesButton.enabled = bool(
-            p and p.outputTransform and (p.movingSegmentation or p.movingLandmarks) and not running)
+            hasResult and (p.movingSegmentation or p.movingLandmarks) and not running)
+        self.ui.hardenButton.enabled = bool(hasResult and p.movingVolume and not running and
+                                            p.outputTransform in self.logic.transformChain(p.movingVolume))
+        self.ui.showGridCheckBox.enabled = hasResult
+        self.ui.showLogButton.visible = bool(self._lastLogPath and os.path.exists(self._lastLogPath))
 
-    def onPresetChanged(self, index=None) -> None:
-        # this slot may run before the parameter node's own GUI connection has stored the new preset
+    def onPresetActivated(self, index=None) -> None:
+        """The user picked a preset: store it (this slot may run before the connector does) and take its
+        Advanced values."""
         if self._parameterNode and self.ui.presetComboBox.currentText in PRESETS:
             self._parameterNode.preset = self.ui.presetComboBox.currentText
         self.onResetAdvanced()
@@ -252,26 +393,31 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onApplyButton(self) -> None:
         if self._job is not None:
             return
-        with slicer.util.tryWithErrorDisplay("Registration could not start.", waitCursor=True):
+        self._lastLogPath = None
+        # no wait cursor here: this may ask before installing packages (the cursor is application-wide)
+        with slicer.util.tryWithErrorDisplay(_("Registration could not start."), waitCursor=False):
             self.logic.ensurePythonPackages()
-            self._job = self.logic.startJob(self._parameterNode)
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.setFormat("starting (%p%)")
-            self.ui.progressBar.show()
-            self.ui.statusLabel.text = "Registering in the background; you can keep working."
-            self._timer.start()
+            with slicer.util.tryWithErrorDisplay(_("Registration could not start."), waitCursor=True):
+                self._job = self.logic.startJob(self._parameterNode)
+                self._jobNodes = self.logic.jobNodes(self._parameterNode)
+                self.ui.progressBar.value = 0
+                self.ui.progressBar.setFormat(_("starting") + " (%p%)")
+                self.ui.progressBar.show()
+                self.ui.statusLabel.text = _("Registering in the background; you can keep working.")
+                self._timer.start()
         self._updateButtons()
 
     def onCancelButton(self) -> None:
         if self._job is not None:
             self._cancelJob()
-            self.ui.statusLabel.text = "Cancelled; nothing was changed."
+            self.ui.statusLabel.text = _("Cancelled; nothing was changed.")
 
     def _cancelJob(self) -> None:
         self._timer.stop()
         if self._job is not None:
             self._job.cancel()
             self._job = None
+        self._jobNodes = []
         self.ui.progressBar.hide()
         self._updateButtons()
 
@@ -287,15 +433,18 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._timer.stop()
         self._job = None
+        self._jobNodes = []
         self.ui.progressBar.hide()
         try:
             if status.state == "failed":
-                self.ui.statusLabel.text = "Registration failed."
-                slicer.util.errorDisplay(f"Registration failed: {status.message}")
+                self._lastLogPath = self.logic.jobLogPath(job)
+                self.ui.statusLabel.text = _("Registration failed.")
+                slicer.util.errorDisplay(_("Registration failed: {message}").format(message=status.message),
+                                         detailedText=self.logic.readLog(self._lastLogPath))
                 return
             if status.state != "done":
                 return
-            with slicer.util.tryWithErrorDisplay("Registration results could not be loaded.", waitCursor=True):
+            with slicer.util.tryWithErrorDisplay(_("Registration results could not be loaded."), waitCursor=True):
                 result = self.logic.loadJobResults(job, self._parameterNode)
                 self.showResult(result)
         finally:
@@ -305,26 +454,103 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if result.metricsTableNode:
             self.ui.metricsTableView.setMRMLTableNode(result.metricsTableNode)
-        m = result.metrics
-        parts = [f"NCC {m['ncc_before']:.3f} → {m['ncc_after']:.3f}"] if "ncc_after" in m else []
-        if "dice_after" in m:
-            parts.append(f"Dice {m['dice_before']:.3f} → {m['dice_after']:.3f}")
-        if "tre_after" in m:
-            parts.append(f"TRE {m['tre_before']:.2f} → {m['tre_after']:.2f} mm")
-        if "folding_percent_after" in m:
-            parts.append(f"folding {m['folding_percent_after']:.3f} %")
-        self.ui.statusLabel.text = f"Done in {result.seconds:.1f} s: " + ", ".join(parts)
+        self.ui.statusLabel.text = _("Done in {seconds:.1f} s: ").format(seconds=result.seconds) + \
+            resultSummary(result.metrics)
         foreground = result.outputVolumeNode or (p.movingVolume if p.applyToMoving else None)
-        slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=foreground, foregroundOpacity=0.5)
+        slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=foreground,
+                                         foregroundOpacity=self.ui.fadeSliderWidget.value)
+        if self.ui.showGridCheckBox.checked:
+            self.logic.showTransformInSliceViews(result.transformNode, True)
 
     def onApplyToMovingNodes(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Could not apply the transform.", waitCursor=True):
+        with slicer.util.tryWithErrorDisplay(_("Could not apply the transform."), waitCursor=True):
             p = self._parameterNode
             count = self.logic.applyTransformToNodes(p.outputTransform, [p.movingSegmentation, p.movingLandmarks])
-            self.ui.statusLabel.text = f"Placed {count} node(s) under '{p.outputTransform.GetName()}'."
+            self.ui.statusLabel.text = _("{count} node(s) now follow '{name}'.").format(
+                count=count, name=p.outputTransform.GetName())
+
+    # ------------------------------------------------------------------------------------------ inspection
+    def onFade(self, value) -> None:
+        """Fixed (0) ↔ moving/result (1) in the slice views."""
+        self.logic.setForegroundOpacity(value)
+
+    def onFlickerToggled(self, on) -> None:
+        if on:
+            self._flickerTimer.start()
+        else:
+            self._flickerTimer.stop()
+            self.logic.setForegroundOpacity(self.ui.fadeSliderWidget.value)
+
+    def _onFlicker(self) -> None:
+        self._flickerOn = not getattr(self, "_flickerOn", False)
+        self.logic.setForegroundOpacity(1.0 if self._flickerOn else 0.0)
+
+    def onShowGrid(self, on) -> None:
+        p = self._parameterNode
+        if p and p.outputTransform:
+            self.logic.showTransformInSliceViews(p.outputTransform, on)
+
+    def onHarden(self) -> None:
+        p = self._parameterNode
+        if not slicer.util.confirmOkCancelDisplay(
+                _("Harden the transforms on '{name}'? Its voxels are resampled (deformable results) or its "
+                  "geometry is changed (linear results); this cannot be undone.").format(name=p.movingVolume.GetName())):
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not harden the transform."), waitCursor=True):
+            self.logic.hardenOnMoving(p)
+            self.ui.statusLabel.text = _("Hardened the transforms on '{name}'.").format(name=p.movingVolume.GetName())
+        self._updateButtons()
+
+    def onShowLog(self) -> None:
+        text = self.logic.readLog(self._lastLogPath)
+        slicer.util.infoDisplay(_("Log of the failed registration ({path}).").format(path=self._lastLogPath),
+                                windowTitle=_("Registration log"), detailedText=text)
+
+
+def guiMapping(ui) -> dict:
+    """Parameter name → widget for the widgets of ``ui`` (``slicer.util.childWidgetVariables``) that carry a
+    ``SlicerParameterName`` dynamic property (what ``connectGui`` looks for)."""
+    mapping = {}
+    for widget in vars(ui).values():
+        name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
+        if name:
+            mapping[str(name)] = widget
+    return mapping
+
+
+def resultSummary(metrics: dict) -> str:
+    """One line of the main metrics (before → after)."""
+    parts = [f"NCC {metrics['ncc_before']:.3f} → {metrics['ncc_after']:.3f}"] if "ncc_after" in metrics else []
+    if "dice_after" in metrics:
+        parts.append(f"Dice {metrics['dice_before']:.3f} → {metrics['dice_after']:.3f}")
+    if "tre_after" in metrics:
+        parts.append(f"TRE {metrics['tre_before']:.2f} → {metrics['tre_after']:.2f} mm")
+    if "folding_percent_after" in metrics:
+        parts.append(_("folding {percent:.3f} %").format(percent=metrics["folding_percent_after"]))
+    return ", ".join(parts)
 
 
 # DeepRegistrationLogic
+
+
+def _versionTuple(version: str) -> tuple:
+    """(major, minor, patch) of a version string such as "2.3.1+cu121" (missing parts are 0)."""
+    import re
+
+    numbers = [int(x) for x in re.findall(r"\d+", version.split("+")[0])[:3]]
+    return tuple(numbers + [0] * (3 - len(numbers)))
+
+
+def installedTorchVersion():
+    """The installed torch's version ("2.3.1+cu121"), "" when installed without metadata, None when absent;
+    found without importing torch (which would load it into Slicer's process: seconds and hundreds of MB)."""
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "" if importlib.util.find_spec("torch") is not None else None
 
 
 class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
@@ -345,32 +571,67 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return DeepRegistrationParameterNode(super().getParameterNode())
 
+    @staticmethod
+    def setDefaultInputs(parameterNode, scene) -> None:
+        """Fills empty fixed/moving selectors with two different plain scalar volumes (never a label map, never
+        the module's outputs); selections already made (or restored with a scene) are kept."""
+        p = parameterNode
+        if p is None:
+            return
+        with slicer.util.NodeModify(p):
+            if p.fixedVolume is None:
+                candidates = defaultVolumes(scene, exclude=[p.movingVolume])
+                if candidates:
+                    p.fixedVolume = candidates[0]
+            if p.movingVolume is None:
+                candidates = defaultVolumes(scene, exclude=[p.fixedVolume])
+                if candidates:
+                    p.movingVolume = candidates[0]
+
     # ---------------------------------------------------------------------------------- dependencies
     def ensurePythonPackages(self, askConfirmation: bool = True) -> None:
-        """torch through the PyTorch extension (PyTorchUtils), the rest from Resources/requirements.txt.
-        SimpleITK and numpy come with Slicer and are never installed here."""
+        """torch through the PyTorch extension (PyTorchUtils) when missing or older than
+        MINIMUM_TORCH_VERSION, the rest from Resources/DeepRegistration-requirements.txt. torch is found
+        without importing it. SimpleITK and numpy come with Slicer and are never installed here."""
         if self._packagesChecked:
             return
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError as e:
-            raise RuntimeError("This module requires the PyTorch extension. Install it from the Extensions "
-                               "Manager, restart Slicer, then try again.") from e
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        if not torchLogic.torchInstalled():
-            torch = torchLogic.installTorch(askConfirmation=askConfirmation,
-                                            torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}")
-            if torch is None:
-                raise RuntimeError("PyTorch is needed to register images; its installation was cancelled.")
-        requirements = os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
+        version = installedTorchVersion()
+        if version is None or (version and _versionTuple(version) < _versionTuple(MINIMUM_TORCH_VERSION)):
+            self.installTorch(version, askConfirmation)
+        requirements = os.path.join(os.path.dirname(__file__), "Resources", REQUIREMENTS_FILE)
         self.ensureRequirements(requirements, "DeepRegistration", ("safetensors",), FALLBACK_REQUIREMENTS,
                                 askConfirmation)
         self._packagesChecked = True
 
     @staticmethod
+    def installTorch(installedVersion=None, askConfirmation: bool = True) -> None:
+        """Installs (or updates) torch through PyTorchUtils after saying what it costs: a big download, and
+        Slicer does not respond while it installs."""
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError as e:
+            raise RuntimeError(_("This module requires the PyTorch extension. Install it from the Extensions "
+                                 "Manager, restart Slicer, then try again.")) from e
+        what = _("PyTorch {version} is older than the {minimum} this module needs; it will be updated.").format(
+            version=installedVersion, minimum=MINIMUM_TORCH_VERSION) if installedVersion else \
+            _("PyTorch is needed to register images and is not installed.")
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                what + " " + _("The download is {size}; Slicer will not respond for several minutes while it "
+                               "installs. Install now?").format(size=TORCH_DOWNLOAD_SIZE),
+                windowTitle=_("Install PyTorch")):
+            raise RuntimeError(_("PyTorch is needed to register images; its installation was cancelled."))
+        with slicer.util.WaitCursor():
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}")
+        if torch is None:
+            raise RuntimeError(_("PyTorch could not be installed; see the Python console for details."))
+        if installedVersion:
+            slicer.util.infoDisplay(_("PyTorch was updated. Restart Slicer if registrations fail to start."))
+
+    @staticmethod
     def ensureRequirements(requirementsFile: str, requester: str, modules, fallbackSpecs,
                            askConfirmation: bool = True) -> None:
-        """Installs a module's ``requirements.txt`` with ``slicer.packaging.pip_ensure`` (it asks the user);
+        """Installs a module's requirements file with ``slicer.packaging.pip_ensure`` (it asks the user);
         on Slicer < 5.12 asks, then ``pip_install``s ``fallbackSpecs`` when one of ``modules`` is missing."""
         try:
             from slicer import packaging as slicerPackaging
@@ -383,9 +644,11 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
 
         if any(importlib.util.find_spec(name) is None for name in modules):
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                    f"{requester} needs these Python packages: {', '.join(fallbackSpecs)}. Install them now?"):
-                raise RuntimeError("Required Python packages were not installed.")
-            slicer.util.pip_install(list(fallbackSpecs))
+                    _("{requester} needs these Python packages: {packages}. Install them now?").format(
+                        requester=requester, packages=", ".join(fallbackSpecs))):
+                raise RuntimeError(_("Required Python packages were not installed."))
+            with slicer.util.WaitCursor():
+                slicer.util.pip_install(list(fallbackSpecs))
 
     # ---------------------------------------------------------------------------------- options
     @staticmethod
@@ -421,7 +684,8 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def jobArguments(p) -> dict:
         """RegistrationJob keyword arguments from the parameter node."""
-        return dict(preset=p.preset, model=p.model or None, device=p.device, similarity=p.similarity,
+        model = p.model if p.model and isDeformable(p.preset) else None  # the combo box is disabled otherwise
+        return dict(preset=p.preset, model=model, device=p.device, similarity=p.similarity,
                     regularizationWeight=p.regularizationWeight, spacing=p.spacing, iterations=p.iterations,
                     diffeomorphic=p.diffeomorphic, fixedMask=p.fixedMask, movingMask=p.movingMask,
                     initialTransform=p.initialTransform, fixedSegmentation=p.fixedSegmentation,
@@ -481,10 +745,77 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def applyTransformToNodes(transformNode, nodes) -> int:
-        """Places nodes (moving segmentations, markups...) under the transform; returns how many."""
+        """Makes nodes (moving segmentations, markups...) follow the result as the moving volume does; returns
+        how many follow it."""
         from DeepRegistrationSlicerLib.run import applyTransformToNodes
 
         return applyTransformToNodes(transformNode, nodes)
+
+    @staticmethod
+    def jobNodes(p) -> list:
+        """The nodes a running registration reads or fills (deleting one stops it)."""
+        nodes = [p.fixedVolume, p.movingVolume, p.fixedMask, p.movingMask, p.initialTransform, p.outputTransform,
+                 p.outputVolume, p.jacobianVolume, p.fixedSegmentation, p.movingSegmentation, p.fixedLandmarks,
+                 p.movingLandmarks, p.metricsTable]
+        return [n for n in nodes if n is not None]
+
+    @staticmethod
+    def jobLogPath(job):
+        """The failed worker's log file (kept by the job), or None."""
+        path = getattr(job, "logPath", None)
+        if path is None and getattr(job, "workDir", None) is not None:
+            path = os.path.join(str(job.workDir), "worker.log")
+        return str(path) if path is not None and os.path.exists(str(path)) else None
+
+    @staticmethod
+    def readLog(path, maxCharacters: int = 20000) -> str:
+        """The end of a log file ("" when there is none)."""
+        if not path or not os.path.exists(path):
+            return ""
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        return text[-maxCharacters:]
+
+    # ---------------------------------------------------------------------------------- inspection
+    @staticmethod
+    def transformChain(node) -> list:
+        from DeepRegistrationSlicerLib.nodes import transformChain
+
+        return transformChain(node)
+
+    @staticmethod
+    def setForegroundOpacity(opacity: float, scene=None) -> None:
+        """Fade between the fixed (background, 0) and the moving/result (foreground, 1) in every slice view."""
+        scene = scene or slicer.mrmlScene
+        for n in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            scene.GetNthNodeByClass(n, "vtkMRMLSliceCompositeNode").SetForegroundOpacity(float(opacity))
+
+    @staticmethod
+    def showTransformInSliceViews(transformNode, show: bool = True, mode: str = "grid") -> None:
+        """Shows (or hides) the transform in the slice views as a deformed grid (``mode="grid"``), arrows
+        (``"glyph"``) or displacement contours (``"contour"``), on the fixed volume's region."""
+        if show and transformNode.GetDisplayNode() is None:
+            transformNode.CreateDefaultDisplayNodes()
+        display = transformNode.GetDisplayNode()
+        if display is None:
+            return
+        modes = {"grid": display.VIS_MODE_GRID, "glyph": display.VIS_MODE_GLYPH,
+                 "contour": display.VIS_MODE_CONTOUR}
+        display.SetVisualizationMode(modes[mode])
+        fixed = transformNode.GetNodeReference("spatialRegistrationFixed")
+        if fixed is not None and hasattr(display, "SetAndObserveRegionNode"):
+            display.SetAndObserveRegionNode(fixed)
+        display.SetVisibility2D(bool(show))
+
+    @staticmethod
+    def hardenOnMoving(parameterNode) -> None:
+        """Hardens the transforms on the moving volume (its voxels/geometry then carry the alignment)."""
+        p = parameterNode
+        if p.movingVolume is None or p.movingVolume.GetParentTransformNode() is None:
+            raise ValueError(_("The moving volume is not under a transform."))
+        if not slicer.vtkSlicerTransformLogic.hardenTransform(p.movingVolume):
+            raise RuntimeError(_("Slicer could not harden the transform on '{name}'.").format(
+                name=p.movingVolume.GetName()))
 
 
 # DeepRegistrationTest
@@ -498,15 +829,38 @@ class DeepRegistrationTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_SampleDataRegistered()
         self.setUp()
+        self.test_ParameterNode()
+        self.setUp()
         self.test_DeformableSamplePair()
 
     def test_SampleDataRegistered(self):
-        """The bundled pair is offered by the Sample Data module and loads."""
+        """The bundled pair is offered by the Sample Data module and loads (all six nodes)."""
         import SampleData
 
         registerSampleData()
-        nodes = SampleData.SampleDataLogic().downloadSample("DeepRegistrationBrainPair")
-        self.assertEqual(len(nodes), 6)
+        nodes = SampleData.SampleDataLogic().downloadSamples("DeepRegistrationBrainPair")
+        self.assertEqual([n.GetName() for n in nodes], [name for _f, name, _t in SAMPLE_FILES])
+        self.assertEqual([n.GetClassName() for n in nodes],
+                         ["vtkMRMLScalarVolumeNode"] * 2 + ["vtkMRMLSegmentationNode"] * 2 +
+                         ["vtkMRMLMarkupsFiducialNode"] * 2)
+
+    def test_ParameterNode(self):
+        """The parameter node is created, takes default inputs (two different volumes, no label map) and
+        says why Apply is disabled."""
+        folder = sampleDataDir()
+        logic = DeepRegistrationLogic()
+        p = logic.getParameterNode()
+        self.assertEqual(p.preset, "Deformable — fast")
+        self.assertIsNone(p.fixedMask)
+        self.assertIn("Select a fixed volume", applyDisabledReason(p))
+        slicer.util.loadLabelVolume(os.path.join(folder, "fixed_labels.nii.gz"))
+        fixed = slicer.util.loadVolume(os.path.join(folder, "fixed.nii.gz"))
+        moving = slicer.util.loadVolume(os.path.join(folder, "moving.nii.gz"))
+        logic.setDefaultInputs(p, slicer.mrmlScene)
+        self.assertEqual((p.fixedVolume, p.movingVolume), (fixed, moving))
+        self.assertEqual(applyDisabledReason(p), "")
+        p.preset = "Rigid"
+        self.assertIn("not used by the Rigid preset", modelDisabledReason(p))
 
     def test_DeformableSamplePair(self):
         """Registers the bundled pair with the fast preset; checks outputs, references and metrics."""

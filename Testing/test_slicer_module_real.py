@@ -35,3 +35,271 @@ def test_each_tag_loads_its_own_slicer_code_and_leaves_nothing_behind(tmp_path):
         assert "DeepRegistration" not in sys.modules and "qt" not in sys.modules
         assert not [n for n in sys.modules if n.startswith("slicer.parameterNodeWrapper")]
     assert len(seen) == 5 * len(TAGS)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def load_module(env):
+    """DeepRegistration.py as Slicer loads it: the module file imported, its ScriptedLoadableModule created."""
+    mod = env.loadModule(MODULE_FILE)
+    env.instantiate(mod)
+    return mod
+
+
+def node_parameters(p) -> dict:
+    """Parameter name → node classes allowed (the real parameterNodeWrapper's getNodeTypes)."""
+    import slicer
+
+    util = slicer.parameterNodeWrapper.util
+    out = {}
+    for name in p.allParameters:
+        datatype = p.dataType(name)
+        if util.isNodeOrUnionOfNodes(datatype):
+            out[name] = util.getNodeTypes(datatype)
+    return out
+
+
+def ui_widgets():
+    import xml.etree.ElementTree as ET
+
+    path = ROOT / "DeepRegistration" / "Resources" / "UI" / "DeepRegistration.ui"
+    return {w.get("name"): w for w in ET.parse(path).getroot().iter("widget")}
+
+
+def ui_property(widget, name):
+    return next((p for p in widget.findall("property") if p.get("name") == name), None)
+
+
+def inert_ui(env):
+    """The .ui's parameter widgets as inert instances of their own classes (slicer.qMRML*, ctk.*, qt.*), each
+    answering ``property("SlicerParameterName")`` as in the .ui: what the parameterNodeWrapper's connectors see."""
+    import types
+
+    import ctk
+    import qt
+
+    ui = types.SimpleNamespace()
+    for name, element in ui_widgets().items():
+        cls_name = element.get("class")
+        owner = env.slicer if cls_name.startswith("qMRML") else ctk if cls_name.startswith("ctk") else qt
+        widget = getattr(owner, cls_name)()
+        prop = ui_property(element, "SlicerParameterName")
+        value = prop.findtext("string") if prop is not None else None
+        widget.property = lambda key, value=value: value if key == "SlicerParameterName" else None
+        calls = []
+        widget.clear = lambda calls=calls: calls.append(("clear",))
+        widget.addItem = lambda text, calls=calls: calls.append(("addItem", text))
+        widget.calls = calls
+        setattr(ui, name, widget)
+    return ui
+
+
+# ------------------------------------------------------------------------------------------------ module + parameter node
+def test_module_loads_and_registers_its_startup_slots(slicerEnv):
+    mod = slicerEnv.loadModule(MODULE_FILE)
+    instance, parent = slicerEnv.instantiate(mod)
+    assert parent.title == "Deep Registration" and parent.categories == ["Registration"]
+    assert "research use only" in parent.helpText and "at once" not in parent.helpText
+    assert all(" (" in c and c.endswith(")") for c in parent.contributors), "contributors: 'Name (Organization)'"
+    slots = slicerEnv.app.connections["startupCompleted()"]
+    assert mod.registerSampleData in slots
+    assert slicerEnv.slicer.selfTests["DeepRegistration"] == instance.runTest  # ScriptedLoadableModule's list
+    assert mod.moduleCategory() == "Registration"  # through Slicer's i18n.translate
+
+
+def test_parameter_node_is_created_with_its_defaults(slicerEnv):
+    """D1: Slicer's parameterNodeWrapper writes every default into a new parameter node (wrapper.py _initMethod);
+    a node Union without None cannot serialize that default."""
+    mod = load_module(slicerEnv)
+    logic = mod.DeepRegistrationLogic()
+    p = logic.getParameterNode()
+    assert p.parameterNode.GetAttribute("ModuleName") == "DeepRegistration"
+    assert (p.preset, p.device, p.similarity, p.model) == ("Deformable — fast", "auto", "lncc", "")
+    assert p.useCurrentAlignment is True and p.applyToMoving is True
+    nodes = node_parameters(p)
+    assert len(nodes) == 13 and all(getattr(p, name) is None for name in nodes)
+    # the same MRML node is found again (singleton), values kept
+    p.spacing = 3.5
+    assert logic.getParameterNode().spacing == 3.5
+    assert slicerEnv.scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 1
+
+
+def test_every_node_parameter_takes_each_allowed_class_and_none(slicerEnv):
+    mod = load_module(slicerEnv)
+    p = mod.DeepRegistrationLogic().getParameterNode()
+    scene = slicerEnv.scene
+    for name, classes in node_parameters(p).items():
+        for cls in classes:
+            node = scene.AddNewNodeByClass(cls, f"{name} {cls}")
+            setattr(p, name, node)
+            assert getattr(p, name) == node, (name, cls)
+            setattr(p, name, None)
+            assert getattr(p, name) is None, (name, cls)
+    # D4: linear transforms are vtkMRMLLinearTransformNode; the selectors must list that class
+    assert "vtkMRMLLinearTransformNode" in node_parameters(p)["initialTransform"]
+    assert {"vtkMRMLTransformNode", "vtkMRMLLinearTransformNode", "vtkMRMLGridTransformNode",
+            "vtkMRMLBSplineTransformNode"} <= set(node_parameters(p)["outputTransform"])
+    assert node_parameters(p)["outputTransform"][0] == "vtkMRMLTransformNode"  # "Create new": holds any result
+
+
+def test_values_survive_a_saved_and_reloaded_scene(slicerEnv, tmp_path):
+    mod = load_module(slicerEnv)
+    logic = mod.DeepRegistrationLogic()
+    scene = slicerEnv.scene
+    p = logic.getParameterNode()
+    nodes = {}
+    for name, classes in node_parameters(p).items():
+        nodes[name] = scene.AddNewNodeByClass(classes[-1] if name.endswith("Transform") else classes[0], name)
+        setattr(p, name, nodes[name])
+    values = dict(preset="Affine", model="default", device="CPU", similarity="mi", regularizationWeight=7.5,
+                  spacing=3.0, iterations=33, diffeomorphic=True, applyToMoving=False, useCurrentAlignment=False)
+    for name, value in values.items():
+        setattr(p, name, value)
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit()
+
+    reloaded = slicerEnv.newScene()
+    reloaded.SetURL(str(tmp_path / "scene.mrml"))
+    assert reloaded.Connect()
+    q = logic.getParameterNode()
+    assert q.parameterNode is not p.parameterNode
+    for name, value in values.items():
+        assert getattr(q, name) == value, name
+    for name, node in nodes.items():
+        restored = getattr(q, name)
+        assert restored is not None and restored.GetName() == name and restored.GetClassName() == node.GetClassName()
+        assert restored.GetScene() is reloaded
+
+
+def test_apply_is_disabled_with_the_reason(slicerEnv):
+    mod = load_module(slicerEnv)
+    slicer = slicerEnv.slicer
+    import numpy as np
+
+    scene = slicerEnv.scene
+    p = mod.DeepRegistrationLogic().getParameterNode()
+    reason = mod.applyDisabledReason
+    assert "Select a fixed volume and a moving volume" in reason(p)
+    fixed = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "F")
+    moving = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "M")
+    p.fixedVolume, p.movingVolume = fixed, fixed
+    assert "same node" in reason(p)
+    p.movingVolume = moving
+    assert "'F' has no image data" in reason(p)
+    for node in (fixed, moving):
+        slicer.util.updateVolumeFromArray(node, np.zeros((4, 5, 6), np.float32))
+    assert reason(p) == ""
+    p.outputVolume = moving
+    assert "'M' is an input" in reason(p)
+    p.outputVolume = p.jacobianVolume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "out")
+    assert "same node" in reason(p)
+    p.jacobianVolume = None
+    assert reason(p) == ""
+    linear = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "L")
+    p.outputTransform = linear
+    assert "'L' is a linear transform node" in reason(p)
+    p.preset = "Rigid"
+    assert reason(p) == ""  # a linear node holds a rigid result
+    grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "G")
+    from DeepRegistrationLib.grid import Grid
+    from DeepRegistrationSlicerLib.nodes import gridTransformFromField
+
+    g = Grid((3, 3, 3), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    grid.SetAndObserveTransformFromParent(gridTransformFromField(np.ones((3, 3, 3, 3)), g))
+    p.initialTransform = grid
+    assert "'G' is not linear" in reason(p)
+    p.initialTransform = linear
+    assert reason(p) == ""
+    fixed.SetAndObserveTransformNodeID(grid.GetID())
+    assert "non-linear transform 'G'" in reason(p)
+    fixed.SetAndObserveTransformNodeID(None)
+    p.fixedSegmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    assert "Dice needs both" in reason(p)
+    p.fixedSegmentation = None
+    p.movingLandmarks = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    assert "TRE needs both" in reason(p)
+    # the learned model: not used (and its combo box disabled) for the linear presets
+    assert "not used by the Rigid preset" in mod.modelDisabledReason(p)
+    p.model = "default"
+    assert mod.DeepRegistrationLogic.jobArguments(p)["model"] is None
+    p.preset = "Deformable — accurate"
+    assert mod.modelDisabledReason(p) == "" and mod.DeepRegistrationLogic.jobArguments(p)["model"] == "default"
+
+
+def test_default_inputs_are_two_different_plain_volumes(slicerEnv):
+    mod = load_module(slicerEnv)
+    scene = slicerEnv.scene
+    logic = mod.DeepRegistrationLogic()
+    p = logic.getParameterNode()
+    labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    warped = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "a warped")
+    warped.SetAttribute("DeepRegistration.output", "warped")
+    a = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "a")
+    logic.setDefaultInputs(p, scene)
+    assert (p.fixedVolume, p.movingVolume) == (a, None)  # one volume: never the same node twice
+    b = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "b")
+    logic.setDefaultInputs(p, scene)
+    assert (p.fixedVolume, p.movingVolume) == (a, b)
+    p.fixedVolume = b
+    p.movingVolume = None
+    logic.setDefaultInputs(p, scene)  # a choice (or a restored scene) is kept
+    assert (p.fixedVolume, p.movingVolume) == (b, a)
+    assert labels not in (p.fixedVolume, p.movingVolume) and warped not in (p.fixedVolume, p.movingVolume)
+
+
+# ------------------------------------------------------------------------------------------------ GUI connection
+def test_gui_connection_through_slicers_connectors(slicerEnv):
+    """The widget connects with connectParametersToGui (a tag on every version; D9: Slicer 5.8's connectGui
+    returns none, wrapper.py _connectGui), and Slicer's real connectors configure the widgets: node selectors
+    get the annotation's classes (guiConnectors.py qMRMLNodeComboBoxToNodeConnector, D4), the preset combo box is
+    cleared and refilled on every connection (QComboBoxToStringableConnector, D3)."""
+    mod = load_module(slicerEnv)
+    p = mod.DeepRegistrationLogic().getParameterNode()
+    ui = inert_ui(slicerEnv)
+    mapping = mod.guiMapping(ui)
+    assert set(mapping) == set(p.allParameters) - {"model"}
+    tag = p.connectParametersToGui(mapping)
+    assert isinstance(tag, int)
+    for name, classes in node_parameters(p).items():
+        assert tuple(mapping[name].nodeTypes) == classes, name
+        element = next(w for w in ui_widgets().values() if ui_property(w, "SlicerParameterName") is not None
+                       and ui_property(w, "SlicerParameterName").findtext("string") == name)
+        ui_types = tuple(s.text for s in ui_property(element, "nodeTypes").iter("string"))
+        assert ui_types == classes, f"{name}: the .ui lists {ui_types}, the annotation {classes}"
+    assert ui.presetComboBox.calls == [("clear",)] + [("addItem", c) for c in mod.PRESETS]
+    p.disconnectGui(tag)
+    assert not p._parameterGUIs
+    # what connectGui returns (the template's call) on this version
+    plain = p.connectGui(ui)
+    assert (plain is None) == (slicerEnv.tag == "v5.8.1")
+    line = slicerEnv.sourceLine("Base/Python/slicer/parameterNodeWrapper/wrapper.py",
+                                "_connectParametersToGui(self, paramNameToWidget)")
+    source = slicerEnv.sourcePath("Base/Python/slicer/parameterNodeWrapper/wrapper.py").read_text().splitlines()
+    assert source[line - 1].strip().startswith("return") == (slicerEnv.tag != "v5.8.1")
+
+
+def test_widget_signals_are_user_actions_only():
+    """Static (Qt cannot run here). QComboBoxToStringableConnector.__init__ calls clear() and addItem() on every
+    connection (guiConnectors.py, line cited below), and Qt emits currentIndexChanged for such programmatic
+    changes while activated() is emitted only for user choices (QComboBox documentation): so the preset and model
+    slots that reset the Advanced values must be on activated(int)."""
+    import re
+
+    source = MODULE_FILE.read_text()
+    for tag in TAGS:
+        if missingReason(tag):
+            pytest.skip(missingReason(tag))
+        from slicer_real import sourceLine
+
+        rel = "Base/Python/slicer/parameterNodeWrapper/guiConnectors.py"
+        clear = sourceLine(tag, rel, "self._widget.clear()")
+        lines = (SLICER_PYTHON / tag / rel).read_text().splitlines()
+        assert "addItem" in "\n".join(lines[clear:clear + 3]), f"{tag} {rel}:{clear}"
+    connections = dict(re.findall(r'self\.ui\.(\w+)\.connect\("([^"]+)"', source))
+    assert connections["presetComboBox"] == "activated(int)"
+    assert connections["modelComboBox"] == "activated(int)"
+    assert ".connect(\"currentIndexChanged" not in source
+    # the GUI is connected once per parameter node (setParameterNode), not again on every enter()
+    enter = source[source.index("    def enter(self)"):source.index("    def exit(self)")]
+    assert "connect" not in enter.replace("connects the GUI only", "")
+    assert source.count("connectParametersToGui(") == 1 and "connectGui(" not in source.replace(
+        "disconnectGui(", "").replace("connectParametersToGui(", "")

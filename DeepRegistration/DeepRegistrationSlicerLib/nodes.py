@@ -5,11 +5,18 @@ Slicer's world is RAS, the engine's LPS: points and vectors convert with ``C = d
 Engine transforms map fixed → moving (the resampling direction), which is a transform node's *FromParent*:
 ``FromParent_ras(p) = C · T(C · p)``. See DESIGN.md §2.
 
-Coordinate frames used by the module: fixed-side nodes (fixed volume, fixed mask/segmentation/landmarks) are
-read in **world** coordinates (a linear parent transform is applied); moving-side nodes are read in their
-**local** coordinates (their own parent transform is ignored, because the output transform replaces it), moved
-by an optional initial transform. The output transform therefore maps fixed world → moving local points and
-the moving volume placed directly under it is aligned.
+Coordinate frames used by the module (:func:`movingFrame` chooses): fixed-side nodes (fixed volume, fixed
+mask/segmentation/landmarks) are read in **world** coordinates (a linear parent transform is applied). Moving-side
+nodes are read
+
+- in **world** coordinates when the moving volume is under linear transforms (its current alignment, e.g. made in
+  the Transforms module) and no initial transform is given: registration starts from where the volume is shown,
+  the output transform maps fixed world → that pre-aligned world and goes *on top of* the moving volume's
+  transforms (:func:`placeOnTop`), so the volume ends under ``result ∘ parent`` and its own transforms are kept;
+- else in their **local** coordinates moved by ``E``: the initial transform's matrix, or the current alignment
+  when it cannot stay (the output transform is already one of the moving volume's transforms, or they are shared
+  with the fixed volume). The output transform then maps fixed world → moving local points (``E`` included) and
+  the moving volume placed directly under it is aligned.
 """
 from __future__ import annotations
 
@@ -74,6 +81,45 @@ def transformNodeToWorldMatrix(transformNode) -> np.ndarray:
         raise InputError(f"the initial transform '{transformNode.GetName()}' is not linear. Use a linear (rigid or "
                          "affine) initial transform, or harden it on the moving volume first.")
     return _matrixToWorld(transformNode)
+
+
+def transformChain(node) -> list:
+    """The transform nodes ``node`` is under, nearest first (empty without a parent)."""
+    chain = []
+    parent = node.GetParentTransformNode() if node is not None else None
+    while parent is not None and parent not in chain:
+        chain.append(parent)
+        parent = parent.GetParentTransformNode()
+    return chain
+
+
+def movingFrame(movingVolume, fixedVolume=None, outputTransform=None, initialTransform=None,
+                useParentTransform: bool = True) -> tuple[str, np.ndarray | None]:
+    """How moving-side nodes are read (see the module docstring): ``("world", None)`` or ``("local", E)``, ``E``
+    the 4×4 RAS matrix that moves them (None = identity)."""
+    if initialTransform is not None:
+        return "local", transformNodeToWorldMatrix(initialTransform)
+    chain = transformChain(movingVolume)
+    if not chain or not useParentTransform:
+        return "local", None
+    if not chain[0].IsTransformToWorldLinear():  # a non-linear alignment cannot start an affine search
+        return "local", None
+    if (outputTransform is not None and outputTransform in chain) or chain[-1] in transformChain(fixedVolume):
+        return "local", _matrixToWorld(chain[0])  # start from the current alignment; the result replaces it
+    return "world", None
+
+
+def placeOnTop(node, transformNode) -> bool:
+    """Puts ``transformNode`` above all the transforms ``node`` is under (directly above ``node`` when it has
+    none), so ``node`` is shown through ``transformNode ∘ its own transforms``; False if it already was."""
+    chain = transformChain(node)
+    if transformNode in chain:
+        return False
+    top = chain[-1] if chain else node
+    if top is transformNode or top in transformChain(transformNode):
+        raise InputError(f"'{transformNode.GetName()}' cannot be placed above '{node.GetName()}' (a loop).")
+    top.SetAndObserveTransformNodeID(transformNode.GetID())
+    return True
 
 
 def _matrixToWorld(transformNode) -> np.ndarray:
@@ -316,6 +362,13 @@ def setLinearGridInterpolation(transform) -> None:
 
 RESULT_ATTRIBUTE = "DeepRegistration.preset"
 """Attribute marking transform nodes made by the module (kept in saved scenes)."""
+
+FRAME_ATTRIBUTE = "DeepRegistration.movingFrame"
+"""Attribute of a result transform: ``"world"`` (maps fixed world → the moving volume's world, placed on top of its
+transforms) or ``"local"`` (→ moving local coordinates, the moving volume directly under it); see movingFrame."""
+
+OUTPUT_ATTRIBUTE = "DeepRegistration.output"
+"""Attribute of the volumes the module makes ("warped", "jacobian"): never offered as default inputs."""
 
 
 def restoreLinearInterpolation(scene=None) -> int:
