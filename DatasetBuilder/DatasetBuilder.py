@@ -523,17 +523,28 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
         ``slicer.util.saveScene`` is not used: Slicer's scene writer points the scene at the file it writes and
         marks every storable node modified (qSlicerSceneWriter::writeToMRB); ``vtkMRMLScene::WriteToMRB`` keeps
         URL and root directory but marks what it wrote as saved, so the nodes with unsaved changes are marked
-        modified again afterwards (Slicer still asks to save them).
+        modified again afterwards (Slicer still asks to save them), and the default storage nodes it adds to nodes
+        that had none are removed again. Saved segmentations may afterwards count as modified (writing them
+        touches the node; a storage node's stored time cannot be set from Python): Slicer then offers to save
+        them once more, which loses nothing.
         """
         scene = scene if scene is not None else slicer.mrmlScene
         path = os.path.join(folder, "current_scene.mrb")
         url, root = scene.GetURL(), scene.GetRootDirectory()
-        unsaved = [node for node in _storableNodes(scene) if node.GetModifiedSinceRead()]
+        storables = _storableNodes(scene)
+        unsaved = [node for node in storables if node.GetModifiedSinceRead()]
+        storageIDs = {node.GetID(): node.GetStorageNodeID() for node in storables}
         try:
             ok = scene.WriteToMRB(path)
         finally:
             scene.SetURL(url)
             scene.SetRootDirectory(root)
+            for node in storables:  # storage nodes the writer added to nodes that had none
+                added = node.GetStorageNodeID()
+                if added and added != storageIDs[node.GetID()]:
+                    node.SetAndObserveStorageNodeID(storageIDs[node.GetID()])
+                    if scene.GetNodeByID(added) is not None:
+                        scene.RemoveNode(scene.GetNodeByID(added))
             for node in unsaved:
                 node.StorableModified()
         if not ok or not os.path.isfile(path):
