@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from DeepRegistrationLib.errors import Cancelled, DeepRegistrationError
 from DeepRegistrationLib.image import Image
 
 from . import BUILDER_VERSION
@@ -40,14 +41,10 @@ from .scenes import Skipped, collect_cases, find_scene_files, load_scene, read_s
 from .splits import assign_splits
 
 logger = logging.getLogger(__name__)
-Progress = Callable[[float, str], "bool | None"]  # returns True to cancel
+Progress = Callable[[float, str], "bool | None"]  # returns False to cancel (the engine's convention)
 
 
-class BuildCancelled(RuntimeError):
-    """The progress callback asked to stop; finished cases stay and a re-run resumes."""
-
-
-class PhiFoundError(RuntimeError):
+class PhiFoundError(DeepRegistrationError, RuntimeError):
     """The PHI scan found identifying text in the output."""
 
 
@@ -125,8 +122,8 @@ class BuildResult:
 
 def _tick(progress: Progress | None, fraction: float, message: str) -> None:
     logger.info("%3.0f%% %s", 100 * fraction, message)
-    if progress is not None and progress(fraction, message):
-        raise BuildCancelled("build cancelled; run it again to resume")
+    if progress is not None and progress(fraction, message) is False:
+        raise Cancelled("build cancelled; finished cases are kept: run it again to resume")
 
 
 def _seed_of(*parts) -> int:
@@ -141,10 +138,11 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
         inputs: Scene files (``.mrb``, ``.mrml``) and folders of them or of DICOM series.
         out_dir: Empty/new folder, or a dataset this builder made for the same task (resume, update).
         options: :class:`BuildOptions`.
-        progress: ``progress(fraction 0..1, message)``; return True to cancel (raises BuildCancelled).
+        progress: ``progress(fraction 0..1, message)``; return False to cancel (raises Cancelled).
 
     Raises:
-        NotOurDatasetError, BuildCancelled, PhiFoundError, ValueError (bad options or inputs).
+        NotOurDatasetError, Cancelled (``DeepRegistrationLib.errors``), PhiFoundError, ValueError (bad options
+        or inputs).
     """
     out = Path(out_dir).resolve()
     key_path = Path(options.key_file).resolve()
@@ -312,6 +310,7 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
                             ", ".join(sorted({f"{h.file} ({h.kind})" for h in hits})))
     logger.info("%d of %d cases written in this run (the others were already done)", result.cases_written,
                 result.cases_total)
+    _tick(progress, 0.99, "writing the manifest")
     result.manifest = W.write_manifest(out, BUILDER_VERSION, options.manifest_parameters(), len(scenes))
     _tick(progress, 1.0, "done")
     return result

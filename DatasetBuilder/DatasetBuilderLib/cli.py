@@ -3,7 +3,9 @@
 The main CLI adds this with :func:`add_subparser` and dispatches to :func:`run`; for testing the module also
 runs alone: ``python -m DatasetBuilderLib.cli dataset build ...`` (with ``DatasetBuilder/`` and
 ``DeepRegistration/`` on ``PYTHONPATH``). Exit codes: 0 built, 1 PHI found, 2 bad input/options,
-3 output folder refused, 130 cancelled.
+3 output folder refused, 130 cancelled. With ``--machine-progress`` (a parent process, see
+:mod:`DeepRegistrationLib.jobs`) it writes that module's JSON lines on stdout and ends itself when its
+stdin closes (the parent cancelled or went away): finished cases stay, and the same build resumes.
 """
 from __future__ import annotations
 
@@ -48,13 +50,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                         "(keeps the intervals between a subject's sessions)")
     b.add_argument("--modality", default="MR", help="modality when a scene does not say (default MR)")
     b.add_argument("--machine-progress", action="store_true",
-                   help="print 'PROGRESS <fraction> <message>' lines on stdout (for a parent process)")
+                   help="JSON progress/result/error lines on stdout for a parent process (DeepRegistrationLib.jobs)")
     return dataset
-
-
-def _machine_progress(fraction: float, message: str) -> None:
-    sys.stdout.write(f"PROGRESS {fraction:.4f} {message}\n")
-    sys.stdout.flush()
 
 
 class _Bar:
@@ -73,25 +70,36 @@ class _Bar:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``dataset build`` from parsed arguments; returns the exit code."""
-    from .build import BuildCancelled, BuildOptions, PhiFoundError, build_dataset
+    from DeepRegistrationLib import jobs
+    from DeepRegistrationLib.errors import Cancelled
+
+    from .build import BuildOptions, PhiFoundError, build_dataset
     from .classical import ClassicalOptions
     from .writer import NotOurDatasetError
+
+    machine = jobs.Emitter(sys.stdout) if getattr(args, "machine_progress", False) else None
+    if machine is not None:
+        jobs.watch_stdin(grace=1.0)  # a parent's Cancel (or its end) closes stdin: stop, keep finished cases
+
+    def fail(text: str, kind: str, code: int, after: str = "") -> int:
+        sys.stderr.write(f"\n{'' if kind == 'cancelled' else 'error: '}{text}\n{after}")
+        if machine is not None:
+            machine.error(text, kind)
+        return code
 
     try:
         ratios = tuple(float(v) for v in args.split.split(","))
         if len(ratios) != 3:
             raise ValueError
     except ValueError:
-        sys.stderr.write(f"error: --split needs three numbers like 0.7,0.1,0.2, got {args.split!r}\n")
-        return 2
+        return fail(f"--split needs three numbers like 0.7,0.1,0.2, got {args.split!r}", "input", 2)
     names = synonyms = None
     if args.labels:
         try:
             table = json.loads(open(args.labels).read())
             names, synonyms = table.get("names"), table.get("synonyms")
         except (OSError, ValueError) as exc:
-            sys.stderr.write(f"error: cannot read the label table {args.labels}: {exc}\n")
-            return 2
+            return fail(f"cannot read the label table {args.labels}: {exc}", "input", 2)
     options = BuildOptions(key_file=args.key, task=args.task, subject_mapping=args.subjects,
                            subject_from_file=args.subject_from_file, pairing=args.pairing,
                            max_pairs_per_split=args.max_pairs, atlas_case=args.atlas_case, split_ratios=ratios,
@@ -100,22 +108,22 @@ def run(args: argparse.Namespace) -> int:
                            modality=args.modality, classical=args.classical,
                            classical_options=ClassicalOptions(method=args.classical_method), dates=args.dates)
     try:
-        progress = _machine_progress if getattr(args, "machine_progress", False) else _Bar()
-        result = build_dataset(args.inputs, args.out, options, progress=progress)
+        result = build_dataset(args.inputs, args.out, options, progress=machine or _Bar())
     except NotOurDatasetError as exc:
-        sys.stderr.write(f"\nerror: {exc}\n")
-        return 3
+        return fail(str(exc), "refused", 3)
     except PhiFoundError as exc:
-        sys.stderr.write(f"\nerror: {exc}\nSee report.md in the output folder.\n")
-        return 1
-    except BuildCancelled as exc:
-        sys.stderr.write(f"\n{exc}\n")
-        return 130
+        return fail(str(exc), "phi", 1, "See report.md in the output folder.\n")
+    except Cancelled as exc:
+        return fail(str(exc), "cancelled", 130)
     except (ValueError, OSError) as exc:
-        sys.stderr.write(f"\nerror: {exc}\n")
-        return 2
-    print(f"built {result.cases_total} cases ({result.augmented} augmented), pairs {result.pairs}, "
-          f"{len(result.skipped)} inputs skipped; PHI scan clean; report: {result.out_dir / 'report.md'}")
+        return fail(str(exc), "input", 2)
+    summary = (f"built {result.cases_total} cases ({result.augmented} augmented), pairs {result.pairs}, "
+               f"{len(result.skipped)} inputs skipped; PHI scan clean; report: {result.out_dir / 'report.md'}")
+    if machine is not None:
+        machine.result({"message": summary, "out_dir": str(result.out_dir), "cases": result.cases_total,
+                        "pairs": result.pairs})
+    else:
+        print(summary)
     return 0
 
 

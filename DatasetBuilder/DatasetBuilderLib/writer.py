@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from DeepRegistrationLib.errors import DeepRegistrationError
 from DeepRegistrationLib.image import Image
 from DeepRegistrationLib.io import image_to_sitk, sha256_file
 
@@ -29,7 +30,7 @@ MARKER = "meta/datasetbuilder.json"
 STATE = "meta/state.json"
 
 
-class NotOurDatasetError(RuntimeError):
+class NotOurDatasetError(DeepRegistrationError, RuntimeError):
     """The output folder is not empty and is not a DatasetBuilder dataset."""
 
 

@@ -7,60 +7,32 @@ The job file (JSON) holds::
      "fixed_landmarks": PATH, "moving_landmarks": PATH, "overwrite": false}
 
 (everything after ``config`` optional). The worker runs :func:`~DeepRegistrationLib.outputs.run_registration`
-(no ``report.png``) and writes one JSON object per line on stdout, flushed at once:
+(no ``report.png``) and writes the protocol of :mod:`DeepRegistrationLib.jobs` on stdout (one JSON object
+per line, flushed at once):
 
-- ``{"progress": 0.42, "message": "deformable level 2"}`` while it works;
-- ``{"done": true, "out_dir": PATH, "report": {...}}`` at the end (the content of report.json);
-- ``{"error": "message a user can act on", "kind": "input" | "cancelled" | "internal"}`` on failure.
+- ``{"kind": "progress", "fraction": 0.42, "message": "deformable level 2"}`` while it works;
+- ``{"kind": "message", "level": "warning", "message": TEXT}`` for a warning the user should see;
+- ``{"kind": "result", "result": {"out_dir": PATH, "report": {...}}}`` at the end (report = report.json);
+- ``{"kind": "error", "error": "input" | "cancelled" | "internal", "message": TEXT}`` on failure.
 
-Exit status as the command line: 0 success; 2 bad input (one message, nothing written); 130 interrupted;
-1 unexpected internal error (traceback on stderr). The parent stops the work by killing the process; the
-output folder appears only when complete, so a killed worker leaves nothing behind but a temporary folder.
+Exit status as the command line: 0 success; 2 bad input (one message, nothing written); 130 cancelled or
+interrupted; 1 unexpected internal error (traceback on stderr). Started by :class:`~DeepRegistrationLib.jobs.Job`
+(the Slicer module), the worker ends itself when its stdin closes (the parent cancelled or went away), within
+half a second when the interpreter is free, else the parent kills its process group. The output folder
+appears only when complete, so a stopped worker leaves nothing behind but its parent's temporary folder.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
-import time
 import traceback
 from pathlib import Path
 
+from . import jobs
 from .errors import Cancelled, DeepRegistrationError, InputError
 
 OPTIONAL_INPUTS = ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks")
-
-
-def emit(stream, **message) -> None:
-    """Writes one JSON line (NaN/Inf become null: strict JSON readers accept it)."""
-    def clean(value):
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        return value
-
-    stream.write(json.dumps(clean(message)) + "\n")
-    stream.flush()
-
-
-class _Reporter:
-    """Progress callback printing JSON lines; at most one line per 0.1 s unless the fraction jumps by 1 %."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.last_time = 0.0
-        self.last_fraction = -1.0
-
-    def __call__(self, fraction: float, message: str) -> bool:
-        now = time.monotonic()
-        if now - self.last_time >= 0.1 or fraction - self.last_fraction >= 0.01 or fraction >= 1.0:
-            emit(self.stream, progress=round(float(fraction), 4), message=message)
-            self.last_time, self.last_fraction = now, fraction
-        return True
 
 
 def read_job(path: str | Path) -> dict:
@@ -96,8 +68,9 @@ def make_config(options: dict):
     return RegistrationConfig(**opts).validate()
 
 
-def run_job(job: dict, stream=sys.stdout) -> dict:
-    """Runs one job, reporting progress on ``stream``; returns the report."""
+def run_job(job: dict, stream=None) -> dict:
+    """Runs one job, reporting progress on ``stream`` (default stdout, or a :class:`~.jobs.Emitter`); returns
+    the report. Raises Cancelled when the parent cancels."""
     from .outputs import run_registration
 
     options = dict(job.get("config") or {})
@@ -109,17 +82,18 @@ def run_job(job: dict, stream=sys.stdout) -> dict:
         predictor = loaded.predictor()  # runs at the model's own spacing
         options.setdefault("spacing", loaded.working_spacing_mm or 2.0)  # a model works at its own spacing
     config = make_config(options)
-    emit(stream, progress=0.0, message="starting")
+    out = stream if isinstance(stream, jobs.Emitter) else jobs.Emitter(stream)
+    out.progress(0.0, "starting")
     if predictor is not None:
         from .registry import usage_warning
 
         warning = usage_warning(loaded.card, config.similarity)
         if warning:
             logging.getLogger(__name__).warning(warning)
-            emit(stream, progress=0.0, message=f"warning: {warning}")
+            out.message(warning, "warning")
     summary = run_registration(job["fixed"], job["moving"], job["out_dir"], config,
                                overwrite=bool(job.get("overwrite", False)), write_png=False,
-                               progress=_Reporter(stream), predictor=predictor, predictor_mode=mode,
+                               progress=out, predictor=predictor, predictor_mode=mode,
                                **{k: job.get(k) for k in OPTIONAL_INPUTS})
     return summary.report
 
@@ -128,31 +102,31 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    out = sys.stdout
+    jobs.watch_stdin(grace=0.5)  # started by a Job: end when the parent cancels or goes away
+    out = jobs.Emitter(sys.stdout)
     if len(argv) != 1:
-        emit(out, error="usage: python -m DeepRegistrationLib.worker JOB.json", kind="input")
+        out.error("usage: python -m DeepRegistrationLib.worker JOB.json", "input")
         return 2
     try:
         job = read_job(argv[0])
         report = run_job(job, out)
     except Cancelled as exc:
-        emit(out, error=str(exc), kind="cancelled")
+        out.error(str(exc), "cancelled")
         return 130
     except DeepRegistrationError as exc:
-        emit(out, error=str(exc), kind="input")
+        out.error(str(exc), "input")
         return 2
     except KeyboardInterrupt:
-        emit(out, error="registration interrupted; nothing was written.", kind="cancelled")
+        out.error("registration interrupted; nothing was written.", "cancelled")
         return 130
     except MemoryError:
-        emit(out, error="out of memory: use a coarser working spacing (e.g. 3 mm) or a GPU.", kind="input")
+        out.error("out of memory: use a coarser working spacing (e.g. 3 mm) or a GPU.", "input")
         return 2
     except Exception as exc:  # noqa: BLE001 - the parent needs one line, the traceback goes to stderr
         traceback.print_exc(file=sys.stderr)
-        emit(out, error=f"internal error ({type(exc).__name__}: {exc}). Please report it with the log.",
-             kind="internal")
+        out.error(f"internal error ({type(exc).__name__}: {exc}). Please report it with the log.", "internal")
         return 1
-    emit(out, done=True, out_dir=str(job["out_dir"]), report=report)
+    out.result({"out_dir": str(job["out_dir"]), "report": report})
     return 0
 
 

@@ -4,7 +4,8 @@
 JOB.json`` (``PythonSlicer`` inside Slicer, ``sys.executable`` elsewhere), reads its JSON progress lines through
 :meth:`~RegistrationJob.poll` without blocking (the GUI polls it from a timer), and loads the results into nodes
 with :meth:`~RegistrationJob.loadResults`. Nothing is added to the scene before the results are loaded, so
-:meth:`~RegistrationJob.cancel` (which kills the process) leaves the scene as it was.
+:meth:`~RegistrationJob.cancel` (which returns at once and stops the worker for real, through the
+``PythonSlicer`` launcher too: see :mod:`DeepRegistrationLib.jobs`) leaves the scene as it was.
 
 :func:`register` does all of it and blocks: the console API.
 """
@@ -13,18 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import slicer
 
+from DeepRegistrationLib import jobs
 from DeepRegistrationLib.errors import Cancelled, DeepRegistrationError, InputError
 
 from . import nodes as N
@@ -96,6 +96,17 @@ def pythonExecutable() -> str:
             if home and candidate.exists():
                 return str(candidate)
     return sys.executable
+
+
+def _temporaryFolder() -> str | None:
+    """Slicer's temporary folder (Application settings → Temporary directory) inside Slicer, else None
+    (the system's)."""
+    app = getattr(slicer, "app", None)
+    path = getattr(app, "temporaryPath", None) if app is not None else None
+    if path:
+        os.makedirs(path, exist_ok=True)
+        return str(path)
+    return None
 
 
 @dataclass
@@ -205,11 +216,10 @@ class RegistrationJob:
                 spacing = card_working_spacing(read_card(self.model))
                 if spacing:
                     self.config["spacing"] = spacing
-        self.process: subprocess.Popen | None = None
+        self.process: jobs.Job | None = None
         self.workDir: Path | None = None
         self.state, self.progress, self.message = "new", 0.0, ""
         self.report: dict | None = None
-        self._lines: queue.Queue = queue.Queue()
         self._startTime = 0.0
         self.movingMatrix = None if initialTransform is None else N.transformNodeToWorldMatrix(initialTransform)
         if outputTransform is not None and outputTransform.IsA("vtkMRMLLinearTransformNode") and \
@@ -258,87 +268,82 @@ class RegistrationJob:
         return job
 
     def start(self) -> "RegistrationJob":
-        """Exports the inputs and starts the worker process (returns at once)."""
+        """Exports the inputs and starts the worker process (returns at once).
+
+        The inputs go to a new folder in Slicer's temporary folder (Application settings), the worker's log
+        next to it; both are removed when the job ends, except the log of a failed run (:attr:`logPath`).
+        """
         if self.state != "new":
             raise RuntimeError("a RegistrationJob runs once; create a new one")
         self._startTime = time.perf_counter()
-        self.workDir = Path(tempfile.mkdtemp(prefix="DeepRegistration-"))
+        base = _temporaryFolder()
+        self.workDir = Path(tempfile.mkdtemp(prefix="DeepRegistration-", dir=base))
         try:
             job = self.writeInputs(self.workDir)
             jobPath = self.workDir / "job.json"
             jobPath.write_text(json.dumps(job, indent=2))
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in [env.get("PYTHONPATH")] if p])
-            env.setdefault("PYTHONUNBUFFERED", "1")
-            self._stderr = open(self.workDir / "worker.log", "wb")
-            kwargs = {}
-            if os.name == "nt":
-                kwargs["creationflags"] = subprocess.CREATE_NO_WINDOW
-            self.process = subprocess.Popen([pythonExecutable(), "-m", "DeepRegistrationLib.worker", str(jobPath)],
-                                            stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
-                                            cwd=str(self.workDir), env=env, **kwargs)
+            self.process = jobs.Job([pythonExecutable(), "-m", "DeepRegistrationLib.worker", str(jobPath)],
+                                    env=env, log_dir=base, temp_paths=[] if self.keepFiles else [self.workDir])
         except BaseException:
-            self._cleanup()
+            if not self.keepFiles:
+                jobs.remove_tree(self.workDir, timeout=5.0)
             raise
-        threading.Thread(target=self._readLines, args=(self.process.stdout,), daemon=True).start()
         self.state, self.message = "running", "starting"
         logger.info("DeepRegistration: worker %d started in %s", self.process.pid, self.workDir)
         return self
 
-    def _readLines(self, stream) -> None:
-        for raw in iter(stream.readline, b""):
-            self._lines.put(raw)
-        self._lines.put(None)  # end of output
+    @property
+    def logPath(self) -> Path | None:
+        """The worker's log (stderr: warnings, traceback) while it runs and after a failure, for a "Show log";
+        None after a success or a cancel (removed)."""
+        return None if self.process is None else self.process.log_path
 
     # ------------------------------------------------------------------------------------------- poll
     def poll(self) -> JobStatus:
         """Reads what the worker reported so far (never blocks)."""
         if self.state != "running":
             return JobStatus(self.state, self.progress, self.message)
-        ended = False
-        while True:
-            try:
-                raw = self._lines.get_nowait()
-            except queue.Empty:
-                break
-            if raw is None:
-                ended = True
-                break
-            self._handleLine(raw)
-        if self.state == "running" and ended:
-            code = self.process.wait()
-            if self.report is not None and code == 0:
+        process = self.process
+        self.progress, self.message = process.fraction, process.message
+        self._handleLine(None)
+        code = process.poll()
+        if code is not None:
+            if process.succeeded and self.report is not None:
                 self.state, self.progress, self.message = "done", 1.0, "done"
             else:
                 self.state, self.message = "failed", self._error or self._crashMessage(code)
-            if self.state == "failed":
-                self._cleanup()
+                if process.error and process.error.get("error") == "cancelled":
+                    self.state = "cancelled"
         return JobStatus(self.state, self.progress, self.message)
 
     _error: str | None = None
 
-    def _handleLine(self, raw: bytes) -> None:
-        try:
-            line = json.loads(raw.decode("utf-8", "replace"))
-        except ValueError:
-            logger.info("worker: %s", raw.decode("utf-8", "replace").rstrip())
-            return
-        if "progress" in line:
-            self.progress = float(line["progress"])
-            self.message = str(line.get("message", ""))
-        elif "error" in line:
-            self._error = str(line["error"])
+    def _handleLine(self, raw=None) -> None:
+        """Takes the worker's result, error and warnings from the protocol messages read so far."""
+        process = self.process
+        if process.result is not None and self.report is None:
+            self.report = process.result.get("report") or {}
+        if process.error is not None:
+            self._error = process.error["message"]
             self.message = self._error
-        elif line.get("done"):
-            self.report = line.get("report") or {}
+        notes = process.notes[len(self.warnings):]
+        for level, text in notes:
+            logger.log(logging.WARNING if level == "warning" else logging.INFO, "DeepRegistration worker: %s", text)
+        self.warnings.extend(text for _, text in notes)
+
+    @property
+    def warnings(self) -> list:
+        """The worker's messages for the user (e.g. a model used outside its training contrast)."""
+        if self.__dict__.get("_warnings") is None:
+            self._warnings = []
+        return self._warnings
 
     def _crashMessage(self, code: int) -> str:
-        tail = ""
-        try:
-            tail = (self.workDir / "worker.log").read_text(errors="replace").strip().splitlines()[-1][:300]
-        except (OSError, IndexError):
-            pass
-        return f"the registration process stopped unexpectedly (exit status {code}){': ' + tail if tail else ''}."
+        tail = self.process.error_message() if self.process is not None else ""
+        where = f" The log is in {self.logPath}." if self.logPath else ""
+        return f"the registration process stopped unexpectedly (exit status {code}): {tail}.{where}"
 
     def wait(self, timeout: float | None = None, interval: float = 0.1) -> JobStatus:
         """Blocks until the worker finished (or ``timeout`` seconds passed, then cancels and raises)."""
@@ -353,26 +358,36 @@ class RegistrationJob:
             time.sleep(interval)
 
     # ------------------------------------------------------------------------------------------- cancel
-    def cancel(self, timeout: float = 5.0) -> None:
-        """Kills the worker (at once) and removes its files; the scene is left as it was."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning("DeepRegistration: worker %d did not stop within %s s", self.process.pid, timeout)
+    def cancel(self, grace: float = 2.0) -> None:
+        """Stops the worker and returns at once (a few ms); the scene is left as it was.
+
+        The worker's stdin is closed, so it ends itself (also through the ``PythonSlicer`` launcher); after
+        ``grace`` seconds its whole process group is killed. Its temporary folder is removed once every
+        process of the job is gone (in a background thread); :meth:`stopped` tells when.
+        """
         if self.state in ("running", "new"):
             self.state, self.message = "cancelled", "cancelled"
+        if self.process is not None:
+            self.process.cancel(grace)
         self._cleanup()
 
+    def stopped(self, timeout: float = 0.0) -> bool:
+        """True when no process of the job runs any more and its temporary files are removed (waits up to
+        ``timeout`` seconds)."""
+        if self.process is None:
+            return True
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     def _cleanup(self) -> None:
-        stderr = getattr(self, "_stderr", None)
-        if stderr is not None and not stderr.closed:
-            stderr.close()
-        if self.process is not None and self.process.stdout is not None and self.process.poll() is not None:
-            self.process.stdout.close()
-        if self.workDir is not None and not self.keepFiles:
-            shutil.rmtree(self.workDir, ignore_errors=True)
+        """Removes the temporary folder once the worker has stopped (at once when it has)."""
+        if self.process is not None and not self.keepFiles:
+            self.process.remove_when_stopped()
+        elif self.process is None and self.workDir is not None and not self.keepFiles:
+            jobs.remove_tree(self.workDir, timeout=5.0)
 
     # ------------------------------------------------------------------------------------------- results
     def loadResults(self) -> RegistrationResult:
