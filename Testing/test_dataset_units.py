@@ -15,13 +15,14 @@ if str(ROOT / "DatasetBuilder") not in sys.path:
     sys.path.insert(0, str(ROOT / "DatasetBuilder"))
 
 from DatasetBuilderLib import deid  # noqa: E402
-from DatasetBuilderLib.augment import AugmentOptions, augment_case, jacobian_determinant  # noqa: E402
+from DatasetBuilderLib.augment import AugmentOptions, augment_case  # noqa: E402
 from DatasetBuilderLib.hdf5_times import lookup3, zero_object_header_times  # noqa: E402
 from DatasetBuilderLib.labels import LabelTable, Term, parse_terminology  # noqa: E402
 from DatasetBuilderLib.pairs import CaseRef, check_no_cross_split, make_pairs  # noqa: E402
 from DatasetBuilderLib.splits import assign_splits  # noqa: E402
 from DeepRegistrationLib.grid import Grid  # noqa: E402
 from DeepRegistrationLib.io import read_label_image  # noqa: E402
+from DeepRegistrationLib.metrics import jacobian_determinant  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ splits
@@ -148,10 +149,10 @@ def test_nifti_scrub_and_deterministic_gzip(tmp_path, sample_dir):
 def test_jacobian_of_a_known_affine_and_a_known_field():
     grid = Grid((12, 14, 16), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
     a = np.diag([1.2, 0.9, 1.1, 1.0])
-    np.testing.assert_allclose(jacobian_determinant(a, None, grid), np.prod([1.2, 0.9, 1.1]))
+    np.testing.assert_allclose(jacobian_determinant(np.zeros((3, *grid.shape)), grid, a), np.prod([1.2, 0.9, 1.1]))
     x = grid.world_points()
     u = np.stack([0.1 * x[..., 0], np.zeros(grid.shape), -0.2 * x[..., 2]])  # u = (0.1 x, 0, -0.2 z)
-    np.testing.assert_allclose(jacobian_determinant(np.eye(4), u, grid), 1.1 * 0.8, rtol=1e-9)
+    np.testing.assert_allclose(jacobian_determinant(u, grid, np.eye(4)), 1.1 * 0.8, rtol=1e-9)
 
 
 def test_augmentation_rejects_implausible_fields_and_keeps_labels_exact(sample_dir):

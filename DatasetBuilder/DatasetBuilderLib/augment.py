@@ -24,6 +24,7 @@ from DeepRegistrationLib.grid import Grid
 from DeepRegistrationLib.image import Image
 from DeepRegistrationLib.io import image_to_sitk
 from DeepRegistrationLib.itk_transform import to_itk
+from DeepRegistrationLib.metrics import jacobian_determinant
 
 logger = logging.getLogger(__name__)
 
@@ -126,16 +127,6 @@ def svf_displacement(rng: np.random.Generator, grid: Grid, opts: AugmentOptions,
     return u
 
 
-def jacobian_determinant(affine: np.ndarray, u: np.ndarray | None, grid: Grid) -> np.ndarray:
-    """``det J`` of ``x → A (x + u(x))`` at every voxel, ``(Z, Y, X)`` (central differences, mm)."""
-    if u is None:
-        return np.full(grid.shape, np.linalg.det(affine[:3, :3]))
-    g = np.stack([np.stack(np.gradient(u[c], axis=(2, 1, 0)), -1) for c in range(3)], -2)  # (Z,Y,X,3c,3ijk)
-    m = grid.direction_matrix * np.asarray(grid.spacing)[None, :]
-    jac = np.eye(3) + g @ np.linalg.inv(m)
-    return np.linalg.det(jac) * np.linalg.det(affine[:3, :3])
-
-
 def _resample(array: np.ndarray, grid: Grid, transform: sitk.Transform, nearest: bool) -> np.ndarray:
     img = image_to_sitk(Image(array, grid))
     interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
@@ -182,7 +173,8 @@ def augment_case(rng: np.random.Generator, image: Image, labels: np.ndarray | No
     for _ in range(opts.max_tries):
         affine = random_affine(rng, grid, opts)
         u = svf_displacement(rng, grid, opts) if opts.svf_max_mm > 0 else None
-        det = jacobian_determinant(affine, u, grid)
+        det = (np.full(grid.shape, np.linalg.det(affine[:3, :3])) if u is None
+               else jacobian_determinant(u, grid, affine))
         lo, hi = float(det.min()), float(det.max())
         if lo <= 0 or lo < opts.min_det or hi > opts.max_det:
             rejected += 1

@@ -29,14 +29,14 @@ from DeepRegistrationLib.errors import Cancelled, DeepRegistrationError
 from DeepRegistrationLib.image import Image
 
 from . import BUILDER_VERSION
-from . import writer as W
+from . import writer
 from .augment import AugmentOptions, augment_case
 from .classical import ClassicalOptions, check_available, register_pair
 from .deid import PhiStrings, load_or_create_key, occurs_in, pseudonym, scan_for_phi
 from .dicom_input import load_dicom_folder
 from .labels import LabelTable, normalize
 from .pairs import CaseRef, make_pairs
-from .report import write_report, write_thumbnails
+from .report import write_dataset_report, write_thumbnails
 from .scenes import Skipped, collect_cases, find_scene_files, load_scene, read_subject_mapping
 from .splits import assign_splits
 
@@ -150,9 +150,9 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
         raise ValueError("the pseudonym key must live outside the output folder")
     if options.classical:
         check_available(options.classical_options)
-    W.prepare_output(out, options.task)
+    writer.prepare_output(out, options.task)
     key = load_or_create_key(key_path)
-    state = W.load_state(out)
+    state = writer.load_state(out)
     result = BuildResult(out)
     mapping = read_subject_mapping(options.subject_mapping)
     scenes = find_scene_files(inputs)
@@ -241,7 +241,7 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
                   mod_index[c.modality])
     state.update(cases=numbers, splits=splits, labels=table.ids, modalities=modalities, groups=groups,
                  case_modalities=case_mods)
-    W.atomic_write_json(out / W.STATE, state)
+    writer.atomic_write_json(out / writer.STATE, state)
     result.cases_total = len(originals)
     # cases
     entries: dict[str, dict] = {}
@@ -272,7 +272,7 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
                 entries[aug_uid] = pair[0]
                 aug_pairs.append(pair[1])
     state["cases"] = numbers
-    W.atomic_write_json(out / W.STATE, state)
+    writer.atomic_write_json(out / writer.STATE, state)
     result.removed = _prune(out, entries)
     # pairs within splits
     refs = [CaseRef(c.uid, c.subject, splits[c.subject], "", c.modality) for c in originals]
@@ -295,23 +295,23 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
     _weights([e for e in entries.values() if e["split"] in ("train", "val")])
     sizes = {tuple(c.image.grid.size) for c in originals}
     shape = list(sizes.pop()) if len(sizes) == 1 else None  # Learn2Reg: (X, Y, Z), only when all agree
-    W.atomic_write_json(out / f"{options.task}_dataset.json",
-                        W.dataset_json(options.task, table.as_json(), modalities,
+    writer.atomic_write_json(out / f"{options.task}_dataset.json",
+                        writer.dataset_json(options.task, table.as_json(), modalities,
                                        sorted(entries.values(), key=lambda e: e["image"]), pairs, shape))
     thumbnails = write_thumbnails(out, pairs["train"] + pairs["val"] + pairs["test"])
     _tick(progress, 0.95, "PHI scan")
     hits = scan_for_phi(out, phi)
-    write_report(out, options.task, result, table, hits, thumbnails)
+    write_dataset_report(out, options.task, result, table, hits, thumbnails)
     hits = scan_for_phi(out, phi)
     result.phi_hits = hits
     if hits:
-        write_report(out, options.task, result, table, hits, thumbnails)
+        write_dataset_report(out, options.task, result, table, hits, thumbnails)
         raise PhiFoundError("identifying text found in the output: " +
                             ", ".join(sorted({f"{h.file} ({h.kind})" for h in hits})))
     logger.info("%d of %d cases written in this run (the others were already done)", result.cases_written,
                 result.cases_total)
     _tick(progress, 0.99, "writing the manifest")
-    result.manifest = W.write_manifest(out, BUILDER_VERSION, options.manifest_parameters(), len(scenes))
+    result.manifest = writer.write_manifest(out, BUILDER_VERSION, options.manifest_parameters(), len(scenes))
     _tick(progress, 1.0, "done")
     return result
 
@@ -328,7 +328,7 @@ def _prune(out: Path, entries: dict[str, dict]) -> int:
     names = {Path(i).name.split(".")[0] for i in current}
     removed = 0
     for sidecar in sorted((out / "meta").glob("*.json")):
-        if sidecar.name in (Path(W.STATE).name, Path(W.MARKER).name):
+        if sidecar.name in (Path(writer.STATE).name, Path(writer.MARKER).name):
             continue
         info = json.loads(sidecar.read_text())
         if sidecar.name.startswith("classical_"):  # classical_<fixed>_<moving>_<method>.json
@@ -385,7 +385,7 @@ def _write_case(out: Path, task: str, number: int, mod: int, subject: str, split
     written to ``headers{Tr,Ts}/<name>.json`` and referenced from the entry.
     """
     extra = extra or {}
-    name = W.case_name(task, number, mod)
+    name = writer.case_name(task, number, mod)
     sfx = "Tr" if split in ("train", "val") else "Ts"
     entry = {"image": f"./images{sfx}/{name}.nii.gz", "subject": subject, "split": split, "modality": modality}
     if "study_date" in extra:
@@ -402,24 +402,24 @@ def _write_case(out: Path, task: str, number: int, mod: int, subject: str, split
     sidecar = out / "meta" / f"{name}.json"
     if sidecar.exists():
         return json.loads(sidecar.read_text())["entry"], False
-    W.write_image(out / entry["image"], Image(image.array.astype(np.float32), image.grid))
+    writer.write_image(out / entry["image"], Image(image.array.astype(np.float32), image.grid))
     if labels is not None:
         dtype = np.uint8 if labels.max() < 256 else np.uint16
-        W.write_image(out / entry["label"], Image(labels.astype(dtype), image.grid))
+        writer.write_image(out / entry["label"], Image(labels.astype(dtype), image.grid))
     if mask is not None:
-        W.write_image(out / entry["mask"], Image(mask.astype(np.uint8), image.grid))
+        writer.write_image(out / entry["mask"], Image(mask.astype(np.uint8), image.grid))
     if "dicom_header" in entry:
-        W.atomic_write_json(out / entry["dicom_header"], extra["dicom_header"])
+        writer.atomic_write_json(out / entry["dicom_header"], extra["dicom_header"])
     if "keypoints" in entry:
-        vox, lps = W.keypoint_csvs(points, point_ids, image)
-        W.atomic_write_bytes(out / entry["keypoints"], vox)
-        W.atomic_write_bytes(out / entry["keypoints_lps"], lps)
-    W.atomic_write_json(sidecar, {"entry": entry})
+        vox, lps = writer.keypoint_csvs(points, point_ids, image)
+        writer.atomic_write_bytes(out / entry["keypoints"], vox)
+        writer.atomic_write_bytes(out / entry["keypoints_lps"], lps)
+    writer.atomic_write_json(sidecar, {"entry": entry})
     return entry, True
 
 
 def _augment(out, options, aug_uid, number, c, orig_entry, labels, key, mod_index, result):
-    name = W.case_name(options.task, number, mod_index[c.modality])
+    name = writer.case_name(options.task, number, mod_index[c.modality])
     transform_rel = f"./transformsTr/{name}.h5"
     sidecar = out / "meta" / f"{name}.augment.json"
     if sidecar.exists():
@@ -432,11 +432,11 @@ def _augment(out, options, aug_uid, number, c, orig_entry, labels, key, mod_inde
                        options.augment_intensity)
     if aug is None:
         result.augment_rejected += options.augment.max_tries
-        W.atomic_write_json(sidecar, {"rejected": options.augment.max_tries, "entry": None})
+        writer.atomic_write_json(sidecar, {"rejected": options.augment.max_tries, "entry": None})
         return None
     result.augment_rejected += aug.rejected
     ids = [pseudonym(key, f"kp:{x}", "K", 8) for x in aug.point_labels]
-    W.write_transform(out / transform_rel, aug.transform)
+    writer.write_transform(out / transform_rel, aug.transform)
     entry, _ = _write_case(out, options.task, number, mod_index[c.modality], c.subject, "train", c.modality,
                            aug.image, aug.labels, aug.mask, aug.points, ids)
     entry["augmented_from"] = orig_entry["image"]
@@ -446,7 +446,7 @@ def _augment(out, options, aug_uid, number, c, orig_entry, labels, key, mod_inde
     pair["gold_standard"].append({"kind": "synthetic_field", "transform": transform_rel,
                                   "direction": "fixed->moving", "frame": "LPS",
                                   "det_jacobian_range": list(aug.det_range)})
-    W.atomic_write_json(sidecar, {"entry": entry, "pair": pair, "rejected": aug.rejected, "params": aug.params})
+    writer.atomic_write_json(sidecar, {"entry": entry, "pair": pair, "rejected": aug.rejected, "params": aug.params})
     result.augmented += 1
     return entry, pair
 
@@ -460,7 +460,7 @@ def _classical(out: Path, fixed: dict, moving: dict, opts: ClassicalOptions) -> 
     if sidecar.exists():
         return json.loads(sidecar.read_text())
     gold = register_pair(out, fixed, moving, f"./{folder}/{stem}.h5", opts)
-    W.atomic_write_json(sidecar, gold)
+    writer.atomic_write_json(sidecar, gold)
     return gold
 
 

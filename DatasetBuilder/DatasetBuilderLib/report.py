@@ -43,7 +43,7 @@ def write_thumbnails(out: Path, pairs: list[dict]) -> list[str]:
     return written
 
 
-def write_report(out: Path, task: str, result, table, hits: list, thumbnails: list[str] | None = None) -> None:
+def write_dataset_report(out: Path, task: str, result, table, hits: list, thumbnails: list[str] | None = None) -> None:
     """Writes ``report.md`` for a build result (see :class:`DatasetBuilderLib.build.BuildResult`)."""
     lines = [f"# Dataset {task}", "",
              "## Counts", "",

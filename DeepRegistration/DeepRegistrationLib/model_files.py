@@ -75,8 +75,8 @@ def card_working_spacing(card: dict) -> float | None:
     return float(spacing) if spacing else None
 
 
-def versions() -> dict:
-    """Versions of the software that wrote a model."""
+def model_versions() -> dict:
+    """Versions of the software that wrote a model (recorded in its card)."""
     import numpy
     import safetensors
     import torch
@@ -120,7 +120,7 @@ def save_model(model: UNetFieldPredictor, path: str | Path, card: dict | None = 
                 "num_parameters": model.num_parameters(),
                 "weights": {"file": weights_path.name, "sha256": sha256_file(weights_path),
                             "bytes": weights_path.stat().st_size},
-                "versions": versions()})
+                "versions": model_versions()})
     out.setdefault("training", {})
     out.setdefault("metrics", {})
     tmp = card_path.with_name(card_path.name + ".tmp")

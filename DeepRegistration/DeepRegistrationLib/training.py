@@ -28,6 +28,7 @@ through ``data``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import time
@@ -45,7 +46,7 @@ from .metrics import mean_dice
 from .networks import UNetFieldPredictor, depth_for_shape
 from .progress import Progress, ProgressCallback
 from .regularizers import diffusion, jacobian_determinant
-from .similarity import MutualInformation, box_filter
+from .similarity import LNCC, MutualInformation
 from .synth import SynthBatch, SynthPairs, warp
 
 logger = logging.getLogger(__name__)
@@ -134,12 +135,21 @@ class PairSource(Protocol):
 
 # ------------------------------------------------------------------------------------------------ losses
 def lncc(fixed: torch.Tensor, warped: torch.Tensor, radius: int = 2, eps: float = 1e-5) -> torch.Tensor:
-    """``1 - mean(cc²)`` over ``(2r+1)³`` windows, batched ``(B, 1, Z, Y, X)``, no caching."""
-    mf, mw, mff, mww, mfw = torch.split(
-        box_filter(torch.cat([fixed, warped, fixed * fixed, warped * warped, fixed * warped], 1), radius), 1, 1)
-    cross = mfw - mf * mw
-    cc2 = cross * cross / ((mff - mf * mf).clamp_min(0) * (mww - mw * mw).clamp_min(0) + eps)
-    return 1.0 - cc2.mean()
+    """The registration's :class:`~DeepRegistrationLib.similarity.LNCC` with every window counted: ``1 - mean(cc²)``
+    over ``(2r+1)³`` windows of batched ``(B, 1, Z, Y, X)`` images (flat windows included, ``eps`` 1e-5), no caching
+    (a new batch may reuse the memory of the last one)."""
+    return LNCC(radius, eps=eps, flat=-math.inf)(fixed, warped)
+
+
+def _soft_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice ``(2 Σ p·t + 1e-5) / (Σ p + Σ t + 1e-5)`` of each foreground class present in ``target``, averaged.
+
+    ``pred`` (probabilities) and ``target`` (one-hot) are ``(B, N, Z, Y, X)``; class 0 is background.
+    """
+    dims = (2, 3, 4)
+    dice = (2 * (pred * target).sum(dims) + 1e-5) / (pred.sum(dims) + target.sum(dims) + 1e-5)
+    present = (target.sum(dims) > 0).to(target.dtype)[:, 1:]
+    return (dice[:, 1:] * present).sum() / present.sum().clamp_min(1.0)
 
 
 def soft_dice_loss(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, u: torch.Tensor, grid,
@@ -147,13 +157,7 @@ def soft_dice_loss(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, u: t
     """``1 -`` mean soft Dice over foreground labels of the warped one-hot moving labels (differentiable in u)."""
     mov = F.one_hot(moving_labels[:, 0], num_labels).movedim(-1, 1).to(u.dtype)
     fix = F.one_hot(fixed_labels[:, 0], num_labels).movedim(-1, 1).to(u.dtype)
-    warped = warp(mov, u, grid)
-    dims = (2, 3, 4)
-    inter = (warped * fix).sum(dims)
-    denom = warped.sum(dims) + fix.sum(dims)
-    dice = (2 * inter + 1e-5) / (denom + 1e-5)
-    present = (fix.sum(dims) > 0).to(u.dtype)[:, 1:]
-    return 1.0 - (dice[:, 1:] * present).sum() / present.sum().clamp_min(1.0)
+    return 1.0 - _soft_dice(warp(mov, u, grid), fix)
 
 
 def segmentation_loss(logits: torch.Tensor, fixed_labels: torch.Tensor, moving_labels: torch.Tensor) -> torch.Tensor:
@@ -167,11 +171,7 @@ def segmentation_loss(logits: torch.Tensor, fixed_labels: torch.Tensor, moving_l
         target = labels[:, 0].clamp(0, n - 1)
         prob = part.float().softmax(1)
         onehot = F.one_hot(target, n).movedim(-1, 1).to(prob.dtype)
-        dims = (2, 3, 4)
-        dice = (2 * (prob * onehot).sum(dims) + 1e-5) / (prob.sum(dims) + onehot.sum(dims) + 1e-5)
-        present = (onehot.sum(dims) > 0).to(prob.dtype)[:, 1:]
-        soft = (dice[:, 1:] * present).sum() / present.sum().clamp_min(1.0)
-        total = total + F.cross_entropy(part.float(), target) + (1.0 - soft)
+        total = total + F.cross_entropy(part.float(), target) + (1.0 - _soft_dice(prob, onehot))
     return total / 2
 
 
@@ -250,7 +250,7 @@ def synth_pairs(cfg: TrainConfig, seed: int) -> SynthPairs:
                       cfg.label_scale, same_contrast=cfg.same_contrast, seed=seed)
 
 
-def dataset_pairs(cfg: TrainConfig, seed: int):
+def dataset_source(cfg: TrainConfig, seed: int):
     """The Learn2Reg dataset source ``cfg`` describes (supervised mode keeps pairs with a known field)."""
     from .dataset_pairs import DatasetPairs
 
@@ -393,7 +393,7 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
         logger.info("fine-tuning %s: the network sees %s", cfg.init_model, net.input_features)
         cfg = replace(cfg, input_features=net.input_features)
     if data is None:
-        data = (dataset_pairs if cfg.dataset else synth_pairs)(cfg, cfg.seed + 1000 * rank)
+        data = (dataset_source if cfg.dataset else synth_pairs)(cfg, cfg.seed + 1000 * rank)
     if cfg.mode == "multi-task" and getattr(data, "num_labels", 0) > net.seg_classes:
         raise InputError(f"the training data have labels up to {data.num_labels - 1} but the segmentation head has "
                          f"{net.seg_classes} classes: set num_labels (--num-labels) to at least {data.num_labels}")
