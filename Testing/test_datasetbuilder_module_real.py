@@ -411,3 +411,183 @@ def test_module_metadata_is_translatable_and_the_help_links_to_documentation(sli
     assert "at once" not in parent.helpText and "research use only" in parent.helpText
     assert re.fullmatch(r".+ \(.+\)", parent.contributors[0])
     assert os.path.basename(mod.REQUIREMENTS_FILE) == "DatasetBuilder-requirements.txt"
+
+
+# ------------------------------------------------------------------------------------------- the widget, without Qt
+class _ModelCombo(_Combo):
+    def __init__(self):
+        super().__init__([])
+        self.blocked = False
+
+    def clear(self):
+        if not self.blocked:  # a QComboBox emits currentIndexChanged when cleared
+            raise AssertionError("the model list was cleared with its signals on")
+        self.items, self.currentIndex = [], -1
+
+    def addItems(self, items):
+        self.items += list(items)
+        self.currentIndex = max(self.currentIndex, 0)
+
+    def blockSignals(self, block):
+        was, self.blocked = self.blocked, block
+        return was
+
+
+class _Browser:
+    def __init__(self):
+        self.searchPaths, self.markdown, self.plain = [], None, None
+
+    def setMarkdown(self, text):
+        self.markdown = text
+
+    def setPlainText(self, text):
+        self.plain = text
+
+
+class _Timer:
+    active = False
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+
+class _Process:
+    """What the widget reads from a BuildProcess / TrainProcess."""
+
+    def __init__(self, code=None):
+        self.code, self.fraction, self.message, self.output, self.cancelled = code, 0.5, "case 1/2", [], 0
+
+    def poll(self):
+        return self.code
+
+    def cancel(self):
+        self.cancelled += 1
+
+    def warnings(self):
+        return []
+
+    def last_error(self):
+        return "error: the key file is inside the output folder"
+
+
+def _widget(env, mod):
+    """The module widget with the .ui's widgets as inert Qt objects (so Slicer's real connectors accept them) and
+    small stand-ins for the path fields, the model list and the report browser; setup() itself needs Qt."""
+    import types
+
+    import ctk
+    import qt
+
+    ui = types.SimpleNamespace()
+    for w in ET.parse(UI_FILE).getroot().iter("widget"):
+        cls, name, param = w.get("class"), w.get("name"), _prop(w, "SlicerParameterName")
+        if cls == "ctkPathLineEdit":
+            widget = _PathField()
+        else:
+            widget = getattr(ctk if cls.startswith("ctk") else env.slicer if cls.startswith("qMRML") else qt, cls)()
+        widget.property = (lambda key, param=param: param if key == "SlicerParameterName" else None)
+        setattr(ui, name, widget)
+    ui.initialModelComboBox = _ModelCombo()
+    ui.initialModelComboBox.property = lambda key: "initialModel" if key == "SlicerParameterName" else None
+    ui.reportBrowser = _Browser()
+    widget = mod.DatasetBuilderWidget(env.slicer.qMRMLWidget())
+    widget.ui, widget.logic, widget.timer = ui, mod.DatasetBuilderLogic(), _Timer()
+    return widget
+
+
+def test_widget_binds_the_ui_polls_a_job_shows_the_report_and_cleans_up(slicerEnv, tmp_path, monkeypatch):
+    env = slicerEnv
+    mod = module(env)
+    import DeepRegistrationSlicerLib.run as run
+
+    def broken():
+        raise OSError("models folder unreadable")
+
+    monkeypatch.setattr(run, "availableModels", broken)
+    w = _widget(env, mod)
+    w._fillModels()
+    assert w.ui.initialModelComboBox.items == ["Scratch"]  # a broken models folder lists none, no exception
+    monkeypatch.setattr(run, "availableModels", lambda: ["default", "mine"])
+    w._fillModels()
+    assert w.ui.initialModelComboBox.items == ["Scratch", "default", "mine"]
+
+    env.app.settings().setValue(mod.SETTINGS_KEYS["keyFile"], "/keys/last.hex")
+    w.initializeParameterNode()  # Slicer's real connectors for every bound widget of the .ui: none refused
+    p = w._parameterNode
+    tag = w._parameterNodeGuiTag
+    assert tag is not None and p.keyFile == "/keys/last.hex" and w.ui.keyFileEdit.currentPath == "/keys/last.hex"
+    p.pairing, p.trainShare, p.augmentPerCase, p.initialModel = "atlas", 0.4, 2, "mine"
+    assert (w.ui.pairingComboBox.currentIndex, w.ui.trainShareSpinBox.value, w.ui.augmentPerCaseSpinBox.value,
+            w.ui.initialModelComboBox.currentText) == (2, 0.4, 2, "mine")
+    w._fillModels()  # refilling keeps the chosen model
+    assert w.ui.initialModelComboBox.currentText == "mine" and p.initialModel == "mine"
+    w.enter()
+    assert w._parameterNodeGuiTag == tag  # the same node is not connected twice
+    assert w.ui.buildButton.enabled and not w.ui.cancelButton.enabled and not w.ui.scenesFolderEdit.enabled
+
+    # a typed path reaches the parameter node before a run even without currentPathChanged
+    w.ui.outputFolderEdit.currentPath = str(tmp_path / "out")
+    w._pathsFromGui()
+    assert p.outputFolder == str(tmp_path / "out")
+
+    # a running build: progress, Cancel, then the end with the report shown in the module
+    out = tmp_path / "out"
+    (out / "thumbnails").mkdir(parents=True)
+    (out / "report.md").write_text("# Dataset DREG\n\n![pair 0](thumbnails/pair_000.png)\n", encoding="utf-8")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    w.process, w._tmp, w._reportFolder = _Process(), str(copy), str(out)
+    w._started("build")
+    assert w.timer.active and not w.ui.buildButton.enabled and w.ui.cancelButton.enabled
+    assert env.app.settings().value(mod.SETTINGS_KEYS["outputFolder"]) == str(out)
+    w.onPoll()
+    assert w.ui.progressBar.value == 50 and w.ui.statusLabel.text == "case 1/2" and w.timer.active
+    w.onCancel()
+    assert w.process.cancelled == 1 and not w.ui.cancelButton.enabled
+    w.process.code, w.process.output = 0, ["2 cases written"]
+    w.onPoll()
+    assert not w.timer.active and w.process is None and not copy.exists()
+    assert w.ui.statusLabel.text == "2 cases written" and w.ui.buildButton.enabled
+    assert w.ui.reportBrowser.markdown.startswith("# Dataset DREG") and w.ui.reportBrowser.searchPaths == [str(out)]
+
+    # a failed training: one error message naming the cause
+    errors = []
+    monkeypatch.setattr(env.util, "errorDisplay", lambda text, **kw: errors.append(text))
+    w.process, w._trainingName = _Process(code=2), "mine"
+    w._started("train")
+    w.onPoll()
+    assert errors == ["Training failed: error: the key file is inside the output folder"]
+
+    # scene close: the GUI lets go of the parameter node, a running job goes on; cleanup() stops it
+    running = _Process()
+    w.process, w._tmp = running, str(copy)
+    copy.mkdir()
+    w._started("build")
+    w.onSceneStartClose(None, None)
+    assert w._parameterNode is None and not w.ui.buildButton.enabled and running.cancelled == 0
+    w.cleanup()
+    assert running.cancelled == 1 and w.process is None and not w.timer.active and not copy.exists()
+
+
+def test_training_needs_no_tqdm(tmp_path, monkeypatch, caplog, capsys):
+    """3D Slicer bundles no tqdm: ``train`` then logs plain progress lines instead of a bar."""
+    import argparse
+    import logging
+    import sys
+
+    from DeepRegistrationLib import registry, train_cli
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm raises ImportError
+    monkeypatch.setenv(registry.ENV_MODELS_DIR, str(tmp_path / "models"))
+    parser = argparse.ArgumentParser()
+    train_cli.add_subparsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--name", "no-tqdm", "-o", str(tmp_path / "run"), "--steps", "2", "--shape",
+                              "16", "16", "16", "--val-every", "2", "--val-pairs", "1"])
+    with caplog.at_level(logging.INFO, logger=train_cli.logger.name):
+        assert train_cli.run(args) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 2
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train no-tqdm:")]
+    assert lines and "100%" in lines[-1]
