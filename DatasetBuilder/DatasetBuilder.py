@@ -48,7 +48,7 @@ file it is writing first, which can take a moment; building again resumes, train
 resumes from the last checkpoint. The report is shown in the module when the build ends.
 Not in this version: face removal (the report warns about head images).
 <br><br>
-See the <a href="https://github.com/deepregistration/SlicerDeepRegistration#dataset-builder">module
+See the <a href="https://github.com/deepregistration/SlicerDeepRegistration#datasets-and-learned-models">module
 documentation</a>.
 <br><br>
 <b>Intended use:</b> research use only, not for clinical decisions.

@@ -407,7 +407,12 @@ def test_module_metadata_is_translatable_and_the_help_links_to_documentation(sli
     instance, parent = slicerEnv.instantiate(mod)
     assert '_("Dataset Builder")' in MODULE_FILE.read_text() and "from slicer.i18n import tr as _" in \
         MODULE_FILE.read_text()
-    assert re.search(r'<a href="https://[^"]+">', parent.helpText)
+    link = re.search(r'<a href="(https://[^"#]+)#([^"]+)">', parent.helpText)
+    homepage = re.search(r'EXTENSION_HOMEPAGE\s+"([^"]+)"', (ROOT / "CMakeLists.txt").read_text()).group(1)
+    assert link and link.group(1) == homepage  # the repository's README, at its datasets section
+    headings = [line.lstrip("# ").strip() for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("## ")]
+    assert link.group(2) in [re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in headings]
     assert "at once" not in parent.helpText and "research use only" in parent.helpText
     assert re.fullmatch(r".+ \(.+\)", parent.contributors[0])
     assert os.path.basename(mod.REQUIREMENTS_FILE) == "DatasetBuilder-requirements.txt"
