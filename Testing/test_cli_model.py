@@ -6,7 +6,8 @@ import json
 import torch
 
 from DeepRegistrationLib.cli import main
-from DeepRegistrationLib.networks import UNetFieldPredictor, save_predictor
+from DeepRegistrationLib.model_files import save_model
+from DeepRegistrationLib.networks import UNetFieldPredictor
 
 
 def _args(sample_dir, out):
@@ -16,7 +17,7 @@ def _args(sample_dir, out):
 
 def test_register_with_a_model_file(tmp_path, sample_dir, capsys):
     torch.manual_seed(0)
-    path = save_predictor(UNetFieldPredictor(), tmp_path / "tiny")  # untrained: predicts the identity
+    path = save_model(UNetFieldPredictor(), tmp_path / "tiny")  # untrained: predicts the identity
     out = tmp_path / "out"
     code = main(_args(sample_dir, out) + ["--model", str(path), "--model-mode", "replace"])
     assert code == 0, capsys.readouterr().err

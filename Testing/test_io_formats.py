@@ -11,7 +11,8 @@ import torch
 
 from DeepRegistrationLib.errors import InputError
 from DeepRegistrationLib.io import _keep_locale, image_to_sitk, read_image, write_image
-from DeepRegistrationLib.networks import UNetFieldPredictor, load_predictor, save_predictor
+from DeepRegistrationLib.model_files import load_model, save_model
+from DeepRegistrationLib.networks import UNetFieldPredictor
 
 OBLIQUE = (0.9362934, -0.2896295, 0.1986693, 0.3129918, 0.9447025, -0.0978434, -0.1593451, 0.1537912, 0.9751703)
 
@@ -64,9 +65,9 @@ def test_model_round_trip_and_corrupt_file(tmp_path):
     net = UNetFieldPredictor(channels=(4, 8, 8))
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.01)
-    path = save_predictor(net, tmp_path / "model.pt")  # any suffix: NAME.json + NAME.safetensors
+    path = save_model(net, tmp_path / "model.pt")  # any suffix: NAME.json + NAME.safetensors
     assert path == tmp_path / "model.json" and (tmp_path / "model.safetensors").is_file()
-    loaded = load_predictor(path)
+    loaded = load_model(path).model
     x = torch.rand(1, 1, 13, 17, 11)
     with torch.no_grad():
         np.testing.assert_allclose(loaded(x, x).numpy(), net.eval()(x, x).numpy(), atol=1e-6)
@@ -75,9 +76,9 @@ def test_model_round_trip_and_corrupt_file(tmp_path):
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:500])
     with pytest.raises(InputError, match="corrupt"):
-        load_predictor(path)
+        load_model(path).model
     with pytest.raises(InputError, match="does not exist"):
-        load_predictor(tmp_path / "missing.json")
+        load_model(tmp_path / "missing.json").model
 
 
 def test_model_files_never_unpickle_code(tmp_path):
@@ -93,13 +94,13 @@ def test_model_files_never_unpickle_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"config": {"channels": [4, 8], "max_displacement_voxels": 8.0}, "state_dict": Evil()}, path)
     with pytest.raises(InputError):
-        load_predictor(path)  # no card
+        load_model(path).model  # no card
     net = UNetFieldPredictor(channels=(4, 8))
-    card = save_predictor(net, tmp_path / "evil.json")
+    card = save_model(net, tmp_path / "evil.json")
     (tmp_path / "evil.safetensors").write_bytes(path.read_bytes())
     blob = json.loads(card.read_text())
     blob["weights"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     card.write_text(json.dumps(blob))
     with pytest.raises(InputError, match="not safetensors"):
-        load_predictor(card)
+        load_model(card).model
     assert not (tmp_path / "pwned").exists()

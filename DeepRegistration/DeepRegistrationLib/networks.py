@@ -12,13 +12,12 @@ multiple of ``2 ** depth`` and the output cropped back; :func:`depth_for_shape` 
 working image size.
 
 Models on disk (safetensors + JSON card, never a pickle) are handled by
-:mod:`~DeepRegistrationLib.model_files`; :func:`save_predictor` / :func:`load_predictor` are kept here as
-thin wrappers.
+:mod:`~DeepRegistrationLib.model_files` (``save_model`` / ``load_model``), which imports this module, never the
+other way round.
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -248,19 +247,3 @@ class AtSpacing:
         u = self.model.predict(f_c, m_c, coarse)
         return W.sample(u, coarse, W.grid_points(grid, u.device, u.dtype), padding_mode="border")
 
-
-def save_predictor(model: UNetFieldPredictor, path: str | Path, card: dict | None = None) -> Path:
-    """Saves ``model`` as safetensors weights + JSON card next to ``path``; returns the card path.
-
-    See :func:`DeepRegistrationLib.model_files.save_model`.
-    """
-    from .model_files import save_model
-
-    return save_model(model, path, card)
-
-
-def load_predictor(path: str | Path) -> UNetFieldPredictor:
-    """Loads a model written by :func:`save_predictor` (no pickle); raises InputError when unusable."""
-    from .model_files import load_model
-
-    return load_model(path).model
