@@ -332,14 +332,18 @@ class DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.process.cancel()
 
     def _stopJob(self) -> None:
+        """Asks a running job to stop (returns at once); the current scene's copy is removed once it is gone."""
         if self.timer is not None:
             self.timer.stop()
-        if self.process is not None:
+        process, self.process = self.process, None
+        if process is not None:
             try:
-                self.process.cancel()
+                process.cancel()
+                if self._tmp is not None:  # the child may still hold the copy open (Windows): remove it later
+                    process.job.remove_when_stopped([self._tmp])
+                    self._tmp = None
             except Exception as exc:
                 logging.warning(f"DatasetBuilder: could not stop the background process: {exc}")
-        self.process = None
         self._removeTemporaryFolder()
 
     def _removeTemporaryFolder(self) -> None:
@@ -376,7 +380,8 @@ class DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _("Training stopped. Train again with the same name to resume.")
             else:
                 self.ui.statusLabel.text = _("Training failed.")
-                slicer.util.errorDisplay(_("Training failed: {error}").format(error=process.last_error()))
+                slicer.util.errorDisplay(_("Training failed: {error}").format(error=process.last_error())
+                                         + self._logNote(process))
             return
         outDir = self._reportFolder
         if code == 0:
@@ -386,8 +391,14 @@ class DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("Cancelled. Build again with the same settings to resume.")
         else:
             self.ui.statusLabel.text = _("Dataset build failed.")
-            slicer.util.errorDisplay(_("Dataset build failed: {error}").format(error=process.last_error()))
+            slicer.util.errorDisplay(_("Dataset build failed: {error}").format(error=process.last_error())
+                                     + self._logNote(process))
             self.showReport(outDir)
+
+    @staticmethod
+    def _logNote(process) -> str:
+        path = getattr(process, "log_path", None)
+        return ("\n\n" + _("Details: {path}").format(path=path)) if path else ""
 
     def showReport(self, outDir: Optional[str]) -> None:
         """Shows the dataset's ``report.md`` (counts, label table, PHI scan, thumbnails) in the Report section."""
@@ -396,9 +407,9 @@ class DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if text is None:
             browser.setPlainText(_("No report yet: build the dataset first."))
             return
-        browser.searchPaths = [outDir]  # the thumbnails are linked relative to the dataset folder
-        if hasattr(browser, "setMarkdown"):  # a slot since Qt 5.14
-            browser.setMarkdown(text)
+        browser.searchPaths = [outDir]  # QTextBrowser resolves the thumbnails' relative links there
+        if hasattr(browser, "markdown"):  # QTextEdit's markdown property (Qt >= 5.14)
+            browser.markdown = text
         else:
             browser.setPlainText(text)
         self.ui.reportCollapsibleButton.collapsed = False
@@ -579,7 +590,7 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
         if classical != "none":
             args += ["--classical", "--classical-method", classical]
         try:
-            return BuildProcess(args, python=pythonExecutable()), tmp
+            return BuildProcess(args, python=pythonExecutable(), log_dir=slicer.app.temporaryPath or None), tmp
         except Exception:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -617,7 +628,7 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
                 "--checkpoint-every", str(max(int(steps) // 20, 1)), "--install"]
         if initModel:
             args += ["--init-model", initModel]
-        return TrainProcess(args, python=pythonExecutable())
+        return TrainProcess(args, python=pythonExecutable(), log_dir=slicer.app.temporaryPath or None)
 
     def startTrainingFromParameterNode(self, parameterNode):
         """:meth:`startTraining` with the parameter node's dataset folder, model name, steps and initial model."""

@@ -391,7 +391,7 @@ def test_widget_reacts_to_user_actions_and_handles_scene_close_and_cleanup():
     methods = {f.name: ast.get_source_segment(source, f) for f in widget.body if isinstance(f, ast.FunctionDef)}
     for name in ("cleanup", "onSceneStartClose", "onSceneEndClose", "enter", "setParameterNode"):
         assert name in methods, name
-    assert "self._stopJob()" in methods["cleanup"] and "self.process.cancel()" in methods["_stopJob"]
+    assert "self._stopJob()" in methods["cleanup"] and "process.cancel()" in methods["_stopJob"]
     setup = methods["setup"]
     for button in ("buildButton", "cancelButton", "trainButton"):  # clicked: user actions only
         assert f'self.ui.{button}.connect("clicked(bool)"' in setup, button
@@ -442,9 +442,6 @@ class _Browser:
     def __init__(self):
         self.searchPaths, self.markdown, self.plain = [], None, None
 
-    def setMarkdown(self, text):
-        self.markdown = text
-
     def setPlainText(self, text):
         self.plain = text
 
@@ -462,8 +459,13 @@ class _Timer:
 class _Process:
     """What the widget reads from a BuildProcess / TrainProcess."""
 
-    def __init__(self, code=None):
+    def __init__(self, code=None, log_path=None):
         self.code, self.fraction, self.message, self.output, self.cancelled = code, 0.5, "case 1/2", [], 0
+        self.log_path, self.removeLater = log_path, []
+        self.job = self  # ChildProcess.job: the DeepRegistrationLib.jobs.Job
+
+    def remove_when_stopped(self, paths):
+        self.removeLater += list(paths)
 
     def poll(self):
         return self.code
@@ -561,10 +563,11 @@ def test_widget_binds_the_ui_polls_a_job_shows_the_report_and_cleans_up(slicerEn
     # a failed training: one error message naming the cause
     errors = []
     monkeypatch.setattr(env.util, "errorDisplay", lambda text, **kw: errors.append(text))
-    w.process, w._trainingName = _Process(code=2), "mine"
+    w.process, w._trainingName = _Process(code=2, log_path=tmp_path / "job.log"), "mine"
     w._started("train")
     w.onPoll()
-    assert errors == ["Training failed: error: the key file is inside the output folder"]
+    assert errors == ["Training failed: error: the key file is inside the output folder\n\n"
+                      f"Details: {tmp_path / 'job.log'}"]
 
     # scene close: the GUI lets go of the parameter node, a running job goes on; cleanup() stops it
     running = _Process()
@@ -574,7 +577,8 @@ def test_widget_binds_the_ui_polls_a_job_shows_the_report_and_cleans_up(slicerEn
     w.onSceneStartClose(None, None)
     assert w._parameterNode is None and not w.ui.buildButton.enabled and running.cancelled == 0
     w.cleanup()
-    assert running.cancelled == 1 and w.process is None and not w.timer.active and not copy.exists()
+    # the copy is removed once the child has stopped (it may still read it), by the job's own cleanup
+    assert running.cancelled == 1 and w.process is None and not w.timer.active and running.removeLater == [str(copy)]
 
 
 def test_training_needs_no_tqdm(tmp_path, monkeypatch, caplog, capsys):
