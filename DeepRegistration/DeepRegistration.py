@@ -692,7 +692,8 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
                     movingSegmentation=p.movingSegmentation, fixedLandmarks=p.fixedLandmarks,
                     movingLandmarks=p.movingLandmarks, outputTransform=p.outputTransform,
                     outputVolume=p.outputVolume, jacobianVolume=p.jacobianVolume,
-                    metricsTable=p.metricsTable or True, applyToMoving=p.applyToMoving)
+                    metricsTable=p.metricsTable or True, applyToMoving=p.applyToMoving,
+                    useParentTransform=p.useCurrentAlignment)
 
     # ---------------------------------------------------------------------------------- running
     def startJob(self, parameterNode):

@@ -303,3 +303,120 @@ def test_widget_signals_are_user_actions_only():
     assert "connect" not in enter.replace("connects the GUI only", "")
     assert source.count("connectParametersToGui(") == 1 and "connectGui(" not in source.replace(
         "disconnectGui(", "").replace("connectParametersToGui(", "")
+
+
+# ------------------------------------------------------------------------------------------------ registrations
+FAST = dict(spacing=4.0, iterations=20, affineIterations=30, threads=1)
+
+
+def rigid_matrix(degrees: float, axis: int, shift_mm) -> "np.ndarray":
+    import numpy as np
+
+    a = np.deg2rad(degrees)
+    c, s = np.cos(a), np.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    m = np.eye(4)
+    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    m[:3, 3] = shift_mm
+    return m
+
+
+def test_registration_starts_from_and_keeps_the_current_alignment(tmp_path, sample_dir):
+    """A moving volume pre-aligned by a parent linear transform P (its voxels stored where P⁻¹ puts them, so it
+    is shown where the plain sample is): the module's Logic (Slicer 5.10 code) starts from P, keeps it, and puts
+    the result R on top, so the volume and its landmarks end under R ∘ P, mapping the fixed landmarks onto the
+    moving ones in mm as the engine reports."""
+    import numpy as np
+
+    tag = "v5.10.0"
+    if missingReason(tag):
+        pytest.skip(missingReason(tag))
+    with load(tag, tmp_path) as env:
+        mod = load_module(env)
+        slicer = env.slicer
+        from DeepRegistrationSlicerLib import nodes as N
+
+        fixed = slicer.util.loadVolume(str(sample_dir / "fixed.nii.gz"))
+        moving = slicer.util.loadVolume(str(sample_dir / "moving.nii.gz"))
+        fixedLm = slicer.util.loadMarkups(str(sample_dir / "fixed_landmarks.mrk.json"))
+        movingLm = slicer.util.loadMarkups(str(sample_dir / "moving_landmarks.mrk.json"))
+        shown = np.array([movingLm.GetNthControlPointPositionWorld(i) for i in range(movingLm.GetNumberOfControlPoints())])
+        P = rigid_matrix(12.0, 2, (6.0, -4.0, 3.0))
+        parent = env.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "pre-alignment")
+        parent.SetMatrixTransformToParent(N.vtkMatrixFromArray(P))
+        moving.SetIJKToRASMatrix(N.vtkMatrixFromArray(np.linalg.inv(P) @ N.volumeIJKToRAS(moving)))
+        for i in range(movingLm.GetNumberOfControlPoints()):
+            local = np.linalg.inv(P) @ np.append(shown[i], 1.0)
+            movingLm.SetNthControlPointPosition(i, *local[:3])
+        for node in (moving, movingLm):
+            node.SetAndObserveTransformNodeID(parent.GetID())
+        np.testing.assert_allclose([movingLm.GetNthControlPointPositionWorld(i) for i in range(len(shown))], shown,
+                                   atol=1e-6)
+
+        result = mod.DeepRegistrationLogic().register(fixed, moving, "Affine", fixedLandmarks=fixedLm,
+                                                      movingLandmarks=movingLm, **FAST)
+        R = result.transformNode
+        assert R.GetAttribute("DeepRegistration.movingFrame") == "world"
+        assert moving.GetParentTransformNode() is parent and movingLm.GetParentTransformNode() is parent
+        assert parent.GetParentTransformNode() is R and R.GetParentTransformNode() is None
+        np.testing.assert_allclose(N.arrayFromVtkMatrix(parent.GetMatrixTransformToParent()), P, atol=1e-9)  # kept
+        # fixed world → R.FromParent → P.FromParent → moving local: lands on the moving landmarks (local)
+        fixedPts = np.array([fixedLm.GetNthControlPointPositionWorld(i) for i in range(len(shown))])
+        movingLocal = np.array([movingLm.GetNthControlPointPosition(i) for i in range(len(shown))])
+        inWorld = N.mapPointsRas(R, fixedPts)
+        mapped = (np.linalg.inv(P) @ np.c_[inWorld, np.ones(len(inWorld))].T).T[:, :3]
+        errors = np.linalg.norm(mapped - movingLocal, axis=1)
+        m = result.metrics
+        assert m["tre_after"] < 0.5 * m["tre_before"]
+        assert abs(errors.mean() - m["tre_after"]) < 0.05, (errors.mean(), m["tre_after"])
+        # the segmentation of the moving volume follows the same way (on top of its own transforms)
+        seg = env.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "moving seg")
+        seg.SetAndObserveTransformNodeID(parent.GetID())
+        other = env.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "plain")
+        assert mod.DeepRegistrationLogic.applyTransformToNodes(R, [seg, other]) == 2
+        assert seg.GetParentTransformNode() is parent and other.GetParentTransformNode() is R
+
+        # without the current alignment (checkbox off): the result replaces the parent and includes nothing of it
+        logic = mod.DeepRegistrationLogic()
+        p = logic.getParameterNode()
+        p.fixedVolume, p.movingVolume, p.useCurrentAlignment = fixed, moving, False
+        from DeepRegistrationSlicerLib.run import RegistrationJob
+
+        job = RegistrationJob(fixed, moving, **logic.jobArguments(p))
+        assert (job.movingFrame, job.movingMatrix) == ("local", None)
+        p.useCurrentAlignment = True
+        p.outputTransform = R  # re-running into the result the volume is under: start from it, replace it
+        job = RegistrationJob(fixed, moving, **logic.jobArguments(p))
+        assert job.movingFrame == "local"
+        np.testing.assert_allclose(job.movingMatrix, N.transformNodeToWorldMatrix(parent), atol=1e-9)
+
+
+def test_a_node_deleted_during_the_run_stops_the_results(tmp_path, sample_dir):
+    """Deleting an input while the worker runs: the results are not loaded (one clear error), nothing is added."""
+    tag = "v5.12.3"
+    if missingReason(tag):
+        pytest.skip(missingReason(tag))
+    with load(tag, tmp_path) as env:
+        mod = load_module(env)
+        slicer = env.slicer
+        fixed = slicer.util.loadVolume(str(sample_dir / "fixed.nii.gz"))
+        moving = slicer.util.loadVolume(str(sample_dir / "moving.nii.gz"))
+        logic = mod.DeepRegistrationLogic()
+        p = logic.getParameterNode()
+        logic.setDefaultInputs(p, env.scene)
+        assert (p.fixedVolume, p.movingVolume) == (fixed, moving)
+        p.preset, p.spacing = "Rigid", 8.0
+        from DeepRegistrationSlicerLib.run import RegistrationJob
+
+        job = RegistrationJob(fixed, moving, **logic.jobArguments(p), affineIterations=10, threads=1).start()
+        nodes = logic.jobNodes(p)
+        assert fixed in nodes and moving in nodes
+        env.scene.RemoveNode(moving)
+        assert p.movingVolume is None  # the parameter node lets go of it (MRML node reference)
+        status = job.wait(timeout=300)
+        before = env.scene.GetNumberOfNodes()
+        assert status.state == "done", status.message  # the worker had its copy of the inputs
+        with pytest.raises(Exception, match="'moving' was deleted during the registration"):
+            logic.loadJobResults(job, p)
+        assert env.scene.GetNumberOfNodes() == before
+        assert env.scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == 0

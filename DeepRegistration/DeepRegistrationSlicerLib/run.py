@@ -167,7 +167,10 @@ class RegistrationJob:
         outputVolume: Volume node to fill, True for a new one, False/None for none.
         jacobianVolume: Same, for the Jacobian determinant.
         metricsTable: Table node to fill, True (default) for a new one, False/None for none.
-        applyToMoving: Put the moving volume under the output transform when done.
+        applyToMoving: Make the moving volume follow the output transform when done.
+        useParentTransform: Start from the moving volume's current (linear) parent transforms and keep them: the
+            result goes on top of them (the volume ends under ``result ∘ parent``) instead of replacing them
+            (see :func:`~DeepRegistrationSlicerLib.nodes.movingFrame`). Ignored with an ``initialTransform``.
         scene: The MRML scene (default ``slicer.mrmlScene``).
         keepFiles: Keep the temporary folder (for debugging).
         model: Optional learned model (registry name or card path, see :func:`availableModels`) whose
@@ -180,7 +183,8 @@ class RegistrationJob:
                  movingMask=None, initialTransform=None, fixedSegmentation=None, movingSegmentation=None,
                  fixedLandmarks=None, movingLandmarks=None, outputTransform=None, outputVolume=None,
                  jacobianVolume=None, metricsTable=True, applyToMoving: bool = True, scene=None,
-                 keepFiles: bool = False, model: str | None = None, modelMode: str = "init", **options):
+                 keepFiles: bool = False, model: str | None = None, modelMode: str = "init",
+                 useParentTransform: bool = True, **options):
         if fixedVolume is None or movingVolume is None:
             raise InputError("select a fixed volume and a moving volume.")
         if fixedVolume == movingVolume:
@@ -221,11 +225,20 @@ class RegistrationJob:
         self.state, self.progress, self.message = "new", 0.0, ""
         self.report: dict | None = None
         self._startTime = 0.0
-        self.movingMatrix = None if initialTransform is None else N.transformNodeToWorldMatrix(initialTransform)
+        # "world": moving-side nodes read where they are shown, result placed on top of their transforms;
+        # "local": read in local coordinates moved by movingMatrix, moving volume placed directly under the result
+        self.movingFrame, self.movingMatrix = N.movingFrame(movingVolume, fixedVolume, outputTransform,
+                                                            initialTransform, useParentTransform)
         if outputTransform is not None and outputTransform.IsA("vtkMRMLLinearTransformNode") and \
                 self.config.get("mode") == "deformable":
             raise InputError(f"the output transform '{outputTransform.GetName()}' is a linear transform node and "
                              "cannot hold a deformable result. Select a transform node or create a new one.")
+
+    def _nodes(self) -> list:
+        """Every node the job reads or fills."""
+        nodes = [self.fixedVolume, self.movingVolume, self.initialTransform, self.outputTransform,
+                 self.outputVolume, self.jacobianVolume, self.metricsTable] + list(self.inputs.values())
+        return [n for n in nodes if n is not None and not isinstance(n, bool)]
 
     # ------------------------------------------------------------------------------------------- start
     def writeInputs(self, folder: Path) -> dict:
@@ -233,7 +246,8 @@ class RegistrationJob:
         from DeepRegistrationLib.io import write_image
 
         fixed = N.volumeToImage(self.fixedVolume, "fixed volume", world=True)
-        moving = N.volumeToImage(self.movingVolume, "moving volume", world=False, extraMatrix=self.movingMatrix)
+        movingWorld = self.movingFrame == "world"
+        moving = N.volumeToImage(self.movingVolume, "moving volume", world=movingWorld, extraMatrix=self.movingMatrix)
         write_image(fixed, folder / "fixed.nii.gz", compress=False)
         write_image(moving, folder / "moving.nii.gz", compress=False)
         job = {"fixed": str(folder / "fixed.nii.gz"), "moving": str(folder / "moving.nii.gz"),
@@ -261,7 +275,8 @@ class RegistrationJob:
                 job[f"{side}_labels"] = str(folder / f"{side}_labels.nii.gz")
         fl, ml = self.inputs["fixedLandmarks"], self.inputs["movingLandmarks"]
         if fl is not None:
-            for side, node, world, extra in (("fixed", fl, True, None), ("moving", ml, False, self.movingMatrix)):
+            for side, node, world, extra in (("fixed", fl, True, None),
+                                             ("moving", ml, movingWorld, self.movingMatrix)):
                 points, labels = N.markupsToLpsPoints(node, world=world, extraMatrix=extra)
                 N.writeLandmarksCsv(points, labels, str(folder / f"{side}_landmarks.csv"))
                 job[f"{side}_landmarks"] = str(folder / f"{side}_landmarks.csv")
@@ -410,10 +425,16 @@ class RegistrationJob:
             if self.jacobianVolume not in (None, False):
                 jac = read_image(out / "jacobian.nii.gz", "jacobian") if _varies(out / "jacobian.nii.gz") else \
                     _readConstant(out / "jacobian.nii.gz")
+            gone = [n.GetName() for n in self._nodes() if n.GetScene() is not scene]
+            if gone:
+                raise InputError(f"'{gone[0]}' was deleted during the registration; nothing was changed.")
             # everything read: now change the scene
             transformNode = self.outputTransform or scene.AddNewNodeByClass(
                 "vtkMRMLTransformNode", scene.GenerateUniqueName(f"{self.movingVolume.GetName()} registered"))
             N.setTransformNodeFromEngine(transformNode, affine, field, grid, self.movingMatrix)
+            if transformNode.GetParentTransformNode() is not None:  # the result maps from world coordinates
+                transformNode.SetAndObserveTransformNodeID(None)
+            transformNode.SetAttribute(N.FRAME_ATTRIBUTE, self.movingFrame)
             N.setRegistrationReferences(transformNode, self.fixedVolume, self.movingVolume)
             transformNode.SetAttribute(N.RESULT_ATTRIBUTE, self.preset)
             transformNode.SetAttribute("DeepRegistration.config", json.dumps(self.config))
@@ -425,11 +446,13 @@ class RegistrationJob:
                 result.outputVolumeNode = N.imageToVolume(
                     warped, node, scene.GenerateUniqueName(f"{self.movingVolume.GetName()} warped"), scene)
                 result.outputVolumeNode.SetNodeReferenceID("spatialRegistrationTransform", transformNode.GetID())
+                result.outputVolumeNode.SetAttribute(N.OUTPUT_ATTRIBUTE, "warped")
             if jac is not None:
                 node = None if self.jacobianVolume is True else self.jacobianVolume
                 result.jacobianVolumeNode = N.imageToVolume(
                     jac, node, scene.GenerateUniqueName(f"{self.movingVolume.GetName()} Jacobian"), scene)
                 N.showAsJacobian(result.jacobianVolumeNode)
+                result.jacobianVolumeNode.SetAttribute(N.OUTPUT_ATTRIBUTE, "jacobian")
             if self.metricsTable not in (None, False):
                 table = self.metricsTable if self.metricsTable is not True else scene.AddNewNodeByClass(
                     "vtkMRMLTableNode", scene.GenerateUniqueName(f"{self.movingVolume.GetName()} registration metrics"))
@@ -437,7 +460,7 @@ class RegistrationJob:
                 transformNode.SetNodeReferenceID("DeepRegistrationMetrics", table.GetID())
                 result.metricsTableNode = table
             if self.applyToMoving:
-                self.movingVolume.SetAndObserveTransformNodeID(transformNode.GetID())
+                applyTransformToNodes(transformNode, [self.movingVolume])
             result.seconds = time.perf_counter() - self._startTime
             return result
         finally:
@@ -487,10 +510,18 @@ def register(fixedVolume, movingVolume, preset: str = "Deformable — fast", pro
 
 
 def applyTransformToNodes(transformNode, nodesToMove) -> int:
-    """Puts nodes (segmentations, markups, volumes of the moving image) under ``transformNode``; returns the count."""
+    """Makes nodes of the moving image (volumes, segmentations, markups) follow a registration result as the
+    moving volume does; returns how many follow it. A result made in the moving volume's world coordinates
+    (:func:`~DeepRegistrationSlicerLib.nodes.movingFrame`) goes on top of each node's own transforms; other
+    transforms become the node's parent (replacing its transforms, which the result includes)."""
+    world = transformNode.GetAttribute(N.FRAME_ATTRIBUTE) == "world"
     count = 0
     for node in nodesToMove:
-        if node is not None and node.IsA("vtkMRMLTransformableNode") and node != transformNode:
+        if node is None or not node.IsA("vtkMRMLTransformableNode") or node == transformNode:
+            continue
+        if world:
+            N.placeOnTop(node, transformNode)
+        else:
             node.SetAndObserveTransformNodeID(transformNode.GetID())
-            count += 1
+        count += 1
     return count
