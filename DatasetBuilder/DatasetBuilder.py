@@ -470,7 +470,8 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
         return any(path.is_dir() for path in find_scene_files([folder]))
 
     def ensureDicomPackages(self, askConfirmation: bool = True) -> None:
-        """Installs ``dicom-anonymizer`` for DICOM input (after asking); raises naming the fix when it cannot be used."""
+        """Installs ``dicom-anonymizer`` for DICOM input (after asking); raises naming the fix when it cannot
+        be used."""
         import importlib
 
         from DatasetBuilderLib.dicom_input import DICOM_ANONYMIZER_SPEC, dicom_support_problem
@@ -633,7 +634,8 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
     def startTrainingFromParameterNode(self, parameterNode):
         """:meth:`startTraining` with the parameter node's dataset folder, model name, steps and initial model."""
         p = parameterNode
-        return self.startTraining(p.outputFolder, p.modelName.strip(), p.trainingSteps, initModel=p.initialModel or None)
+        return self.startTraining(p.outputFolder, p.modelName.strip(), p.trainingSteps,
+                                  initModel=p.initialModel or None)
 
 
 def _storableNodes(scene) -> list:
