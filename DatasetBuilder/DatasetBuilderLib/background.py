@@ -106,6 +106,11 @@ class ChildProcess:
         """
         self.job.cancel(0.0 if kill else grace)
 
+    def remove_when_stopped(self, paths) -> None:
+        """Removes ``paths`` (e.g. the temporary copy of the current scene) once every process of the child
+        is gone: now when it is, else in the background (a running child on Windows holds its files)."""
+        self.job.remove_when_stopped(paths)
+
     def warnings(self) -> list[str]:
         """The child's warnings (e.g. a model that has not learned), from its ``message`` lines."""
         return [text for level, text in self.job.notes if level == "warning"]

@@ -308,17 +308,23 @@ class Job:
         self.messages: list[dict] = []
         self.returncode: int | None = None
         self.cancelled = False
+        self.killed = False  # the process group had to be killed (it did not stop within the grace period)
         self._temp = [Path(p) for p in temp_paths]
         self._remove_temp = False
         self._lock = threading.Lock()
         self._eof = threading.Event()
         self._wake = threading.Event()
-        self._stopped = threading.Event()
+        self._stopped = threading.Event()  # every process gone and the files to remove removed
+        self._exited = False  # every process gone (under _lock)
         self._grace = 2.0
-        with open(self._log_path, "wb") as log:  # the child keeps its own handle; the parent none
-            self._proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                                          cwd=None if cwd is None else str(cwd), env=environment,
-                                          **_popen_isolation())
+        try:
+            with open(self._log_path, "wb") as log:  # the child keeps its own handle; the parent none
+                self._proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                              cwd=None if cwd is None else str(cwd), env=environment,
+                                              **_popen_isolation())
+        except BaseException:
+            remove_tree(self._log_path, timeout=1.0)
+            raise
         self.pid = self._proc.pid
         threading.Thread(target=self._read, name=f"job-{self.pid}-reader", daemon=True).start()
         threading.Thread(target=self._supervise, name=f"job-{self.pid}-supervisor", daemon=True).start()
@@ -379,20 +385,26 @@ class Job:
         except subprocess.TimeoutExpired:
             self._kill_group()
             code = self._proc.wait()
+        if self.cancelled:
+            self._wait_group_gone(10.0)
         self._close_stdin()
         self.returncode = code
         failed = not self.cancelled and (code != 0 or self.error is not None)
-        if self.cancelled or failed:
-            self._remove_temp = True
+        with self._lock:
+            self._exited = True
+            if self.cancelled or failed:
+                self._remove_temp = True
+            paths = self._temp if self._remove_temp else []
+            if self._remove_temp:
+                self._temp = []
         if not failed and not self.keep_log:
             remove_tree(self._log_path, timeout=10.0)
-        if self._remove_temp:
-            for path in self._temp:
-                remove_tree(path)
-            self._temp = []
+        for path in paths:
+            remove_tree(path)
         self._stopped.set()
 
     def _kill_group(self) -> None:
+        self.killed = True
         try:
             if os.name == "nt":
                 subprocess.run(["taskkill", "/T", "/F", "/PID", str(self.pid)], stdout=subprocess.DEVNULL,
@@ -401,6 +413,38 @@ class Job:
                 os.killpg(self.pid, signal.SIGKILL)
         except (OSError, subprocess.SubprocessError):
             pass  # already gone
+
+    def _group_alive(self) -> bool:
+        """A process of the job's group still runs (POSIX; zombies waiting for their reaper do not count)."""
+        if os.name == "nt":
+            return False
+        if os.path.isdir("/proc/self"):
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        with open(f"/proc/{entry}/stat", "rb") as f:
+                            fields = f.read().rsplit(b")", 1)[1].split()
+                    except (OSError, IndexError):
+                        continue
+                    if int(fields[2]) == self.pid and fields[0] != b"Z":
+                        return True
+            return False
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return True
+        return True
+
+    def _wait_group_gone(self, timeout: float) -> None:
+        """After a kill, the real worker may still be tearing down (its files closed, its memory not yet freed)."""
+        end = time.monotonic() + timeout
+        while self._group_alive():
+            if time.monotonic() > end:
+                logger.warning("job %d: a process of its group is still running", self.pid)
+                return
+            time.sleep(0.02)
 
     def _close_stdin(self) -> None:
         try:
@@ -414,7 +458,7 @@ class Job:
         having stopped, kills its whole process group; then removes its temporary folders and log (in a
         background thread). :meth:`poll` returns the exit status once every process of the job is gone."""
         with self._lock:
-            if self.cancelled or self._stopped.is_set():
+            if self.cancelled or self._exited:
                 return
             self._grace = float(grace)
             self.cancelled = True
@@ -424,13 +468,14 @@ class Job:
 
     def remove_when_stopped(self, paths=None) -> None:
         """Removes ``paths`` (default: the job's ``temp_paths``) once the job has stopped: now, when it has."""
-        if paths is not None:
-            self._temp.extend(Path(p) for p in paths)
         with self._lock:
+            if paths is not None:
+                self._temp.extend(Path(p) for p in paths)
             self._remove_temp = True
-            stopped = self._stopped.is_set()
-        if stopped:
-            paths, self._temp = self._temp, []
+            exited = self._exited
+            if exited:
+                paths, self._temp = self._temp, []
+        if exited:
             leftover = [p for p in paths if not remove_tree(p, timeout=0.0)]
             if leftover:
                 threading.Thread(target=lambda: [remove_tree(p) for p in leftover], daemon=True).start()

@@ -329,7 +329,7 @@ class RegistrationJob:
                 self.state, self.progress, self.message = "done", 1.0, "done"
             else:
                 self.state, self.message = "failed", self._error or self._crashMessage(code)
-                if process.error and process.error.get("error") == "cancelled":
+                if process.cancelled or (process.error and process.error.get("error") == "cancelled"):
                     self.state = "cancelled"
         return JobStatus(self.state, self.progress, self.message)
 
