@@ -13,10 +13,11 @@ on top of slicer-core's ``slicer`` package (real ``vtkMRMLScene``, nodes, storag
 C++/Qt application around them is stood in for:
 
 - ``qt`` and ``ctk`` are inert: any class can be created, subclassed and called and does nothing. Nothing that needs
-  Qt behaviour (signals, widgets, dialogs, ``slicer.util.tempDirectory``) can be tested through them.
+  Qt behaviour (signals, widgets, dialogs, ``slicer.util.tempDirectory``) can be tested through them. Only
+  ``qt.QFile`` (exists, remove) and ``qt.QDir`` (mkpath, exists) act, on the OS, because SampleData relies on them.
 - ``slicer.app`` (:class:`App`): ``translate`` returns the text (an English GUI), ``testingEnabled()`` is True (as
   in Slicer's self-tests: dialogs answer OK), ``connect(signal, slot)`` records the slot so a test can
-  :meth:`App.emit` it, ``temporaryPath``/``cachePath`` are folders of the test, and ``coreIOManager()`` loads
+  :meth:`App.emit` it, ``moduleManager().connect`` likewise, ``temporaryPath``/``cachePath`` are folders of the test, and ``coreIOManager()`` loads
   files with the real MRML module logics, as Slicer's readers do (volumes: ``vtkSlicerVolumesLogic``,
   segmentations: ``vtkSlicerSegmentationsModuleLogic``, markups: ``vtkSlicerMarkupsLogic``, transforms:
   ``vtkSlicerTransformLogic``).
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import sys
 import types
 from pathlib import Path
@@ -152,6 +154,43 @@ class _InertModule(types.ModuleType):
         return cls
 
 
+class _QFile(_Inert):
+    """qt.QFile for the file operations Slicer's Python asks of it (SampleData: exists, remove), on the OS."""
+
+    def __init__(self, path="", *args):
+        self._path = str(path)
+
+    def fileName(self):
+        return self._path
+
+    def exists(self):
+        return os.path.exists(self._path)
+
+    def remove(self):
+        try:
+            os.remove(self._path)
+            return True
+        except OSError:
+            return False
+
+
+class _QDir(_Inert):
+    """qt.QDir for ``mkpath`` and ``exists`` (SampleData, util), on the OS."""
+
+    def __init__(self, path="", *args):
+        self._path = str(path)
+
+    def mkpath(self, path):
+        os.makedirs(str(path), exist_ok=True)
+        return True
+
+    def exists(self, path=None):
+        return os.path.isdir(str(path) if path is not None else self._path)
+
+
+_QT_FILE_CLASSES = {"QFile": _QFile, "QDir": _QDir}
+
+
 # --------------------------------------------------------------------------------------------------- application
 class IOManager:
     """Stands in for ``qSlicerCoreIOManager`` (C++): file types dispatched to the real MRML module logics."""
@@ -247,6 +286,14 @@ class App:
     def coreIOManager(self):
         return self._io
 
+    def moduleManager(self):
+        return self  # connect()/disconnect() recorded like the application's signals
+
+    def disconnect(self, signal, slot) -> bool:
+        if slot in self.connections.get(signal, []):
+            self.connections[signal].remove(slot)
+        return True
+
     def processEvents(self, *args):
         pass
 
@@ -338,10 +385,35 @@ class SlicerEnv:
     def instantiate(self, module, className: str | None = None):
         """Creates the module's ``ScriptedLoadableModule`` subclass the way qSlicerScriptedLoadableModule does: with
         a parent carrying ``path`` and receiving title, categories, helpText, ...; returns (instance, parent)."""
-        parent = types.SimpleNamespace(path=str(Path(module.__file__).resolve()))
-        instance = getattr(module, className or module.__name__)(parent)
-        setattr(self.slicer.modules, f"{module.__name__}Instance", instance)
+        name = className or module.__name__
+        parent = types.SimpleNamespace(path=str(Path(module.__file__).resolve()), name=name)
+        instance = getattr(module, name)(parent)
+        setattr(self.slicer.modules, f"{name}Instance", instance)
+        setattr(self.slicer.modules, name.lower(), parent)  # slicer.util.modulePath reads .path from here
+        setattr(self.slicer.moduleNames, name, name)
         return instance, parent
+
+    def createWidget(self, module, ui, className: str | None = None):
+        """Creates and sets up the module's ``ScriptedLoadableModuleWidget`` subclass (Slicer's real base class)
+        in an inert parent panel; ``slicer.util.loadUI`` and ``childWidgetVariables`` (Qt's UI loader) are stood
+        in for by ``ui``, a namespace of (inert) widgets named as in the .ui file. Returns the widget; the inert
+        panel is its ``parent`` (``parent.isEntered`` is True)."""
+        import qt
+
+        name = (className or module.__name__) + "Widget"
+        panel = self.slicer.qMRMLWidget()
+        panel.isEntered = True
+        util = self.util
+        saved = util.loadUI, util.childWidgetVariables
+        util.loadUI = lambda path: ui.__dict__.get("_root") or qt.QWidget()
+        util.childWidgetVariables = lambda widget: ui
+        try:
+            widget = getattr(module, name)(panel)
+            widget.setup()
+        finally:
+            util.loadUI, util.childWidgetVariables = saved
+        setattr(self.slicer.modules, name, widget)
+        return widget
 
     # --------------------------------------------------------------------------------------------- internals
     def _exec(self, name: str, path: Path, package: bool = False):
@@ -359,6 +431,8 @@ class SlicerEnv:
         base = self.source / "Base" / "Python" / "slicer"
         for name in ("qt", "ctk"):
             sys.modules[name] = _InertModule(name)
+        for name, cls in _QT_FILE_CLASSES.items():
+            setattr(sys.modules["qt"], name, cls)
         for name in _QT_MRML_CLASSES:
             setattr(slicer, name, getattr(sys.modules["qt"], name))
         for name in ("modules", "moduleNames"):

@@ -89,6 +89,9 @@ def inert_ui(env):
         widget.clear = lambda calls=calls: calls.append(("clear",))
         widget.addItem = lambda text, calls=calls: calls.append(("addItem", text))
         widget.calls = calls
+        slots = {}
+        widget.connect = lambda signal, slot, slots=slots: slots.__setitem__(signal, slot) or True
+        widget.slots = slots  # the module's own connections, so a test can act as the user
         setattr(ui, name, widget)
     return ui
 
@@ -277,6 +280,67 @@ def test_gui_connection_through_slicers_connectors(slicerEnv):
     assert source[line - 1].strip().startswith("return") == (slicerEnv.tag != "v5.8.1")
 
 
+def test_widget_setup_enter_exit_and_user_actions(slicerEnv):
+    """The module widget on Slicer's real ScriptedLoadableModuleWidget and parameterNodeWrapper (widgets inert):
+    connected once however often the module is entered, Apply enabled only with a reason-free parameter node,
+    a picked preset resets the Advanced values, a scene close reconnects, a deleted input stops the run."""
+    import numpy as np
+
+    mod = load_module(slicerEnv)
+    slicer = slicerEnv.slicer
+    scene = slicerEnv.scene
+    ui = inert_ui(slicerEnv)
+    widget = slicerEnv.createWidget(mod, ui)
+    p = widget._parameterNode
+    assert p is not None and len(p._parameterGUIs) == 1
+    for _ in range(3):
+        widget.enter()
+        widget.exit()
+    widget.enter()
+    assert widget._parameterNode.parameterNode is p.parameterNode and len(p._parameterGUIs) == 1
+    assert ui.applyButton.enabled is False and "Select a fixed volume" in ui.applyButton.toolTip
+    volumes = []
+    for name in ("fixed", "moving"):
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        slicer.util.updateVolumeFromArray(node, np.zeros((4, 5, 6), np.float32))
+        volumes.append(node)
+    widget.enter()  # default inputs; the parameter node's ModifiedEvent updates the buttons
+    assert (p.fixedVolume, p.movingVolume) == tuple(volumes)
+    assert ui.applyButton.enabled is True and ui.applyButton.toolTip.startswith("Register")
+    p.outputVolume = volumes[1]
+    assert ui.applyButton.enabled is False and "is an input" in ui.applyButton.toolTip
+    p.outputVolume = None
+
+    # the user picks "Rigid" (activated): stored, Advanced values back to the preset's, model choice disabled
+    p.spacing, p.iterations = 5.5, 77
+    ui.presetComboBox.currentText = "Rigid"
+    ui.presetComboBox.slots["activated(int)"](0)
+    assert p.preset == "Rigid" and (p.spacing, p.iterations) == (2.0, 10)
+    assert ui.modelComboBox.enabled is False and "not used by the Rigid preset" in ui.modelComboBox.toolTip
+    # a preset written by the parameter node (scene load, connector refill) resets nothing
+    p.spacing = 6.0
+    p.preset = "Deformable — accurate"
+    assert p.spacing == 6.0 and ui.modelComboBox.enabled is True
+
+    # an input deleted while a job runs: the job is cancelled, the status says why
+    from DeepRegistrationSlicerLib.run import RegistrationJob
+
+    job = RegistrationJob(volumes[0], volumes[1])
+    widget._job, widget._jobNodes = job, widget.logic.jobNodes(p)
+    scene.RemoveNode(volumes[1])
+    assert widget._job is None and job.state == "cancelled"
+    assert "'moving' was deleted" in ui.statusLabel.text
+
+    # scene close (the singleton parameter node is reset, not removed): disconnected, then connected once again
+    scene.Clear(0)
+    q = widget._parameterNode
+    assert q is not None and q is not p and len(q._parameterGUIs) == 1
+    assert q.fixedVolume is None and q.preset == "Deformable — fast"
+    assert not p._parameterGUIs  # the old connection was removed (the tag is known on every version)
+    widget.cleanup()
+    assert widget._parameterNode is None and not q._parameterGUIs
+
+
 def test_widget_signals_are_user_actions_only():
     """Static (Qt cannot run here). QComboBoxToStringableConnector.__init__ calls clear() and addItem() on every
     connection (guiConnectors.py, line cited below), and Qt emits currentIndexChanged for such programmatic
@@ -420,3 +484,92 @@ def test_a_node_deleted_during_the_run_stops_the_results(tmp_path, sample_dir):
             logic.loadJobResults(job, p)
         assert env.scene.GetNumberOfNodes() == before
         assert env.scene.GetNumberOfNodesByClass("vtkMRMLTransformNode") == 0
+
+
+# ------------------------------------------------------------------------------------------------ self-test, sample data
+def test_self_test_class_runs_on_slicer_code(slicerEnv):
+    """The module's own ScriptedLoadableModuleTest (what Slicer's SelfTests and CTest run): the Sample Data and
+    parameter-node parts, through Slicer's real SampleData, util.load*, and parameterNodeWrapper. (Its third part,
+    a full deformable registration, is the path test_slicer_glue.py runs; it is left out here for time.)"""
+    mod = load_module(slicerEnv)
+    test = mod.DeepRegistrationTest()
+    test.messageDelay = 0
+    for name in ("test_SampleDataRegistered", "test_ParameterNode"):
+        test.setUp()
+        getattr(test, name)()
+    assert callable(test.test_DeformableSamplePair)
+
+
+def test_sample_data_checksums_replace_a_stale_cached_file(slicerEnv):
+    """D11: with checksums, Slicer's SampleData replaces a cached copy that differs from the shipped file
+    (SampleData.downloadFile: 'checksum is different - re-downloading it'); without, it reused it forever."""
+    mod = load_module(slicerEnv)
+    SampleData = slicerEnv.SampleData
+    mod.registerSampleData()
+    source = SampleData.SampleDataLogic().sourceForSampleName("DeepRegistrationBrainPair")
+    assert all(c and c.startswith("SHA256:") for c in source.checksums)
+    assert source.loadFileTypes == [t for _f, _n, t in mod.SAMPLE_FILES]
+    assert [s.sampleName for s in SampleData.SampleDataLogic.sampleDataSourcesByCategory("Registration")] == \
+        ["DeepRegistrationBrainPair"]
+    logic = SampleData.SampleDataLogic()
+    first = logic.downloadSamples("DeepRegistrationBrainPair")
+    cached = slicerEnv.scene.GetCacheManager().GetRemoteCacheDirectory() + "/DeepRegistration_moving.nii.gz"
+    shipped = (ROOT / "DeepRegistration" / "Resources" / "SampleData" / "moving.nii.gz").read_bytes()
+    assert open(cached, "rb").read() == shipped
+    with open(cached, "wb") as f:  # an older extension version's file
+        f.write(b"stale")
+    slicerEnv.newScene()
+    again = logic.downloadSamples("DeepRegistrationBrainPair")
+    assert open(cached, "rb").read() == shipped
+    assert [n.GetName() for n in again] == [n.GetName() for n in first]
+    assert again[1].GetImageData().GetDimensions() == first[1].GetImageData().GetDimensions()
+
+
+# ------------------------------------------------------------------------------------------------ torch
+def test_torch_is_found_without_importing_it(tmp_path):
+    """D10: PyTorchUtils.torchInstalled() imports torch into Slicer's process; the module only reads the
+    package metadata (checked in a fresh interpreter) and detects an outdated torch."""
+    import subprocess
+
+    if missingReason(TAGS[0]):
+        pytest.skip(missingReason(TAGS[0]))
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'Testing')!r}); import slicer_real, pathlib\n"
+            f"with slicer_real.load('{TAGS[0]}', pathlib.Path({str(tmp_path)!r})) as env:\n"
+            "    mod = env.loadModule(slicer_real.ROOT / 'DeepRegistration' / 'DeepRegistration.py')\n"
+            "    version = mod.installedTorchVersion()\n"
+            "    print(version, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    version, imported = out.stdout.split()[-2:]
+    import importlib.metadata
+
+    assert version == importlib.metadata.version("torch") and imported == "False"
+
+
+def test_an_outdated_torch_is_updated_after_a_warning(slicerEnv, monkeypatch):
+    import types
+
+    mod = load_module(slicerEnv)
+    assert mod._versionTuple("2.1.2+cu118") < mod._versionTuple(mod.MINIMUM_TORCH_VERSION) <= \
+        mod._versionTuple("2.5.1")
+    calls, asked = [], []
+
+    class PyTorchUtilsLogic:  # the PyTorch extension's API (PyTorchUtils.py installTorch): records the call
+        def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None):
+            calls.append((askConfirmation, torchVersionRequirement))
+            return types.ModuleType("torch")
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    monkeypatch.setattr(mod, "installedTorchVersion", lambda: "2.1.2+cu118")
+    # the user answers OK (in testing mode Slicer's confirmOkCancelDisplay compares its True with
+    # qt.QMessageBox.Ok, util.py confirmOkCancelDisplay, so it does not say OK by itself)
+    monkeypatch.setattr(slicerEnv.util, "confirmOkCancelDisplay", lambda text, *a, **k: asked.append(text) or True)
+    logic = mod.DeepRegistrationLogic()
+    logic.ensurePythonPackages()
+    assert calls == [(False, f">={mod.MINIMUM_TORCH_VERSION}")]  # PyTorchUtils' own dialog not shown again
+    assert "2.1.2+cu118 is older than" in asked[0] and "GB" in asked[0] and "not respond" in asked[0]
+    # up to date: nothing asked, nothing installed
+    calls.clear(), asked.clear()
+    monkeypatch.setattr(mod, "installedTorchVersion", lambda: "2.5.1")
+    mod.DeepRegistrationLogic().ensurePythonPackages()
+    assert calls == [] and asked == []
