@@ -124,6 +124,29 @@ def test_a_job_reads_every_kind_of_line_and_removes_its_log_after_success(tmp_pa
     assert job.poll() == 0 and not job.cancelled
 
 
+def test_a_job_whose_process_left_a_child_holding_its_output_still_ends(tmp_path):
+    code = ("import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            "print('started')")
+    job = jobs.Job([sys.executable, "-c", code], log_dir=tmp_path)
+    assert job.wait(30) == 0 and job.output == ["started"]
+    assert group_members(job.pid) == [], "the left-over child still runs"
+
+
+def test_folders_of_processes_that_died_are_swept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = jobs.make_temp_folder("DeepRegistration-", tmp_path)
+    (orphan / jobs.OWNER_FILE).write_text(str(dead.pid))
+    (orphan / "fixed.nii.gz").write_bytes(b"patient image")
+    live = jobs.make_temp_folder("DeepRegistration-", tmp_path)
+    (live / jobs.OWNER_FILE).write_text(str(os.getppid()))
+    mine = jobs.make_temp_folder("DeepRegistration-", tmp_path)
+    other = tmp_path / "DeepRegistration-unrelated"
+    other.mkdir()
+    assert jobs.sweep_stale("DeepRegistration-", tmp_path) == [orphan]
+    assert not orphan.exists() and live.exists() and mine.exists() and other.exists()
+
+
 # ------------------------------------------------------------------------------------------------ registration
 @pytest.fixture(scope="module")
 def big_scene(sample_dir):

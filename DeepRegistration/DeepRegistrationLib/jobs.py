@@ -265,6 +265,56 @@ def remove_tree(path: str | os.PathLike, timeout: float = 30.0) -> bool:
         delay = min(delay * 2, 1.0)
 
 
+OWNER_FILE = ".owner"
+
+
+def make_temp_folder(prefix: str, base: str | os.PathLike | None = None) -> Path:
+    """A new private folder ``base/prefix*`` (base: the system temp folder) marked with this process's id,
+    so that :func:`sweep_stale` can remove it if this process dies before removing it itself."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=None if base is None else str(base)))
+    (folder / OWNER_FILE).write_text(str(os.getpid()))
+    return folder
+
+
+def _pid_alive(pid: int) -> bool | None:
+    """True/False on POSIX; None where it cannot be told without risk (Windows: os.kill would end it)."""
+    if os.name == "nt":
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def sweep_stale(prefix: str, base: str | os.PathLike | None = None, max_age_hours: float = 24.0) -> list[Path]:
+    """Removes folders left by :func:`make_temp_folder` of processes that died (a crash, a killed Slicer):
+    those whose owner is no longer running (POSIX) or older than ``max_age_hours``. Returns what it removed."""
+    root = Path(tempfile.gettempdir() if base is None else base)
+    removed = []
+    try:
+        candidates = [p for p in root.iterdir() if p.name.startswith(prefix) and (p / OWNER_FILE).is_file()]
+    except OSError:
+        return removed
+    for folder in candidates:
+        try:
+            owner = int((folder / OWNER_FILE).read_text().strip() or 0)
+            age_hours = (time.time() - (folder / OWNER_FILE).stat().st_mtime) / 3600
+        except (OSError, ValueError):
+            continue
+        if owner == os.getpid():
+            continue
+        alive = _pid_alive(owner)
+        if alive is False or age_hours > max_age_hours:
+            if remove_tree(folder, timeout=0.0):
+                removed.append(folder)
+    if removed:
+        logger.info("removed %d temporary folder(s) left by processes that ended", len(removed))
+    return removed
+
+
 class Job:
     """A child process speaking the protocol above, that :meth:`cancel` really stops.
 
@@ -374,8 +424,13 @@ class Job:
     # ------------------------------------------------------------------------------------------- stopping
     def _supervise(self) -> None:
         while not (self._eof.is_set() or self.cancelled):
-            self._wake.wait()
+            self._wake.wait(0.5)
             self._wake.clear()
+            if self._proc.poll() is not None and not self._eof.wait(5.0):
+                # the started process ended but something it started still holds the output: end it too
+                logger.warning("job %d ended but a process it started still runs: stopping it", self.pid)
+                self._kill_group()
+                break
         if self.cancelled and not self._eof.wait(self._grace):
             self._kill_group()
             if not self._eof.wait(30.0):
@@ -385,7 +440,7 @@ class Job:
         except subprocess.TimeoutExpired:
             self._kill_group()
             code = self._proc.wait()
-        if self.cancelled:
+        if self.cancelled or self.killed:
             self._wait_group_gone(10.0)
         self._close_stdin()
         self.returncode = code

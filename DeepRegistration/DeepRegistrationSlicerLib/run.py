@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,7 +291,8 @@ class RegistrationJob:
             raise RuntimeError("a RegistrationJob runs once; create a new one")
         self._startTime = time.perf_counter()
         base = _temporaryFolder()
-        self.workDir = Path(tempfile.mkdtemp(prefix="DeepRegistration-", dir=base))
+        jobs.sweep_stale("DeepRegistration-", base)  # folders (patient images) of a Slicer that crashed
+        self.workDir = jobs.make_temp_folder("DeepRegistration-", base)
         try:
             job = self.writeInputs(self.workDir)
             jobPath = self.workDir / "job.json"
