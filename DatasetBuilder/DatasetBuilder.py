@@ -340,7 +340,7 @@ class DatasetBuilderWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 process.cancel()
                 if self._tmp is not None:  # the child may still hold the copy open (Windows): remove it later
-                    process.job.remove_when_stopped([self._tmp])
+                    process.remove_when_stopped([self._tmp])
                     self._tmp = None
             except Exception as exc:
                 logging.warning(f"DatasetBuilder: could not stop the background process: {exc}")

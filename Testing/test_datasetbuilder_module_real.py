@@ -462,7 +462,6 @@ class _Process:
     def __init__(self, code=None, log_path=None):
         self.code, self.fraction, self.message, self.output, self.cancelled = code, 0.5, "case 1/2", [], 0
         self.log_path, self.removeLater = log_path, []
-        self.job = self  # ChildProcess.job: the DeepRegistrationLib.jobs.Job
 
     def remove_when_stopped(self, paths):
         self.removeLater += list(paths)
@@ -480,9 +479,9 @@ class _Process:
         return "error: the key file is inside the output folder"
 
 
-def _widget(env, mod):
-    """The module widget with the .ui's widgets as inert Qt objects (so Slicer's real connectors accept them) and
-    small stand-ins for the path fields, the model list and the report browser; setup() itself needs Qt."""
+def _ui(env):
+    """The .ui's widgets as inert Qt objects (Slicer's real connectors accept them by their class) with their
+    ``SlicerParameterName``, plus small stand-ins for the path fields, the model list and the report browser."""
     import types
 
     import ctk
@@ -500,9 +499,7 @@ def _widget(env, mod):
     ui.initialModelComboBox = _ModelCombo()
     ui.initialModelComboBox.property = lambda key: "initialModel" if key == "SlicerParameterName" else None
     ui.reportBrowser = _Browser()
-    widget = mod.DatasetBuilderWidget(env.slicer.qMRMLWidget())
-    widget.ui, widget.logic, widget.timer = ui, mod.DatasetBuilderLogic(), _Timer()
-    return widget
+    return ui
 
 
 def test_widget_binds_the_ui_polls_a_job_shows_the_report_and_cleans_up(slicerEnv, tmp_path, monkeypatch):
@@ -514,15 +511,15 @@ def test_widget_binds_the_ui_polls_a_job_shows_the_report_and_cleans_up(slicerEn
         raise OSError("models folder unreadable")
 
     monkeypatch.setattr(run, "availableModels", broken)
-    w = _widget(env, mod)
-    w._fillModels()
+    env.app.settings().setValue(mod.SETTINGS_KEYS["keyFile"], "/keys/last.hex")
+    env.instantiate(mod)
+    # the real setup(): Slicer's real connectors for every bound widget of the .ui (none refused), scene observers
+    w = env.createWidget(mod, _ui(env))
     assert w.ui.initialModelComboBox.items == ["Scratch"]  # a broken models folder lists none, no exception
+    w.timer = _Timer()
     monkeypatch.setattr(run, "availableModels", lambda: ["default", "mine"])
     w._fillModels()
     assert w.ui.initialModelComboBox.items == ["Scratch", "default", "mine"]
-
-    env.app.settings().setValue(mod.SETTINGS_KEYS["keyFile"], "/keys/last.hex")
-    w.initializeParameterNode()  # Slicer's real connectors for every bound widget of the .ui: none refused
     p = w._parameterNode
     tag = w._parameterNodeGuiTag
     assert tag is not None and p.keyFile == "/keys/last.hex" and w.ui.keyFileEdit.currentPath == "/keys/last.hex"
@@ -569,13 +566,20 @@ def test_widget_binds_the_ui_polls_a_job_shows_the_report_and_cleans_up(slicerEn
     assert errors == ["Training failed: error: the key file is inside the output folder\n\n"
                       f"Details: {tmp_path / 'job.log'}"]
 
-    # scene close: the GUI lets go of the parameter node, a running job goes on; cleanup() stops it
+    # scene close (the real MRML events): a new parameter node with the defaults and the remembered paths is
+    # bound; a running job goes on; cleanup() stops it
     running = _Process()
     w.process, w._tmp = running, str(copy)
     copy.mkdir()
     w._started("build")
-    w.onSceneStartClose(None, None)
-    assert w._parameterNode is None and not w.ui.buildButton.enabled and running.cancelled == 0
+    p.pairing = "atlas"
+    env.scene.Clear(0)  # File > Close Scene: the singleton parameter node is reset, then bound again
+    q = w._parameterNode
+    assert q is not None and q is not p and q.pairing == "intra" and running.cancelled == 0
+    assert q.outputFolder == str(out) and w.ui.outputFolderEdit.currentPath == str(out)
+    assert w._parameterNodeGuiTag is not None and not w.ui.buildButton.enabled and w.ui.cancelButton.enabled
+    q.pairing = "inter"
+    assert w.ui.pairingComboBox.currentIndex == 1  # the new node drives the GUI
     w.cleanup()
     # the copy is removed once the child has stopped (it may still read it), by the job's own cleanup
     assert running.cancelled == 1 and w.process is None and not w.timer.active and running.removeLater == [str(copy)]
