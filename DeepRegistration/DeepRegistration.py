@@ -375,7 +375,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.hardenButton.enabled = bool(hasResult and p.movingVolume and not running and
                                             p.outputTransform in self.logic.transformChain(p.movingVolume))
         self.ui.showGridCheckBox.enabled = hasResult
-        self.ui.showLogButton.visible = bool(self._lastLogPath and os.path.exists(self._lastLogPath))
+        self.ui.showLogButton.visible = bool(self._lastLogPath and self.logic.readLog(self._lastLogPath))
 
     def onPresetActivated(self, index=None) -> None:
         """The user picked a preset: store it (this slot may run before the connector does) and take its
@@ -394,9 +394,10 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             return
         self._lastLogPath = None
-        # no wait cursor here: this may ask before installing packages (the cursor is application-wide)
-        with slicer.util.tryWithErrorDisplay(_("Registration could not start."), waitCursor=False):
-            self.logic.ensurePythonPackages()
+        try:
+            # no wait cursor here: this may ask before installing packages (the cursor is application-wide)
+            with slicer.util.tryWithErrorDisplay(_("Registration could not start."), waitCursor=False):
+                self.logic.ensurePythonPackages()
             with slicer.util.tryWithErrorDisplay(_("Registration could not start."), waitCursor=True):
                 self._job = self.logic.startJob(self._parameterNode)
                 self._jobNodes = self.logic.jobNodes(self._parameterNode)
@@ -405,7 +406,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.progressBar.show()
                 self.ui.statusLabel.text = _("Registering in the background; you can keep working.")
                 self._timer.start()
-        self._updateButtons()
+        finally:
+            self._updateButtons()
 
     def onCancelButton(self) -> None:
         if self._job is not None:
@@ -439,8 +441,9 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if status.state == "failed":
                 self._lastLogPath = self.logic.jobLogPath(job)
                 self.ui.statusLabel.text = _("Registration failed.")
+                log = self.logic.readLog(self._lastLogPath)  # empty for input errors: the message says it all
                 slicer.util.errorDisplay(_("Registration failed: {message}").format(message=status.message),
-                                         detailedText=self.logic.readLog(self._lastLogPath))
+                                         **({"detailedText": log} if log else {}))
                 return
             if status.state != "done":
                 return

@@ -82,6 +82,12 @@ def inert_ui(env):
         cls_name = element.get("class")
         owner = env.slicer if cls_name.startswith("qMRML") else ctk if cls_name.startswith("ctk") else qt
         widget = getattr(owner, cls_name)()
+        for prop in element.findall("property"):  # the .ui's initial values (value, checked, enabled, text...)
+            for kind, convert in (("double", float), ("number", int), ("bool", lambda t: t == "true"),
+                                  ("string", str)):
+                found = prop.find(kind)
+                if found is not None and prop.get("name") != "SlicerParameterName":
+                    setattr(widget, prop.get("name"), convert(found.text or ""))
         prop = ui_property(element, "SlicerParameterName")
         value = prop.findtext("string") if prop is not None else None
         widget.property = lambda key, value=value: value if key == "SlicerParameterName" else None
@@ -94,6 +100,17 @@ def inert_ui(env):
         widget.slots = slots  # the module's own connections, so a test can act as the user
         setattr(ui, name, widget)
     return ui
+
+
+def act(widget, signal, *args):
+    """Emits ``signal`` of an inert widget to the module's slot as PythonQt does: with as many of the signal's
+    arguments as the slot takes."""
+    import inspect
+
+    slot = widget.slots[signal]
+    params = [p for p in inspect.signature(slot).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return slot(*args[:len(params)])
 
 
 # ------------------------------------------------------------------------------------------------ module + parameter node
@@ -314,7 +331,7 @@ def test_widget_setup_enter_exit_and_user_actions(slicerEnv):
     # the user picks "Rigid" (activated): stored, Advanced values back to the preset's, model choice disabled
     p.spacing, p.iterations = 5.5, 77
     ui.presetComboBox.currentText = "Rigid"
-    ui.presetComboBox.slots["activated(int)"](0)
+    act(ui.presetComboBox, "activated(int)", 0)
     assert p.preset == "Rigid" and (p.spacing, p.iterations) == (2.0, 10)
     assert ui.modelComboBox.enabled is False and "not used by the Rigid preset" in ui.modelComboBox.toolTip
     # a preset written by the parameter node (scene load, connector refill) resets nothing
@@ -573,3 +590,63 @@ def test_an_outdated_torch_is_updated_after_a_warning(slicerEnv, monkeypatch):
     monkeypatch.setattr(mod, "installedTorchVersion", lambda: "2.5.1")
     mod.DeepRegistrationLogic().ensurePythonPackages()
     assert calls == [] and asked == []
+
+
+def test_widget_apply_poll_inspect_harden_and_show_log(tmp_path, sample_dir, monkeypatch):
+    """Apply through the widget (Slicer 5.8 code): the job runs, the timer slot loads the result into the
+    parameter node; the inspection controls act on the scene (fade on the slice composite nodes, the
+    deformation grid on the transform's display node, harden); a failed run shows its log."""
+    import numpy as np
+
+    tag = "v5.8.1"
+    if missingReason(tag):
+        pytest.skip(missingReason(tag))
+    with load(tag, tmp_path) as env:
+        mod = load_module(env)
+        slicer = env.slicer
+        scene = env.scene
+        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        fixed = slicer.util.loadVolume(str(sample_dir / "fixed.nii.gz"))
+        moving = slicer.util.loadVolume(str(sample_dir / "moving.nii.gz"))
+        ui = inert_ui(env)
+        widget = env.createWidget(mod, ui)
+        p = widget._parameterNode
+        assert (p.fixedVolume, p.movingVolume) == (fixed, moving)
+        p.preset, p.spacing = "Affine", 8.0
+        act(ui.applyButton, "clicked(bool)", True)
+        assert widget._job is not None and ui.cancelButton.enabled is True and ui.applyButton.enabled is False
+        assert "running" in ui.applyButton.toolTip
+        job = widget._job
+        job.wait(timeout=300)
+        widget._onPoll()  # the timer's slot
+        assert widget._job is None and ui.statusLabel.text.startswith("Done in"), ui.statusLabel.text
+        R = p.outputTransform
+        assert R is not None and moving.GetParentTransformNode() is R and p.metricsTable is not None
+        assert ui.hardenButton.enabled is True and ui.applyButton.enabled is True
+
+        act(ui.fadeSliderWidget, "valueChanged(double)", 0.25)
+        assert composite.GetForegroundOpacity() == 0.25
+        act(ui.showGridCheckBox, "toggled(bool)", True)
+        display = R.GetDisplayNode()
+        assert display.GetVisibility2D() and display.GetVisualizationMode() == display.VIS_MODE_GRID
+        monkeypatch.setattr(env.util, "confirmOkCancelDisplay", lambda *a, **k: True)  # the user says OK
+        act(ui.hardenButton, "clicked(bool)", True)
+        assert moving.GetParentTransformNode() is None and "Hardened" in ui.statusLabel.text
+
+        # a run that fails: its log is offered
+        flat = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "flat")
+        slicer.util.updateVolumeFromArray(flat, np.zeros((8, 8, 8), np.float32))
+        p.movingVolume = flat
+        act(ui.applyButton, "clicked(bool)", True)
+        widget._job.wait(timeout=300)
+        widget._onPoll()
+        assert ui.statusLabel.text == "Registration failed."
+        # an input error: its message says it all and the kept log is empty, so no Show log
+        assert widget._lastLogPath and ui.showLogButton.visible is False
+        with open(widget._lastLogPath, "a") as f:  # what a crash leaves there
+            f.write("Traceback (most recent call last):\n  ...\nMemoryError\n")
+        widget._updateButtons()
+        assert ui.showLogButton.visible is True
+        assert mod.DeepRegistrationLogic.readLog(widget._lastLogPath).endswith("MemoryError\n")
+        act(ui.showLogButton, "clicked(bool)", True)
+        widget.cleanup()
