@@ -310,6 +310,17 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if wanted and wanted not in names and self._parameterNode:  # removed since the scene was saved
             self._parameterNode.model = ""
 
+    def _showModel(self) -> None:
+        """Selects the parameter node's model in the combo box (it changes when a scene is loaded)."""
+        p, combo = self._parameterNode, self.ui.modelComboBox
+        if p is None:
+            return
+        index = combo.findText(p.model) if p.model else 0
+        if index >= 0 and combo.currentIndex != index:
+            wasBlocked = combo.blockSignals(True)
+            combo.currentIndex = index
+            combo.blockSignals(wasBlocked)
+
     def onModelActivated(self, index=None) -> None:
         """Stores the chosen model; its working spacing becomes the spacing (the model expects it)."""
         if not self._parameterNode:
@@ -365,6 +376,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = not reason
         self.ui.applyButton.toolTip = reason or _("Register the moving volume to the fixed volume.")
         self.ui.cancelButton.enabled = running
+        self._showModel()
         modelReason = modelDisabledReason(p)
         self.ui.modelComboBox.enabled = not modelReason and not running
         self.ui.modelComboBox.toolTip = modelReason or _("Optional learned model whose prediction starts the "
