@@ -513,13 +513,19 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
 
         self._checkPaths(outDir, keyFile)
         opts = BuildOptions(key_file=keyFile, **options)
-        if scenesFolder:
-            return build_dataset([scenesFolder], outDir, opts, progress)
-        folder = self._temporaryFolder()
+        scene = slicer.mrmlScene
+        folder = None
         try:
-            return build_dataset([self.saveCurrentScene(folder)], outDir, opts, progress)
+            if scenesFolder:
+                return build_dataset([scenesFolder], outDir, opts, progress)
+            folder = self._temporaryFolder()
+            return build_dataset([self.saveCurrentScene(folder, scene)], outDir, opts, progress)
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            # the library reads each input into a scene of its own and makes it slicer.mrmlScene (for slicer-core);
+            # in Slicer that must stay the application's scene
+            slicer.mrmlScene = scene
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
     def _temporaryFolder() -> str:

@@ -225,6 +225,7 @@ def test_build_from_the_current_scene_leaves_the_scene_as_it_was(tag, tmp_path):
         assert before[3][fresh.GetID()] and not all(before[3].values())  # loaded files: saved; the points: not
         out = tmp_path / "dataset"
         result = mod.DatasetBuilderLogic().build(None, str(out), str(tmp_path / "key.hex"), subject_from_file=True)
+        assert env.slicer.mrmlScene is scene  # the library's own scenes do not replace the application's
         after = _scene_state(scene, mod)
         assert after[:3] == before[:3]  # URL, root directory, the same nodes (no storage node left behind)
         assert set(after[3]) == set(before[3])
@@ -604,3 +605,20 @@ def test_training_needs_no_tqdm(tmp_path, monkeypatch, caplog, capsys):
     assert json.loads(capsys.readouterr().out)["steps"] == 2
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train no-tqdm:")]
     assert lines and "100%" in lines[-1]
+
+
+def test_module_self_test_runs_on_slicers_real_code(tmp_path):
+    """``DatasetBuilderTest`` (ctest ``py_DatasetBuilder`` and "Reload and Test" in Slicer) on Slicer 5.10's real
+    ScriptedLoadableModuleTest and util; only the package check (PyTorch extension, pip) is left out."""
+    import slicer_real
+
+    tag = "v5.10.0"
+    if slicer_real.missingReason(tag):
+        pytest.skip(slicer_real.missingReason(tag))
+    with slicer_real.load(tag, tmp_path / "app") as env:
+        env.loadModule(ROOT / "DeepRegistration" / "DeepRegistration.py")  # the self-test imports sampleDataDir
+        mod = module(env)
+        mod.DatasetBuilderLogic.ensurePythonPackages = lambda self, *args, **kwargs: None
+        scene = env.scene
+        mod.DatasetBuilderTest().runTest()
+        assert env.slicer.mrmlScene is scene and scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 2
