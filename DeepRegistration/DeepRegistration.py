@@ -95,7 +95,8 @@ def registerSampleData():
         fileNames=[f"DeepRegistration_{f}" for f, _n, _t in SAMPLE_FILES],
         nodeNames=[n for _f, n, _t in SAMPLE_FILES],
         checksums=[f"SHA256:{_sha256(os.path.join(folder, f))}" for f, _n, _t in SAMPLE_FILES],
-        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons", "DeepRegistration.png"),
+        thumbnailFileName=os.path.join(os.path.dirname(__file__), "Resources", "Icons",
+                                       "DeepRegistrationBrainPair.png"),  # 260 x 280: scripts/make_sample_thumbnail.py
         loadFileTypes=[t for _f, _n, t in SAMPLE_FILES],
     )
 

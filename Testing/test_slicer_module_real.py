@@ -531,6 +531,9 @@ def test_sample_data_checksums_replace_a_stale_cached_file(slicerEnv):
     source = SampleData.SampleDataLogic().sourceForSampleName("DeepRegistrationBrainPair")
     assert all(c and c.startswith("SHA256:") for c in source.checksums)
     assert source.loadFileTypes == [t for _f, _n, t in mod.SAMPLE_FILES]
+    from PIL import Image
+
+    assert Image.open(source.thumbnailFileName).size == (260, 280)  # the template's thumbnail size
     assert [s.sampleName for s in SampleData.SampleDataLogic.sampleDataSourcesByCategory("Registration")] == \
         ["DeepRegistrationBrainPair"]
     logic = SampleData.SampleDataLogic()
