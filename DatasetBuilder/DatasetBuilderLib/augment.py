@@ -103,7 +103,7 @@ def smooth_noise(rng: np.random.Generator, shape: tuple, spacing: tuple, sigma_m
 def _border_taper(grid: Grid, width_mm: float) -> np.ndarray:
     """``(Z, Y, X)`` weight rising smoothly from 0 at the grid's faces to 1 at ``width_mm`` inside."""
     w = np.ones(grid.shape)
-    for axis, (n, sp) in enumerate(zip(grid.shape, reversed(grid.spacing))):
+    for axis, (n, sp) in enumerate(zip(grid.shape, grid.spacing_zyx)):
         d = np.minimum(np.arange(n), np.arange(n)[::-1]) * sp
         ramp = np.clip(d / max(min(width_mm, n * sp / 4.0), 1e-6), 0, 1)
         shape = [1, 1, 1]

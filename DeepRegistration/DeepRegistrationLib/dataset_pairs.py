@@ -122,14 +122,14 @@ class DatasetPairs:
     def _working_grid(self, fixed: sitk.Image, random: bool) -> sitk.Image:
         g = Grid.from_sitk(fixed)
         centre = g.center()
-        half = (np.asarray(self.shape[::-1], float) - 1) / 2 * self.spacing  # (x, y, z)
+        size = Grid(self.shape, (self.spacing,) * 3, (0.0, 0.0, 0.0)).size  # (X, Y, Z)
+        half = (np.asarray(size, float) - 1) / 2 * self.spacing  # (x, y, z)
         room = np.maximum(np.ptp(g.corners(), axis=0) / 2 - half, 0)  # LPS bounding box of the field of view
         if random and self.jitter > 0:
             u = torch.rand(3, generator=self.generator, dtype=torch.float64).numpy() * 2 - 1
             centre = centre + u * room * self.jitter
-        ref = sitk.Image([int(s) for s in self.shape[::-1]], sitk.sitkUInt8)
-        ref.SetSpacing((self.spacing,) * 3)
-        ref.SetOrigin(tuple(float(c) for c in np.asarray(centre) - half))
+        ref = sitk.Image(list(size), sitk.sitkUInt8)
+        Grid(self.shape, (self.spacing,) * 3, np.asarray(centre) - half).apply_to_sitk(ref)  # identity direction
         return ref
 
     def _resample(self, rel: str | None, ref: sitk.Image, labels: bool = False) -> np.ndarray:

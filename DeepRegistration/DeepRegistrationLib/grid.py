@@ -79,10 +79,22 @@ class Grid:
         return np.asarray(self.direction, dtype=float).reshape(3, 3)
 
     @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the array axes ``(Z, Y, X)`` (``spacing`` reversed)."""
+        return (self.spacing[2], self.spacing[1], self.spacing[0])
+
+    @property
+    def voxel_to_mm(self) -> np.ndarray:
+        """3×3 matrix ``direction · diag(spacing)`` mapping a vector in voxel steps, components ``(i, j, k)``,
+        to LPS mm, components ``(x, y, z)``: column ``c`` is the world vector of one step along index axis ``c``.
+        Its inverse turns index derivatives into world derivatives."""
+        return self.direction_matrix * np.asarray(self.spacing)[None, :]
+
+    @property
     def index_to_world(self) -> np.ndarray:
         """4×4 matrix mapping homogeneous ``(i, j, k, 1)`` to LPS mm."""
         m = np.eye(4)
-        m[:3, :3] = self.direction_matrix * np.asarray(self.spacing)[None, :]
+        m[:3, :3] = self.voxel_to_mm
         m[:3, 3] = self.origin
         return m
 

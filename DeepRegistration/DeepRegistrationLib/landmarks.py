@@ -15,7 +15,7 @@ Accepted inputs (chosen by file name):
   or ``l, p, s`` instead of ``x, y, z`` also state the frame. A CSV that is really an ``.fcsv`` (first
   line ``# Markups fiducial file version``) is read as one.
 
-RAS points are converted to LPS by negating x and y. Every problem raises :class:`InputError`.
+RAS points are converted to LPS by negating x and y (:mod:`.frames`). Every problem raises :class:`InputError`.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .frames import lps_to_ras, ras_to_lps
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ _LABEL_NAMES = ("label", "name", "landmark", "point", "id")
 _SYSTEM_NAMES = ("coordinatesystem", "coordsystem", "coordinateframe", "space", "frame", "system")
 _FCSV_COLUMNS = ["id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc",
                  "associatedNodeID"]
-_RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
 
 
 @dataclass
@@ -77,7 +77,7 @@ def _system(value: str, where: str) -> str:
 def _to_lps(points: np.ndarray, systems: list[str]) -> np.ndarray:
     ras = np.array([s == "RAS" for s in systems], dtype=bool)
     points = points.copy()
-    points[ras] *= _RAS_TO_LPS
+    points[ras] = ras_to_lps(points[ras])
     return points
 
 
@@ -263,7 +263,7 @@ def write_markups_json(landmarks: Landmarks, path, coordinate_system: str = "LPS
         coordinate_system: Frame written in the file, "LPS" (Slicer's default) or "RAS".
     """
     system = _system(coordinate_system, "write_markups_json")
-    pts = landmarks.points * (_RAS_TO_LPS if system == "RAS" else 1.0)
+    pts = lps_to_ras(landmarks.points) if system == "RAS" else landmarks.points * 1.0
     orientation = ([-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0] if system == "LPS"
                    else [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
     control_points = [{"id": str(n), "label": label, "description": "", "associatedNodeID": "",

@@ -198,7 +198,7 @@ def jacobian_determinant(displacement: np.ndarray, grid: Grid, affine: np.ndarra
         raise ValueError(f"displacement must have shape (3, {', '.join(map(str, grid.shape))}), got {u.shape}")
     det_a = 1.0 if affine is None else float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))
     # dx_world / d(i, j, k) = D · diag(spacing); its inverse turns index derivatives into world derivatives.
-    inv = np.linalg.inv(grid.direction_matrix * np.asarray(grid.spacing)[None, :])
+    inv = np.linalg.inv(grid.voxel_to_mm)
     nz = u.shape[1]
     out = np.empty(u.shape[1:], dtype=np.float64)
     for z0 in range(0, nz, slab):

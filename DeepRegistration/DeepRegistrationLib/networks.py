@@ -177,9 +177,12 @@ class UNetFieldPredictor(torch.nn.Module):
 
         ``warped(x) = moving(x + u(x))``; for ``"svf"`` the velocity is converted to mm and integrated.
         """
-        raw = self(fixed, moving)
-        m = torch.as_tensor(grid.direction_matrix * np.asarray(grid.spacing)[None, :], dtype=raw.dtype,
-                            device=raw.device)
+        return self.raw_to_mm(self(fixed, moving), grid)
+
+    def raw_to_mm(self, raw: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """The network's output ``(B, 3, Z, Y, X)`` (voxel steps of ``grid``, components i, j, k) as a displacement
+        in LPS mm (components x, y, z, through ``grid.voxel_to_mm``); a velocity (``"svf"``) is then integrated."""
+        m = torch.as_tensor(grid.voxel_to_mm, dtype=raw.dtype, device=raw.device)
         u = torch.einsum("ij,bjzyx->bizyx", m, raw)
         if self.output == "svf":
             u = scaling_and_squaring(u, grid, self.integration_steps)

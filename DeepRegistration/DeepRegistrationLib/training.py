@@ -198,7 +198,7 @@ def training_loss(cfg: TrainConfig, model: torch.nn.Module, batch: SynthBatch,
             batch = with_pseudo_labels(batch, logits)
     else:
         raw = model(batch.fixed, batch.moving)
-    u = _raw_to_mm(net, raw, batch.grid)
+    u = net.raw_to_mm(raw, batch.grid)
     loss = cfg.reg_weight * diffusion(u, batch.grid)
     if logits is not None:
         loss = loss + cfg.seg_weight * segmentation_loss(logits, batch.fixed_labels, batch.moving_labels)
@@ -216,14 +216,6 @@ def training_loss(cfg: TrainConfig, model: torch.nn.Module, batch: SynthBatch,
     if cfg.mode == "supervised":
         loss = loss + cfg.supervised_weight * ((u - batch.field) / cfg.spacing).square().mean()
     return loss
-
-
-def _raw_to_mm(net: UNetFieldPredictor, raw: torch.Tensor, grid) -> torch.Tensor:
-    """The network's raw voxel output as mm on the (identity-direction) synthetic grid."""
-    from .transforms import scaling_and_squaring
-
-    u = raw * torch.as_tensor(grid.spacing, dtype=raw.dtype, device=raw.device).view(1, 3, 1, 1, 1)
-    return scaling_and_squaring(u, grid, net.integration_steps) if net.output == "svf" else u
 
 
 # ------------------------------------------------------------------------------------------------ helpers
