@@ -18,6 +18,9 @@ from .series import IMAGE_SOP_CLASSES, Series, image_datasets, new_uid, pydicom
 
 logger = logging.getLogger(__name__)
 
+#: End of the Series Description of every derived series (how the PACS worker recognizes them in QIDO).
+DERIVED_MARK = "[derived]"
+
 
 def derived_series_datasets(warped: Image, fixed: Series, moving: Series, method: str, *,
                             series_number: int = 901, registration=None) -> list:
@@ -64,7 +67,7 @@ def derived_series_datasets(warped: Image, fixed: Series, moving: Series, method
 
     return image_datasets(warped, sop_class_uid=sop, patient_source=fixed.first, study_source=fixed.first,
                           frame_of_reference_uid=fixed.frame_of_reference_uid,
-                          series_description=f"{description} [derived]", series_number=series_number,
+                          series_description=f"{description[:53]} {DERIVED_MARK}", series_number=series_number,
                           series_uid=new_uid(), image_type=("DERIVED", "SECONDARY", "OTHER"), slope=slope,
                           intercept=intercept, extra=extra)
 

@@ -191,7 +191,9 @@ def base_dataset(sop_class_uid: str, patient_source, study_source, series_uid: s
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = dcm.uid.ExplicitVRLittleEndian
     meta.ImplementationClassUID = dcm.uid.PYDICOM_IMPLEMENTATION_UID
+    meta.FileMetaInformationVersion = b"\x00\x01"
     ds.file_meta = meta
+    ds.preamble = b"\x00" * 128  # a Part 10 file even where a writer keeps the dataset "as is" (STOW-RS)
     ds.SpecificCharacterSet = patient_source.get("SpecificCharacterSet", "ISO_IR 100") or "ISO_IR 100"
     ds.SOPClassUID = sop_class_uid
     ds.SOPInstanceUID = sop_uid
