@@ -44,6 +44,9 @@ def _extra_command_modules() -> dict:
         dataset_cli = None
     if dataset_cli is not None:
         out["dataset"] = dataset_cli
+    from .dicom import pacs_cli  # argparse only; pydicom/dicomweb-client are imported when it runs
+
+    out["pacs"] = pacs_cli
     return out
 
 
@@ -53,6 +56,8 @@ def _add_extra_commands(sub) -> None:
         modules["train"].add_subparsers(sub)
     if "dataset" in modules:
         modules["dataset"].add_subparser(sub)
+    if "pacs" in modules:
+        modules["pacs"].add_subparser(sub)  # after "register": it shares its registration options
 
 
 def build_parser() -> argparse.ArgumentParser:
