@@ -281,3 +281,27 @@ def test_bad_input(series, tmp_path):
         ro.read_registration(ds)
     with pytest.raises(InputError, match="not its registered frame"):
         ro.read_registration(ds, fixed_frame_uid=moving.frame_of_reference_uid)
+
+
+def test_import_command(series, tmp_path, capsys):
+    """``deepregistration pacs import``: a stored object back to transform.h5; mismatching frames refused."""
+    from DeepRegistrationLib.cli import main
+
+    root, fixed, moving = series
+    a = random_affine(13)
+    grid = fixed.grid.with_spacing(9.0)
+    u = smooth_field(grid, 2)
+    path = ro.write_registration(tmp_path / "dreg.dcm", a, fixed, moving, field=u, field_grid=grid)
+    out = tmp_path / "transform.h5"
+    assert main(["pacs", "import", str(path), "-o", str(out), "--fixed", str(root / "fixed"),
+                 "--moving", str(root / "moving")]) == 0
+    assert max_point_error(to_itk(a, u, grid), sitk.ReadTransform(str(out)), points_in(grid)) < 0.01
+    capsys.readouterr()
+    # the object does not belong to these series (moving given as fixed): one message, nothing written
+    other = tmp_path / "other.h5"
+    assert main(["pacs", "import", str(path), "-o", str(other), "--fixed", str(root / "moving"),
+                 "--moving", str(root / "fixed")]) == 2
+    err = capsys.readouterr().err
+    assert "registered frame" in err and err.count("\n") == 1 and not other.exists()
+    assert main(["pacs", "import", str(path), "-o", str(out)]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
     deepregistration pacs register --server URL --fixed-study UID --moving-study UID [options]
     deepregistration pacs watch --server URL --rule FILE --state FILE [options]
+    deepregistration pacs import REG_FILE -o transform.h5 [--fixed DIR --moving DIR]
 
 Credentials are never taken from the command line: ``--user NAME`` with the password in
 ``--password-file FILE`` or ``$DEEPREG_PACS_PASSWORD``; or a bearer token in ``--token-file FILE`` or
@@ -93,6 +94,16 @@ def add_subparser(sub) -> None:
                    help="on the first run also register studies already on the server (default: only new ones)")
     _add_server_options(w)
     _copy_registration_options(w, register_parser)
+    i = psub.add_parser("import", help="turn a DICOM (deformable) spatial registration file into transform.h5",
+                        description="Read a Spatial Registration or Deformable Spatial Registration object (e.g. "
+                                    "retrieved from the PACS) and write it as an ITK transform, fixed -> moving, "
+                                    "as 'register' writes transform.h5. With --fixed/--moving series folders the "
+                                    "object must link their frames of reference.", allow_abbrev=False)
+    i.add_argument("registration", metavar="REG_FILE", help="the DICOM registration object")
+    i.add_argument("-o", "--output", required=True, metavar="FILE", help="transform file to write (.h5)")
+    i.add_argument("--fixed", metavar="DIR", help="fixed series folder (its frame must be the registered one)")
+    i.add_argument("--moving", metavar="DIR", help="moving series folder")
+    i.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
 
 
 def _client(args):
@@ -142,7 +153,17 @@ def run(args: argparse.Namespace) -> int:
     from . import pacs
 
     if args.pacs_command is None:
-        raise InputError("give an action: deepregistration pacs register ... or deepregistration pacs watch ...")
+        raise InputError("give an action: deepregistration pacs register, watch or import (see --help)")
+    if args.pacs_command == "import":
+        from .registration_objects import import_registration
+        from .series import read_series
+
+        fixed = read_series(args.fixed, "fixed series") if args.fixed else None
+        moving = read_series(args.moving, "moving series") if args.moving else None
+        reg = import_registration(args.registration, args.output, fixed, moving, args.overwrite)
+        print(json.dumps({"output": str(args.output), "deformable": reg.deformable, "fixed_frame": reg.fixed_frame_uid,
+                          "moving_frame": reg.moving_frame_uid}, indent=1))
+        return 0
     client = _client(args)
     rule = _rule(args)
     register = _register_function(args)

@@ -297,8 +297,8 @@ def read_registration(source, fixed_frame_uid: str | None = None, moving_frame_u
         return _read_rigid(ds, registered, fixed_frame_uid, moving_frame_uid, what)
     if sop == DEFORMABLE_SPATIAL_REGISTRATION:
         return _read_deformable(ds, registered, fixed_frame_uid, moving_frame_uid, what)
-    raise InputError(f"{what}: SOP class {sop or '(none)'} is not a Spatial Registration "
-                     f"({SPATIAL_REGISTRATION}) or Deformable Spatial Registration ({DEFORMABLE_SPATIAL_REGISTRATION}).")
+    raise InputError(f"{what}: SOP class {sop or '(none)'} is not a Spatial Registration ({SPATIAL_REGISTRATION}) "
+                     f"or Deformable Spatial Registration ({DEFORMABLE_SPATIAL_REGISTRATION}).")
 
 
 def _read_rigid(ds, registered, fixed_uid, moving_uid, what) -> Registration:
@@ -381,3 +381,34 @@ def software_version() -> str:
     from .. import __version__
 
     return f"{MANUFACTURER} {__version__}"
+
+
+def import_registration(path: str | os.PathLike, output: str | os.PathLike, fixed: Series | None = None,
+                        moving: Series | None = None, overwrite: bool = False) -> Registration:
+    """Writes a DICOM registration object as ``transform.h5`` (ITK, fixed → moving, LPS), after checking that
+    it links the frames of reference of the given series (when given).
+
+    Raises:
+        InputError: unreadable or mismatching object, or an existing output without ``overwrite``.
+    """
+    import SimpleITK as sitk
+
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise InputError(f"'{out}' already exists. Choose another file, or pass --overwrite.")
+    if not str(out).lower().endswith((".h5", ".hdf5", ".tfm", ".txt")):
+        raise InputError(f"cannot write '{out}': use .h5 (or .tfm/.txt for a linear registration).")
+    reg = read_registration(path, fixed.frame_of_reference_uid if fixed else None,
+                            moving.frame_of_reference_uid if moving else None)
+    if fixed is not None and moving is not None:
+        reg.check_frames(fixed.frame_of_reference_uid, moving.frame_of_reference_uid)
+    if reg.deformable and not str(out).lower().endswith((".h5", ".hdf5")):
+        raise InputError(f"a deformable registration needs an .h5 file, not '{out.name}'.")
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}{out.suffix}")
+    try:
+        sitk.WriteTransform(reg.to_sitk(), str(tmp))
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return reg
