@@ -638,6 +638,20 @@ def test_widget_apply_poll_inspect_harden_and_show_log(tmp_path, sample_dir, mon
 
         act(ui.fadeSliderWidget, "valueChanged(double)", 0.25)
         assert composite.GetForegroundOpacity() == 0.25
+        ui.fadeSliderWidget.value = 0.25
+        act(ui.flickerButton, "toggled(bool)", True)
+        widget._onFlicker()  # the flicker timer's slot
+        first = composite.GetForegroundOpacity()
+        widget._onFlicker()
+        assert {first, composite.GetForegroundOpacity()} == {0.0, 1.0}
+        act(ui.flickerButton, "toggled(bool)", False)
+        assert composite.GetForegroundOpacity() == 0.25
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "moving seg")
+        p.movingSegmentation = seg
+        assert ui.applyToMovingNodesButton.enabled is True
+        act(ui.applyToMovingNodesButton, "clicked(bool)", True)
+        assert seg.GetParentTransformNode() is R and "1 node(s) now follow" in ui.statusLabel.text
+        p.movingSegmentation = None
         act(ui.showGridCheckBox, "toggled(bool)", True)
         display = R.GetDisplayNode()
         assert display.GetVisibility2D() and display.GetVisualizationMode() == display.VIS_MODE_GRID
