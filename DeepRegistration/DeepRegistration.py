@@ -37,7 +37,7 @@ class DeepRegistration(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("Deep Registration")
-        self.parent.categories = ["Registration"]
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Registration")]
         self.parent.dependencies = []  # PyTorch is an extension dependency, imported lazily (in the worker)
         self.parent.contributors = ["The DeepRegistration authors (SlicerDeepRegistration project)"]
         self.parent.helpText = _("""
