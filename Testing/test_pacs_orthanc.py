@@ -117,6 +117,15 @@ def studies(orthanc, tmp_path_factory):
                 patient_name="Synthetic^B", patient_id="SYNB0002")
     for name in ("prior", "current", "other"):
         upload(orthanc, root / name)
+    # patient A's study holding only a registration object (no image series)
+    from DeepRegistrationLib.dicom.registration_objects import registration_dataset
+
+    uids["no-images"] = new_uid()
+    reg = registration_dataset(np.eye(4), read_series(root / "current"), read_series(root / "prior"))
+    reg.StudyInstanceUID, reg.StudyDate = uids["no-images"], "20240601"
+    (root / "no-images").mkdir()
+    reg.save_as(root / "no-images" / "reg.dcm", enforce_file_format=True)
+    upload(orthanc, root / "no-images")
     return uids
 
 
@@ -210,6 +219,8 @@ def test_pacs_register_bad_input_stores_nothing(orthanc, studies, tmp_path):
     with pytest.raises(InputError, match="different patients"):
         pacs.register_studies(c, studies["other"], studies["prior"], never)
     with pytest.raises(InputError, match="no image series"):
+        pacs.register_studies(c, studies["current"], studies["no-images"], never)
+    with pytest.raises(InputError, match="no image series"):
         pacs.register_studies(c, studies["current"], studies["prior"], never,
                               rule=pacs.SeriesRule(series_description="^no such series$"))
     with pytest.raises(InputError, match="not on the server"):
@@ -227,6 +238,10 @@ def test_pacs_register_bad_input_stores_nothing(orthanc, studies, tmp_path):
     with pytest.raises(InputError, match="the registration failed"):
         pacs.register_studies(c, studies["current"], studies["prior"], broken)
     assert not calls
+    # different patients when the user says so (a dry run: built, not stored)
+    result = pacs.register_studies(c, studies["other"], studies["prior"], engine_register("rigid"),
+                                   allow_different_patients=True, store=False)
+    assert result.registration_sop_class == "1.2.840.10008.5.1.4.1.1.66.1"
     assert {k: orthanc_series(orthanc, v) for k, v in studies.items()} == counts
 
 
@@ -236,8 +251,11 @@ class _Answer(http.server.BaseHTTPRequestHandler):
     status = 500
     count = 0
 
+    headers = []
+
     def do_GET(self):  # noqa: N802
         type(self).count += 1
+        type(self).headers.append(self.headers.get("Authorization"))
         self.send_response(self.status)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -261,6 +279,9 @@ def test_server_errors_and_backoff():
         with pytest.raises(ServerUnavailable, match="unavailable"):
             PacsClient(url, retries=2, backoff_s=0.5, sleep=waits.append).studies()
         assert waits == [0.5, 1.0] and _Answer.count == 4
+        with pytest.raises(PacsError, match="HTTP 503"):
+            PacsClient(url, Auth("bearer", "", "tok123"), retries=0).studies()
+        assert _Answer.headers[-1] == "Bearer tok123"
     finally:
         server.shutdown()
         server.server_close()
@@ -290,7 +311,7 @@ def test_credentials_never_from_the_command_line(tmp_path, monkeypatch):
                            "--password", "s3cret"])
 
 
-def test_pacs_watch_registers_new_study_once(orthanc, studies, tmp_path):
+def test_pacs_watch_registers_new_study_once(orthanc, studies, tmp_path, monkeypatch, capsys):
     rule_file = tmp_path / "rule.json"
     rule_file.write_text(json.dumps({"modality": "MR", "series_description": "T1"}))
     rule = pacs.SeriesRule.from_file(rule_file)
@@ -311,9 +332,15 @@ def test_pacs_watch_registers_new_study_once(orthanc, studies, tmp_path):
     assert entry["status"] == "stored" and entry["prior"] == studies["prior"]
     after = orthanc_series(orthanc, studies["current"])
     assert sorted(v[0] for k, v in after.items() if k not in before) == ["MR", "REG"]
-    # restart: nothing repeated
-    s = pacs.watch(c, rule, state, engine_register("affine"), max_polls=1, interval_s=0, sleep=lambda s: None)
-    assert s.registered == [] and orthanc_series(orthanc, studies["current"]) == after
+    # restart, as the command: nothing repeated
+    from DeepRegistrationLib.cli import main
+
+    monkeypatch.setenv("DEEPREG_PACS_PASSWORD", PASSWORD)
+    assert main(["pacs", "watch", "--server", f"{orthanc}/dicom-web", "--user", USER, "--rule", str(rule_file),
+                 "--state", str(state), "--max-polls", "1", "--interval", "0", *FAST, "-q"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["registered"] == [] and printed["polls"] == 1
+    assert orthanc_series(orthanc, studies["current"]) == after
     # a store interrupted after the STOW: found on the server, recorded, not redone
     data = json.loads(state.read_text())
     data["studies"][studies["current"]]["status"] = "storing"
