@@ -68,6 +68,7 @@ def smooth_field(grid: Grid, seed: int) -> np.ndarray:
 
 
 def max_point_error(t1, t2, points) -> float:
+    """Largest distance (mm) between where two ITK transforms put the points."""
     return max(float(np.linalg.norm(np.subtract(t1.TransformPoint(tuple(p)), t2.TransformPoint(tuple(p)))))
                for p in points)
 
@@ -305,3 +306,25 @@ def test_import_command(series, tmp_path, capsys):
     assert "registered frame" in err and err.count("\n") == 1 and not other.exists()
     assert main(["pacs", "import", str(path), "-o", str(out)]) == 2  # exists
     assert "already exists" in capsys.readouterr().err
+
+
+def test_engine_registration_round_trip(series, tmp_path):
+    """A real registration of the two DICOM series -> deformable REG -> engine: the same point mapping."""
+    from DeepRegistrationLib.config import RegistrationConfig
+    from DeepRegistrationLib.dicom.pacs import build_objects
+    from DeepRegistrationLib.outputs import run_registration
+
+    root, fixed, moving = series
+    cfg = RegistrationConfig(mode="deformable", spacing=6.0, levels=1, iterations=5, affine_iterations=15, threads=1)
+    summary = run_registration(root / "fixed", root / "moving", tmp_path / "out", cfg, write_png=False)
+    objects = build_objects(tmp_path / "out", fixed, moving, "DeepRegistration test", derived=False)
+    path = write_datasets(objects, tmp_path / "reg")[0]
+    back = ro.read_registration(path)
+    back.check_frames(fixed.frame_of_reference_uid, moving.frame_of_reference_uid)
+    pts = points_in(fixed.grid, 300, seed=9)
+    expected = summary.result.transform.map_points(pts)
+    stored = back.to_sitk()
+    got = np.array([stored.TransformPoint(tuple(p)) for p in pts])
+    assert np.abs(got - expected).max() < 0.01
+    if DCIODVFY:
+        assert dciodvfy_errors(path) == []
