@@ -133,3 +133,79 @@ def test_torchrun_two_cpu_processes_split_and_gather(tmp_path, data):
     # the same pair on either rank gives the same transform
     np.testing.assert_allclose(_field(out / "p0" / "transform.h5")[1], _field(out / "p1" / "transform.h5")[1],
                                atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ register-sequence
+def _warped_by(img: sitk.Image, field_zyx3: np.ndarray, labels: bool) -> sitk.Image:
+    """``img`` resampled through the displacement (x + d(x)), d given ``(Z, Y, X, 3)`` LPS mm on img's grid."""
+    f = sitk.GetImageFromArray(field_zyx3.astype(np.float64), isVector=True)
+    f.CopyInformation(img)
+    tx = sitk.DisplacementFieldTransform(f)
+    return sitk.Resample(img, img, tx, sitk.sitkNearestNeighbor if labels else sitk.sitkLinear, 0.0,
+                         img.GetPixelID())
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    labels = [v for v in np.unique(a) if v != 0]
+    return float(np.mean([2 * np.sum((a == v) & (b == v)) / (np.sum(a == v) + np.sum(b == v)) for v in labels]))
+
+
+def periodic_field(shape, spacing_mm: float, amp_mm: float, wavelength_mm: float = 120.0) -> np.ndarray:
+    """A smooth periodic displacement ``(Z, Y, X, 3)`` in mm: each component a sine along another axis."""
+    k, j, i = np.meshgrid(*[np.arange(n) * spacing_mm for n in shape], indexing="ij")
+    w = 2 * np.pi / wavelength_mm
+    return amp_mm * np.stack([np.sin(w * j), np.sin(w * k), np.sin(w * i)], axis=-1)
+
+
+@pytest.fixture(scope="module")
+def sequence_case(data):
+    img = sitk.ReadImage(str(data / "fixed.nii.gz"))
+    lab = sitk.ReadImage(str(data / "fixed_labels.nii.gz"))
+    shape = sitk.GetArrayFromImage(img).shape
+    frames, labels = [img], [lab]
+    for amp in (5.0, 9.0):  # mm: about one and 1.5 working voxels
+        field = periodic_field(shape, 6.0, amp)
+        frames.append(_warped_by(img, field, False))
+        labels.append(_warped_by(lab, field, True))
+    path = data / "seq.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries(frames), str(path))
+    return path, labels
+
+
+def test_sequence_corrects_known_motion_with_warm_start(tmp_path, sequence_case):
+    from DeepRegistrationLib.workflows.sequence import register_sequence
+
+    path, labels = sequence_case
+    messages = []
+    result = register_sequence(path, tmp_path / "seq", CFG, write_png=True,
+                               progress=lambda f, m: messages.append(m) or True)
+    out = result.out_dir
+    info = json.loads((out / "sequence.json").read_text())
+    assert [r["warm_start_from"] for r in info["frames"]] == [None, 0, 1]
+    assert {"frame 0", "frame 1", "frame 2"} <= set(messages)
+    assert sitk.ReadImage(str(out / "warped.nii.gz")).GetSize()[3] == 3 and (out / "report.png").is_file()
+    assert not list(tmp_path.glob(".seq.partial*"))
+    ref = sitk.GetArrayFromImage(labels[0])
+    for t in (1, 2):
+        tx = sitk.ReadTransform(str(out / f"frame_{t:04d}" / "transform.h5"))
+        after = sitk.GetArrayFromImage(sitk.Resample(labels[t], labels[0], tx, sitk.sitkNearestNeighbor))
+        before = sitk.GetArrayFromImage(labels[t])
+        d_before, d_after = _dice(ref, before), _dice(ref, after)
+        assert d_after > d_before + 0.05, (t, d_before, d_after)
+        assert info["frames"][t]["ncc_after"] > info["frames"][t]["ncc_before"]
+    assert info["frames"][0]["max_displacement_mm"] < 0.5  # the reference onto itself
+
+
+def test_sequence_bad_input_is_one_error_and_writes_nothing(tmp_path, data):
+    from DeepRegistrationLib.workflows.sequence import register_sequence
+
+    with pytest.raises(InputError, match="is a 3D image"):
+        register_sequence(data / "fixed.nii.gz", tmp_path / "a", CFG)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    img = sitk.ReadImage(str(data / "fixed.nii.gz"))
+    sitk.WriteImage(img, str(folder / "f2.nii.gz"))
+    sitk.WriteImage(img[:-2, :, :], str(folder / "f10.nii.gz"))
+    with pytest.raises(InputError, match="'f10.nii.gz' has another geometry"):
+        register_sequence(folder, tmp_path / "b", CFG)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames"]
