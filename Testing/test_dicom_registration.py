@@ -26,7 +26,7 @@ from DeepRegistrationLib.itk_transform import to_itk  # noqa: E402
 from DeepRegistrationLib.dicom import registration_objects as ro  # noqa: E402
 from DeepRegistrationLib.dicom.series import PATIENT_KEYWORDS, new_uid, read_series, write_datasets  # noqa: E402
 
-DCIODVFY = shutil.which("dciodvfy")
+DCIODVFY = shutil.which("dciodvfy") or next((p for p in ("/usr/bin/dciodvfy",) if Path(p).exists()), None)
 PLASTIMATCH = shutil.which("plastimatch") or next(
     (str(p) for p in [Path(sys.executable).parent / "plastimatch"] if p.exists()), None)
 

@@ -37,7 +37,7 @@ from DeepRegistrationLib.dicom.registration_objects import read_registration  # 
 from DeepRegistrationLib.dicom.series import new_uid, read_series  # noqa: E402
 from DeepRegistrationLib.errors import InputError  # noqa: E402
 
-ORTHANC = shutil.which("Orthanc")
+ORTHANC = shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if Path(p).exists()), None)
 PLUGIN_CANDIDATES = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so")
 PLUGIN = next((p for p in PLUGIN_CANDIDATES if Path(p).exists()), None)
 USER, PASSWORD = "deepreg", "test-password"
