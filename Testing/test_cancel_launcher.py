@@ -212,6 +212,32 @@ def test_a_failed_registration_keeps_its_log(big_scene, launcher, monkeypatch):
     job.logPath.unlink()
 
 
+def test_the_next_registration_takes_the_worker_started_ahead(big_scene, launcher, monkeypatch):
+    """Inside Slicer a worker is kept ready (torch imported) for the next registration."""
+    from DeepRegistrationSlicerLib import run as R
+
+    scene, _, moving, fixed = big_scene
+    monkeypatch.setattr(R, "pythonExecutable", lambda: launcher)
+    monkeypatch.setattr(R, "KEEP_WORKER_READY", True)
+    try:
+        R.prepareWorker()
+        ready = R._readyWorker[0]
+        wait_for(lambda: ("debug", "ready") in ready.notes, 60, "the worker started ahead to be ready")
+        job = R.RegistrationJob(fixed, moving, "Rigid", threads=1, spacing=4.0, affineIterations=10,
+                                applyToMoving=False, metricsTable=False).start()
+        assert job.process is ready
+        assert job.wait(timeout=120).state == "done", job.message
+        result = job.loadResults()
+        assert not job.workDir.exists() and job.warnings == []
+        scene.RemoveNode(result.transformNode)
+        following = R._readyWorker[0]  # started for the registration after this one
+        assert following is not ready and not following.finished
+    finally:
+        R.releaseWorker()
+    following.wait(30)
+    assert R._readyWorker is None and group_members(following.pid) == []
+
+
 # ------------------------------------------------------------------------------------------------ parent death
 def test_the_worker_ends_when_its_parent_dies(launcher, tmp_path):
     """Slicer crashing or killed: nobody cancels, nobody signals; the closed stdin alone ends the worker."""

@@ -135,7 +135,8 @@ def commit():
         yield
 
 
-def watch_stdin(grace: float = 1.0, exit_code: int = CANCEL_EXIT_CODE, force: bool = False) -> bool:
+def watch_stdin(grace: float = 1.0, exit_code: int = CANCEL_EXIT_CODE, force: bool = False,
+                on_line=None) -> bool:
     """Starts the watchdog when the parent asked for it (:data:`WATCH_ENV`, set by :class:`Job`) or ``force``.
 
     Args:
@@ -143,6 +144,8 @@ def watch_stdin(grace: float = 1.0, exit_code: int = CANCEL_EXIT_CODE, force: bo
             callback returns False) before the process is ended with ``os._exit(exit_code)``.
         exit_code: Exit status of a process the watchdog ends.
         force: Start it even without the environment variable (the caller knows stdin is the parent's pipe).
+        on_line: ``on_line(text)`` for each line the parent writes (:meth:`Job.send`, e.g. the job of a worker
+            started ahead); without it, what the parent writes is ignored.
 
     Returns:
         True when the watchdog runs. The variable is removed from ``os.environ`` so that processes this
@@ -158,15 +161,24 @@ def watch_stdin(grace: float = 1.0, exit_code: int = CANCEL_EXIT_CODE, force: bo
         fd = sys.stdin.fileno() if sys.stdin is not None else 0
     except (AttributeError, OSError, ValueError):
         fd = 0
-    _watchdog = threading.Thread(target=_watch, args=(fd, grace, exit_code), name="parent-watchdog", daemon=True)
+    _watchdog = threading.Thread(target=_watch, args=(fd, grace, exit_code, on_line), name="parent-watchdog",
+                                 daemon=True)
     _watchdog.start()
     return True
 
 
-def _watch(fd: int, grace: float, exit_code: int) -> None:
+def _watch(fd: int, grace: float, exit_code: int, on_line=None) -> None:
+    buffer = b""
     try:
-        while os.read(fd, 65536):
-            pass  # the parent writes nothing; anything it does write is ignored
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            if on_line is not None:
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    on_line(line.decode("utf-8", "replace").rstrip("\r"))
     except OSError:
         pass
     _cancel.set()
@@ -507,6 +519,23 @@ class Job:
                 self._proc.stdin.close()
         except (OSError, ValueError):
             pass
+
+    def send(self, text: str) -> bool:
+        """Writes one line to the worker's stdin (see ``on_line`` of :func:`watch_stdin`); False when it is gone."""
+        try:
+            self._proc.stdin.write(text.replace("\n", " ").encode("utf-8") + b"\n")
+            self._proc.stdin.flush()
+        except (OSError, ValueError, AttributeError):
+            return False
+        return True
+
+    def adopt(self, paths) -> None:
+        """Adds ``paths`` to the job's ``temp_paths`` (removed after a cancel or a failure)."""
+        with self._lock:
+            self._temp.extend(Path(p) for p in paths)
+            exited = self._exited
+        if exited and (self.cancelled or not self.succeeded):
+            self.remove_when_stopped()
 
     def cancel(self, grace: float = 2.0) -> None:
         """Stops the job without blocking: closes its stdin now; after ``grace`` seconds without the worker

@@ -98,12 +98,34 @@ def run_job(job: dict, stream=None) -> dict:
     return summary.report
 
 
+WAIT_FOR_JOB = "--wait-for-job"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+    """Entry point; returns the exit status.
+
+    ``worker JOB.json`` runs that job. ``worker --wait-for-job [IDLE_SECONDS]`` is a worker started ahead of
+    need: it imports torch and the engine, says ``{"kind": "message", "level": "debug", "message": "ready"}``,
+    then waits for the path of a job file on its stdin (one line, from :meth:`~.jobs.Job.send`) and runs it
+    like ``worker JOB.json``; without a job within IDLE_SECONDS (default 600) it exits with status 0.
+    """
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    jobs.watch_stdin(grace=0.5)  # started by a Job: end when the parent cancels or goes away
     out = jobs.Emitter(sys.stdout)
+    if argv[:1] == [WAIT_FOR_JOB] and len(argv) <= 2:
+        import queue
+
+        lines: queue.Queue = queue.Queue()
+        jobs.watch_stdin(grace=0.5, on_line=lines.put)  # the job path arrives on stdin; EOF = cancel
+        from . import outputs, registry  # noqa: F401 - the slow imports (torch), done before the job comes
+
+        out.message("ready", "debug")
+        try:
+            argv = [lines.get(timeout=float(argv[1]) if len(argv) > 1 else 600.0)]
+        except queue.Empty:
+            return 0  # nobody needed this worker
+    else:
+        jobs.watch_stdin(grace=0.5)  # started by a Job: end when the parent cancels or goes away
     if len(argv) != 1:
         out.error("usage: python -m DeepRegistrationLib.worker JOB.json", "input")
         return 2

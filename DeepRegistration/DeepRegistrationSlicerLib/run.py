@@ -97,6 +97,72 @@ def pythonExecutable() -> str:
     return sys.executable
 
 
+KEEP_WORKER_READY: bool | None = None
+"""Keep one worker started ahead (torch and the engine already imported, waiting for a job) after each
+registration, so that the next one does not wait for them; it exits after :data:`READY_WORKER_IDLE_S` seconds
+without a job. None (default): inside Slicer only."""
+
+READY_WORKER_IDLE_S = 600.0
+
+_readyWorker: tuple | None = None  # (jobs.Job, monotonic start time, command + environment key)
+
+
+def keepWorkerReady() -> bool:
+    return hasattr(slicer, "app") if KEEP_WORKER_READY is None else bool(KEEP_WORKER_READY)
+
+
+def _workerCommand() -> list:
+    return [pythonExecutable(), "-m", "DeepRegistrationLib.worker"]
+
+
+def _workerEnvironment() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def prepareWorker() -> None:
+    """Starts a worker ahead of need, if none is ready (e.g. when the module is entered); the next
+    registration then skips the worker's start-up (Python, torch, engine imports)."""
+    global _readyWorker
+    command, env = _workerCommand(), _workerEnvironment()
+    key = (tuple(command), env.get("PYTHONPATH"))
+    if _readyWorker is not None:
+        job, started, oldKey = _readyWorker
+        if not job.finished and oldKey == key and time.monotonic() - started < READY_WORKER_IDLE_S - 60:
+            return
+        job.cancel(0.5)
+    job = jobs.Job(command + ["--wait-for-job", str(READY_WORKER_IDLE_S)], env=env, log_dir=_temporaryFolder())
+    _readyWorker = (job, time.monotonic(), key)
+    logger.info("DeepRegistration: worker %d started ahead", job.pid)
+
+
+def releaseWorker() -> None:
+    """Stops the worker started ahead, if any (returns at once)."""
+    global _readyWorker
+    ready, _readyWorker = _readyWorker, None
+    if ready is not None:
+        ready[0].cancel(0.5)
+
+
+def _takeReadyWorker(jobPath, tempPaths) -> "jobs.Job | None":
+    """The worker started ahead, given ``jobPath``; None when there is none that can still take it."""
+    global _readyWorker
+    ready, _readyWorker = _readyWorker, None
+    if ready is None:
+        return None
+    job, started, key = ready
+    usable = not job.finished and key == (tuple(_workerCommand()), _workerEnvironment().get("PYTHONPATH")) and \
+        time.monotonic() - started < READY_WORKER_IDLE_S - 60  # well before it gives up waiting
+    if usable:
+        job.adopt(tempPaths)
+        usable = job.send(str(jobPath))
+    if not usable:
+        job.cancel(0.5)
+        return None
+    return job
+
+
 def _temporaryFolder() -> str | None:
     """Slicer's temporary folder (Application settings → Temporary directory) inside Slicer, else None
     (the system's)."""
@@ -297,10 +363,11 @@ class RegistrationJob:
             job = self.writeInputs(self.workDir)
             jobPath = self.workDir / "job.json"
             jobPath.write_text(json.dumps(job, indent=2))
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR)] + [p for p in [env.get("PYTHONPATH")] if p])
-            self.process = jobs.Job([pythonExecutable(), "-m", "DeepRegistrationLib.worker", str(jobPath)],
-                                    env=env, log_dir=base, temp_paths=[] if self.keepFiles else [self.workDir])
+            temp = [] if self.keepFiles else [self.workDir]
+            self.process = _takeReadyWorker(jobPath, temp) if keepWorkerReady() else None
+            if self.process is None:
+                self.process = jobs.Job(_workerCommand() + [str(jobPath)], env=_workerEnvironment(), log_dir=base,
+                                        temp_paths=temp)
         except BaseException:
             if not self.keepFiles:
                 jobs.remove_tree(self.workDir, timeout=5.0)
@@ -331,6 +398,8 @@ class RegistrationJob:
                 self.state, self.message = "failed", self._error or self._crashMessage(code)
                 if process.cancelled or (process.error and process.error.get("error") == "cancelled"):
                     self.state = "cancelled"
+            if keepWorkerReady() and self.state != "cancelled":
+                prepareWorker()  # for the next registration
         return JobStatus(self.state, self.progress, self.message)
 
     _error: str | None = None
@@ -343,10 +412,14 @@ class RegistrationJob:
         if process.error is not None:
             self._error = process.error["message"]
             self.message = self._error
-        notes = process.notes[len(self.warnings):]
+        seen = self.__dict__.get("_notesSeen", 0)
+        notes, self._notesSeen = process.notes[seen:], len(process.notes)
         for level, text in notes:
-            logger.log(logging.WARNING if level == "warning" else logging.INFO, "DeepRegistration worker: %s", text)
-        self.warnings.extend(text for _, text in notes)
+            if level != "debug":
+                logger.log(logging.WARNING if level == "warning" else logging.INFO, "DeepRegistration worker: %s",
+                           text)
+            if level == "warning":
+                self.warnings.append(text)
 
     @property
     def warnings(self) -> list:
