@@ -82,7 +82,7 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 def real_worker(job: jobs.Job) -> int:
     """The launcher's child: the process that does the work."""
-    wait_for(lambda: children(job.pid), 30, "the launcher to start the worker")
+    wait_for(lambda: children(job.pid), 120, "the launcher to start the worker")
     return children(job.pid)[0]
 
 
@@ -93,7 +93,7 @@ def cancel_and_check(cancel, job: jobs.Job, worker: int) -> float:
     cancel()
     took = time.perf_counter() - t0
     assert took < 2.0, f"cancel() blocked the caller for {took:.1f} s"
-    job.wait(30)
+    job.wait(60)
     assert not alive(worker), "the real worker survived the cancel"
     assert group_members(job.pid) == [], "a process of the job is still running"
     return took
@@ -184,7 +184,7 @@ def test_cancel_of_a_large_registration_through_the_launcher(big_scene, launcher
     monkeypatch.setattr(R, "pythonExecutable", lambda: launcher)
     job = R.RegistrationJob(fixed, moving, "Deformable — fast", threads=1, outputVolume=True).start()
     worker = real_worker(job.process)
-    wait_for(lambda: job.process.messages, 60, "the worker to start registering")  # its first progress line
+    wait_for(lambda: job.process.messages, 300, "the worker to start registering")  # its first progress line
     time.sleep(0.3)  # now reading / preprocessing the large image
     assert job.poll().state == "running"
     took = cancel_and_check(job.cancel, job.process, worker)
@@ -206,7 +206,7 @@ def test_a_failed_registration_keeps_its_log(big_scene, launcher, monkeypatch):
     scene, _, moving, fixed = big_scene
     monkeypatch.setattr(R, "pythonExecutable", lambda: launcher)
     job = R.RegistrationJob(fixed, moving, "Affine", bogus=1).start()
-    assert job.wait(timeout=60).state == "failed" and "bogus" in job.message
+    assert job.wait(timeout=300).state == "failed" and "bogus" in job.message
     assert not job.workDir.exists()
     assert job.logPath is not None and job.logPath.exists()
     job.logPath.unlink()
@@ -222,11 +222,11 @@ def test_the_next_registration_takes_the_worker_started_ahead(big_scene, launche
     try:
         R.prepareWorker()
         ready = R._readyWorker[0]
-        wait_for(lambda: ("debug", "ready") in ready.notes, 60, "the worker started ahead to be ready")
+        wait_for(lambda: ("debug", "ready") in ready.notes, 300, "the worker started ahead to be ready")
         job = R.RegistrationJob(fixed, moving, "Rigid", threads=1, spacing=4.0, affineIterations=10,
                                 applyToMoving=False, metricsTable=False).start()
         assert job.process is ready
-        assert job.wait(timeout=120).state == "done", job.message
+        assert job.wait(timeout=300).state == "done", job.message
         result = job.loadResults()
         assert not job.workDir.exists() and job.warnings == []
         scene.RemoveNode(result.transformNode)
@@ -262,7 +262,7 @@ time.sleep(600)
         assert alive(worker) and group_members(group)
         proc.kill()  # the parent dies without a word
         proc.wait()
-        wait_for(lambda: not group_members(group), 20, "the orphaned worker to end")
+        wait_for(lambda: not group_members(group), 60, "the orphaned worker to end")
         assert not alive(worker)
     finally:
         if proc.poll() is None:
@@ -293,7 +293,7 @@ def test_cancel_of_a_dataset_build_through_the_launcher(four_scenes, launcher):
     child = BuildProcess([four_scenes / "in", "-o", out, "--key", four_scenes / "key.hex", "--augment", "2"],
                          python=launcher)
     worker = real_worker(child.job)
-    wait_for(lambda: child.fraction > 0 or child.poll() is not None, 120, "the build to make progress")
+    wait_for(lambda: child.fraction > 0 or child.poll() is not None, 300, "the build to make progress")
     assert child.poll() is None, child.last_error()
     cancel_and_check(child.cancel, child.job, worker)
     assert child.poll() == 130
@@ -311,7 +311,7 @@ def test_cancelled_training_through_the_launcher_installs_no_model(launcher, tmp
                           "--channels", "4", "8", "--val-every", "1000", "--checkpoint-every", "1000", "--install",
                           "-o", tmp_path / "run"], python=launcher)
     worker = real_worker(child.job)
-    wait_for(lambda: child.fraction > 0 or child.poll() is not None, 120, "the training to make progress")
+    wait_for(lambda: child.fraction > 0 or child.poll() is not None, 300, "the training to make progress")
     assert child.poll() is None, child.last_error()
     cancel_and_check(child.cancel, child.job, worker)
     assert child.poll() == 130
