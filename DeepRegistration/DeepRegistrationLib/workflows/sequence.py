@@ -218,6 +218,8 @@ def register_sequence(sequence, out_dir, config: RegistrationConfig | None = Non
             if tmp.exists():
                 shutil.rmtree(tmp)
             (tmp / ".frames").mkdir(parents=True)
+            if chain:
+                (tmp / ".chain").mkdir()
             for t, f in enumerate(frames):
                 write_image(f, tmp / ".frames" / f"frame_{t:04d}.nii.gz", compress=False)
             if ref is None:
