@@ -416,6 +416,61 @@ def setTransformNodeFromEngine(transformNode, affineLps: np.ndarray, field: np.n
     transformNode.SetAndObserveTransformFromParent(general)
 
 
+def setInverseTransformNodeFromEngine(transformNode, affineInverseLps: np.ndarray, field: np.ndarray | None = None,
+                                      fieldGrid: Grid | None = None, movingMatrix: np.ndarray | None = None) -> None:
+    """Stores the engine's inverse ``T⁻¹(y) = z + w(z)``, ``z = A⁻¹ y`` (moving → fixed, LPS) as the node's FromParent.
+
+    FromParent_ras(q) = z + w_ras(z) with ``z = A⁻¹_ras E q`` (``E`` as in :func:`setTransformNodeFromEngine`):
+    a fixed-space node (volume, segmentation, markups) placed under this node is resampled onto the moving image.
+    Deformable inverses become a ``vtkGeneralTransform`` [grid, linear] (the linear part is applied first), which
+    Slicer writes as an ITK composite [DisplacementFieldTransform, AffineTransform], the engine's ``inverse.h5``.
+    """
+    linearRas = C4 @ np.asarray(affineInverseLps, dtype=float) @ C4
+    if movingMatrix is not None:
+        linearRas = linearRas @ np.asarray(movingMatrix, dtype=float)
+    if field is None:
+        transformNode.SetMatrixTransformFromParent(vtkMatrixFromArray(linearRas))
+        return
+    linear = vtk.vtkTransform()
+    linear.SetMatrix(vtkMatrixFromArray(linearRas))
+    general = vtk.vtkGeneralTransform()
+    general.PreMultiply()
+    general.Concatenate(gridTransformFromField(field, fieldGrid))
+    general.Concatenate(linear)
+    transformNode.SetAndObserveTransformFromParent(general)
+
+
+def readItkInverseTransform(path: str) -> tuple[np.ndarray, np.ndarray | None, Grid | None]:
+    """Reads the engine's ``inverse.h5`` (ITK composite [displacement, affine], LPS; the affine applied first).
+
+    Returns:
+        ``(A⁻¹ (4, 4), w (3, Z, Y, X) or None, grid of w or None)``, LPS mm.
+    """
+    import SimpleITK as sitk
+
+    try:
+        tx = sitk.ReadTransform(str(path))
+        parts = [tx.GetNthTransform(n) for n in range(tx.GetNumberOfTransforms())] \
+            if tx.GetName() == "CompositeTransform" else [tx]
+        fieldPart = None
+        if parts and parts[0].GetName() == "DisplacementFieldTransform":
+            fieldPart = sitk.DisplacementFieldTransform(parts.pop(0))
+        if len(parts) != 1 or parts[0].GetName() == "DisplacementFieldTransform":
+            raise ValueError(f"found {[p.GetName() for p in parts]}")
+        probe = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=float)
+        mapped = np.array([parts[0].TransformPoint(tuple(q)) for q in probe])
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"'{path}' is not a [displacement, affine] inverse transform ({exc}).") from None
+    affine = np.eye(4)
+    affine[:3, 3] = mapped[0]
+    affine[:3, :3] = (mapped[1:] - mapped[0]).T
+    if fieldPart is None:
+        return affine, None, None
+    image = fieldPart.GetDisplacementField()
+    field = np.moveaxis(sitk.GetArrayFromImage(image), -1, 0).astype(np.float64)
+    return affine, field, Grid.from_sitk(image)
+
+
 def readItkTransform(path: str) -> tuple[np.ndarray, np.ndarray | None, Grid | None]:
     """Reads the engine's ``transform.h5`` (ITK composite [affine, displacement], LPS) without torch.
 

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import slicer
 
 from DeepRegistrationLib import jobs
@@ -199,6 +200,8 @@ class RegistrationResult:
 
     Attributes:
         transformNode: Fixed → moving (FromParent = resampling direction); put moving nodes under it to align them.
+        inverseTransformNode: Moving → fixed (the engine's ``inverse.h5``; put fixed-space nodes under it to bring
+            them onto the moving image), or None unless asked for with ``createInverse``.
         outputVolumeNode: Moving volume resampled on the fixed grid, or None.
         jacobianVolumeNode: det of the Jacobian on the fixed grid, or None.
         metricsTableNode: Metrics table (Metric, Before, After, Unit), or None.
@@ -208,6 +211,7 @@ class RegistrationResult:
     """
 
     transformNode: object
+    inverseTransformNode: object = None
     outputVolumeNode: object = None
     jacobianVolumeNode: object = None
     metricsTableNode: object = None
@@ -228,6 +232,10 @@ class RegistrationJob:
         fixedSegmentation / movingSegmentation: Optional segmentations or labelmaps: adds Dice and HD95
             (segments paired by name).
         fixedLandmarks / movingLandmarks: Optional fiducial markups nodes: adds TRE (paired by label or order).
+        guideFixedLandmarks / guideMovingLandmarks: Optional fiducial markups nodes of corresponding points that
+            guide the registration (a point-based start and a term of the objective; paired by label as for TRE;
+            at least 3 pairs), separate from the evaluation landmarks.
+        createInverse: Also create a transform node holding the inverse (moving → fixed) of a deformable result.
         outputTransform: Transform node to fill, or None for a new one.
         outputVolume: Volume node to fill, True for a new one, False/None for none.
         jacobianVolume: Same, for the Jacobian determinant.
@@ -246,7 +254,8 @@ class RegistrationJob:
 
     def __init__(self, fixedVolume, movingVolume, preset: str = "Deformable — fast", *, fixedMask=None,
                  movingMask=None, initialTransform=None, fixedSegmentation=None, movingSegmentation=None,
-                 fixedLandmarks=None, movingLandmarks=None, outputTransform=None, outputVolume=None,
+                 fixedLandmarks=None, movingLandmarks=None, guideFixedLandmarks=None, guideMovingLandmarks=None,
+                 createInverse: bool = False, outputTransform=None, outputVolume=None,
                  jacobianVolume=None, metricsTable=True, applyToMoving: bool = True, scene=None,
                  keepFiles: bool = False, model: str | None = None, modelMode: str = "init",
                  useParentTransform: bool = True, **options):
@@ -261,11 +270,15 @@ class RegistrationJob:
             raise InputError("Dice needs both a fixed and a moving segmentation (or neither).")
         if (fixedLandmarks is None) != (movingLandmarks is None):
             raise InputError("TRE needs both fixed and moving landmarks (or neither).")
+        if (guideFixedLandmarks is None) != (guideMovingLandmarks is None):
+            raise InputError("guiding with landmarks needs both a fixed and a moving landmark list (or neither).")
         self.scene = scene or fixedVolume.GetScene() or slicer.mrmlScene
         self.fixedVolume, self.movingVolume = fixedVolume, movingVolume
         self.inputs = dict(fixedMask=fixedMask, movingMask=movingMask, fixedSegmentation=fixedSegmentation,
                            movingSegmentation=movingSegmentation, fixedLandmarks=fixedLandmarks,
-                           movingLandmarks=movingLandmarks)
+                           movingLandmarks=movingLandmarks, guideFixedLandmarks=guideFixedLandmarks,
+                           guideMovingLandmarks=guideMovingLandmarks)
+        self.createInverse = bool(createInverse)
         self.initialTransform = initialTransform
         self.outputTransform, self.outputVolume, self.jacobianVolume = outputTransform, outputVolume, jacobianVolume
         self.metricsTable, self.applyToMoving, self.keepFiles = metricsTable, applyToMoving, keepFiles
@@ -345,6 +358,13 @@ class RegistrationJob:
                 points, labels = N.markupsToLpsPoints(node, world=world, extraMatrix=extra)
                 N.writeLandmarksCsv(points, labels, str(folder / f"{side}_landmarks.csv"))
                 job[f"{side}_landmarks"] = str(folder / f"{side}_landmarks.csv")
+        gf, gm = self.inputs["guideFixedLandmarks"], self.inputs["guideMovingLandmarks"]
+        if gf is not None:
+            for side, node, world, extra in (("fixed", gf, True, None),
+                                             ("moving", gm, movingWorld, self.movingMatrix)):
+                points, labels = N.markupsToLpsPoints(node, world=world, extraMatrix=extra)
+                N.writeLandmarksCsv(points, labels, str(folder / f"guide_{side}_landmarks.csv"))
+                job[f"guide_{side}_landmarks"] = str(folder / f"guide_{side}_landmarks.csv")
         return job
 
     def start(self) -> "RegistrationJob":
@@ -491,6 +511,12 @@ class RegistrationJob:
         out = self.workDir / "result"
         try:
             affine, field, grid = N.readItkTransform(str(out / "transform.h5"))
+            inverse = None
+            if self.createInverse and field is not None:
+                if not (out / "inverse.h5").is_file():
+                    raise InputError("the engine wrote no inverse.h5, so no inverse transform can be created; "
+                                     "update DeepRegistration or untick 'Create inverse transform'.")
+                inverse = N.readItkInverseTransform(str(out / "inverse.h5"))
             scene = self.scene
             warped = jac = None
             if self.outputVolume not in (None, False):
@@ -514,6 +540,19 @@ class RegistrationJob:
             if self.model:
                 transformNode.SetAttribute("DeepRegistration.model", f"{Path(self.model).stem} ({self.modelMode})")
             result = RegistrationResult(transformNode, report=self.report, metrics=N.flatMetrics(self.report))
+            if self.createInverse:
+                inverseNode = scene.AddNewNodeByClass(
+                    "vtkMRMLTransformNode", scene.GenerateUniqueName(f"{self.movingVolume.GetName()} inverse"))
+                if inverse is not None:
+                    N.setInverseTransformNodeFromEngine(inverseNode, *inverse, self.movingMatrix)
+                else:  # linear: the exact matrix inverse
+                    N.setInverseTransformNodeFromEngine(inverseNode, np.linalg.inv(affine), None, None,
+                                                        self.movingMatrix)
+                inverseNode.SetAttribute(N.FRAME_ATTRIBUTE, self.movingFrame)
+                inverseNode.SetAttribute(N.RESULT_ATTRIBUTE, f"{self.preset} (inverse)")
+                N.setRegistrationReferences(inverseNode, self.movingVolume, self.fixedVolume)
+                transformNode.SetNodeReferenceID("DeepRegistrationInverse", inverseNode.GetID())
+                result.inverseTransformNode = inverseNode
             if warped is not None:
                 node = None if self.outputVolume is True else self.outputVolume
                 result.outputVolumeNode = N.imageToVolume(
