@@ -142,6 +142,8 @@ class DeepRegistrationParameterNode:
     # the module's own results are vtkMRMLTransformNode. The node selector lists exactly these classes.
     initialTransform: Union[vtkMRMLLinearTransformNode, vtkMRMLTransformNode, None]
     useCurrentAlignment: bool = True
+    guideFixedLandmarks: vtkMRMLMarkupsFiducialNode
+    guideMovingLandmarks: vtkMRMLMarkupsFiducialNode
     preset: Annotated[str, Choice(PRESETS)] = "Deformable — fast"
     model: str = ""  # learned model name ("" = none); the widget fills modelComboBox with the installed models
     device: Annotated[str, Choice(DEVICES)] = "auto"
@@ -156,6 +158,7 @@ class DeepRegistrationParameterNode:
     outputVolume: vtkMRMLScalarVolumeNode
     jacobianVolume: vtkMRMLScalarVolumeNode
     applyToMoving: bool = True
+    createInverse: bool = False
     fixedSegmentation: LABEL_NODE
     movingSegmentation: LABEL_NODE
     fixedLandmarks: vtkMRMLMarkupsFiducialNode
@@ -208,6 +211,8 @@ def applyDisabledReason(parameterNode) -> str:
         return _("Dice needs both a fixed and a moving segmentation (or neither).")
     if (p.fixedLandmarks is None) != (p.movingLandmarks is None):
         return _("TRE needs both fixed and moving landmarks (or neither).")
+    if (p.guideFixedLandmarks is None) != (p.guideMovingLandmarks is None):
+        return _("Guiding with landmarks needs both a fixed and a moving guide landmark list (or neither).")
     return ""
 
 
@@ -706,7 +711,9 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
                     diffeomorphic=p.diffeomorphic, fixedMask=p.fixedMask, movingMask=p.movingMask,
                     initialTransform=p.initialTransform, fixedSegmentation=p.fixedSegmentation,
                     movingSegmentation=p.movingSegmentation, fixedLandmarks=p.fixedLandmarks,
-                    movingLandmarks=p.movingLandmarks, outputTransform=p.outputTransform,
+                    movingLandmarks=p.movingLandmarks, guideFixedLandmarks=p.guideFixedLandmarks,
+                    guideMovingLandmarks=p.guideMovingLandmarks, createInverse=p.createInverse,
+                    outputTransform=p.outputTransform,
                     outputVolume=p.outputVolume, jacobianVolume=p.jacobianVolume,
                     metricsTable=p.metricsTable or True, applyToMoving=p.applyToMoving,
                     useParentTransform=p.useCurrentAlignment)
@@ -742,11 +749,13 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
             **options: engine options overriding the preset (similarity, regularizationWeight, spacing,
                 iterations, diffeomorphic, device, threads, ...) and nodes: fixedMask, movingMask,
                 initialTransform, fixedSegmentation, movingSegmentation, fixedLandmarks, movingLandmarks,
+                guideFixedLandmarks, guideMovingLandmarks (corresponding points that guide the registration),
+                createInverse (also return inverseTransformNode, moving -> fixed),
                 outputTransform, outputVolume (node or True), jacobianVolume (node or True), metricsTable,
                 applyToMoving (default True).
 
         Returns:
-            DeepRegistrationSlicerLib.run.RegistrationResult: transformNode, outputVolumeNode,
+            DeepRegistrationSlicerLib.run.RegistrationResult: transformNode, inverseTransformNode, outputVolumeNode,
             jacobianVolumeNode, metricsTableNode, metrics (dict), report (dict), seconds.
         """
         from DeepRegistrationSlicerLib import run
@@ -773,7 +782,7 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
         """The nodes a running registration reads or fills (deleting one stops it)."""
         nodes = [p.fixedVolume, p.movingVolume, p.fixedMask, p.movingMask, p.initialTransform, p.outputTransform,
                  p.outputVolume, p.jacobianVolume, p.fixedSegmentation, p.movingSegmentation, p.fixedLandmarks,
-                 p.movingLandmarks, p.metricsTable]
+                 p.movingLandmarks, p.guideFixedLandmarks, p.guideMovingLandmarks, p.metricsTable]
         return [n for n in nodes if n is not None]
 
     @staticmethod

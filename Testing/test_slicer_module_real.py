@@ -136,7 +136,7 @@ def test_parameter_node_is_created_with_its_defaults(slicerEnv):
     assert (p.preset, p.device, p.similarity, p.model) == ("Deformable — fast", "auto", "lncc", "")
     assert p.useCurrentAlignment is True and p.applyToMoving is True
     nodes = node_parameters(p)
-    assert len(nodes) == 13 and all(getattr(p, name) is None for name in nodes)
+    assert len(nodes) == 15 and all(getattr(p, name) is None for name in nodes)  # incl. the 2 guide landmark lists
     # the same MRML node is found again (singleton), values kept
     p.spacing = 3.5
     assert logic.getParameterNode().spacing == 3.5
