@@ -361,6 +361,75 @@ def _save_checkpoint(path: Path, model, opt, scaler, data_states: list[torch.Ten
     tmp.replace(path)
 
 
+def _resume(ckpt: Path, net, opt, scaler, data: PairSource, rank: int, world: int, device: torch.device) -> TrainResult:
+    """Model, optimizer, scaler and data-generator states from ``ckpt``; the run's state so far."""
+    try:
+        blob = torch.load(ckpt, map_location=device, weights_only=True)
+        net.load_state_dict(blob["model"])
+        opt.load_state_dict(blob["optimizer"])
+    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        raise InputError(f"cannot resume from '{ckpt}': it is corrupt or was written by another recipe "
+                         f"({str(exc).splitlines()[0][:150]}). Use another output folder or do not resume.") from None
+    if scaler is not None and blob["scaler"]:
+        scaler.load_state_dict(blob["scaler"])
+    states = blob["data_states"]
+    if len(states) == world:
+        data.set_state(states[rank].cpu())
+    else:
+        logger.warning("checkpoint written by %d processes, now %d: data streams restart", len(states), world)
+    result = TrainResult(int(blob["step"]), list(blob["losses"]), list(blob["validation"]),
+                         float(blob["best_metric"]), int(blob["best_step"]), seconds=float(blob["seconds"]))
+    logger.info("resumed from %s at step %d", ckpt, result.step)
+    return result
+
+
+def _optimizer_step(loss: torch.Tensor, net, opt, scaler) -> None:
+    """Backward pass, gradient clipping at norm 1 and the optimizer step (through the AMP scaler on CUDA)."""
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+
+
+def _validate_and_keep_best(cfg: TrainConfig, net, val_set: list[SynthBatch], result: TrainResult, board,
+                            out: Path | None, start: float, world: int, device: torch.device) -> None:
+    """Validation at ``result.step``: recorded in ``result`` and TensorBoard; a better Dice saves ``-best``."""
+    metrics = dict(validate(net, val_set), step=result.step)
+    result.validation.append(metrics)
+    if board is not None:
+        for key in ("dice", "dice_identity", "folding_percent", "seg_dice"):
+            if key in metrics:
+                board.add_scalar(f"validation/{key}", metrics[key], result.step)
+    logger.info("step %d validation: %s", result.step, metrics)
+    if not metrics["dice"] <= result.best_metric:  # also true when best is NaN
+        result.best_metric, result.best_step = metrics["dice"], result.step
+        if out is not None:
+            result.seconds = time.perf_counter() - start
+            result.best_model_path = model_files.save_model(
+                net, out / f"{cfg.model_name}-best", _card(cfg, result, world, device, metrics))
+
+
+def _cancel_requested(prog: Progress, result: TrainResult, cfg: TrainConfig, world: int) -> bool:
+    """Reports progress; True when the callback asked to stop (on any rank: all ranks stop together)."""
+    import torch.distributed as dist
+
+    stop = torch.zeros(1)
+    try:
+        prog(result.step / cfg.steps, f"step {result.step}/{cfg.steps}, loss {result.losses[-1]:.4f}")
+    except Cancelled:
+        stop += 1
+    if world > 1:
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return stop.item() > 0
+
+
 def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCallback | None = None,
           resume: bool = True) -> TrainResult:
     """Trains a field predictor; see the module docstring.
@@ -377,6 +446,7 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
     """
     import torch.distributed as dist
 
+    # set-up: processes, device, model, data (nothing is written before they all work)
     rank, world = _distributed()
     device = _device(cfg, rank)
     out = Path(cfg.output_dir) if cfg.output_dir else None
@@ -396,26 +466,11 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
     mi = MutualInformation() if cfg.similarity == "mi" else None
-    result = TrainResult(step=0, losses=[])
     ckpt = out / CHECKPOINT if out is not None else None
     if resume and ckpt is not None and ckpt.is_file():
-        try:
-            blob = torch.load(ckpt, map_location=device, weights_only=True)
-            net.load_state_dict(blob["model"])
-            opt.load_state_dict(blob["optimizer"])
-        except (RuntimeError, KeyError, ValueError, OSError) as exc:
-            raise InputError(f"cannot resume from '{ckpt}': it is corrupt or was written by another recipe "
-                             f"({str(exc).splitlines()[0][:150]}). Use another output folder or do not resume.") from None
-        if scaler is not None and blob["scaler"]:
-            scaler.load_state_dict(blob["scaler"])
-        states = blob["data_states"]
-        if len(states) == world:
-            data.set_state(states[rank].cpu())
-        else:
-            logger.warning("checkpoint written by %d processes, now %d: data streams restart", len(states), world)
-        result = TrainResult(int(blob["step"]), list(blob["losses"]), list(blob["validation"]),
-                             float(blob["best_metric"]), int(blob["best_step"]), seconds=float(blob["seconds"]))
-        logger.info("resumed from %s at step %d", ckpt, result.step)
+        result = _resume(ckpt, net, opt, scaler, data, rank, world, device)
+    else:
+        result = TrainResult(step=0, losses=[])
     board = _tensorboard(cfg, out) if rank == 0 else None
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     prog = Progress(progress if rank == 0 else None)
@@ -430,52 +485,26 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
         if rank == 0 and ckpt is not None:
             _save_checkpoint(ckpt, net, opt, scaler, states, result, cfg)
 
+    # the steps
     while result.step < cfg.steps:
         batch = _to(data.sample(cfg.batch_size), device)
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             loss = training_loss(cfg, model, batch, mi,
                                  pseudo_labels=0 < cfg.pseudo_labels_after <= result.step)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
+        _optimizer_step(loss, net, opt, scaler)
         result.step += 1
         result.losses.append(float(loss.detach()))
         if board is not None:
             board.add_scalar("train/loss", result.losses[-1], result.step)
         if val_set and result.step % cfg.val_every == 0:
-            metrics = dict(validate(net, val_set), step=result.step)
-            result.validation.append(metrics)
-            if board is not None:
-                for key in ("dice", "dice_identity", "folding_percent", "seg_dice"):
-                    if key in metrics:
-                        board.add_scalar(f"validation/{key}", metrics[key], result.step)
-            logger.info("step %d validation: %s", result.step, metrics)
-            if not metrics["dice"] <= result.best_metric:  # also true when best is NaN
-                result.best_metric, result.best_step = metrics["dice"], result.step
-                if out is not None:
-                    result.seconds = time.perf_counter() - start
-                    result.best_model_path = model_files.save_model(
-                        net, out / f"{cfg.model_name}-best", _card(cfg, result, world, device, metrics))
+            _validate_and_keep_best(cfg, net, val_set, result, board, out, start, world, device)
         if cfg.checkpoint_every > 0 and result.step % cfg.checkpoint_every == 0:
             checkpoint()
-        stop = torch.zeros(1)
-        try:
-            prog(result.step / cfg.steps, f"step {result.step}/{cfg.steps}, loss {result.losses[-1]:.4f}")
-        except Cancelled:
-            stop += 1
-        if world > 1:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        if stop.item() > 0:
+        if _cancel_requested(prog, result, cfg, world):
             checkpoint()
             raise Cancelled(f"Training cancelled at step {result.step}; resume from the checkpoint to continue.")
+
+    # the end: last checkpoint, final model, best model
     result.seconds = time.perf_counter() - start
     if board is not None:
         board.close()
