@@ -130,32 +130,10 @@ def _seed_of(*parts) -> int:
     return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:16], 16)
 
 
-def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, options: BuildOptions,
-                  progress: Progress | None = None) -> BuildResult:
-    """Builds (or resumes / extends) a de-identified Learn2Reg dataset from Slicer scenes.
-
-    Args:
-        inputs: Scene files (``.mrb``, ``.mrml``) and folders of them or of DICOM series.
-        out_dir: Empty/new folder, or a dataset this builder made for the same task (resume, update).
-        options: :class:`BuildOptions`.
-        progress: ``progress(fraction 0..1, message)``; return False to cancel (raises Cancelled).
-
-    Raises:
-        NotOurDatasetError, Cancelled (``DeepRegistrationLib.errors``), PhiFoundError, ValueError (bad options
-        or inputs).
-    """
-    out = Path(out_dir).resolve()
-    key_path = Path(options.key_file).resolve()
-    if out == key_path.parent or out in key_path.parents:
-        raise ValueError("the pseudonym key must live outside the output folder")
-    if options.classical:
-        check_available(options.classical_options)
-    writer.prepare_output(out, options.task)
-    key = load_or_create_key(key_path)
-    state = writer.load_state(out)
-    result = BuildResult(out)
-    mapping = read_subject_mapping(options.subject_mapping)
-    scenes = find_scene_files(inputs)
+def _read_inputs(scenes: list[Path], key: bytes, mapping, options: BuildOptions, progress: Progress | None,
+                 result: BuildResult) -> tuple[list, PhiStrings]:
+    """Every case of every scene or DICOM folder that has a subject identity, and the identifying strings met;
+    unreadable inputs and cases without identity are recorded in ``result.skipped``."""
     phi = PhiStrings()
     raw = []
     for n, path in enumerate(scenes):
@@ -184,6 +162,11 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
                 result.skipped.append(Skipped(tag, "no subject identity (no DICOM PatientID, not in the mapping)"))
             else:
                 raw.append(case)
+    return raw, phi
+
+
+def _without_conflicting_birth_dates(raw: list, key: bytes, result: BuildResult) -> list:
+    """The cases whose subject ID is not shared by different birth dates (those are skipped)."""
     births: dict[str, set] = {}
     for c in raw:
         if c.birth_date:
@@ -193,15 +176,23 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
         result.skipped += [Skipped(pseudonym(key, i), "subject ID shared by different birth dates")
                            for i in sorted(conflicting)]
         raw = [c for c in raw if c.identity not in conflicting]
-    # pseudonyms and stable case numbers
+    return raw
+
+
+def _unique_cases(raw: list, key: bytes) -> list:
+    """Subject pseudonyms and case UIDs set on every case; one case per UID, in UID order."""
     by_uid = {}
     for c in raw:
         c.subject = pseudonym(key, c.identity)
         digest = hashlib.sha256(np.ascontiguousarray(c.image.array).tobytes()).hexdigest()
         c.uid = pseudonym(key, f"case:{c.identity}:{c.session}:{digest}", "C", 16)
         by_uid.setdefault(c.uid, c)
-    originals = [by_uid[u] for u in sorted(by_uid)]
-    # label table (existing IDs kept)
+    return [by_uid[u] for u in sorted(by_uid)]
+
+
+def _label_table(originals: list, options: BuildOptions, state: dict, phi: PhiStrings, result: BuildResult
+                 ) -> LabelTable:
+    """The label table of the cases (IDs already in the dataset kept); label names are dropped from ``phi``."""
     table = LabelTable.create(options.label_names, options.label_synonyms)
     for c in originals:
         table.observe(c.segment_names, c.segment_terms)
@@ -213,6 +204,65 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
     # a label name is written on purpose (a study described "Liver" with a "Liver" label is no leak)
     phi.values = {v: k for v, k in phi.values.items() if normalize(v) not in allowed}
     result.phi_strings = len(phi.values)
+    return table
+
+
+def _write_index_and_scan(out: Path, options: BuildOptions, result: BuildResult, table: LabelTable, modalities: dict,
+                          entries: dict[str, dict], pairs: dict[str, list[dict]], originals: list, phi: PhiStrings,
+                          n_inputs: int, progress: Progress | None) -> None:
+    """The dataset JSON, thumbnails and report, the PHI scan of everything written (PhiFoundError on a hit, with
+    the report saying where) and, last, the manifest."""
+    sizes = {tuple(c.image.grid.size) for c in originals}
+    shape = list(sizes.pop()) if len(sizes) == 1 else None  # Learn2Reg: (X, Y, Z), only when all agree
+    writer.atomic_write_json(out / f"{options.task}_dataset.json",
+                             writer.dataset_json(options.task, table.as_json(), modalities,
+                                                 sorted(entries.values(), key=lambda e: e["image"]), pairs, shape))
+    thumbnails = write_thumbnails(out, pairs["train"] + pairs["val"] + pairs["test"])
+    _tick(progress, 0.95, "PHI scan")
+    hits = scan_for_phi(out, phi)
+    write_dataset_report(out, options.task, result, table, hits, thumbnails)
+    hits = scan_for_phi(out, phi)
+    result.phi_hits = hits
+    if hits:
+        write_dataset_report(out, options.task, result, table, hits, thumbnails)
+        raise PhiFoundError("identifying text found in the output: " +
+                            ", ".join(sorted({f"{h.file} ({h.kind})" for h in hits})))
+    logger.info("%d of %d cases written in this run (the others were already done)", result.cases_written,
+                result.cases_total)
+    _tick(progress, 0.99, "writing the manifest")
+    result.manifest = writer.write_manifest(out, BUILDER_VERSION, options.manifest_parameters(), n_inputs)
+
+
+def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, options: BuildOptions,
+                  progress: Progress | None = None) -> BuildResult:
+    """Builds (or resumes / extends) a de-identified Learn2Reg dataset from Slicer scenes.
+
+    Args:
+        inputs: Scene files (``.mrb``, ``.mrml``) and folders of them or of DICOM series.
+        out_dir: Empty/new folder, or a dataset this builder made for the same task (resume, update).
+        options: :class:`BuildOptions`.
+        progress: ``progress(fraction 0..1, message)``; return False to cancel (raises Cancelled).
+
+    Raises:
+        NotOurDatasetError, Cancelled (``DeepRegistrationLib.errors``), PhiFoundError, ValueError (bad options
+        or inputs).
+    """
+    out = Path(out_dir).resolve()
+    key_path = Path(options.key_file).resolve()
+    if out == key_path.parent or out in key_path.parents:
+        raise ValueError("the pseudonym key must live outside the output folder")
+    if options.classical:
+        check_available(options.classical_options)
+    writer.prepare_output(out, options.task)
+    key = load_or_create_key(key_path)
+    state = writer.load_state(out)
+    result = BuildResult(out)
+    mapping = read_subject_mapping(options.subject_mapping)
+    scenes = find_scene_files(inputs)
+    raw, phi = _read_inputs(scenes, key, mapping, options, progress, result)
+    raw = _without_conflicting_birth_dates(raw, key, result)
+    originals = _unique_cases(raw, key)
+    table = _label_table(originals, options, state, phi, result)
     # splits, modalities, case numbers
     splits = assign_splits([c.subject for c in originals], options.split_ratios, options.seed, state["splits"])
     modalities = dict(state.get("modalities", {}))
@@ -293,25 +343,8 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
         pairs[entries[f]["split"]].append(pair)
     result.pairs = {k: len(v) for k, v in pairs.items()}
     _weights([e for e in entries.values() if e["split"] in ("train", "val")])
-    sizes = {tuple(c.image.grid.size) for c in originals}
-    shape = list(sizes.pop()) if len(sizes) == 1 else None  # Learn2Reg: (X, Y, Z), only when all agree
-    writer.atomic_write_json(out / f"{options.task}_dataset.json",
-                        writer.dataset_json(options.task, table.as_json(), modalities,
-                                       sorted(entries.values(), key=lambda e: e["image"]), pairs, shape))
-    thumbnails = write_thumbnails(out, pairs["train"] + pairs["val"] + pairs["test"])
-    _tick(progress, 0.95, "PHI scan")
-    hits = scan_for_phi(out, phi)
-    write_dataset_report(out, options.task, result, table, hits, thumbnails)
-    hits = scan_for_phi(out, phi)
-    result.phi_hits = hits
-    if hits:
-        write_dataset_report(out, options.task, result, table, hits, thumbnails)
-        raise PhiFoundError("identifying text found in the output: " +
-                            ", ".join(sorted({f"{h.file} ({h.kind})" for h in hits})))
-    logger.info("%d of %d cases written in this run (the others were already done)", result.cases_written,
-                result.cases_total)
-    _tick(progress, 0.99, "writing the manifest")
-    result.manifest = writer.write_manifest(out, BUILDER_VERSION, options.manifest_parameters(), len(scenes))
+    _write_index_and_scan(out, options, result, table, modalities, entries, pairs, originals, phi, len(scenes),
+                          progress)
     _tick(progress, 1.0, "done")
     return result
 
