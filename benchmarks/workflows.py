@@ -1,6 +1,6 @@
 """Benchmark of the multi-pair workflows against their peers, side by side in one run.
 
-    .venv/bin/python benchmarks/workflows.py --out benchmarks/results_workflows [--threads 2] [--spacing 6]
+    .venv/bin/python benchmarks/workflows.py [--out benchmarks/results/workflows] [--threads 1] [--spacing 6]
 
 Data: the bundled sample (Colin27 T1 + AAL labels, Debian ``mricron-data``, BSD-3-clause), resampled to
 ``--spacing`` (default 6 mm, about 27×33×28 voxels, to fit a small shared CPU; 3 is the bundled resolution).
@@ -199,8 +199,8 @@ def template_scores(run: Path, method: str, n: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results_workflows")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "workflows")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--spacing", type=float, default=6.0, help="voxel size of the data and of the registrations (mm)")
     ap.add_argument("--only", nargs="+", default=["sequence", "template", "batch"])
     ap.add_argument("--worker", nargs=4, metavar=("KIND", "METHOD", "DATA", "OUT"), help=argparse.SUPPRESS)
