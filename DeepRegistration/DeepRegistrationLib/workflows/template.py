@@ -6,7 +6,8 @@
    subjects are averaged on the first image's grid, and the average is resampled through the inverse of the
    mean affine matrix, so that the subjects' affine maps average to the identity.
 2. **Deformable passes** (K, default 3). Every subject (moving) is registered onto the current template
-   (fixed) with :func:`~DeepRegistrationLib.outputs.run_registration`; the warped subjects are averaged; the
+   (fixed) with :func:`~DeepRegistrationLib.outputs.run_registration`, starting from its previous affine
+   (no new initialization search); the warped subjects are averaged; the
    mean displacement ``d̄(x) = mean_i (T_i(x) − x)`` is inverted (fixed point ``v(x) = −d̄(x + v(x))``) and the
    average is resampled through that inverse — the next template. The last pass writes the outputs and its
    mean displacement measures convergence (≈ 0 for a centred template).
@@ -192,6 +193,8 @@ def build_template(images, out_dir, config: RegistrationConfig | None = None, *,
         history.append({"pass": 0, "kind": "affine average", "seconds": round(time.perf_counter() - t0, 3),
                         "mean_affine_lps": np.round(a_bar, 6).tolist()})
         pictures.append(("affine", template))
+        # each pass starts every subject from its previous affine (no new initialization search)
+        starts = [a @ np.linalg.inv(a_bar) for a, _ in aff]
 
         # 2. deformable passes
         final_runs: list = []
@@ -207,7 +210,8 @@ def build_template(images, out_dir, config: RegistrationConfig | None = None, *,
             def deform_one(i: int, path: Path, k=k, last=last, tpath=tpath):
                 tick(i, f"pass {k}/{iterations}: subject {i + 1}/{n}")
                 folder = tmp / f"subject_{i:04d}" if last else tmp / ".work" / f"pass_{k}" / f"subject_{i:04d}"
-                run = run_registration(tpath, path, folder, cfg, write_png=write_png and last)
+                run = run_registration(tpath, path, folder, cfg, write_png=write_png and last,
+                                       initial_affine=starts[i])
                 with torch.no_grad():
                     disp = run.result.transform.total_displacement(grid).numpy()
                 warped = warp_image(subjects[i], grid, run.result.transform, "linear").array
@@ -216,10 +220,11 @@ def build_template(images, out_dir, config: RegistrationConfig | None = None, *,
                     wl = warp_image(label_maps[i], grid, run.result.transform, "nearest")
                     write_image(wl, folder / "warped_labels.nii.gz")
                     wl = wl.array
-                return warped, disp, wl, run.report["similarity"]["ncc_after"]
+                return warped, disp, wl, run.report["similarity"]["ncc_after"], run.result.transform.affine
 
             results = map_over_ranks(paths, deform_one, world, rank)
             done[0] += n
+            starts = [r[4] for r in results]
             d_bar = torch.as_tensor(np.mean([r[1] for r in results], axis=0))
             norm = d_bar.norm(dim=1)
             mean_img = Image(np.mean([r[0] for r in results], axis=0).astype(np.float32), grid, "template")
