@@ -268,3 +268,20 @@ def test_sequence_chain_from_a_middle_reference(tmp_path, sequence_case):
     # measured 0.49 -> 0.82 (0.67 without --chain); frame 2 is only 4 mm off, its 6 mm label Dice is noise
     assert _dice(ref, after) > _dice(ref, sitk.GetArrayFromImage(labels[0])) + 0.2
     assert all(r["ncc_after"] > r["ncc_before"] for r in (info["frames"][0], info["frames"][2]))
+
+
+def test_cancel_stops_with_nothing_half_written(tmp_path, data, sequence_case):
+    from DeepRegistrationLib.errors import Cancelled
+    from DeepRegistrationLib.workflows.sequence import register_sequence
+
+    with pytest.raises(Cancelled):
+        register_sequence(sequence_case[0], tmp_path / "seq", CFG, write_png=False,
+                          progress=lambda f, m: not m.startswith("frame 1"))
+    assert not list(tmp_path.iterdir())
+    pairs = read_pairs(_csv(data / "two.csv", ["fixed,moving,name", "fixed.nii.gz,moving.nii.gz,x",
+                                               "fixed.nii.gz,moving.nii.gz,y"]))
+    with pytest.raises(Cancelled):
+        run_batch(pairs, tmp_path / "b", CFG, write_png=False, progress=lambda f, m: not m.startswith("y"))
+    rows = json.loads((tmp_path / "b" / "summary.json").read_text())["pairs"]
+    assert [r["status"] for r in rows] == ["ok", "not run"] and not (tmp_path / "b" / "y").exists()
+    assert not [p for p in (tmp_path / "b").iterdir() if "partial" in p.name]
