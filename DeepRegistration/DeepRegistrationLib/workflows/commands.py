@@ -154,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         result = register_sequence(args.sequence, args.output, cfg, reference=args.reference, chain=args.chain,
                                    write_png=not args.no_png, progress=lines, predictor=predictor,
                                    predictor_mode=mode)
-        print(f"outputs: {result.out_dir} ({len(result.frames)} frames)")
+        if rank == 0:
+            print(f"outputs: {result.out_dir} ({len(result.frames)} frames)")
         return 0
     from .template import build_template
 
