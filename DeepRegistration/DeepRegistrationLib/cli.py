@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser(
         "register", help="register MOVING onto FIXED and write transform, warped image and report",
-        description="Align MOVING to FIXED: moments initialization, then rigid/affine, then (mode deformable) "
+        description="Align MOVING to FIXED: an initialization search, then rigid/affine, then (mode deformable) "
                     "a smooth dense deformation, each at several resolutions.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("fixed", metavar="FIXED", help="fixed (reference) image file or DICOM series folder")
@@ -101,9 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stationary velocity field + scaling and squaring (invertible; slower)")
     g.add_argument("--jacobian-weight", type=float, default=d.jacobian_weight, metavar="W",
                    help="penalty on near-folding (det J < 0.05); 0 = off (default: %(default)s)")
-    g.add_argument("--init", dest="initialization", choices=("moments", "geometry", "none"),
-                   default=d.initialization, help="initial alignment: centres of mass, of the fields of view, "
-                   "or none (default: %(default)s)")
+    g.add_argument("--init", dest="initialization", choices=("search", "moments", "geometry", "none"),
+                   default=d.initialization, help="initial alignment: search (the best of many rigid starts: "
+                   "principal axes, rotations up to --init-max-rotation, shifts; for large rotations or partial "
+                   "fields of view), centres of mass, centres of the fields of view, or none (default: "
+                   "%(default)s)")
+    g.add_argument("--init-max-rotation", type=float, default=d.init_max_rotation, metavar="DEG",
+                   help="largest rotation the search initialization tries, 0-180 degrees (default: %(default)s)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
                    help="auto uses a CUDA GPU when PyTorch sees one (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
@@ -176,7 +180,8 @@ def _register(args: argparse.Namespace) -> int:
                              reg_weight=args.reg_weight, spacing=spacing, iterations=args.iterations,
                              affine_iterations=args.affine_iterations, levels=args.levels,
                              diffeomorphic=args.diffeomorphic, jacobian_weight=args.jacobian_weight,
-                             initialization=args.initialization, device=args.device, seed=args.seed,
+                             initialization=args.initialization, init_max_rotation=args.init_max_rotation,
+                             device=args.device, seed=args.seed,
                              threads=args.threads).validate()
     if args.model:
         warning = registry.usage_warning(loaded.card, cfg.similarity)

@@ -10,6 +10,7 @@ MODES = ("rigid", "affine", "deformable")
 SIMILARITIES = ("lncc", "mi", "mse")
 REGULARIZERS = ("diffusion", "bending")
 DEVICES = ("auto", "cpu", "cuda")
+INITIALIZATIONS = ("search", "moments", "geometry", "none")
 
 
 @dataclass
@@ -32,8 +33,10 @@ class RegistrationConfig:
         jacobian_weight: Weight of a penalty on Jacobian determinants below 0.05 (0 = off).
         lncc_radius: Half-width in voxels of the LNCC window.
         smoothing_passes: Box-filter passes (3³) applied to the field parameters each iteration.
-        initialization: ``"moments"`` (align centres of mass), ``"geometry"`` (align field-of-view
-            centres) or ``"none"``.
+        initialization: ``"search"`` (default: the best of many rigid starts, see
+            :mod:`~DeepRegistrationLib.initialization`), ``"moments"`` (align centres of mass),
+            ``"geometry"`` (align field-of-view centres) or ``"none"``.
+        init_max_rotation: Largest rotation (degrees, 0–180) the ``"search"`` initialization tries.
         intensity_percentiles: Percentiles mapped to 0 and 1 by the intensity normalization.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         seed: Random seed (torch), for reproducible runs.
@@ -52,7 +55,8 @@ class RegistrationConfig:
     jacobian_weight: float = 0.0
     lncc_radius: int = 4
     smoothing_passes: int = 2
-    initialization: str = "moments"
+    initialization: str = "search"
+    init_max_rotation: float = 180.0
     intensity_percentiles: tuple = field(default=(0.5, 99.5))
     device: str = "auto"
     seed: int = 0
@@ -68,7 +72,10 @@ class RegistrationConfig:
         choice("similarity", self.similarity, SIMILARITIES)
         choice("regularization", self.regularization, REGULARIZERS)
         choice("device", self.device, DEVICES)
-        choice("initialization", self.initialization, ("moments", "geometry", "none"))
+        choice("initialization", self.initialization, INITIALIZATIONS)
+        v = self.init_max_rotation
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 180):
+            raise InputError(f"init_max_rotation must be between 0 and 180 degrees, got {v!r}")
         for name, lo in (("reg_weight", 0.0), ("jacobian_weight", 0.0)):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= lo):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import initialization as init_search
 from . import metrics
 from . import warp as W
 from .config import RegistrationConfig, select_device
@@ -68,6 +69,8 @@ class RegistrationResult:
         jacobian: ``(Z, Y, X)`` det of the Jacobian of the full map on ``working_grid``.
         folding_percent: % of working-grid voxels with det J <= 0.
         sdlogj: Both SDlogJ variants (see :func:`DeepRegistrationLib.metrics.sdlogj`).
+        initialization: How the linear stage started (``mode``; for ``"search"`` also the winning
+            ``start``, its ``score`` and the centre-of-mass start's ``moments_score``).
         timings: Seconds per stage.
         device: Where it ran.
         config: The settings used.
@@ -82,6 +85,7 @@ class RegistrationResult:
     jacobian: np.ndarray
     folding_percent: float
     sdlogj: dict
+    initialization: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     device: str = "cpu"
     config: RegistrationConfig | None = None
@@ -105,27 +109,23 @@ class _Level:
         self.fmask = None if fmask is None else (_pool(fmask, factor) > 0.5)
         self.pts = W.grid_points(self.fgrid, fixed.device)
 
-    def warp(self, mapped: torch.Tensor, fov: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Warped moving image ``(1, 1, Z, Y, X)`` for mapped points ``(1, Z, Y, X, 3)``, and where it is valid.
+    def warp(self, mapped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The moving image at mapped points ``(B, Z, Y, X, 3)``: ``(warped, valid, view)``.
 
-        Outside the moving image the warped image is 0. ``valid`` marks samples inside the moving mask
-        and, when ``fov``, inside the moving field of view (None when nothing is excluded). LNCC uses
-        ``fov=False``: zeros outside the view simply fail to correlate, a penalty that is continuous in
-        the transform, whereas a hard field-of-view mask would make the loss jump.
+        ``warped`` ``(B, 1, Z, Y, X)`` is 0 outside the moving image; ``view`` (bool, same shape) marks the
+        samples inside the moving field of view and ``valid`` those also inside the moving mask: the
+        similarity counts only the overlap (see :mod:`~DeepRegistrationLib.similarity`).
         """
-        norm = W.world_to_normalized(mapped, self.mgrid)
-        out = torch.nn.functional.grid_sample(self.moving, norm, mode="bilinear", padding_mode="zeros",
-                                              align_corners=True)
-        return out[:, :1], self._valid(out, norm, fov)
-
-    @staticmethod
-    def _valid(out: torch.Tensor, norm: torch.Tensor, fov: bool) -> torch.Tensor | None:
-        """The ``valid`` mask of :meth:`warp` from the sampled channels and the normalized points."""
-        valid = (norm.detach().abs() <= 1.0).all(dim=-1).unsqueeze(1) if fov else None
+        out, view = W.sample_in_view(self.moving, self.mgrid, mapped)
+        valid = view
         if out.shape[1] > 1:
-            inside = out[:, 1:2].detach() > 0.5
-            valid = inside if valid is None else valid & inside
-        return valid
+            valid = view & (out[:, 1:2].detach() > 0.5)
+        return out[:, :1], valid, view
+
+    def loss(self, sim: Similarity, mapped: torch.Tensor) -> torch.Tensor:
+        """``sim`` of the fixed image and the moving image at ``mapped`` (its overlap only), a scalar."""
+        warped, valid, view = self.warp(mapped)
+        return sim(self.fixed, warped, valid, self.fmask, view)
 
 
 class _Best:
@@ -175,8 +175,7 @@ def _optimize_linear(lv: _Level, a0: torch.Tensor, kind: str, center: torch.Tens
     opt = CosineAdam(raw, 0.05 if lv.factor > 1 else 0.02, iters, lr_end=0.0005)
 
     def objective(params: torch.Tensor) -> torch.Tensor:
-        warped, valid = lv.warp(W.apply_affine(lv.pts, matrix(params)), sim.uses_fov)
-        return sim(lv.fixed, warped, valid, lv.fmask)
+        return lv.loss(sim, W.apply_affine(lv.pts, matrix(params)))
 
     best = _descend(raw, opt, objective, iters, progress, f"{kind} level 1/{lv.factor}")
     with torch.no_grad():
@@ -218,8 +217,7 @@ def _optimize_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters:
     def objective(p: torch.Tensor) -> torch.Tensor:
         u = _field_from_param(p, lv.fgrid, cfg)
         mapped = W.apply_affine(lv.pts + torch.movedim(u, 1, -1), affine)
-        warped, valid = lv.warp(mapped, sim.uses_fov)
-        loss = sim(lv.fixed, warped, valid, lv.fmask) + cfg.reg_weight * reg(u, lv.fgrid)
+        loss = lv.loss(sim, mapped) + cfg.reg_weight * reg(u, lv.fgrid)
         if cfg.jacobian_weight > 0:
             loss = loss + cfg.jacobian_weight * folding_penalty(u, lv.fgrid)
         return loss
@@ -232,13 +230,19 @@ def _optimize_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters:
 def _evaluate(lv: _Level, affine: torch.Tensor, u: torch.Tensor | None, sim: Similarity) -> tuple[float, float]:
     with torch.no_grad():
         pts = lv.pts if u is None else lv.pts + torch.movedim(u, 1, -1)
-        norm = W.world_to_normalized(W.apply_affine(pts, affine), lv.mgrid)
-        out = torch.nn.functional.grid_sample(lv.moving, norm, mode="bilinear", padding_mode="zeros",
-                                              align_corners=True)
-        warped = out[:, :1]
-        loss = float(sim(lv.fixed, warped, lv._valid(out, norm, sim.uses_fov), lv.fmask))
-        inside = lv._valid(out, norm, True)  # the NCC summary always counts only samples inside the view
-        return loss, global_ncc(lv.fixed, warped, inside if lv.fmask is None else inside & lv.fmask)
+        warped, valid, view = lv.warp(W.apply_affine(pts, affine))
+        loss = float(sim(lv.fixed, warped, valid, lv.fmask, view))
+        return loss, global_ncc(lv.fixed, warped, valid if lv.fmask is None else valid & lv.fmask)
+
+
+def _level_moments(lv: _Level) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Second moments (centre, covariance; LPS mm) of a level's fixed and moving images, within their masks."""
+    fixed = lv.fixed[0, 0].double().cpu().numpy()
+    fmask = None if lv.fmask is None else lv.fmask[0, 0].cpu().numpy()
+    moving = lv.moving[0, 0].double().cpu().numpy()
+    mmask = None if lv.moving.shape[1] < 2 else lv.moving[0, 1].cpu().numpy() > 0.5
+    return (init_search.second_moments(fixed, lv.fgrid, fmask),
+            init_search.second_moments(moving, lv.mgrid, mmask))
 
 
 def _initial_affine(cfg: RegistrationConfig, fw: WorkingImage, mw: WorkingImage) -> np.ndarray:
@@ -277,7 +281,7 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
         config: Settings; defaults to ``RegistrationConfig()`` (deformable, LNCC, 2 mm).
         fixed_mask / moving_mask: Optional masks (any grid overlapping their image); only voxels
             inside count in the similarity.
-        initial_affine: Optional 4×4 LPS fixed → moving matrix replacing the moments initialization.
+        initial_affine: Optional 4×4 LPS fixed → moving matrix replacing the initialization.
         predictor: Optional learned :class:`FieldPredictor` for the deformable stage.
         predictor_mode: ``"init"`` (prediction starts the finest-level optimization) or ``"replace"``.
         progress: ``callback(fraction, message)``; returning False cancels (raises Cancelled).
@@ -318,12 +322,26 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
     prog(0.08, "initializing")
 
     t = time.perf_counter()
-    a0 = initial_affine if initial_affine is not None else _initial_affine(cfg, fw, mw)
+    frame = torch.eye(4, device=device)
+    frame[:3, :3] = torch.as_tensor(fw.grid.direction_matrix, dtype=torch.float32, device=device)
+    if initial_affine is not None:
+        a0, init_info = np.asarray(initial_affine, dtype=float), {"mode": "given"}
+    elif cfg.initialization == "search":
+        sf = init_search.search_factor(min(fw.grid.spacing), factors[0])
+        coarse = levels[factors[0]]
+        search_lv = coarse if sf == factors[0] else _Level(f_t, fw.grid, m_t, mw.grid, sf, fmask, mmask)
+        fixed_m, moving_m = _level_moments(coarse)
+        found = init_search.search(search_lv, coarse, sim, fixed_m, moving_m, _initial_affine(
+            RegistrationConfig(initialization="geometry"), fw, mw), frame, cfg.init_max_rotation,
+            Progress(progress, 0.08, 0.12))
+        a0, init_info = found.matrix, found.to_dict()
+        timings["initialization"] = found.seconds
+    else:
+        a0, init_info = _initial_affine(cfg, fw, mw), {"mode": cfg.initialization}
+    t = time.perf_counter()
     affine = torch.as_tensor(a0, dtype=torch.float32, device=device)
     center = torch.as_tensor(center_of_mass(fw.array, fw.grid, fw.mask), dtype=torch.float32, device=device)
     kind = "rigid" if cfg.mode == "rigid" else "affine"
-    frame = torch.eye(4, device=device)
-    frame[:3, :3] = torch.as_tensor(fw.grid.direction_matrix, dtype=torch.float32, device=device)
     # deformable: the affine stage stops one level early (the field refines it); rigid/affine: all levels
     lin_factors = ([f for f in factors if f >= 2] or [1]) if cfg.mode == "deformable" else factors
     lin_span = (0.08, 0.3 if cfg.mode == "deformable" else 0.95)
@@ -345,7 +363,7 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
         init = torch.zeros((1, 3, *levels[factors[0]].fgrid.shape), device=device)
         if predictor is not None:
             with torch.no_grad():
-                moved, _ = finest.warp(W.apply_affine(finest.pts, affine))
+                moved = finest.warp(W.apply_affine(finest.pts, affine))[0]
                 init = predictor.predict(finest.fixed, moved, finest.fgrid).to(device=device, dtype=torch.float32)
             run_factors = [] if predictor_mode == "replace" else [1]
             u = init
@@ -378,7 +396,7 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
         working_grid=fw.grid, similarity_before=sim_before, similarity_after=sim_after,
         ncc_before=ncc_before, ncc_after=ncc_after, jacobian=detj.astype(np.float32),
         folding_percent=float(metrics.folding_percent(detj)), sdlogj=metrics.sdlogj(detj),
-        timings=timings, device=str(device), config=cfg)
+        initialization=init_info, timings=timings, device=str(device), config=cfg)
     timings["evaluate"] = time.perf_counter() - t
     prog(1.0, "registered")
     logger.info("registered: %s %.4f -> %.4f, NCC %.3f -> %.3f, folding %.4f%%", cfg.similarity, sim_before,

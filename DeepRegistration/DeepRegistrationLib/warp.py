@@ -77,6 +77,26 @@ def sample(volume: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str = "
     return F.grid_sample(volume, norm.to(volume.dtype), mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
+def sample_in_view(volume: torch.Tensor, grid: Grid, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples ``volume`` at LPS points (trilinear, 0 outside) and says which points lie in its field of view.
+
+    Args:
+        volume: ``(1 or B, C, Z, Y, X)`` values on ``grid``.
+        grid: The grid of ``volume``.
+        points: ``(B, Z', Y', X', 3)`` LPS mm, last axis (x, y, z).
+
+    Returns:
+        ``values`` ``(B, C, Z', Y', X')`` and ``inside`` ``(B, 1, Z', Y', X')`` bool: True where the point
+        lies within the outermost voxel centres of ``grid`` (where trilinear interpolation uses no padding).
+    """
+    norm = world_to_normalized(points, grid).to(volume.dtype)
+    if volume.shape[0] != norm.shape[0]:
+        volume = volume.expand(norm.shape[0], *volume.shape[1:])
+    vals = F.grid_sample(volume, norm, mode="bilinear", padding_mode="zeros", align_corners=True)
+    inside = (norm.detach().abs() <= 1.0 + 1e-6).all(dim=-1).unsqueeze(1)
+    return vals, inside
+
+
 def _inside_half_voxel(norm: torch.Tensor, grid: Grid) -> torch.Tensor:
     """True where normalized points lie within half a voxel of the grid (continuous index in [-0.5, n-0.5])."""
     size = torch.as_tensor(grid.size, device=norm.device, dtype=norm.dtype)
