@@ -18,6 +18,8 @@ outputs (in OUTDIR, written to a temporary folder first and moved into place whe
   transform.h5      ITK composite transform (affine + displacement field), fixed -> moving, LPS;
                     apply it with SimpleITK/ANTs/Slicer to map the moving image onto the fixed one
   warped.nii.gz     moving image resampled onto the fixed image's grid
+  inverse.h5        (deformable mode) the inverse, moving -> fixed, LPS; report.json gives its
+                    inverse-consistency error |T(T^-1(y)) - y| in mm
   jacobian.nii.gz   Jacobian determinant of the transform (<1 shrink, >1 expand, <=0 folding)
   report.json       similarity before/after, folding %, Dice/HD95/TRE if labels/landmarks given,
                     timings, parameters, versions, device
@@ -121,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fixed-landmarks", metavar="FILE", help="landmarks (CSV label,x,y,z in LPS mm; Slicer "
                    ".mrk.json or .fcsv): adds TRE")
     e.add_argument("--moving-landmarks", metavar="FILE", help="corresponding moving landmarks")
+    e.add_argument("--guide-landmarks", nargs=2, metavar=("FIXED", "MOVING"),
+                   help="corresponding landmarks that guide the registration (same formats, paired by label; "
+                   "at least 3, 4-8 well spread work best): their rigid least-squares fit starts the "
+                   "registration; kept separate from the evaluation landmarks")
     m = p.add_argument_group("learned model")
     m.add_argument("--model", metavar="NAME|PATH", help="a trained field predictor (see 'deepregistration models "
                    "list') whose prediction starts the deformable optimization")
@@ -193,6 +199,8 @@ def _register(args: argparse.Namespace) -> int:
             args.fixed, args.moving, args.output, cfg, fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
             fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
             fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
+            guide_fixed_landmarks=(args.guide_landmarks or (None, None))[0],
+            guide_moving_landmarks=(args.guide_landmarks or (None, None))[1],
             overwrite=args.overwrite, write_png=not args.no_png, progress=bar, predictor=predictor,
             predictor_mode=args.model_mode)
     finally:

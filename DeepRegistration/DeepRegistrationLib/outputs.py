@@ -6,6 +6,8 @@ to OUTDIR that is renamed into place only when everything succeeded:
 
 - ``transform.h5``: ITK composite transform [affine, displacement field], fixed → moving, LPS.
 - ``warped.nii.gz``: the moving image resampled onto the fixed image's full-resolution grid.
+- ``inverse.h5`` (deformable mode): the inverse, moving → fixed (ITK composite [displacement, affine⁻¹],
+  LPS; see :mod:`.inverse`); ``report.json`` gives its inverse-consistency error.
 - ``jacobian.nii.gz``: det of the Jacobian of the full transform, on the fixed grid.
 - ``warped_labels.nii.gz``: the moving labels warped (nearest neighbour), when labels are given.
 - ``report.json`` / ``report.png``: figures, timings, parameters, versions; a visual check.
@@ -111,7 +113,8 @@ def evaluate_landmarks(fixed_pts: np.ndarray, moving_pts: np.ndarray, transform:
 
 def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfig | None = None, *,
                      fixed_mask=None, moving_mask=None, fixed_labels=None, moving_labels=None,
-                     fixed_landmarks=None, moving_landmarks=None, overwrite: bool = False,
+                     fixed_landmarks=None, moving_landmarks=None, guide_fixed_landmarks=None,
+                     guide_moving_landmarks=None, overwrite: bool = False,
                      write_png: bool = True, progress: ProgressCallback | None = None,
                      predictor=None, predictor_mode: str = "init",
                      initial_affine: np.ndarray | None = None) -> RunSummary:
@@ -124,6 +127,9 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
         fixed_mask / moving_mask: Optional mask files.
         fixed_labels / moving_labels: Optional label maps on their image's grid (adds Dice/HD95).
         fixed_landmarks / moving_landmarks: Optional landmark files (CSV, .mrk.json, .fcsv) (adds TRE).
+        guide_fixed_landmarks / guide_moving_landmarks: Optional landmark files of corresponding points that
+            guide the registration (see :mod:`.guidance`): their rigid least-squares fit starts the linear
+            stage (unless ``initial_affine`` is given). Checked before any work.
         overwrite: Replace an existing ``out_dir`` (only once the new outputs are complete).
         write_png: Also draw ``report.png``.
         progress: ``callback(fraction, message)``; returning False cancels with nothing written.
@@ -152,6 +158,15 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
     lms = None
     if fixed_landmarks is not None:
         lms = match_landmarks(read_landmarks(fixed_landmarks), read_landmarks(moving_landmarks))
+    guide, guide_info = None, None
+    if guide_fixed_landmarks is not None or guide_moving_landmarks is not None:
+        from .guidance import fit_linear, read_guide_landmarks
+
+        guide = read_guide_landmarks(guide_fixed_landmarks, guide_moving_landmarks, fixed.grid, moving.grid)
+        guide_info = {**guide.summary(), "start": "given initial affine"}
+        if initial_affine is None:
+            initial_affine = fit_linear(guide.fixed, guide.moving, "rigid")
+            guide_info["start"] = "rigid least-squares fit of the guide landmarks"
     t_read = time.perf_counter() - t0
 
     result = register(fixed, moving, cfg, fixed_mask=fmask, moving_mask=mmask, predictor=predictor,
@@ -162,6 +177,17 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         sitk.WriteTransform(result.transform.to_sitk(), str(tmp / "transform.h5"))
+        inverse_report = None
+        if result.transform.field is not None:
+            from .inverse import consistency_error, foreground_points, invert
+
+            prog(0.87, "inverting the transform")
+            inverse = invert(result.transform, velocity=getattr(result, "velocity", None))
+            sitk.WriteTransform(inverse.to_sitk(), str(tmp / "inverse.h5"))
+            pts = foreground_points(moving.array, moving.grid, None if mmask is None else mmask.array > 0)
+            inverse_report = {**inverse.summary(), "points": "moving mask" if mmask is not None else
+                              "moving foreground (> 10 % of the 99th percentile)",
+                              "consistency_mm": consistency_error(result.transform, inverse, pts)}
         warped = warp_image(moving, fixed.grid, result.transform, "linear")
         write_image(warped, tmp / "warped.nii.gz")
         jac = Image(sample_on_grid(result.jacobian, result.working_grid, fixed.grid), fixed.grid, "jacobian")
@@ -176,6 +202,14 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
         t_write = time.perf_counter() - t0
         report = build_report(result, fixed_path, moving_path, evaluation,
                               dict(read=t_read, **result.timings, write_and_evaluate=t_write))
+        if inverse_report is not None:
+            report["inverse"] = inverse_report
+        if guide is not None:
+            from .guidance import point_distances
+
+            guide_info["distance_after_mm"] = metrics.summarize(
+                point_distances(result.transform.map_points, guide.fixed, guide.moving))
+            report["guidance"] = guide_info
         (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=True))
         if write_png:
             prog(0.95, "drawing report.png")
