@@ -202,6 +202,9 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
         t_write = time.perf_counter() - t0
         report = build_report(result, fixed_path, moving_path, evaluation,
                               dict(read=t_read, **result.timings, write_and_evaluate=t_write))
+        from .quality import assess, signals_from_result
+
+        report["quality"] = assess(signals_from_result(result, fixed, moving, fmask, mmask))
         if inverse_report is not None:
             report["inverse"] = inverse_report
         if guide is not None:
@@ -278,4 +281,8 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"TRE {ev['landmarks']['before']['mean']:.2f} -> {ev['landmarks']['after']['mean']:.2f} mm")
     total = sum(v for k, v in report["timings_s"].items())
     lines.append(f"time {total:.1f} s on {report['device']}")
+    if "quality" in report:
+        from .quality import summary_line
+
+        lines.append(summary_line(report["quality"]))
     return lines
