@@ -285,3 +285,26 @@ def test_cancel_stops_with_nothing_half_written(tmp_path, data, sequence_case):
     rows = json.loads((tmp_path / "b" / "summary.json").read_text())["pairs"]
     assert [r["status"] for r in rows] == ["ok", "not run"] and not (tmp_path / "b" / "y").exists()
     assert not [p for p in (tmp_path / "b").iterdir() if "partial" in p.name]
+
+
+# ------------------------------------------------------------------------------------------ the commands
+FAST = ["--spacing", "6", "--levels", "2", "--iterations", "5", "--affine-iterations", "10", "--init", "moments",
+        "--threads", "1", "--no-png", "-q"]
+
+
+def test_commands_exit_status_and_bad_input(tmp_path, data, capsys):
+    from DeepRegistrationLib.cli import main
+
+    csv_path = _csv(tmp_path / "p.csv", ["fixed,moving", f"{data / 'fixed.nii.gz'},{data / 'moving.nii.gz'}",
+                                         f"{data / 'fixed.nii.gz'},{data / 'broken.nii.gz'}"])
+    assert main(["register-batch", str(csv_path), "-o", str(tmp_path / "b"), *FAST]) == 3  # one pair failed
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert [r["status"] for r in summary["pairs"]] == ["ok", "failed"]
+    capsys.readouterr()
+    missing = _csv(tmp_path / "m.csv", ["fixed,moving", f"{data / 'fixed.nii.gz'},{tmp_path / 'gone.nii.gz'}"])
+    for argv, words in ((["register-batch", str(missing)], "gone.nii.gz"),
+                        (["register-sequence", str(data / "fixed.nii.gz")], "is a 3D image"),
+                        (["template", str(data / "fixed.nii.gz")], "at least 2 images")):
+        assert main([*argv, "-o", str(tmp_path / "never"), *FAST]) == 2
+        assert words in capsys.readouterr().err
+        assert not (tmp_path / "never").exists()

@@ -49,6 +49,10 @@ def _extra_command_modules() -> dict:
     from .dicom import pacs_cli  # argparse only; pydicom/dicomweb-client are imported when it runs
 
     out["pacs"] = pacs_cli
+    from .workflows import commands as workflow_commands  # argparse only
+
+    for name in workflow_commands.COMMANDS:
+        out[name] = workflow_commands
     return out
 
 
@@ -60,6 +64,8 @@ def _add_extra_commands(sub) -> None:
         modules["dataset"].add_subparser(sub)
     if "pacs" in modules:
         modules["pacs"].add_subparser(sub)  # after "register": it shares its registration options
+    if "register-batch" in modules:
+        modules["register-batch"].add_subparsers(sub)  # register-batch, register-sequence, template
 
 
 def build_parser() -> argparse.ArgumentParser:
