@@ -281,6 +281,10 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self._flickerTimer.stop()
         self._cancelJob()
+        import sys
+        run = sys.modules.get("DeepRegistrationSlicerLib.run")
+        if run is not None:  # stop the worker started ahead for the next registration (nothing left running)
+            run.releaseWorker()
         self.setParameterNode(None)
         self.removeObservers()
 

@@ -148,3 +148,16 @@ def test_uncertainty_is_larger_in_a_blank_region_than_in_the_anatomy(pair):
     assert blank > 2.0 * textured, (blank, textured)
     s = unc.summary()
     assert 0 < s["median_mm"] < s["perturbation_mm"] and s["p95_mm"] >= s["median_mm"]
+
+
+def test_fail_on_sets_the_exit_status_from_the_verdict():
+    from DeepRegistrationLib.cli import _verdict_status, build_parser
+
+    assert build_parser().parse_args(["register", "f", "m", "-o", "o", "--fail-on", "suspect"]).fail_on == "suspect"
+    report = {"quality": {"verdict": "suspect", "reasons": ["local similarity low"]}}
+    assert _verdict_status(report, None) == 0
+    assert _verdict_status(report, "failed") == 0
+    assert _verdict_status(report, "suspect") == 3
+    assert _verdict_status({"quality": {"verdict": "failed"}}, "suspect") == 3
+    assert _verdict_status({"quality": {"verdict": "ok"}}, "suspect") == 0
+    assert _verdict_status({}, "suspect") == 0  # no verdict (e.g. an older report): nothing to fail on

@@ -2,8 +2,9 @@
 
     deepregistration register FIXED MOVING -o OUTDIR [options]
 
-Exit status: 0 success; 2 bad input or options (one message on stderr, nothing written);
-130 interrupted (nothing written); 1 unexpected internal error.
+Exit status: 0 success (whatever the quality verdict, unless --fail-on); 2 bad input or options (one message
+on stderr, nothing written); 3 the quality verdict reached --fail-on (outputs written); 130 interrupted (nothing
+written); 1 unexpected internal error.
 """
 from __future__ import annotations
 
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-png", action="store_true", help="skip report.png")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     o.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    o.add_argument("--fail-on", choices=("suspect", "failed"),
+                   help="exit with status 3 when the quality verdict in report.json is this or worse "
+                        "(for pipelines; the outputs are written either way)")
     _add_extra_commands(sub)
     return parser
 
@@ -214,6 +218,16 @@ def _register(args: argparse.Namespace) -> int:
     print(f"outputs: {summary.out_dir}")
     for line in summary_lines(summary.report):
         print("  " + line)
+    return _verdict_status(summary.report, getattr(args, "fail_on", None))
+
+
+def _verdict_status(report: dict, fail_on: str | None) -> int:
+    """3 when the report's quality verdict is ``fail_on`` ('suspect' or 'failed') or worse, else 0."""
+    from .quality import VERDICTS
+
+    verdict = (report.get("quality") or {}).get("verdict")
+    if fail_on and verdict in VERDICTS and VERDICTS.index(verdict) >= VERDICTS.index(fail_on):
+        return 3
     return 0
 
 

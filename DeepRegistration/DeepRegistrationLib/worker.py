@@ -32,7 +32,8 @@ from pathlib import Path
 from . import jobs
 from .errors import Cancelled, DeepRegistrationError, InputError
 
-OPTIONAL_INPUTS = ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks")
+OPTIONAL_INPUTS = ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks",
+                   "guide_fixed_landmarks", "guide_moving_landmarks")
 
 
 def read_job(path: str | Path) -> dict:

@@ -233,7 +233,7 @@ class RegistrationJob:
             (segments paired by name).
         fixedLandmarks / movingLandmarks: Optional fiducial markups nodes: adds TRE (paired by label or order).
         guideFixedLandmarks / guideMovingLandmarks: Optional fiducial markups nodes of corresponding points that
-            guide the registration (a point-based start and a term of the objective; paired by label as for TRE;
+            guide the registration (a least-squares point fit starts the registration; paired by label as for TRE;
             at least 3 pairs), separate from the evaluation landmarks.
         createInverse: Also create a transform node holding the inverse (moving → fixed) of a deformable result.
         outputTransform: Transform node to fill, or None for a new one.
