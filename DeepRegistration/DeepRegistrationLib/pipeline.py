@@ -344,7 +344,8 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
     kind = "rigid" if cfg.mode == "rigid" else "affine"
     # deformable: the affine stage stops one level early (the field refines it); rigid/affine: all levels
     lin_factors = ([f for f in factors if f >= 2] or [1]) if cfg.mode == "deformable" else factors
-    lin_span = (0.08, 0.3 if cfg.mode == "deformable" else 0.95)
+    # 0.08-0.12 is the initialization search's share of the progress range
+    lin_span = (0.12, 0.3 if cfg.mode == "deformable" else 0.95)
     for n, f in enumerate(lin_factors):
         iters = cfg.affine_iterations * (2 if f > lin_factors[-1] else 1)
         sub = Progress(progress, *np.interp([n / len(lin_factors), (n + 1) / len(lin_factors)], [0, 1], lin_span))

@@ -133,7 +133,7 @@ def _register_function(args):
         ns = argparse.Namespace(**vars(args))
         ns.fixed, ns.moving, ns.output, ns.overwrite = str(fixed_dir), str(moving_dir), str(out_dir), False
         for name in ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "fixed_landmarks",
-                     "moving_landmarks"):
+                     "moving_landmarks", "guide_landmarks"):
             setattr(ns, name, None)
         ns.no_png = True
         stdout = sys.stdout
