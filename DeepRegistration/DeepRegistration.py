@@ -678,7 +678,7 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
     # ---------------------------------------------------------------------------------- options
     @staticmethod
     def setAdvancedFromPreset(parameterNode) -> None:
-        from DeepRegistrationLib.config import RegistrationConfig  # torch-free
+        from DeepRegistrationLib.core.config import RegistrationConfig  # torch-free
         from DeepRegistrationSlicerLib.run import engineConfig
 
         defaults = RegistrationConfig()
@@ -697,7 +697,7 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def setModel(parameterNode, name: str) -> None:
         """Chooses a learned model ("" = none); a model sets the working spacing to the one it was trained at."""
-        from DeepRegistrationLib.registry import card_working_spacing, read_card, resolve  # torch-free
+        from DeepRegistrationLib.learning.registry import card_working_spacing, read_card, resolve  # torch-free
 
         with slicer.util.NodeModify(parameterNode):
             parameterNode.model = name
@@ -759,7 +759,7 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
                 applyToMoving (default True).
 
         Returns:
-            DeepRegistrationSlicerLib.run.RegistrationResult: transformNode, inverseTransformNode, outputVolumeNode,
+            DeepRegistrationSlicerLib.run.SceneRegistrationResult: transformNode, inverseTransformNode, outputVolumeNode,
             jacobianVolumeNode, metricsTableNode, metrics (dict), report (dict), seconds.
         """
         from DeepRegistrationSlicerLib import run

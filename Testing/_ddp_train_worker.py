@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "DeepRegistration")
 
 import torch  # noqa: E402
 
-from DeepRegistrationLib.training import TrainConfig, train  # noqa: E402
+from DeepRegistrationLib.learning.training import TrainConfig, train  # noqa: E402
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "DeepRegistration"))
 
-from DeepRegistrationLib.config import RegistrationConfig  # noqa: E402
+from DeepRegistrationLib.core.config import RegistrationConfig  # noqa: E402
 from DeepRegistrationLib.workflows.batch import read_pairs, run_batch  # noqa: E402
 
 

@@ -11,7 +11,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "DeepRegistration"
 SAMPLE = Path(os.environ.get("DEEPREG_SAMPLE_DIR", MODULE_DIR / "Resources" / "SampleData"))
-for _folder in (MODULE_DIR, ROOT / "DatasetBuilder"):
+# the test tree mirrors the package (Testing/engine/<layer>/, slicer/, datasetbuilder/); test modules that share
+# helpers import each other by name (test_grid, test_dataset_build), so every test folder is on the path
+_TEST_FOLDERS = [Path(__file__).parent, *sorted(p for p in Path(__file__).parent.rglob("*")
+                                                if p.is_dir() and p.name != "__pycache__" and not p.name.startswith("."))]
+for _folder in (MODULE_DIR, ROOT / "DatasetBuilder", *_TEST_FOLDERS):
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
 
@@ -26,7 +30,7 @@ def sample_dir() -> Path:
 @pytest.fixture(scope="session")
 def brain(sample_dir):
     """The bundled fixed brain as an engine Image (real anatomy, a few mm voxels)."""
-    from DeepRegistrationLib.io import read_image
+    from DeepRegistrationLib.io.images import read_image
 
     return read_image(sample_dir / "fixed.nii.gz", "fixed image")
 

@@ -48,7 +48,7 @@ def make_series(image: sitk.Image | str, folder: Path, *, patient_name: str, pat
     import pydicom
 
     from DeepRegistrationLib.dicom.series import image_datasets, new_uid, write_datasets
-    from DeepRegistrationLib.io import sitk_to_image
+    from DeepRegistrationLib.io.images import sitk_to_image
 
     if isinstance(image, str):
         image = sitk.ReadImage(str(SAMPLE / f"{image}.nii.gz"))

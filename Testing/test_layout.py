@@ -190,7 +190,7 @@ def test_deep_registration_resources_listed():
 
 def python_sources() -> list[Path]:
     files = [ROOT / m / f"{m}.py" for m in MODULES]
-    files += sorted((ROOT / "DeepRegistration" / "DeepRegistrationLib").glob("*.py"))
+    files += sorted((ROOT / "DeepRegistration" / "DeepRegistrationLib").rglob("*.py"))
     files += sorted((ROOT / "DeepRegistration" / "DeepRegistrationSlicerLib").glob("*.py"))
     return files
 

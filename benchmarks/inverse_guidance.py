@@ -4,7 +4,7 @@
 Rows (all on the bundled Colin27 pair, 3 mm, CPU):
 
 1. **Inverse** of one registration: ``|T(T⁻¹(y)) - y|`` (mm, mean / 95th percentile) over the moving image's
-   foreground. Engine: :func:`DeepRegistrationLib.inverse.invert` of the default (fixed-point inversion) and
+   foreground. Engine: :func:`DeepRegistrationLib.spatial.inverse.invert` of the default (fixed-point inversion) and
    of ``--diffeomorphic`` (the fixed-point inversion too: the pipeline does not expose its velocity yet);
    ANTs SyN: its own ``fwdtransforms`` ∘ ``invtransforms``.
 2. **Swapped pair**: register A→B and B→A separately; ``|T_AB(T_BA(y)) - y|`` over B's foreground
@@ -12,7 +12,7 @@ Rows (all on the bundled Colin27 pair, 3 mm, CPU):
 3. **Landmark guidance**: the moving image rotated by 60° (exact: its direction and origin, no resampling);
    6 well-spread guide landmarks (farthest-point order), TRE on the 42 others. Engine default without
    guide points, engine with the guide points' rigid least-squares fit as start
-   (:func:`DeepRegistrationLib.guidance.choose_initialization`), ANTs SyN (images only), each also on the
+   (:func:`DeepRegistrationLib.registration.guidance.choose_initialization`), ANTs SyN (images only), each also on the
    unrotated pair.
 
 Each method's time is its own registration call in this process (ANTs: antspyx in the same process).
@@ -38,14 +38,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "DeepRegistration"))
 
-from DeepRegistrationLib.config import RegistrationConfig  # noqa: E402
-from DeepRegistrationLib.grid import Grid  # noqa: E402
-from DeepRegistrationLib.guidance import choose_initialization, point_distances, read_guide_landmarks  # noqa: E402
-from DeepRegistrationLib.inverse import consistency_error, foreground_points, invert  # noqa: E402
-from DeepRegistrationLib.io import read_image  # noqa: E402
-from DeepRegistrationLib.landmarks import Landmarks, match_landmarks, read_landmarks, write_landmarks_csv  # noqa: E402
-from DeepRegistrationLib.outputs import run_registration  # noqa: E402
-from DeepRegistrationLib.transforms import SpatialTransform, rotation_matrix  # noqa: E402
+from DeepRegistrationLib.core.config import RegistrationConfig  # noqa: E402
+from DeepRegistrationLib.core.grid import Grid  # noqa: E402
+from DeepRegistrationLib.registration.guidance import choose_initialization, point_distances, read_guide_landmarks  # noqa: E402
+from DeepRegistrationLib.spatial.inverse import consistency_error, foreground_points, invert  # noqa: E402
+from DeepRegistrationLib.io.images import read_image  # noqa: E402
+from DeepRegistrationLib.io.landmarks import Landmarks, match_landmarks, read_landmarks, write_landmarks_csv  # noqa: E402
+from DeepRegistrationLib.registration.run import run_registration  # noqa: E402
+from DeepRegistrationLib.spatial.transforms import SpatialTransform, rotation_matrix  # noqa: E402
 
 SAMPLE = ROOT / "DeepRegistration" / "Resources" / "SampleData"
 

@@ -40,12 +40,12 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from DeepRegistrationLib import registry  # noqa: E402
-from DeepRegistrationLib import warp as W  # noqa: E402
-from DeepRegistrationLib.config import RegistrationConfig  # noqa: E402
-from DeepRegistrationLib.io import read_image  # noqa: E402
-from DeepRegistrationLib.pipeline import register  # noqa: E402
-from DeepRegistrationLib.preprocess import prepare  # noqa: E402
+from DeepRegistrationLib.learning import registry  # noqa: E402
+from DeepRegistrationLib.spatial import warp as W  # noqa: E402
+from DeepRegistrationLib.core.config import RegistrationConfig  # noqa: E402
+from DeepRegistrationLib.io.images import read_image  # noqa: E402
+from DeepRegistrationLib.registration.pipeline import register  # noqa: E402
+from DeepRegistrationLib.registration.preprocess import prepare  # noqa: E402
 from run_benchmark import cpu_model  # noqa: E402
 
 logger = logging.getLogger("model_speed")

@@ -1,9 +1,9 @@
-"""Calibration of the automatic quality verdict (:mod:`DeepRegistrationLib.quality`) on the bundled pair.
+"""Calibration of the automatic quality verdict (:mod:`DeepRegistrationLib.evaluation.quality`) on the bundled pair.
 
 Cases: the bundled Colin27 pair as given (default settings and 4 mm), swapped (moving ↔ fixed), the moving
 image turned by 30° (found by the default search initialization), and deliberate failures: the moving
 image turned by 120° and by 90° with the search turned off (``initialization="moments"``), an unrelated
-image (smooth random shapes from :mod:`DeepRegistrationLib.synth`, a different object) and smooth noise.
+image (smooth random shapes from :mod:`DeepRegistrationLib.learning.synth`, a different object) and smooth noise.
 
 Truth without looking at the verdict's signals: a registration *failed* when its label Dice is below half
 the Dice of the pair registered as given (or when the images are unrelated), else it *succeeded*.
@@ -30,16 +30,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "DeepRegistration"))
 
-from DeepRegistrationLib import explain, quality  # noqa: E402
-from DeepRegistrationLib.config import RegistrationConfig  # noqa: E402
-from DeepRegistrationLib.grid import Grid  # noqa: E402
-from DeepRegistrationLib.image import Image  # noqa: E402
-from DeepRegistrationLib.io import read_image, read_label_image  # noqa: E402
-from DeepRegistrationLib.metrics import mean_dice  # noqa: E402
-from DeepRegistrationLib.pipeline import register  # noqa: E402
-from DeepRegistrationLib.resampling import warp_image  # noqa: E402
-from DeepRegistrationLib.synth import labels_to_image, random_label_maps, smooth_noise  # noqa: E402
-from DeepRegistrationLib.uncertainty import restart_spread  # noqa: E402
+from DeepRegistrationLib.evaluation import explain, quality  # noqa: E402
+from DeepRegistrationLib.core.config import RegistrationConfig  # noqa: E402
+from DeepRegistrationLib.core.grid import Grid  # noqa: E402
+from DeepRegistrationLib.core.image import Image  # noqa: E402
+from DeepRegistrationLib.io.images import read_image, read_label_image  # noqa: E402
+from DeepRegistrationLib.evaluation.metrics import mean_dice  # noqa: E402
+from DeepRegistrationLib.registration.pipeline import register  # noqa: E402
+from DeepRegistrationLib.spatial.resampling import warp_image  # noqa: E402
+from DeepRegistrationLib.learning.synth import labels_to_image, random_label_maps, smooth_noise  # noqa: E402
+from DeepRegistrationLib.evaluation.uncertainty import restart_spread  # noqa: E402
 
 SAMPLE = ROOT / "DeepRegistration" / "Resources" / "SampleData"
 OUT_JSON = Path(__file__).with_name("QUALITY_RESULTS.json")
@@ -155,7 +155,7 @@ def write(results: dict) -> None:
                      f"{s['local_cc2']:.3f} | {s['foreground_dice']:.3f} | {s['rotation_deg']:.0f} | "
                      f"{s.get('uncertainty_median_mm', float('nan')):.2f} | {'; '.join(r['reasons']) or '–'} |")
     lines += ["", f"Small by design ({len(results['cases'])} registrations: the bundled 3 mm pair and, with "
-              "`--real-pair`, ICBM152 vs Colin27 at 1 mm): the thresholds in `DeepRegistrationLib/quality.py` sit in "
+              "`--real-pair`, ICBM152 vs Colin27 at 1 mm): the thresholds in `DeepRegistrationLib/evaluation/quality.py` sit in "
               "the gaps seen here and in the tests; other anatomy or modalities may need other values. The "
               "uncertainty column is the median restart spread in the anatomy (perturbation 4.5 mm at the "
               "defaults, 6 mm at 4 mm); it was measured with `uncertainty.GRADIENT_QUANTILE = 0.9` (the module "

@@ -126,11 +126,11 @@ def thread_env(threads: int) -> dict[str, str]:
 
 
 def deepreg_command(args: argparse.Namespace) -> list[str]:
-    """The engine's CLI: ``deepregistration`` next to this Python, else ``python -m DeepRegistrationLib.cli``."""
+    """The engine's CLI: ``deepregistration`` next to this Python, else ``python -m DeepRegistrationLib.apps.cli``."""
     if args.deepreg_cli:
         return [args.deepreg_cli]
     exe = Path(sys.executable).parent / "deepregistration"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "DeepRegistrationLib.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "DeepRegistrationLib.apps.cli"]
 
 
 def method_commands(method: str, pair: sp.PairFiles, run_dir: Path, args: argparse.Namespace, seed: int
@@ -166,7 +166,7 @@ def load_transform(method: str, run_dir: Path) -> sitk.Transform:
         aff = sitk.ReadTransform(str(run_dir / "affine.mat"))
         warp = sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(run_dir / "warp.nii.gz")),
                                                          sitk.sitkVectorFloat64))
-        return sitk.CompositeTransform([aff, warp])  # DESIGN §2: fwdtransforms [warp, affine] reversed
+        return sitk.CompositeTransform([aff, warp])  # docs/CONVENTIONS.md §2: fwdtransforms [warp, affine] reversed
     if method == "elastix":
         return sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(run_dir / "displacement.nii.gz")),
                                                          sitk.sitkVectorFloat64))

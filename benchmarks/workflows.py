@@ -114,7 +114,7 @@ def worker(kind: str, method: str, data: Path, out: Path, threads: int, spacing:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if method.startswith("deepreg"):
-        from DeepRegistrationLib.config import RegistrationConfig
+        from DeepRegistrationLib.core.config import RegistrationConfig
 
         cfg = RegistrationConfig(spacing=spacing, threads=threads)
     if kind == "sequence" and method.startswith("deepreg"):
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
                    "--threads", str(a.threads), "--no-png", "-q", "--fixed-labels", str(data / "fixed_labels.nii.gz"),
                    "--moving-labels", str(lab)], env)
         loop_s = time.perf_counter() - t0
-        from DeepRegistrationLib.transforms import SpatialTransform
+        from DeepRegistrationLib.spatial.transforms import SpatialTransform
 
         diffs = []
         for i in range(n):

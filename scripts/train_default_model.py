@@ -42,10 +42,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "DeepRegistration"))
 
-from DeepRegistrationLib.model_files import load_model, save_model  # noqa: E402
-from DeepRegistrationLib.networks import INPUT_FEATURES  # noqa: E402
-from DeepRegistrationLib.train_cli import evaluate_pair, evaluate_synthetic  # noqa: E402
-from DeepRegistrationLib.training import TrainConfig, train  # noqa: E402
+from DeepRegistrationLib.learning.model_files import load_model, save_model  # noqa: E402
+from DeepRegistrationLib.learning.networks import INPUT_FEATURES  # noqa: E402
+from DeepRegistrationLib.apps.train_cli import evaluate_pair, evaluate_synthetic  # noqa: E402
+from DeepRegistrationLib.learning.training import TrainConfig, train  # noqa: E402
 
 logger = logging.getLogger("train_default_model")
 SAMPLE = ROOT / "DeepRegistration" / "Resources" / "SampleData"

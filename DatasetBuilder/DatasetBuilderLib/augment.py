@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from DeepRegistrationLib.grid import Grid
-from DeepRegistrationLib.image import Image
-from DeepRegistrationLib.io import image_to_sitk
-from DeepRegistrationLib.itk_transform import to_itk
-from DeepRegistrationLib.metrics import jacobian_determinant
+from DeepRegistrationLib.core.grid import Grid
+from DeepRegistrationLib.core.image import Image
+from DeepRegistrationLib.io.images import image_to_sitk
+from DeepRegistrationLib.io.itk_transform import to_itk
+from DeepRegistrationLib.evaluation.metrics import jacobian_determinant
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def svf_displacement(rng: np.random.Generator, grid: Grid, opts: AugmentOptions,
     """Displacement ``(3, Z, Y, X)`` (LPS mm, x y z) of ``exp(v)`` for a random smooth velocity ``v``."""
     import torch
 
-    from DeepRegistrationLib.transforms import scaling_and_squaring
+    from DeepRegistrationLib.spatial.transforms import scaling_and_squaring
 
     v = np.stack([smooth_noise(rng, grid.shape, grid.spacing, opts.svf_sigma_mm) for _ in range(3)])
     v *= _border_taper(grid, 2.0 * opts.svf_sigma_mm)[None]  # v = 0 at the border: exp(v) stays inside

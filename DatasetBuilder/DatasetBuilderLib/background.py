@@ -2,7 +2,7 @@
 elsewhere).
 
 The Slicer module polls :class:`BuildProcess` / :class:`TrainProcess` from a timer, so the GUI stays usable.
-Both run on :class:`DeepRegistrationLib.jobs.Job` and speak its JSON-lines protocol (``--machine-progress``):
+Both run on :class:`DeepRegistrationLib.core.jobs.Job` and speak its JSON-lines protocol (``--machine-progress``):
 :meth:`ChildProcess.cancel` returns at once and really stops the work, through the ``PythonSlicer`` launcher
 too (the child ends itself when its stdin closes; after a grace period its whole process group is killed).
 A cancelled build keeps its finished cases (every write is atomic; running the same build again resumes); a
@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from DeepRegistrationLib import jobs
+from DeepRegistrationLib.core import jobs
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class ChildProcess:
 
     Attributes:
         fraction: Last progress, 0..1; message: last progress message; output: the child's result
-            message and other stdout lines; job: the :class:`~DeepRegistrationLib.jobs.Job`.
+            message and other stdout lines; job: the :class:`~DeepRegistrationLib.core.jobs.Job`.
     """
 
     def __init__(self, module_and_arguments: list[str], python: str | None = None,
@@ -141,4 +141,4 @@ class TrainProcess(ChildProcess):
     """
 
     def __init__(self, arguments: list[str], python: str | None = None, log_dir: str | None = None) -> None:
-        super().__init__(["DeepRegistrationLib.cli", "train", *map(str, arguments)], python, log_dir)
+        super().__init__(["DeepRegistrationLib.apps.cli", "train", *map(str, arguments)], python, log_dir)

@@ -25,8 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from DeepRegistrationLib.errors import Cancelled, DeepRegistrationError
-from DeepRegistrationLib.image import Image
+from DeepRegistrationLib.core.errors import Cancelled, DeepRegistrationError
+from DeepRegistrationLib.core.image import Image
 
 from . import BUILDER_VERSION
 from . import writer
@@ -244,7 +244,7 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
         progress: ``progress(fraction 0..1, message)``; return False to cancel (raises Cancelled).
 
     Raises:
-        NotOurDatasetError, Cancelled (``DeepRegistrationLib.errors``), PhiFoundError, ValueError (bad options
+        NotOurDatasetError, Cancelled (``DeepRegistrationLib.core.errors``), PhiFoundError, ValueError (bad options
         or inputs).
     """
     out = Path(out_dir).resolve()

@@ -87,9 +87,9 @@ def _ncc(a: sitk.Image, b: sitk.Image) -> float:
 
 
 def _engine(fixed_path: Path, moving_path: Path, opts: ClassicalOptions) -> sitk.Transform:
-    from DeepRegistrationLib.config import RegistrationConfig
-    from DeepRegistrationLib.io import read_image
-    from DeepRegistrationLib.pipeline import register
+    from DeepRegistrationLib.core.config import RegistrationConfig
+    from DeepRegistrationLib.io.images import read_image
+    from DeepRegistrationLib.registration.pipeline import register
 
     config = RegistrationConfig(spacing=opts.spacing, iterations=opts.iterations,
                                 affine_iterations=opts.affine_iterations, threads=opts.threads, device="cpu",

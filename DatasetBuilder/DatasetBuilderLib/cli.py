@@ -4,7 +4,7 @@ The main CLI adds this with :func:`add_subparser` and dispatches to :func:`run`;
 runs alone: ``python -m DatasetBuilderLib.cli dataset build ...`` (with ``DatasetBuilder/`` and
 ``DeepRegistration/`` on ``PYTHONPATH``). Exit codes: 0 built, 1 PHI found, 2 bad input/options,
 3 output folder refused, 130 cancelled. With ``--machine-progress`` (a parent process, see
-:mod:`DeepRegistrationLib.jobs`) it writes that module's JSON lines on stdout and ends itself when its
+:mod:`DeepRegistrationLib.core.jobs`) it writes that module's JSON lines on stdout and ends itself when its
 stdin closes (the parent cancelled or went away): finished cases stay, and the same build resumes.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                         "(keeps the intervals between a subject's sessions)")
     b.add_argument("--modality", default="MR", help="modality when a scene does not say (default MR)")
     b.add_argument("--machine-progress", action="store_true",
-                   help="JSON progress/result/error lines on stdout for a parent process (DeepRegistrationLib.jobs)")
+                   help="JSON progress/result/error lines on stdout for a parent process (DeepRegistrationLib.core.jobs)")
     return dataset
 
 
@@ -70,8 +70,8 @@ class _Bar:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``dataset build`` from parsed arguments; returns the exit code."""
-    from DeepRegistrationLib import jobs
-    from DeepRegistrationLib.errors import Cancelled
+    from DeepRegistrationLib.core import jobs
+    from DeepRegistrationLib.core.errors import Cancelled
 
     from .build import BuildOptions, PhiFoundError, build_dataset
     from .classical import ClassicalOptions

@@ -157,13 +157,11 @@ def load_dicom_folder(folder: str | os.PathLike):
     de-identified header summary of each series by volume node ID."""
     import pydicom
 
-    from DeepRegistrationLib.image import Image
-    from DeepRegistrationLib.io import sitk_to_image
+    from DeepRegistrationLib.core.image import Image
+    from DeepRegistrationLib.io.images import sitk_to_image
     from DeepRegistrationSlicerLib import nodes as N
 
-    from .scenes import make_scene
-
-    scene = make_scene()
+    scene = N.makeScene()
     sh = scene.GetSubjectHierarchyNode()
     phi = PhiStrings()
     summaries: dict[str, dict] = {}

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from DeepRegistrationLib.errors import DeepRegistrationError
-from DeepRegistrationLib.image import Image
-from DeepRegistrationLib.io import image_to_sitk, sha256_file
+from DeepRegistrationLib.core.errors import DeepRegistrationError
+from DeepRegistrationLib.core.image import Image
+from DeepRegistrationLib.io.images import image_to_sitk, sha256_file
 
 from .deid import deterministic_gzip, scrub_nifti_bytes
 from .hdf5_times import zero_object_header_times

@@ -3,7 +3,7 @@
 Slicer's world is RAS, the engine's LPS: points and vectors convert with ``C = diag(-1, -1, 1)``; a volume's
 ``IJKToRAS`` matrix ``M`` becomes the engine grid's index-to-LPS matrix ``C4 @ M`` (``C4 = diag(-1, -1, 1, 1)``).
 Engine transforms map fixed → moving (the resampling direction), which is a transform node's *FromParent*:
-``FromParent_ras(p) = C · T(C · p)``. See DESIGN.md §2.
+``FromParent_ras(p) = C · T(C · p)``. See docs/CONVENTIONS.md §2.
 
 Coordinate frames used by the module (:func:`movingFrame` chooses): fixed-side nodes (fixed volume, fixed
 mask/segmentation/landmarks) are read in **world** coordinates (a linear parent transform is applied). Moving-side
@@ -28,9 +28,9 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from DeepRegistrationLib.errors import InputError
-from DeepRegistrationLib.grid import Grid
-from DeepRegistrationLib.image import Image
+from DeepRegistrationLib.core.errors import InputError
+from DeepRegistrationLib.core.grid import Grid
+from DeepRegistrationLib.core.image import Image
 
 C3 = np.diag([-1.0, -1.0, 1.0])
 C4 = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -277,7 +277,7 @@ def removeNodeAndDependents(node) -> None:
 
 def writeLabelImage(array: np.ndarray, grid: Grid, path: str) -> None:
     """Writes a label/mask array on an engine grid (uint16 NIfTI/NRRD) for the worker."""
-    from DeepRegistrationLib.io import write_image
+    from DeepRegistrationLib.io.images import write_image
 
     if array.max() > 65535:
         raise InputError("label values above 65535 are not supported.")
@@ -328,7 +328,7 @@ def gridTransformFromField(field: np.ndarray, grid: Grid):
     """``vtkOrientedGridTransform`` of a displacement field ``(3, Z, Y, X)`` (LPS mm, components x, y, z).
 
     The grid is converted to RAS (origin and direction ``C ·``), the vectors to RAS mm, the direction is set
-    with ``SetGridDirectionMatrix`` and the interpolation is linear (ITK's), DESIGN.md §2.
+    with ``SetGridDirectionMatrix`` and the interpolation is linear (ITK's), docs/CONVENTIONS.md §2.
     """
     field = np.asarray(field, dtype=np.float64)
     if field.shape != (3, *grid.shape):
@@ -479,7 +479,7 @@ def readItkTransform(path: str) -> tuple[np.ndarray, np.ndarray | None, Grid | N
     """
     import SimpleITK as sitk
 
-    from DeepRegistrationLib.itk_transform import from_itk
+    from DeepRegistrationLib.io.itk_transform import from_itk
 
     try:
         return from_itk(sitk.ReadTransform(str(path)))
@@ -593,7 +593,7 @@ def fileUri(path: str) -> str:
 
 
 def makeScene():
-    """An empty MRML scene with the module logics the glue and the DatasetBuilder need (DESIGN.md §3:
+    """An empty MRML scene with the module logics the glue and the DatasetBuilder need (docs/CONVENTIONS.md §3:
     Colors, Markups, Segmentations, Transforms, Volumes, SubjectHierarchy); also sets ``slicer.mrmlScene``.
     Inside Slicer use the application's scene instead; this is for PyPI slicer-core (tests, command line)."""
     scene = slicer.vtkMRMLScene()

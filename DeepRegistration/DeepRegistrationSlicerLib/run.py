@@ -1,11 +1,11 @@
 """Registration of MRML nodes in a background process that can be killed.
 
-:class:`RegistrationJob` writes the inputs to a temporary folder, starts ``python -m DeepRegistrationLib.worker
+:class:`RegistrationJob` writes the inputs to a temporary folder, starts ``python -m DeepRegistrationLib.apps.worker
 JOB.json`` (``PythonSlicer`` inside Slicer, ``sys.executable`` elsewhere), reads its JSON progress lines through
 :meth:`~RegistrationJob.poll` without blocking (the GUI polls it from a timer), and loads the results into nodes
 with :meth:`~RegistrationJob.loadResults`. Nothing is added to the scene before the results are loaded, so
 :meth:`~RegistrationJob.cancel` (which returns at once and stops the worker for real, through the
-``PythonSlicer`` launcher too: see :mod:`DeepRegistrationLib.jobs`) leaves the scene as it was.
+``PythonSlicer`` launcher too: see :mod:`DeepRegistrationLib.core.jobs`) leaves the scene as it was.
 
 :func:`register` does all of it and blocks: the console API.
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import slicer
 
-from DeepRegistrationLib import jobs
-from DeepRegistrationLib.errors import Cancelled, DeepRegistrationError, InputError
+from DeepRegistrationLib.core import jobs
+from DeepRegistrationLib.core.errors import Cancelled, DeepRegistrationError, InputError
 
 from . import nodes as N
 
@@ -71,7 +71,7 @@ def engineConfig(preset: str = "Deformable — fast", **options) -> dict:
 def availableModels(withDescriptions: bool = False):
     """Names of the usable learned models (shipped, then the user's), read from their cards without torch;
     with ``withDescriptions`` a list of ``(name, one-line description)`` (card description, spacing, source)."""
-    from DeepRegistrationLib.registry import list_models
+    from DeepRegistrationLib.learning.registry import list_models
 
     entries = list_models(include_broken=False)
     if not withDescriptions:
@@ -113,7 +113,7 @@ def keepWorkerReady() -> bool:
 
 
 def _workerCommand() -> list:
-    return [pythonExecutable(), "-m", "DeepRegistrationLib.worker"]
+    return [pythonExecutable(), "-m", "DeepRegistrationLib.apps.worker"]
 
 
 def _workerEnvironment() -> dict:
@@ -195,7 +195,7 @@ class JobStatus:
 
 
 @dataclass
-class RegistrationResult:
+class SceneRegistrationResult:
     """Output of a registration in the scene.
 
     Attributes:
@@ -286,7 +286,7 @@ class RegistrationJob:
         self.preset = preset
         self.model, self.modelMode = None, modelMode
         if model:
-            from DeepRegistrationLib.registry import card_working_spacing, read_card, resolve
+            from DeepRegistrationLib.learning.registry import card_working_spacing, read_card, resolve
 
             if modelMode not in ("init", "replace"):
                 raise InputError(f"modelMode must be 'init' or 'replace', not {modelMode!r}.")
@@ -321,7 +321,7 @@ class RegistrationJob:
     # ------------------------------------------------------------------------------------------- start
     def writeInputs(self, folder: Path) -> dict:
         """Writes volumes, masks, labels and landmarks (engine frame: LPS) and returns the job dict."""
-        from DeepRegistrationLib.io import write_image
+        from DeepRegistrationLib.io.images import write_image
 
         fixed = N.volumeToImage(self.fixedVolume, "fixed volume", world=True)
         movingWorld = self.movingFrame == "world"
@@ -498,7 +498,7 @@ class RegistrationJob:
             jobs.remove_tree(self.workDir, timeout=5.0)
 
     # ------------------------------------------------------------------------------------------- results
-    def loadResults(self) -> RegistrationResult:
+    def loadResults(self) -> SceneRegistrationResult:
         """Loads the finished worker's outputs into nodes (call after :meth:`poll` says ``done``)."""
         if self.state == "failed":
             raise InputError(self.message)
@@ -506,7 +506,7 @@ class RegistrationJob:
             raise Cancelled("the registration was cancelled; nothing was changed.")
         if self.state != "done":
             raise RuntimeError("the registration has not finished yet")
-        from DeepRegistrationLib.io import read_image
+        from DeepRegistrationLib.io.images import read_image
 
         out = self.workDir / "result"
         try:
@@ -539,7 +539,7 @@ class RegistrationJob:
             transformNode.SetAttribute("DeepRegistration.config", json.dumps(self.config))
             if self.model:
                 transformNode.SetAttribute("DeepRegistration.model", f"{Path(self.model).stem} ({self.modelMode})")
-            result = RegistrationResult(transformNode, report=self.report, metrics=N.flatMetrics(self.report))
+            result = SceneRegistrationResult(transformNode, report=self.report, metrics=N.flatMetrics(self.report))
             if self.createInverse:
                 inverseNode = scene.AddNewNodeByClass(
                     "vtkMRMLTransformNode", scene.GenerateUniqueName(f"{self.movingVolume.GetName()} inverse"))
@@ -590,13 +590,13 @@ def _readConstant(path: Path):
     """A constant image (the Jacobian of an affine result) that read_image would refuse."""
     import SimpleITK as sitk
 
-    from DeepRegistrationLib.io import sitk_to_image
+    from DeepRegistrationLib.io.images import sitk_to_image
 
     return sitk_to_image(sitk.ReadImage(str(path)), "jacobian")
 
 
 def register(fixedVolume, movingVolume, preset: str = "Deformable — fast", progressCallback=None,
-             **kwargs) -> RegistrationResult:
+             **kwargs) -> SceneRegistrationResult:
     """Registers and blocks until the results are in the scene (console API).
 
     ``progressCallback(fraction, message)`` is called while waiting; returning False cancels (raises Cancelled).

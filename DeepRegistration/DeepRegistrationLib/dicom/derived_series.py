@@ -6,14 +6,14 @@ and stored-value scale (Rescale Slope/Intercept for CT/PET), and says where it c
 ``DERIVED\\SECONDARY``, Derivation Description naming the method, Source Image Sequence = the moving
 slices, and the Common Instance Reference Module (Referenced Series Sequence) = the moving series and,
 when given, the registration object's series. New Study-level attributes are never invented: patient and
-study attributes come from the fixed series (see :mod:`.series`).
+study attributes come from the fixed series (see :mod:`~DeepRegistrationLib.dicom.series`).
 """
 from __future__ import annotations
 
 import logging
 
-from ..errors import InputError
-from ..image import Image
+from ..core.errors import InputError
+from ..core.image import Image
 from .series import IMAGE_SOP_CLASSES, Series, image_datasets, new_uid, pydicom
 
 logger = logging.getLogger(__name__)

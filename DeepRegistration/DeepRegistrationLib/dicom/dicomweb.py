@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import DeepRegistrationError, InputError
+from ..core.errors import DeepRegistrationError, InputError
 
 logger = logging.getLogger(__name__)
 

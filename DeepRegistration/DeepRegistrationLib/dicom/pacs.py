@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import Cancelled, InputError
+from ..core.errors import Cancelled, InputError
 from .dicomweb import PacsClient, PacsError, ServerUnavailable, value
 from .derived_series import DERIVED_MARK
 from .series import IMAGE_SOP_CLASSES, Series, series_from_datasets
@@ -154,8 +154,8 @@ def build_objects(out_dir: Path, fixed: Series, moving: Series, method: str, der
     """The registration object (and derived series) from a registration output folder, in memory."""
     import SimpleITK as sitk
 
-    from ..io import sitk_to_image
-    from ..itk_transform import from_itk
+    from ..io.images import sitk_to_image
+    from ..io.itk_transform import from_itk
     from .derived_series import derived_series_datasets
     from .registration_objects import registration_dataset, software_version
 

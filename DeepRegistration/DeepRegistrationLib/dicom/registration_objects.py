@@ -1,7 +1,7 @@
 """DICOM Spatial Registration (REG) and Deformable Spatial Registration objects ↔ the engine's transform.
 
 The engine's transform maps **fixed** LPS points to **moving** LPS points, ``T(x) = A (x + u(x))``
-(see :mod:`DeepRegistrationLib.transforms`; ``transform.h5``). DICOM's two registration objects point in
+(see :mod:`DeepRegistrationLib.spatial.transforms`; ``transform.h5``). DICOM's two registration objects point in
 *opposite* directions (PS3.3 C.20.2.1.1 and C.20.3.1.1), and this module is the one place that knows it:
 
 - **Spatial Registration** (SOP class 1.2.840.10008.5.1.4.1.1.66.1, rigid/affine): each item of the
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
-from ..grid import Grid
+from ..core.errors import InputError
+from ..core.grid import Grid
 from .series import MANUFACTURER, Series, base_dataset, new_uid, pydicom
 
 logger = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ class Registration:
 
     def to_sitk(self):
         """The same mapping as an ITK composite transform (what ``transform.h5`` holds)."""
-        from ..itk_transform import to_itk
+        from ..io.itk_transform import to_itk
 
         return to_itk(self.affine, self.field, self.field_grid)
 

@@ -1,7 +1,7 @@
 """DICOM image series as the engine sees them: headers, geometry, and writing an image as a series.
 
 Geometry is LPS mm, the patient coordinate system of DICOM and the engine's world frame (see
-:mod:`DeepRegistrationLib.grid`): a slice's Image Position (Patient) is the centre of its first voxel,
+:mod:`DeepRegistrationLib.core.grid`): a slice's Image Position (Patient) is the centre of its first voxel,
 Image Orientation (Patient) holds the row (i) and column (j) direction cosines, and the slices are ordered
 along their common normal. Torch-free: pydicom, numpy and SimpleITK only.
 
@@ -20,9 +20,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError
-from ..grid import Grid
-from ..image import Image
+from ..core.errors import InputError
+from ..core.grid import Grid
+from ..core.image import Image
 
 logger = logging.getLogger(__name__)
 

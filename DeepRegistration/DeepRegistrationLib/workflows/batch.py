@@ -3,7 +3,7 @@
 ``register-batch PAIRS.csv -o OUT`` reads a CSV (columns ``fixed,moving`` and optionally
 ``fixed_labels,moving_labels,fixed_landmarks,moving_landmarks,name``; relative paths start from the CSV's
 folder), checks every row *before* any work, then registers each pair with
-:func:`~DeepRegistrationLib.outputs.run_registration` into ``OUT/<name>/`` (``name`` column, else
+:func:`~DeepRegistrationLib.registration.run.run_registration` into ``OUT/<name>/`` (``name`` column, else
 ``pair_0001``, ``pair_0002``, ... by data row), exactly the files of a ``register`` OUTDIR. A pair that fails is
 recorded (status ``failed`` and its error) and the others go on. ``OUT/summary.json`` and ``OUT/summary.csv``
 list every pair's status, metrics and time. Rerunning the same command skips the pairs whose folder is
@@ -13,7 +13,7 @@ Distributed: launched by ``torchrun`` (``WORLD_SIZE`` > 1) the rows are split ro
 (row ``i`` on rank ``i % WORLD_SIZE``), each rank on its own GPU (``LOCAL_RANK``) or, without CUDA, as a CPU
 process; results are gathered over a ``gloo`` process group (the registrations themselves never
 communicate) and rank 0 writes the summary. The same runtime (``torch.distributed``, started by
-``torchrun``) as :mod:`DeepRegistrationLib.training`; ``OUT`` must be on a file system every node sees.
+``torchrun``) as :mod:`DeepRegistrationLib.learning.training`; ``OUT`` must be on a file system every node sees.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..config import RegistrationConfig
-from ..errors import Cancelled, DeepRegistrationError, InputError
-from ..progress import ProgressCallback
+from ..core.config import RegistrationConfig
+from ..core.errors import Cancelled, DeepRegistrationError, InputError
+from ..core.progress import ProgressCallback
 
 logger = logging.getLogger(__name__)
 
@@ -272,12 +272,12 @@ def run_batch(pairs: Sequence[Pair], out_dir: str | os.PathLike, config: Registr
             stops the batch after writing the summary of what is done, then raises Cancelled.
         predictor / predictor_mode: A learned field predictor, loaded once for all pairs.
         register: The function that registers one pair (default
-            :func:`~DeepRegistrationLib.outputs.run_registration`), same signature.
+            :func:`~DeepRegistrationLib.registration.run.run_registration`), same signature.
 
     Returns:
         :class:`BatchSummary` (the full, gathered list on every rank).
     """
-    from ..outputs import run_registration
+    from ..registration.run import run_registration
 
     register = register or run_registration
     cfg = (config or RegistrationConfig()).validate()

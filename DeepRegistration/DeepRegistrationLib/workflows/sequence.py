@@ -3,7 +3,7 @@
 ``register-sequence SEQUENCE -o OUT [--reference N|mean] [--chain]``. SEQUENCE is a 4D image (NIfTI, NRRD,
 MetaImage; a 3D vector image such as a Slicer ``.seq.nrrd`` counts its components as frames) or a folder of
 3D volumes of one geometry, sorted naturally (``f2`` before ``f10``). Frame ``t`` (moving) is registered onto
-the reference (fixed) by :func:`~DeepRegistrationLib.outputs.run_registration`; its affine and its field start
+the reference (fixed) by :func:`~DeepRegistrationLib.registration.run.run_registration`; its affine and its field start
 from the neighbouring frame's result nearer the reference (``t-1`` after the reference frame, ``t+1`` before
 it: a warm start, which also skips the coarse levels). With ``chain`` frame ``t`` is first registered onto
 that neighbour and the result composed with the neighbour's transform (for large motion), then refined
@@ -31,14 +31,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .. import warp as W
-from ..config import RegistrationConfig
-from ..errors import InputError
-from ..grid import Grid
-from ..image import Image
-from ..io import read_image, sitk_to_image, write_image
-from ..progress import Progress, ProgressCallback
-from ..transforms import SpatialTransform
+from ..spatial import warp as W
+from ..core.config import RegistrationConfig
+from ..core.errors import InputError
+from ..core.grid import Grid
+from ..core.image import Image
+from ..io.images import read_image, sitk_to_image, write_image
+from ..core.progress import Progress, ProgressCallback
+from ..spatial.transforms import SpatialTransform
 from .batch import all_gather, barrier, distributed, rank_config
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def read_sequence(path: str | os.PathLike) -> list[Image]:
 
 # ------------------------------------------------------------------------------------------ warm start
 class TransformStart:
-    """A :class:`~DeepRegistrationLib.pipeline.FieldPredictor` that returns a known transform's field: the
+    """A :class:`~DeepRegistrationLib.registration.pipeline.FieldPredictor` that returns a known transform's field: the
     warm start of a registration from a neighbouring result (or a composition of results).
 
     Args:
@@ -201,7 +201,7 @@ def register_sequence(sequence, out_dir, config: RegistrationConfig | None = Non
     Returns:
         :class:`SequenceResult`.
     """
-    from ..outputs import check_output_dir, run_registration
+    from ..registration.run import check_output_dir, run_registration
 
     cfg = (config or RegistrationConfig()).validate()
     frames = sequence if isinstance(sequence, list) else read_sequence(sequence)

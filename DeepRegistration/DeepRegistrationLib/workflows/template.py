@@ -6,7 +6,7 @@
    subjects are averaged on the first image's grid, and the average is resampled through the inverse of the
    mean affine matrix, so that the subjects' affine maps average to the identity.
 2. **Deformable passes** (K, default 3). Every subject (moving) is registered onto the current template
-   (fixed) with :func:`~DeepRegistrationLib.outputs.run_registration`, starting from its previous affine
+   (fixed) with :func:`~DeepRegistrationLib.registration.run.run_registration`, starting from its previous affine
    (no new initialization search); the warped subjects are averaged; the
    mean displacement ``d̄(x) = mean_i (T_i(x) − x)`` is inverted (fixed point ``v(x) = −d̄(x + v(x))``) and the
    average is resampled through that inverse — the next template. The last pass writes the outputs and its
@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import warp as W
-from ..config import RegistrationConfig
-from ..errors import InputError
-from ..image import Image
-from ..io import read_image, read_label_image, write_image
-from ..progress import Progress, ProgressCallback
-from ..transforms import SpatialTransform
+from ..spatial import warp as W
+from ..core.config import RegistrationConfig
+from ..core.errors import InputError
+from ..core.image import Image
+from ..io.images import read_image, read_label_image, write_image
+from ..core.progress import Progress, ProgressCallback
+from ..spatial.transforms import SpatialTransform
 from .batch import all_gather, barrier, distributed, map_over_ranks, rank_config
 
 logger = logging.getLogger(__name__)
@@ -138,9 +138,9 @@ def build_template(images, out_dir, config: RegistrationConfig | None = None, *,
     Returns:
         :class:`TemplateResult`.
     """
-    from ..outputs import check_output_dir, run_registration
-    from ..pipeline import register
-    from ..resampling import warp_image
+    from ..registration.run import check_output_dir, run_registration
+    from ..registration.pipeline import register
+    from ..spatial.resampling import warp_image
 
     cfg = (config or RegistrationConfig()).validate()
     paths = [Path(p) for p in images]

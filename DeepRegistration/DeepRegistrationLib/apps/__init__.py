@@ -1,0 +1,1 @@
+"""Front ends: the ``deepregistration`` command (:mod:`.cli`, :mod:`.train_cli`, :mod:`.pacs_cli`, :mod:`.workflow_commands`) and the background worker the Slicer module starts (``python -m DeepRegistrationLib.apps.worker``)."""

@@ -1,0 +1,275 @@
+"""The ``deepregistration`` command.
+
+    deepregistration register FIXED MOVING -o OUTDIR [options]
+
+Exit status: 0 success (whatever the quality verdict, unless --fail-on); 2 bad input or options (one message
+on stderr, nothing written); 3 the quality verdict reached --fail-on (outputs written); 130 interrupted (nothing
+written); 1 unexpected internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..core.errors import Cancelled, DeepRegistrationError
+
+EPILOG = """\
+outputs (in OUTDIR, written to a temporary folder first and moved into place when complete):
+  transform.h5      ITK composite transform (affine + displacement field), fixed -> moving, LPS;
+                    apply it with SimpleITK/ANTs/Slicer to map the moving image onto the fixed one
+  warped.nii.gz     moving image resampled onto the fixed image's grid
+  inverse.h5        (deformable mode) the inverse, moving -> fixed, LPS; report.json gives its
+                    inverse-consistency error |T(T^-1(y)) - y| in mm
+  jacobian.nii.gz   Jacobian determinant of the transform (<1 shrink, >1 expand, <=0 folding)
+  report.json       similarity before/after, folding %, Dice/HD95/TRE if labels/landmarks given,
+                    timings, parameters, versions, device
+  report.png        fixed / moving before / after / checkerboards / Jacobian, three planes
+
+examples:
+  deepregistration register fixed.nii.gz moving.nii.gz -o out
+  deepregistration register t1.nii.gz t2.nii.gz -o out --similarity mi --mode affine
+  deepregistration register f.nii.gz m.nii.gz -o out --fixed-labels f_seg.nii.gz --moving-labels m_seg.nii.gz
+"""
+
+
+def _extra_command_modules() -> dict:
+    """Commands that live in other modules: ``train``/``models``/``evaluate`` (the learned engine) and
+    ``dataset`` (the DatasetBuilder, when its package is installed). Importing them loads only argparse."""
+    out = {}
+    from . import train_cli
+
+    for name in ("train", "models", "evaluate"):
+        out[name] = train_cli
+    try:
+        from DatasetBuilderLib import cli as dataset_cli
+    except ImportError:  # the engine installed without the DatasetBuilder
+        dataset_cli = None
+    if dataset_cli is not None:
+        out["dataset"] = dataset_cli
+    from . import pacs_cli  # argparse only; pydicom/dicomweb-client are imported when it runs
+
+    out["pacs"] = pacs_cli
+    from . import workflow_commands as workflow_commands  # argparse only
+
+    for name in workflow_commands.COMMANDS:
+        out[name] = workflow_commands
+    return out
+
+
+def _add_extra_commands(sub) -> None:
+    modules = _extra_command_modules()
+    if "train" in modules:
+        modules["train"].add_subparsers(sub)
+    if "dataset" in modules:
+        modules["dataset"].add_subparser(sub)
+    if "pacs" in modules:
+        modules["pacs"].add_subparser(sub)  # after "register": it shares its registration options
+    if "register-batch" in modules:
+        modules["register-batch"].add_subparsers(sub)  # register-batch, register-sequence, template
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..core.config import RegistrationConfig
+
+    d = RegistrationConfig()
+    parser = argparse.ArgumentParser(
+        prog="deepregistration",
+        description="Register 3D medical images (NIfTI, NRRD, MHA, DICOM folders) in physical space.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser(
+        "register", help="register MOVING onto FIXED and write transform, warped image and report",
+        description="Align MOVING to FIXED: an initialization search, then rigid/affine, then (mode deformable) "
+                    "a smooth dense deformation, each at several resolutions.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("fixed", metavar="FIXED", help="fixed (reference) image file or DICOM series folder")
+    p.add_argument("moving", metavar="MOVING", help="moving image, to be aligned to FIXED")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTDIR if it exists (after success only)")
+    g = p.add_argument_group("registration")
+    g.add_argument("--mode", choices=("rigid", "affine", "deformable"), default=d.mode,
+                   help="transform model (default: %(default)s)")
+    g.add_argument("--similarity", choices=("lncc", "mi", "mse"), default=d.similarity,
+                   help="lncc: same modality; mi: different modalities (e.g. T1 vs T2, CT vs MR); mse: same "
+                        "intensities (default: %(default)s)")
+    g.add_argument("--regularization", choices=("diffusion", "bending"), default=d.regularization,
+                   help="smoothness penalty of the deformation (default: %(default)s)")
+    g.add_argument("--reg-weight", type=float, default=d.reg_weight, metavar="W",
+                   help="smoothness weight; larger = smoother deformation (default: %(default)s)")
+    g.add_argument("--spacing", type=float, default=None, metavar="MM",
+                   help=f"working voxel size in mm; smaller = more detail, slower (default: {d.spacing}, or the "
+                        "--model's own working spacing; the model itself always runs at its own spacing)")
+    g.add_argument("--iterations", type=int, default=d.iterations, metavar="N",
+                   help="deformable iterations at the finest level, coarser levels run 2N (default: %(default)s)")
+    g.add_argument("--affine-iterations", type=int, default=d.affine_iterations, metavar="N",
+                   help="rigid/affine iterations at the finest linear level (default: %(default)s)")
+    g.add_argument("--levels", type=int, default=d.levels, metavar="N",
+                   help="resolution levels (default: %(default)s)")
+    g.add_argument("--diffeomorphic", action="store_true",
+                   help="stationary velocity field + scaling and squaring (invertible; slower)")
+    g.add_argument("--jacobian-weight", type=float, default=d.jacobian_weight, metavar="W",
+                   help="penalty on near-folding (det J < 0.05); 0 = off (default: %(default)s)")
+    g.add_argument("--init", dest="initialization", choices=("search", "moments", "geometry", "none"),
+                   default=d.initialization, help="initial alignment: search (the best of many rigid starts: "
+                   "principal axes, rotations up to --init-max-rotation, shifts; for large rotations or partial "
+                   "fields of view), centres of mass, centres of the fields of view, or none (default: "
+                   "%(default)s)")
+    g.add_argument("--init-max-rotation", type=float, default=d.init_max_rotation, metavar="DEG",
+                   help="largest rotation the search initialization tries, 0-180 degrees (default: %(default)s)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
+                   help="auto uses a CUDA GPU when PyTorch sees one (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=d.threads, metavar="N",
+                   help="CPU threads for PyTorch; 0 = all cores (default)")
+    e = p.add_argument_group("optional inputs")
+    e.add_argument("--fixed-mask", metavar="FILE", help="only voxels inside count (non-zero = inside)")
+    e.add_argument("--moving-mask", metavar="FILE", help="mask of the moving image")
+    e.add_argument("--fixed-labels", metavar="FILE", help="label map on the fixed grid: adds Dice/HD95")
+    e.add_argument("--moving-labels", metavar="FILE", help="label map on the moving grid")
+    e.add_argument("--fixed-landmarks", metavar="FILE", help="landmarks (CSV label,x,y,z in LPS mm; Slicer "
+                   ".mrk.json or .fcsv): adds TRE")
+    e.add_argument("--moving-landmarks", metavar="FILE", help="corresponding moving landmarks")
+    e.add_argument("--guide-landmarks", nargs=2, metavar=("FIXED", "MOVING"),
+                   help="corresponding landmarks that guide the registration (same formats, paired by label; "
+                   "at least 3, 4-8 well spread work best): their rigid least-squares fit starts the "
+                   "registration; kept separate from the evaluation landmarks")
+    m = p.add_argument_group("learned model")
+    m.add_argument("--model", metavar="NAME|PATH", help="a trained field predictor (see 'deepregistration models "
+                   "list') whose prediction starts the deformable optimization")
+    m.add_argument("--model-mode", choices=("init", "replace"), default="init",
+                   help="init: refine the prediction at the finest level; replace: use it as is (default: init)")
+    o = p.add_argument_group("output")
+    o.add_argument("--no-png", action="store_true", help="skip report.png")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    o.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    o.add_argument("--fail-on", choices=("suspect", "failed"),
+                   help="exit with status 3 when the quality verdict in report.json is this or worse "
+                        "(for pipelines; the outputs are written either way)")
+    _add_extra_commands(sub)
+    return parser
+
+
+class _Bar:
+    """A text progress bar on stderr (tqdm)."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed} {postfix}",
+                            desc="registering", leave=True)
+
+    def __call__(self, fraction: float, message: str) -> bool:
+        if self.bar is not None:
+            self.bar.n = round(100 * fraction, 1)
+            self.bar.set_postfix_str(message, refresh=False)
+            self.bar.refresh()
+        return True
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _register(args: argparse.Namespace) -> int:
+    from ..core.config import RegistrationConfig
+    from ..registration.run import check_output_dir, run_registration, summary_lines
+
+    check_output_dir(args.output, args.overwrite)
+    predictor = None
+    if args.model and args.mode != "deformable":
+        from ..core.errors import InputError
+
+        raise InputError(f"a learned model predicts a deformation and --mode {args.mode} has none: "
+                         "use --mode deformable, or leave out --model")
+    if args.model:
+        from ..learning import registry
+
+        loaded = registry.load(args.model)  # InputError for unknown, corrupt or tampered models
+        predictor = loaded.predictor()
+        if args.spacing is None:  # a model works at the spacing it was trained at
+            args.spacing = loaded.working_spacing_mm
+    spacing = args.spacing if args.spacing is not None else RegistrationConfig().spacing
+    cfg = RegistrationConfig(mode=args.mode, similarity=args.similarity, regularization=args.regularization,
+                             reg_weight=args.reg_weight, spacing=spacing, iterations=args.iterations,
+                             affine_iterations=args.affine_iterations, levels=args.levels,
+                             diffeomorphic=args.diffeomorphic, jacobian_weight=args.jacobian_weight,
+                             initialization=args.initialization, init_max_rotation=args.init_max_rotation,
+                             device=args.device, seed=args.seed,
+                             threads=args.threads).validate()
+    if args.model:
+        warning = registry.usage_warning(loaded.card, cfg.similarity)
+        if warning:
+            sys.stderr.write(f"warning: {warning}\n")
+    bar = _Bar(not args.quiet)
+    try:
+        summary = run_registration(
+            args.fixed, args.moving, args.output, cfg, fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
+            fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
+            fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
+            guide_fixed_landmarks=(args.guide_landmarks or (None, None))[0],
+            guide_moving_landmarks=(args.guide_landmarks or (None, None))[1],
+            overwrite=args.overwrite, write_png=not args.no_png, progress=bar, predictor=predictor,
+            predictor_mode=args.model_mode)
+    finally:
+        bar.close()
+    print(f"outputs: {summary.out_dir}")
+    for line in summary_lines(summary.report):
+        print("  " + line)
+    return _verdict_status(summary.report, getattr(args, "fail_on", None))
+
+
+def _verdict_status(report: dict, fail_on: str | None) -> int:
+    """3 when the report's quality verdict is ``fail_on`` ('suspect' or 'failed') or worse, else 0."""
+    from ..evaluation.quality import VERDICTS
+
+    verdict = (report.get("quality") or {}).get("verdict")
+    if fail_on and verdict in VERDICTS and VERDICTS.index(verdict) >= VERDICTS.index(fail_on):
+        return 3
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``deepregistration`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from .. import __version__
+
+        print(f"deepregistration {__version__}")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    extra = _extra_command_modules()
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command in extra:
+            return extra[args.command].run(args)
+        return _register(args)
+    except DeepRegistrationError as exc:
+        if isinstance(exc, Cancelled):
+            print(f"deepregistration: {exc}", file=sys.stderr)
+            return 130
+        print(f"deepregistration: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deepregistration: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    except ModuleNotFoundError as exc:
+        extra = {"slicer": "dataset", "vtk": "dataset", "pydicom": "dataset"}.get((exc.name or "").split(".")[0])
+        hint = f"pip install 'deepregistration[{extra}]'" if extra else f"pip install {exc.name}"
+        print(f"deepregistration: error: this command needs the Python package '{exc.name}', which is not "
+              f"installed. Install it ({hint}) and run again.", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("deepregistration: error: out of memory; use a coarser --spacing (e.g. 3) or --device cuda.",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Registration settings (one dataclass, validated, JSON-friendly) and device selection."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from .errors import InputError
+
+MODES = ("rigid", "affine", "deformable")
+SIMILARITIES = ("lncc", "mi", "mse")
+REGULARIZERS = ("diffusion", "bending")
+DEVICES = ("auto", "cpu", "cuda")
+INITIALIZATIONS = ("search", "moments", "geometry", "none")
+
+
+@dataclass
+class RegistrationConfig:
+    """What to register and how.
+
+    Attributes:
+        mode: ``"rigid"`` (6 dof), ``"affine"`` (12 dof) or ``"deformable"`` (affine, then a dense field).
+        similarity: ``"lncc"`` (same modality, default), ``"mi"`` (different modalities) or ``"mse"``.
+        regularization: ``"diffusion"`` (first derivatives, default) or ``"bending"`` (second derivatives).
+        reg_weight: Smoothness weight of the deformable stage; larger = smoother, less local detail.
+        spacing: Working voxel size in mm (isotropic); never finer than the finest input voxel.
+            2 mm registers brains well; coarser is faster.
+        iterations: Iterations of the deformable stage at the finest level (coarser levels get more);
+            the affine stage uses ``affine_iterations``.
+        affine_iterations: Iterations of the linear stage at its finest level.
+        levels: Number of resolution levels (each halves the resolution of the next finer one).
+        diffeomorphic: Parameterize the field as a stationary velocity field integrated by scaling
+            and squaring (invertible by construction; slower).
+        jacobian_weight: Weight of a penalty on Jacobian determinants below 0.05 (0 = off).
+        lncc_radius: Half-width in voxels of the LNCC window.
+        smoothing_passes: Box-filter passes (3³) applied to the field parameters each iteration.
+        initialization: ``"search"`` (default: the best of many rigid starts, see
+            :mod:`~DeepRegistrationLib.registration.initialization`), ``"moments"`` (align centres of mass),
+            ``"geometry"`` (align field-of-view centres) or ``"none"``.
+        init_max_rotation: Largest rotation (degrees, 0–180) the ``"search"`` initialization tries.
+        intensity_percentiles: Percentiles mapped to 0 and 1 by the intensity normalization.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        seed: Random seed (torch), for reproducible runs.
+        threads: CPU threads for torch (0 = torch's default).
+    """
+
+    mode: str = "deformable"
+    similarity: str = "lncc"
+    regularization: str = "diffusion"
+    reg_weight: float = 3.0
+    spacing: float = 2.0
+    iterations: int = 10
+    affine_iterations: int = 30
+    levels: int = 3
+    diffeomorphic: bool = False
+    jacobian_weight: float = 0.0
+    lncc_radius: int = 4
+    smoothing_passes: int = 2
+    initialization: str = "search"
+    init_max_rotation: float = 180.0
+    intensity_percentiles: tuple = field(default=(0.5, 99.5))
+    device: str = "auto"
+    seed: int = 0
+    threads: int = 0
+
+    def validate(self) -> "RegistrationConfig":
+        """Checks every value; raises InputError naming the bad option and its allowed values."""
+        def choice(name, value, allowed):
+            if value not in allowed:
+                raise InputError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+        choice("mode", self.mode, MODES)
+        choice("similarity", self.similarity, SIMILARITIES)
+        choice("regularization", self.regularization, REGULARIZERS)
+        choice("device", self.device, DEVICES)
+        choice("initialization", self.initialization, INITIALIZATIONS)
+        v = self.init_max_rotation
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 180):
+            raise InputError(f"init_max_rotation must be between 0 and 180 degrees, got {v!r}")
+        for name, lo in (("reg_weight", 0.0), ("jacobian_weight", 0.0)):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= lo):
+                raise InputError(f"{name} must be a finite number >= {lo}, got {v!r}")
+        if not (isinstance(self.spacing, (int, float)) and math.isfinite(self.spacing) and 0.2 <= self.spacing <= 20):
+            raise InputError(f"spacing must be between 0.2 and 20 mm, got {self.spacing!r}")
+        for name, lo, hi in (("iterations", 0, 100000), ("affine_iterations", 0, 100000), ("levels", 1, 6),
+                             ("lncc_radius", 1, 10), ("smoothing_passes", 0, 10), ("threads", 0, 1024)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not lo <= v <= hi:
+                raise InputError(f"{name} must be an integer between {lo} and {hi}, got {v!r}")
+        lo, hi = self.intensity_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise InputError(f"intensity_percentiles must satisfy 0 <= low < high <= 100, got {self.intensity_percentiles}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["intensity_percentiles"] = list(self.intensity_percentiles)
+        return d
+
+
+def select_device(name: str):
+    """The torch device for ``"auto"``/``"cpu"``/``"cuda"``; InputError when CUDA is asked but absent."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but no CUDA GPU is available to PyTorch; use "
+                         "--device cpu (or auto).")
+    return torch.device(name)

@@ -1,0 +1,1 @@
+"""Quality of registrations. :mod:`.metrics` (Learn2Reg definitions) and :mod:`.figures` are torch-free and sit just above ``io`` (registration and training use them); :mod:`.datasets` scores methods over a Learn2Reg-layout dataset and sits above ``learning``."""

@@ -1,0 +1,218 @@
+"""Explainability maps and the ground-truth-free signals of a registration, on the fixed image's grid.
+
+Given the fixed and moving images and a fixed → moving :class:`~DeepRegistrationLib.spatial.transforms.SpatialTransform`
+``T(x) = A (x + u(x))`` (LPS mm), this module computes
+
+- on the fixed *working* grid (what the optimizer saw: :func:`~DeepRegistrationLib.registration.preprocess.prepare`,
+  intensities in [0, 1]): the warped moving image, where it was sampled inside the moving field of view,
+  the local similarity map (LNCC's ``cc²`` per voxel with the similarity's own box filter) and the signals
+  that :mod:`~DeepRegistrationLib.evaluation.quality` turns into a verdict (:func:`measure`);
+- on the fixed image's *full* grid (any orientation, the geometry of ``fixed.grid``): the maps written as
+  optional outputs (:func:`explanation_maps`):
+
+  ``residual``: ``|fixed − warped|`` after each image's robust intensity normalization to [0, 1]
+  (:func:`~DeepRegistrationLib.registration.preprocess.normalize_intensity`), 0 where the warped moving image has no
+  data (outside its field of view); ``local_similarity``: LNCC ``cc²`` in [0, 1] (1 = locally identical up
+  to a linear intensity change), 0 where the fixed window is flat (background: no information) or outside
+  the overlap; ``displacement``: ``|T(x) − x|`` in mm (the full map, linear part included).
+
+Arrays are ``(Z, Y, X)`` (see :mod:`~DeepRegistrationLib.core.grid`); tensors ``(B, C, Z, Y, X)``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..spatial import warp as W
+from ..core.config import RegistrationConfig
+from ..core.grid import Grid
+from ..core.image import Image
+from ..registration.preprocess import normalize_intensity, prepare
+from ..spatial.resampling import sample_on_grid, slab_grid, warp_image
+from ..registration.similarity import box_filter
+from ..spatial.transforms import SpatialTransform
+
+logger = logging.getLogger(__name__)
+
+#: A working-grid voxel is "foreground" (anatomy) when its normalized intensity exceeds this value
+#: (normalization maps the 0.5th percentile to 0 and the 99.5th to 1; MR/CT air lies below 0.05).
+FOREGROUND = 0.1
+#: LNCC windows whose fixed-image variance is below this carry no information (the similarity's own
+#: ``flat`` default in :class:`~DeepRegistrationLib.registration.similarity.LNCC`).
+FLAT = 1e-4
+
+
+@dataclass
+class WorkingPair:
+    """The fixed image and the warped moving image on the fixed working grid.
+
+    Attributes:
+        fixed / warped: ``(1, 1, Z, Y, X)`` float32 in [0, 1] (warped is 0 outside the moving field of view).
+        view: ``(1, 1, Z, Y, X)`` bool, True where the mapped point lies inside the moving field of view.
+        grid: The fixed working grid.
+        fixed_mask: ``(1, 1, Z, Y, X)`` bool or None.
+    """
+
+    fixed: torch.Tensor
+    warped: torch.Tensor
+    view: torch.Tensor
+    grid: Grid
+    fixed_mask: torch.Tensor | None = None
+
+
+def working_pair(fixed: Image, moving: Image, transform: SpatialTransform, config: RegistrationConfig,
+                 fixed_mask: Image | None = None, moving_mask: Image | None = None, device=None) -> WorkingPair:
+    """Both images prepared as the registration prepared them, the moving one warped by ``transform``."""
+    fw = prepare(fixed, config.spacing, fixed_mask, config.intensity_percentiles)
+    mw = prepare(moving, config.spacing, moving_mask, config.intensity_percentiles)
+    to_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)[None, None]
+    f_t, m_t = to_t(fw.array), to_t(mw.array)
+    with torch.no_grad():
+        pts = W.grid_points(fw.grid, device)
+        mapped = _map(transform, pts, device)
+        warped, view = W.sample_in_view(m_t, mw.grid, mapped)
+    fmask = None if fw.mask is None else to_t(fw.mask) > 0.5
+    return WorkingPair(f_t, warped, view, fw.grid, fmask)
+
+
+def _map(transform: SpatialTransform, pts: torch.Tensor, device=None) -> torch.Tensor:
+    field = None if transform.field is None else torch.as_tensor(transform.field, dtype=torch.float32,
+                                                                 device=device)[None]
+    return W.map_points(pts, torch.as_tensor(transform.affine, dtype=torch.float32, device=device), field,
+                        transform.field_grid)
+
+
+def local_cc2(fixed: torch.Tensor, warped: torch.Tensor, radius: int,
+              view: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-voxel LNCC ``cc²`` of two ``(1, 1, Z, Y, X)`` images over ``(2r+1)³`` windows, and where it is defined.
+
+    The window statistics use only the samples inside ``view`` (bool, same shape; None = everywhere), as
+    :class:`~DeepRegistrationLib.registration.similarity.LNCC` does, with the same box filter.
+
+    Returns:
+        ``(cc2, structured)``: ``cc2`` in [0, 1]; ``structured`` bool, True where the fixed window has
+        structure (variance above :data:`FLAT`) and the voxel lies in ``view``. ``cc2`` is 0 elsewhere.
+    """
+    with torch.no_grad():
+        v = torch.ones_like(fixed) if view is None else view.to(fixed.dtype)
+        stats = box_filter(torch.cat([v, v * fixed, v * warped, v * fixed * fixed, v * warped * warped,
+                                      v * fixed * warped], 1), radius)
+        mv, mf, mw, mff, mww, mfw = torch.split(stats, 1, 1)
+        inv = 1.0 / mv.clamp_min(1e-6)
+        mf, mw = mf * inv, mw * inv
+        var_f = (mff * inv - mf * mf).clamp_min(0)
+        var_w = (mww * inv - mw * mw).clamp_min(0)
+        cross = mfw * inv - mf * mw
+        cc2 = (cross * cross / (var_f * var_w + 1e-12)).clamp(0, 1)
+        structured = (var_f > FLAT) & (v > 0.5)
+        return cc2 * structured, structured
+
+
+def linear_part(affine: np.ndarray) -> dict:
+    """Rotation angle (degrees), scales and reflection of a 4×4 affine's linear part (polar decomposition).
+
+    ``M = R S`` with ``R`` orthogonal and ``S`` symmetric positive: ``rotation_deg`` is the angle of ``R``
+    (of ``R`` times a reflection when ``det M < 0``), ``scales`` the singular values of ``M`` (ascending).
+    """
+    m = np.asarray(affine, dtype=np.float64)[:3, :3]
+    u, s, vt = np.linalg.svd(m)
+    r = u @ vt
+    reflection = bool(np.linalg.det(r) < 0)
+    if reflection:
+        r = r @ np.diag([1.0, 1.0, -1.0])
+    angle = float(np.degrees(np.arccos(np.clip((np.trace(r) - 1.0) / 2.0, -1.0, 1.0))))
+    return {"rotation_deg": angle, "scale_min": float(s.min()), "scale_max": float(s.max()), "reflection": reflection}
+
+
+def measure(pair: WorkingPair, radius: int) -> dict:
+    """Ground-truth-free signals on the fixed working grid (see :func:`DeepRegistrationLib.evaluation.quality.assess`).
+
+    Returns:
+        ``{"local_cc2": mean cc² over the structured overlap, "overlap_fraction": fraction of the fixed
+        foreground (intensity > FOREGROUND, inside the fixed mask) whose mapped point lies in the moving
+        field of view, "foreground_dice": Dice of the fixed and warped-moving foregrounds inside that
+        overlap}`` as floats (NaN when undefined).
+    """
+    with torch.no_grad():
+        region = pair.view if pair.fixed_mask is None else pair.view & pair.fixed_mask
+        cc2, structured = local_cc2(pair.fixed, pair.warped, radius, pair.view)
+        if pair.fixed_mask is not None:
+            structured = structured & pair.fixed_mask
+        n = float(structured.sum())
+        fg_f = pair.fixed > FOREGROUND
+        if pair.fixed_mask is not None:
+            fg_f = fg_f & pair.fixed_mask
+        n_fg = float(fg_f.sum())
+        overlap = float((fg_f & pair.view).sum()) / n_fg if n_fg else float("nan")
+        fg_w = (pair.warped > FOREGROUND) & region
+        a, b = fg_f & region, fg_w
+        denom = float(a.sum() + b.sum())
+        dice = 2.0 * float((a & b).sum()) / denom if denom else float("nan")
+        return {"local_cc2": float((cc2 * structured).sum()) / n if n else float("nan"),
+                "overlap_fraction": overlap, "foreground_dice": dice}
+
+
+def jacobian_signals(detj: np.ndarray) -> dict:
+    """Extremes of the Jacobian determinant ``(Z, Y, X)``: min, max, % folded (≤ 0), % outside [1/5, 5]."""
+    d = np.asarray(detj, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        nan = float("nan")
+        return {"jacobian_min": nan, "jacobian_max": nan, "folding_percent": nan, "extreme_jacobian_percent": nan}
+    return {"jacobian_min": float(d.min()), "jacobian_max": float(d.max()),
+            "folding_percent": float(100.0 * np.count_nonzero(d <= 0) / d.size),
+            "extreme_jacobian_percent": float(100.0 * np.count_nonzero((d < 0.2) | (d > 5.0)) / d.size)}
+
+
+def displacement_magnitude(transform: SpatialTransform, grid: Grid, slab_voxels: int = 2_000_000) -> np.ndarray:
+    """``|T(x) − x|`` in mm at every voxel centre of ``grid``, shape ``(Z, Y, X)`` float32."""
+    out = np.empty(grid.shape, dtype=np.float32)
+    step = max(1, slab_voxels // max(1, grid.shape[1] * grid.shape[2]))
+    with torch.no_grad():
+        for k0 in range(0, grid.shape[0], step):
+            k1 = min(grid.shape[0], k0 + step)
+            d = transform.total_displacement(slab_grid(grid, k0, k1))
+            out[k0:k1] = d[0].norm(dim=0).numpy()
+    return out
+
+
+def residual_map(fixed: Image, warped: Image, inside: np.ndarray,
+                 percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+    """``|norm(fixed) − norm(warped)|`` ``(Z, Y, X)`` float32 on the fixed grid; 0 where ``inside`` is False.
+
+    Each image is normalized to [0, 1] by its own robust percentiles (the warped one over ``inside`` only,
+    so the zeros beyond the moving image do not shift its range).
+    """
+    f = normalize_intensity(fixed.array.astype(np.float32), None, percentiles)
+    sel = inside if inside.any() else None
+    w = normalize_intensity(warped.array.astype(np.float32), sel, percentiles)
+    return (np.abs(f - w) * inside).astype(np.float32)
+
+
+def explanation_maps(fixed: Image, moving: Image, transform: SpatialTransform, config: RegistrationConfig,
+                     pair: WorkingPair | None = None, warped: Image | None = None) -> dict[str, Image]:
+    """The explainability maps on ``fixed.grid``: ``{"residual", "local_similarity", "displacement"}``.
+
+    Args:
+        fixed / moving: The images as registered.
+        transform: Fixed → moving map.
+        config: The registration's settings (working spacing, intensity percentiles, LNCC radius).
+        pair: :func:`working_pair` of these images, if already computed.
+        warped: ``moving`` warped onto ``fixed.grid`` (linear), if already computed.
+
+    Returns:
+        Images on exactly ``fixed.grid`` (float32); see the module docstring for their meaning.
+    """
+    pair = pair or working_pair(fixed, moving, transform, config)
+    warped = warped if warped is not None else warp_image(moving, fixed.grid, transform, "linear")
+    ones = Image(np.ones(moving.grid.shape, np.float32), moving.grid, "support")
+    inside = warp_image(ones, fixed.grid, transform, "linear").array > 0.5
+    cc2, _ = local_cc2(pair.fixed, pair.warped, config.lncc_radius, pair.view)
+    local = sample_on_grid(cc2[0, 0].numpy(), pair.grid, fixed.grid)
+    return {"residual": Image(residual_map(fixed, warped, inside, config.intensity_percentiles), fixed.grid,
+                              "residual"),
+            "local_similarity": Image(local.astype(np.float32), fixed.grid, "local_similarity"),
+            "displacement": Image(displacement_magnitude(transform, fixed.grid), fixed.grid, "displacement")}

@@ -1,0 +1,1 @@
+"""Layer 1, torch-free: the I/O boundary. Images (SimpleITK, already LPS), landmark files (RAS ↔ LPS), ITK transforms. Array ↔ index order and RAS ↔ LPS are converted here and in the Slicer glue only."""

@@ -1,0 +1,238 @@
+"""Reading and writing images through SimpleITK, with checks that turn bad input into one clear error.
+
+This module and the Slicer glue are the only places that meet file-format conventions; everything they
+return is in the engine's frame (LPS mm, arrays ``(Z, Y, X)``, see :mod:`DeepRegistrationLib.core.grid`).
+Readable: anything SimpleITK reads (NIfTI ``.nii/.nii.gz``, NRRD ``.nrrd/.nhdr``, MetaImage
+``.mha/.mhd``, ...) and folders holding one DICOM series.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import locale
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..core.errors import InputError
+from ..core.grid import Grid
+from ..core.image import Image
+
+logger = logging.getLogger(__name__)
+
+WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+
+# NIfTI-1/-2 float datatypes: code -> numpy dtype (ITK's NIfTI reader silently turns NaN into 0,
+# so NaN voxels are only visible in the raw file).
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_nonfinite_count(path: Path) -> int:
+    """Number of NaN/Inf voxels in a float NIfTI file, read raw (0 for other types or formats)."""
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return 0
+    opener = gzip.open if name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError):
+        return 0
+    for endian in ("<", ">"):
+        size = int(np.frombuffer(raw, endian + "i4", 1, 0)[0])
+        if size == 348:  # NIfTI-1
+            code = int(np.frombuffer(raw, endian + "i2", 1, 70)[0])
+            dims = np.frombuffer(raw, endian + "i2", 8, 40).astype(np.int64)
+            offset = int(np.frombuffer(raw, endian + "f4", 1, 108)[0])
+            break
+        if size == 540:  # NIfTI-2
+            code = int(np.frombuffer(raw, endian + "i2", 1, 12)[0])
+            dims = np.frombuffer(raw, endian + "i8", 8, 16)
+            offset = int(np.frombuffer(raw, endian + "i8", 1, 168)[0])
+            break
+    else:
+        return 0
+    if code not in _NIFTI_FLOATS:
+        return 0
+    count = int(np.prod(dims[1:1 + max(1, min(int(dims[0]), 7))]))
+    data = np.frombuffer(raw, endian + _NIFTI_FLOATS[code], min(count, (len(raw) - offset) // (
+        4 if code == 16 else 8)), offset)
+    return int((~np.isfinite(data)).sum())
+
+
+def _read_sitk(path: str | os.PathLike, what: str) -> sitk.Image:
+    """Reads a file or a DICOM series folder; raises InputError naming ``what`` on any failure."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what}: '{p}' does not exist. Check the path (relative paths start from "
+                         f"'{Path.cwd()}').")
+    if p.is_dir():
+        with _keep_locale():
+            return _read_dicom_series(p, what)
+    try:
+        return sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise InputError(f"{what}: '{p}' is not a readable image ({_first_line(exc)}). Use NIfTI, NRRD, "
+                         "MetaImage or a DICOM series folder.") from None
+
+
+@contextlib.contextmanager
+def _keep_locale():
+    """Restores the process locale after a GDCM call. GDCM can switch the process to the "C" locale (its
+    DICOM writer does), after which Python's default text encoding is silently ASCII for the rest of the
+    process; reading must never leave that behind in a user's session (e.g. Slicer's)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        try:
+            locale.setlocale(locale.LC_ALL, saved)
+        except locale.Error:  # a mixed-category locale string: restore the one that matters for text
+            locale.setlocale(locale.LC_CTYPE, saved.split(";")[0].split("=")[-1])
+
+
+def _read_dicom_series(p: Path, what: str) -> sitk.Image:
+    """The largest DICOM series in folder ``p``."""
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(p))
+    if not ids:
+        raise InputError(f"{what}: folder '{p}' holds no DICOM series. Give an image file "
+                         "(.nii.gz, .nrrd, .mha) or a folder of DICOM slices.")
+    files_per_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(p), sid) for sid in ids}
+    sid = max(files_per_series, key=lambda s: len(files_per_series[s]))
+    if len(ids) > 1:
+        logger.warning("%s: folder %s holds %d DICOM series; using the largest (%s, %d files)",
+                       what, p, len(ids), sid, len(files_per_series[sid]))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files_per_series[sid])
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{what}: the DICOM series in '{p}' cannot be read ({_first_line(exc)}).") from None
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:
+        if "Exception" not in ln and "sitk::ERROR" not in ln and not ln.startswith("/"):
+            return ln[:200]
+    return (lines[-1] if lines else type(exc).__name__)[:200]
+
+
+def _check_3d(img: sitk.Image, path, what: str) -> None:
+    dim = img.GetDimension()
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what}: '{path}' has {img.GetNumberOfComponentsPerPixel()} components per voxel "
+                         "(a vector or color image). Give a scalar 3D image (extract one channel first).")
+    if dim != 3:
+        raise InputError(f"{what}: '{path}' is a {dim}D image of size {img.GetSize()}. DeepRegistration "
+                         "registers 3D volumes: give a 3D image (for 4D data, extract one time point first).")
+    if min(img.GetSize()) < 2:
+        raise InputError(f"{what}: '{path}' has size {img.GetSize()}, a single slice. Give a 3D volume with at "
+                         "least 2 voxels along every axis.")
+
+
+def sitk_to_image(img: sitk.Image, name: str = "image", dtype=np.float32) -> Image:
+    """Converts a 3D scalar SimpleITK image to an :class:`Image` (array ``(Z, Y, X)``, LPS grid)."""
+    return Image(np.asarray(sitk.GetArrayFromImage(img), dtype=dtype), Grid.from_sitk(img), name)
+
+
+def image_to_sitk(image: Image) -> sitk.Image:
+    """Converts an :class:`Image` to SimpleITK (bool arrays become uint8)."""
+    arr = image.array.astype(np.uint8) if image.array.dtype == bool else image.array
+    out = sitk.GetImageFromArray(np.ascontiguousarray(arr), isVector=False)
+    image.grid.apply_to_sitk(out)
+    return out
+
+
+def read_image(path: str | os.PathLike, name: str = "image") -> Image:
+    """Reads an intensity image as float32 and checks that it can be registered.
+
+    Args:
+        path: Image file or DICOM series folder.
+        name: What it is ("fixed image", ...), used in error messages.
+
+    Returns:
+        The image (array ``(Z, Y, X)`` float32, grid in LPS mm).
+
+    Raises:
+        InputError: missing/unreadable file, not 3D, vector image, NaN/Inf voxels, constant image.
+    """
+    img = _read_sitk(path, name)
+    _check_3d(img, path, name)
+    image = sitk_to_image(img, name)
+    arr = image.array
+    n_bad = int((~np.isfinite(arr)).sum()) or _nifti_nonfinite_count(Path(path))
+    if n_bad:
+        raise InputError(f"{name}: '{path}' contains {n_bad} NaN or infinite voxels. Replace them "
+                         "(e.g. with 0 or the background value) before registering.")
+    if float(arr.max()) - float(arr.min()) <= 1e-6 * max(1.0, abs(float(arr.max()))):
+        raise InputError(f"{name}: '{path}' is constant (every voxel is {float(arr.flat[0]):g}); there is "
+                         "nothing to align. Check that the right file was given.")
+    logger.info("read %s %s: %s", name, path, image.grid)
+    return image
+
+
+def read_label_image(path: str | os.PathLike, name: str = "labels", reference: Grid | None = None) -> Image:
+    """Reads a label map (integer values; 0 = background) as int32.
+
+    Args:
+        path: Label image file or DICOM folder.
+        name: What it is, for messages.
+        reference: When given, the label map must lie on this grid (the grid of its image).
+
+    Raises:
+        InputError: unreadable, not 3D, non-integer values, no label, or a grid other than ``reference``.
+    """
+    img = _read_sitk(path, name)
+    _check_3d(img, path, name)
+    arr = sitk.GetArrayFromImage(img)
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.isfinite(arr)) or not np.allclose(arr, np.round(arr)):
+            raise InputError(f"{name}: '{path}' holds non-integer values; a label map must hold integer "
+                             "labels (0 = background). Did you pass an intensity image?")
+    image = Image(np.round(arr).astype(np.int32), Grid.from_sitk(img), name)
+    if reference is not None and not image.grid.same_as(reference, tol=1e-3):
+        raise InputError(f"{name}: '{path}' is not on the grid of its image ({image.grid} vs {reference}). "
+                         "Resample the label map onto its image's grid (nearest neighbour) first.")
+    if not (image.array > 0).any():
+        raise InputError(f"{name}: '{path}' holds no label (all voxels are 0). Give a label map with at "
+                         "least one labelled structure.")
+    return image
+
+
+def read_mask(path: str | os.PathLike, name: str = "mask", reference: Grid | None = None) -> Image:
+    """Reads a binary mask (non-zero = inside) as bool; checks grid (when ``reference``) and emptiness."""
+    img = _read_sitk(path, name)
+    _check_3d(img, path, name)
+    image = Image(sitk.GetArrayFromImage(img) != 0, Grid.from_sitk(img), name)
+    if not image.array.any():
+        raise InputError(f"{name}: '{path}' is empty (no non-zero voxel). Give a mask that covers the "
+                         "region to register, or leave the mask out.")
+    if reference is not None and image.grid.overlap_fraction(reference) <= 0:
+        raise InputError(f"{name}: '{path}' does not overlap its image in physical space. Check that the "
+                         "mask belongs to this image.")
+    return image
+
+
+def write_image(image: Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Writes an image (NIfTI, NRRD or MetaImage by suffix). The caller decides about overwriting."""
+    p = Path(path)
+    if not str(p).lower().endswith(WRITABLE_SUFFIXES):
+        raise InputError(f"cannot write '{p}': use one of {', '.join(WRITABLE_SUFFIXES)}")
+    sitk.WriteImage(image_to_sitk(image), str(p), compress)
+    return p
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MB chunks), for manifests and model cards."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

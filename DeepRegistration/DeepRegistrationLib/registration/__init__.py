@@ -1,0 +1,1 @@
+"""Layer 3: instance optimization. Similarity losses, regularizers, the optimizer, preprocessing, initialization, the pipeline (:func:`.pipeline.register`) and the run that reads inputs and writes every output (:func:`.run.run_registration`)."""

@@ -1,0 +1,288 @@
+"""Running a registration from files to a complete, atomically written output folder.
+
+``run_registration(FIXED, MOVING, OUTDIR)`` reads and checks every input *before* any work, registers,
+evaluates (Dice/HD95 with label maps, TRE with landmarks) and writes, inside a temporary folder next
+to OUTDIR that is renamed into place only when everything succeeded:
+
+- ``transform.h5``: ITK composite transform [affine, displacement field], fixed → moving, LPS.
+- ``warped.nii.gz``: the moving image resampled onto the fixed image's full-resolution grid.
+- ``inverse.h5`` (deformable mode): the inverse, moving → fixed (ITK composite [displacement, affine⁻¹],
+  LPS; see :mod:`~DeepRegistrationLib.spatial.inverse`); ``report.json`` gives its inverse-consistency error.
+- ``jacobian.nii.gz``: det of the Jacobian of the full transform, on the fixed grid.
+- ``warped_labels.nii.gz``: the moving labels warped (nearest neighbour), when labels are given.
+- ``report.json`` / ``report.png``: figures, timings, parameters, versions; a visual check.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..evaluation import metrics
+from ..core.config import RegistrationConfig
+from ..core.errors import InputError
+from ..core.image import Image
+from ..io.images import read_image, read_label_image, read_mask, write_image
+from ..io.landmarks import match_landmarks, read_landmarks
+from .pipeline import RegistrationResult, register
+from ..core.progress import Progress, ProgressCallback
+from ..spatial.resampling import sample_on_grid, warp_image
+from ..spatial.transforms import SpatialTransform
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_FILES = ("transform.h5", "warped.nii.gz", "jacobian.nii.gz", "report.json", "report.png")
+
+
+@dataclass
+class RunSummary:
+    """Result of :func:`run_registration`: where the outputs are, the report dict and the result."""
+
+    out_dir: Path
+    report: dict
+    result: RegistrationResult
+
+
+def versions() -> dict:
+    """Versions of the software that produced a result (read from package metadata: importing MONAI
+    just for its version would cost half a second)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    out = {"python": platform.python_version(), "numpy": np.__version__, "SimpleITK": sitk.Version_VersionString(),
+           "torch": torch.__version__}
+    try:
+        out["deepregistration"] = version("deepregistration")
+    except PackageNotFoundError:  # running from a source tree or inside Slicer
+        from .. import __version__
+
+        out["deepregistration"] = __version__
+    return out
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuses an existing OUTDIR unless ``overwrite``; checks that its parent can be written."""
+    out = Path(out_dir).absolute()
+    if out.exists() and not overwrite:
+        raise InputError(f"output folder '{out}' already exists. Choose another folder, or pass --overwrite "
+                         "to replace it (it is replaced only after the new outputs are complete).")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output '{out}' exists and is a file, not a folder. Choose another output folder.")
+    parent = out.parent
+    if not parent.exists():
+        raise InputError(f"the parent folder of the output, '{parent}', does not exist. Create it first.")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write in '{parent}' (permission denied). Choose a writable output folder.")
+    return out
+
+
+def evaluate_labels(fixed_labels: Image, moving_labels: Image, transform: SpatialTransform) -> tuple[dict, Image]:
+    """Dice and HD95 per label before (identity) and after registration; also the warped labels."""
+    ident = SpatialTransform.identity()
+    before = warp_image(moving_labels, fixed_labels.grid, ident, "nearest")
+    after = warp_image(moving_labels, fixed_labels.grid, transform, "nearest")
+    labels = sorted(int(v) for v in np.unique(fixed_labels.array) if v != 0)
+    out = {}
+    for tag, warped in (("before", before), ("after", after)):
+        dice = metrics.dice_per_label(fixed_labels.array, warped.array, labels)
+        hd = metrics.hd95_per_label(fixed_labels.array, warped.array, fixed_labels.grid.spacing, labels)
+        out[tag] = {"dice_mean": float(np.nanmean(list(dice.values()))),
+                    "dice_p30": float(np.nanpercentile(list(dice.values()), 30)),
+                    "hd95_mean_mm": float(np.nanmean(list(hd.values()))) if hd else float("nan"),
+                    "dice_per_label": {str(k): round(float(v), 5) for k, v in dice.items()},
+                    "hd95_per_label_mm": {str(k): round(float(v), 4) for k, v in hd.items()}}
+    return out, after
+
+
+def evaluate_landmarks(fixed_pts: np.ndarray, moving_pts: np.ndarray, transform: SpatialTransform) -> dict:
+    """TRE in mm before (identity) and after registration (fixed landmarks mapped by the transform)."""
+    return {"before": metrics.summarize(metrics.tre_mm(fixed_pts, moving_pts)),
+            "after": metrics.summarize(metrics.tre_mm(transform.map_points(fixed_pts), moving_pts)),
+            "n": int(len(fixed_pts))}
+
+
+def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfig | None = None, *,
+                     fixed_mask=None, moving_mask=None, fixed_labels=None, moving_labels=None,
+                     fixed_landmarks=None, moving_landmarks=None, guide_fixed_landmarks=None,
+                     guide_moving_landmarks=None, overwrite: bool = False,
+                     write_png: bool = True, progress: ProgressCallback | None = None,
+                     predictor=None, predictor_mode: str = "init",
+                     initial_affine: np.ndarray | None = None) -> RunSummary:
+    """Registers MOVING to FIXED (paths) and writes all outputs into ``out_dir`` atomically.
+
+    Args:
+        fixed_path / moving_path: Image files or DICOM folders.
+        out_dir: Output folder (must not exist unless ``overwrite``).
+        config: Registration settings.
+        fixed_mask / moving_mask: Optional mask files.
+        fixed_labels / moving_labels: Optional label maps on their image's grid (adds Dice/HD95).
+        fixed_landmarks / moving_landmarks: Optional landmark files (CSV, .mrk.json, .fcsv) (adds TRE).
+        guide_fixed_landmarks / guide_moving_landmarks: Optional landmark files of corresponding points that
+            guide the registration (see :mod:`~DeepRegistrationLib.registration.guidance`): their rigid least-squares fit starts the linear
+            stage (unless ``initial_affine`` is given). Checked before any work.
+        overwrite: Replace an existing ``out_dir`` (only once the new outputs are complete).
+        write_png: Also draw ``report.png``.
+        progress: ``callback(fraction, message)``; returning False cancels with nothing written.
+        predictor: Optional learned field predictor (see :class:`~DeepRegistrationLib.registration.pipeline.FieldPredictor`).
+        predictor_mode: ``"init"`` (the prediction starts the finest-level optimization) or ``"replace"``.
+        initial_affine: Optional 4×4 LPS matrix (fixed → moving points) that replaces the moments
+            initialization; the result includes it.
+
+    Returns:
+        :class:`RunSummary`.
+    """
+    cfg = (config or RegistrationConfig()).validate()
+    out = check_output_dir(out_dir, overwrite)
+    if (fixed_labels is None) != (moving_labels is None):
+        raise InputError("labels need both --fixed-labels and --moving-labels (or neither).")
+    if (fixed_landmarks is None) != (moving_landmarks is None):
+        raise InputError("landmarks need both --fixed-landmarks and --moving-landmarks (or neither).")
+    prog = Progress(progress)
+    t0 = time.perf_counter()
+    fixed = read_image(fixed_path, "fixed image")
+    moving = read_image(moving_path, "moving image")
+    fmask = None if fixed_mask is None else read_mask(fixed_mask, "fixed mask", fixed.grid)
+    mmask = None if moving_mask is None else read_mask(moving_mask, "moving mask", moving.grid)
+    flab = None if fixed_labels is None else read_label_image(fixed_labels, "fixed labels", fixed.grid)
+    mlab = None if moving_labels is None else read_label_image(moving_labels, "moving labels", moving.grid)
+    lms = None
+    if fixed_landmarks is not None:
+        lms = match_landmarks(read_landmarks(fixed_landmarks), read_landmarks(moving_landmarks))
+    guide, guide_info = None, None
+    if guide_fixed_landmarks is not None or guide_moving_landmarks is not None:
+        from .guidance import fit_linear, read_guide_landmarks
+
+        guide = read_guide_landmarks(guide_fixed_landmarks, guide_moving_landmarks, fixed.grid, moving.grid)
+        guide_info = {**guide.summary(), "start": "given initial affine"}
+        if initial_affine is None:
+            initial_affine = fit_linear(guide.fixed, guide.moving, "rigid")
+            guide_info["start"] = "rigid least-squares fit of the guide landmarks"
+    t_read = time.perf_counter() - t0
+
+    result = register(fixed, moving, cfg, fixed_mask=fmask, moving_mask=mmask, predictor=predictor,
+                      predictor_mode=predictor_mode, initial_affine=initial_affine,
+                      progress=Progress(progress, 0.0, 0.85))
+    prog(0.86, "writing outputs")
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        sitk.WriteTransform(result.transform.to_sitk(), str(tmp / "transform.h5"))
+        inverse_report = None
+        if result.transform.field is not None:
+            from ..spatial.inverse import consistency_error, foreground_points, invert
+
+            prog(0.87, "inverting the transform")
+            inverse = invert(result.transform, velocity=getattr(result, "velocity", None))
+            sitk.WriteTransform(inverse.to_sitk(), str(tmp / "inverse.h5"))
+            pts = foreground_points(moving.array, moving.grid, None if mmask is None else mmask.array > 0)
+            inverse_report = {**inverse.summary(), "points": "moving mask" if mmask is not None else
+                              "moving foreground (> 10 % of the 99th percentile)",
+                              "consistency_mm": consistency_error(result.transform, inverse, pts)}
+        warped = warp_image(moving, fixed.grid, result.transform, "linear")
+        write_image(warped, tmp / "warped.nii.gz")
+        jac = Image(sample_on_grid(result.jacobian, result.working_grid, fixed.grid), fixed.grid, "jacobian")
+        write_image(jac, tmp / "jacobian.nii.gz")
+        prog(0.9, "evaluating")
+        evaluation: dict = {}
+        if flab is not None:
+            evaluation["labels"], warped_labels = evaluate_labels(flab, mlab, result.transform)
+            write_image(warped_labels, tmp / "warped_labels.nii.gz")
+        if lms is not None:
+            evaluation["landmarks"] = evaluate_landmarks(lms[0], lms[1], result.transform)
+        t_write = time.perf_counter() - t0
+        report = build_report(result, fixed_path, moving_path, evaluation,
+                              dict(read=t_read, **result.timings, write_and_evaluate=t_write))
+        from ..evaluation.quality import assess, signals_from_result
+
+        report["quality"] = assess(signals_from_result(result, fixed, moving, fmask, mmask))
+        if inverse_report is not None:
+            report["inverse"] = inverse_report
+        if guide is not None:
+            from .guidance import point_distances
+
+            guide_info["distance_after_mm"] = metrics.summarize(
+                point_distances(result.transform.map_points, guide.fixed, guide.moving))
+            report["guidance"] = guide_info
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=True))
+        if write_png:
+            prog(0.95, "drawing report.png")
+            from ..evaluation.figures import draw_report
+
+            before = warp_image(moving, fixed.grid, SpatialTransform.identity(), "linear")
+            draw_report(fixed, before, warped, jac, tmp / "report.png", summary_lines(report))
+        prog(0.99, "moving outputs into place")
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prog(1.0, "done")
+    logger.info("outputs written to %s", out)
+    return RunSummary(out, report, result)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Renames the finished temporary folder to ``out``; an old ``out`` is removed only afterwards."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_report(result: RegistrationResult, fixed_path, moving_path, evaluation: dict, timings: dict) -> dict:
+    """The content of ``report.json``."""
+    return {
+        "inputs": {"fixed": str(fixed_path), "moving": str(moving_path)},
+        "conventions": {"world": "LPS mm", "transform": "fixed -> moving (resampling direction), "
+                        "ITK CompositeTransform [affine, displacement]: T(x) = A(x + u(x))",
+                        "jacobian": "det of the Jacobian of T (includes the affine part)"},
+        "similarity": {"metric": result.config.similarity, "loss_before": result.similarity_before,
+                       "loss_after": result.similarity_after, "ncc_before": result.ncc_before,
+                       "ncc_after": result.ncc_after},
+        "deformation": {"folding_percent": result.folding_percent, **result.sdlogj,
+                        "jacobian_min": float(result.jacobian.min()), "jacobian_max": float(result.jacobian.max()),
+                        "affine_lps": np.round(result.transform.affine, 6).tolist()},
+        "initialization": result.initialization,
+        "metrics": evaluation,
+        "timings_s": {k: round(float(v), 3) for k, v in timings.items()},
+        "parameters": result.config.to_dict(),
+        "working_grid": result.working_grid.to_dict(),
+        "device": result.device,
+        "versions": versions(),
+    }
+
+
+def summary_lines(report: dict) -> list[str]:
+    """Short human-readable lines for the console and the PNG."""
+    s = report["similarity"]
+    lines = [f"NCC {s['ncc_before']:.3f} -> {s['ncc_after']:.3f}",
+             f"folding {report['deformation']['folding_percent']:.4f} %"]
+    ev = report["metrics"]
+    if "labels" in ev:
+        lines.append(f"Dice {ev['labels']['before']['dice_mean']:.3f} -> {ev['labels']['after']['dice_mean']:.3f}")
+    if "landmarks" in ev:
+        lines.append(f"TRE {ev['landmarks']['before']['mean']:.2f} -> {ev['landmarks']['after']['mean']:.2f} mm")
+    total = sum(v for k, v in report["timings_s"].items())
+    lines.append(f"time {total:.1f} s on {report['device']}")
+    if "quality" in report:
+        from ..evaluation.quality import summary_line
+
+        lines.append(summary_line(report["quality"]))
+    return lines

@@ -1,0 +1,163 @@
+"""Sampling images and fields at world points: the engine's one place that speaks ``grid_sample``.
+
+Everything upstream works with LPS world coordinates in mm (see :mod:`DeepRegistrationLib.core.grid`);
+here they become the normalized ``[-1, 1]`` coordinates of :func:`torch.nn.functional.grid_sample`
+(``align_corners=True``: -1 and +1 are the centres of the first and last voxels; the last axis of
+the sampling grid is ordered (i, j, k) = (x, y, z) while tensors are ``(B, C, Z, Y, X)``).
+
+Out-of-grid behaviour follows ITK so results match SimpleITK/ANTs/Slicer applying our transforms:
+images are zero outside their field of view; displacement fields repeat their border values up to
+half a voxel outside the grid and are zero beyond (``itk::DisplacementFieldTransform``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..core.grid import Grid
+
+
+def as_tensor_matrix(m: np.ndarray | torch.Tensor, device, dtype=torch.float32) -> torch.Tensor:
+    """A numpy or torch matrix as a tensor on ``device``."""
+    if isinstance(m, torch.Tensor):
+        return m.to(device=device, dtype=dtype)
+    return torch.as_tensor(np.asarray(m), device=device, dtype=dtype)
+
+
+def grid_points(grid: Grid, device=None, dtype=torch.float32) -> torch.Tensor:
+    """LPS coordinates (mm) of all voxel centres of ``grid``, shape ``(1, Z, Y, X, 3)``, last axis (x, y, z)."""
+    m = torch.as_tensor(grid.index_to_world, device=device, dtype=torch.float64)
+    k, j, i = torch.meshgrid(*[torch.arange(n, device=device, dtype=torch.float64) for n in grid.shape],
+                             indexing="ij")
+    ijk = torch.stack([i, j, k], dim=-1)
+    pts = ijk @ m[:3, :3].T + m[:3, 3]
+    return pts.to(dtype).unsqueeze(0)
+
+
+def world_to_normalized(points: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Converts LPS points (mm), shape ``(..., 3)``, to ``grid_sample`` coordinates of ``grid``.
+
+    Returns:
+        Tensor ``(..., 3)`` ordered (x, y, z) = (i, j, k), -1/+1 at the first/last voxel centre.
+    """
+    w2i = grid.world_to_index
+    size = np.asarray(grid.size, dtype=np.float64)
+    scale = np.where(size > 1, 2.0 / np.maximum(size - 1, 1), 0.0)
+    # normalized = scale * (W ijk) - 1, folded into one affine map
+    a = scale[:, None] * w2i[:3, :3]
+    b = scale * w2i[:3, 3] - np.where(size > 1, 1.0, 0.0)
+    a_t = torch.as_tensor(a, device=points.device, dtype=points.dtype)
+    b_t = torch.as_tensor(b, device=points.device, dtype=points.dtype)
+    return points @ a_t.T + b_t
+
+
+def sample(volume: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str = "bilinear",
+           padding_mode: str = "zeros") -> torch.Tensor:
+    """Samples ``volume`` (living on ``grid``) at LPS world points.
+
+    Args:
+        volume: ``(B, C, Z, Y, X)`` values on ``grid``.
+        grid: The grid of ``volume``.
+        points: ``(B, Z', Y', X', 3)`` LPS mm, last axis (x, y, z).
+        mode: ``"bilinear"`` (trilinear) or ``"nearest"``.
+        padding_mode: ``"zeros"`` (0 beyond the outer voxel centres, blended at the edge),
+            ``"border"`` (border values repeat) or ``"itk"`` (as ITK resampling: border values up to
+            half a voxel outside the grid, 0 beyond).
+
+    Returns:
+        ``(B, C, Z', Y', X')`` sampled values.
+    """
+    norm = world_to_normalized(points, grid)
+    if norm.shape[0] != volume.shape[0]:
+        norm = norm.expand(volume.shape[0], *norm.shape[1:])
+    if padding_mode == "itk":
+        vals = F.grid_sample(volume, norm.to(volume.dtype), mode=mode, padding_mode="border", align_corners=True)
+        return vals * _inside_half_voxel(norm, grid).unsqueeze(1).to(vals.dtype)
+    return F.grid_sample(volume, norm.to(volume.dtype), mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def sample_in_view(volume: torch.Tensor, grid: Grid, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples ``volume`` at LPS points (trilinear, 0 outside) and says which points lie in its field of view.
+
+    Args:
+        volume: ``(1 or B, C, Z, Y, X)`` values on ``grid``.
+        grid: The grid of ``volume``.
+        points: ``(B, Z', Y', X', 3)`` LPS mm, last axis (x, y, z).
+
+    Returns:
+        ``values`` ``(B, C, Z', Y', X')`` and ``inside`` ``(B, 1, Z', Y', X')`` bool: True where the point
+        lies within the outermost voxel centres of ``grid`` (where trilinear interpolation uses no padding).
+    """
+    norm = world_to_normalized(points, grid).to(volume.dtype)
+    if volume.shape[0] != norm.shape[0]:
+        volume = volume.expand(norm.shape[0], *volume.shape[1:])
+    vals = F.grid_sample(volume, norm, mode="bilinear", padding_mode="zeros", align_corners=True)
+    inside = (norm.detach().abs() <= 1.0 + 1e-6).all(dim=-1).unsqueeze(1)
+    return vals, inside
+
+
+def _inside_half_voxel(norm: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """True where normalized points lie within half a voxel of the grid (continuous index in [-0.5, n-0.5])."""
+    size = torch.as_tensor(grid.size, device=norm.device, dtype=norm.dtype)
+    half = torch.where(size > 1, 1.0 / torch.clamp(size - 1, min=1), torch.full_like(size, 0.5))
+    return (norm.abs() <= 1 + half + 1e-6).all(dim=-1)
+
+
+def sample_field(field: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch.Tensor:
+    """Samples a displacement field at LPS points with ITK's border rule.
+
+    Args:
+        field: ``(B, 3, Z, Y, X)`` displacement in LPS mm on ``grid``.
+        grid: The grid of ``field``.
+        points: ``(B, Z', Y', X', 3)`` LPS mm.
+
+    Returns:
+        ``(B, 3, Z', Y', X')`` displacement: trilinear inside, border value up to half a voxel
+        outside the grid, 0 beyond (as ``itk::DisplacementFieldTransform`` does).
+    """
+    norm = world_to_normalized(points, grid)
+    inside = _inside_half_voxel(norm, grid)
+    vals = F.grid_sample(field, norm.to(field.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+    return vals * inside.unsqueeze(1).to(vals.dtype)
+
+
+def apply_affine(points: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """Applies a 4×4 LPS affine to points ``(..., 3)``."""
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def map_points(points: torch.Tensor, affine: torch.Tensor | None, field: torch.Tensor | None,
+               field_grid: Grid | None) -> torch.Tensor:
+    """The engine's transform ``T(x) = A (x + u(x))`` (fixed → moving, LPS mm) at points ``(B, ..., 3)``.
+
+    Args:
+        points: LPS points; for a field the shape must be ``(B, Z', Y', X', 3)`` (use ``view`` for lists).
+        affine: 4×4 LPS matrix A or None (identity).
+        field: ``(B, 3, Z, Y, X)`` displacement u in LPS mm on ``field_grid``, or None (zero).
+        field_grid: Grid of ``field``.
+    """
+    out = points
+    if field is not None:
+        u = sample_field(field, field_grid, points)  # (B,3,...)
+        out = out + torch.movedim(u, 1, -1)
+    if affine is not None:
+        out = apply_affine(out, affine)
+    return out
+
+
+def resample_field(field: torch.Tensor, src: Grid, dst: Grid) -> torch.Tensor:
+    """Resamples a displacement field ``(B, 3, Z, Y, X)`` from grid ``src`` to grid ``dst`` (values in mm)."""
+    pts = grid_points(dst, field.device, field.dtype)
+    return sample_field(field, src, pts)
+
+
+def compose_fields(outer: torch.Tensor, inner: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Displacement of ``x -> y + outer(y)`` with ``y = x + inner(x)``, both ``(B, 3, Z, Y, X)`` on ``grid``."""
+    pts = grid_points(grid, inner.device, inner.dtype) + torch.movedim(inner, 1, -1)
+    return inner + sample_field(outer, grid, pts)
+
+
+def points_to_tensor(points: np.ndarray, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``(N, 3)`` LPS points as a ``(1, N, 1, 1, 3)`` tensor usable with :func:`sample` / :func:`map_points`."""
+    return torch.as_tensor(np.asarray(points, dtype=np.float64), device=device).to(dtype).view(1, -1, 1, 1, 3)
