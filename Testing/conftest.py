@@ -28,6 +28,18 @@ def sample_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def sample_pair(sample_dir):
+    """The bundled pair as engine objects: (fixed, moving, fixed labels, moving labels)."""
+    from DeepRegistrationLib.io.images import read_image, read_label_image
+
+    fixed = read_image(sample_dir / "fixed.nii.gz", "fixed image")
+    moving = read_image(sample_dir / "moving.nii.gz", "moving image")
+    flab = read_label_image(sample_dir / "fixed_labels.nii.gz", "fixed labels", fixed.grid)
+    mlab = read_label_image(sample_dir / "moving_labels.nii.gz", "moving labels", moving.grid)
+    return fixed, moving, flab, mlab
+
+
+@pytest.fixture(scope="session")
 def brain(sample_dir):
     """The bundled fixed brain as an engine Image (real anatomy, a few mm voxels)."""
     from DeepRegistrationLib.io.images import read_image

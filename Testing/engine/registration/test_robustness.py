@@ -12,7 +12,6 @@ import torch
 from DeepRegistrationLib.core.config import RegistrationConfig
 from DeepRegistrationLib.core.grid import Grid
 from DeepRegistrationLib.core.image import Image
-from DeepRegistrationLib.io.images import read_image, read_label_image
 from DeepRegistrationLib.evaluation.metrics import mean_dice
 from DeepRegistrationLib.registration.pipeline import register
 from DeepRegistrationLib.spatial.resampling import warp_image
@@ -20,12 +19,8 @@ from DeepRegistrationLib.registration.similarity import LNCC, Similarity
 
 
 @pytest.fixture(scope="module")
-def pair(sample_dir):
-    fixed = read_image(sample_dir / "fixed.nii.gz", "fixed image")
-    moving = read_image(sample_dir / "moving.nii.gz", "moving image")
-    flab = read_label_image(sample_dir / "fixed_labels.nii.gz", "fixed labels", fixed.grid)
-    mlab = read_label_image(sample_dir / "moving_labels.nii.gz", "moving labels", moving.grid)
-    return fixed, moving, flab, mlab
+def pair(sample_pair):
+    return sample_pair
 
 
 def cfg(**kw) -> RegistrationConfig:
