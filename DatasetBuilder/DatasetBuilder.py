@@ -99,46 +99,8 @@ class DatasetBuilderParameterNode:
     initialModel: str = ""
 
 
-class PathLineEditToStrConnector(GuiConnector):
-    """A ``ctkPathLineEdit`` bound to a ``str`` parameter ("" = no path).
-
-    Slicer's own connector binds ``ctkPathLineEdit`` only to ``pathlib`` types and reads
-    ``Path(widget.currentPath)`` (parameterNodeWrapper/guiConnectors.py, ``ctkPathLineEditToPathConnector.read``),
-    which turns an empty field into ``"."``, the working folder: an optional path would never be empty again.
-    """
-
-    @staticmethod
-    def canRepresent(widget, datatype) -> bool:
-        return False  # used explicitly, never chosen by createGuiConnector
-
-    @staticmethod
-    def create(widget, datatype):
-        return None
-
-    def __init__(self, widget):
-        super().__init__()
-        self._widget = widget
-
-    def _connect(self):
-        self._widget.currentPathChanged.connect(self.changed)
-
-    def _disconnect(self):
-        self._widget.currentPathChanged.disconnect(self.changed)
-
-    def widget(self):
-        return self._widget
-
-    def read(self) -> str:
-        return self._widget.currentPath.strip()
-
-    def write(self, value: str) -> None:
-        if self._widget.currentPath != value:
-            self._widget.currentPath = value
-
-
-class ModelComboBoxToStrConnector(GuiConnector):
-    """The "Start from" combo box (item 0: from scratch, then the installed models, known only at run time) bound to
-    a ``str`` parameter ("" = from scratch). A model that is not installed any more reads as "from scratch"."""
+class _ExplicitConnector(GuiConnector):
+    """A connector the widget binds by hand (``connectParametersToGui``), never chosen by ``createGuiConnector``."""
 
     @staticmethod
     def canRepresent(widget, datatype) -> bool:
@@ -152,14 +114,41 @@ class ModelComboBoxToStrConnector(GuiConnector):
         super().__init__()
         self._widget = widget
 
+    def widget(self):
+        return self._widget
+
+
+class PathLineEditToStrConnector(_ExplicitConnector):
+    """A ``ctkPathLineEdit`` bound to a ``str`` parameter ("" = no path).
+
+    Slicer's own connector binds ``ctkPathLineEdit`` only to ``pathlib`` types and reads
+    ``Path(widget.currentPath)`` (parameterNodeWrapper/guiConnectors.py, ``ctkPathLineEditToPathConnector.read``),
+    which turns an empty field into ``"."``, the working folder: an optional path would never be empty again.
+    """
+
+    def _connect(self):
+        self._widget.currentPathChanged.connect(self.changed)
+
+    def _disconnect(self):
+        self._widget.currentPathChanged.disconnect(self.changed)
+
+    def read(self) -> str:
+        return self._widget.currentPath.strip()
+
+    def write(self, value: str) -> None:
+        if self._widget.currentPath != value:
+            self._widget.currentPath = value
+
+
+class ModelComboBoxToStrConnector(_ExplicitConnector):
+    """The "Start from" combo box (item 0: from scratch, then the installed models, known only at run time) bound to
+    a ``str`` parameter ("" = from scratch). A model that is not installed any more reads as "from scratch"."""
+
     def _connect(self):
         self._widget.currentIndexChanged.connect(self.changed)
 
     def _disconnect(self):
         self._widget.currentIndexChanged.disconnect(self.changed)
-
-    def widget(self):
-        return self._widget
 
     def read(self) -> str:
         return self._widget.currentText if self._widget.currentIndex > 0 else ""
