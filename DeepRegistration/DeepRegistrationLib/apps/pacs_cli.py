@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from .options import copy_registration_options
+
 EPILOG = """\
 authentication (never on the command line):
   --user NAME + --password-file FILE (or $DEEPREG_PACS_PASSWORD)   HTTP basic
@@ -31,8 +33,6 @@ examples:
   deepregistration pacs watch --server https://pacs.example.org/dicom-web --token-file ~/.pacs-token \\
       --rule mr-head.json --state ~/.deepreg-watch.json --interval 60
 """
-
-REGISTRATION_GROUPS = ("registration", "learned model")
 
 
 def _add_server_options(p: argparse.ArgumentParser) -> None:
@@ -53,16 +53,6 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
 
 
-def _copy_registration_options(target: argparse.ArgumentParser, register_parser) -> None:
-    """The ``register`` command's registration and model options, shared as they are (same defaults)."""
-    if register_parser is None:
-        return
-    for group in register_parser._action_groups:  # noqa: SLF001 - argparse has no public accessor
-        if group.title in REGISTRATION_GROUPS:
-            new = target.add_argument_group(group.title)
-            for action in group._group_actions:  # noqa: SLF001
-                new._add_action(action)  # noqa: SLF001
-
 
 def add_subparser(sub) -> None:
     """Adds ``pacs register`` and ``pacs watch`` to the ``deepregistration`` subcommands."""
@@ -80,7 +70,7 @@ def add_subparser(sub) -> None:
                    help="register studies of different patients (refused otherwise)")
     r.add_argument("--dry-run", action="store_true", help="register and build the objects, store nothing")
     _add_server_options(r)
-    _copy_registration_options(r, register_parser)
+    copy_registration_options(r, register_parser)
     w = psub.add_parser("watch", help="register every new study to the patient's most recent prior study",
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     w.add_argument("--rule", required=True, metavar="FILE",
@@ -93,7 +83,7 @@ def add_subparser(sub) -> None:
     w.add_argument("--include-existing", action="store_true",
                    help="on the first run also register studies already on the server (default: only new ones)")
     _add_server_options(w)
-    _copy_registration_options(w, register_parser)
+    copy_registration_options(w, register_parser)
     i = psub.add_parser("import", help="turn a DICOM (deformable) spatial registration file into transform.h5",
                         description="Read a Spatial Registration or Deformable Spatial Registration object (e.g. "
                                     "retrieved from the PACS) and write it as an ITK transform, fixed -> moving, "

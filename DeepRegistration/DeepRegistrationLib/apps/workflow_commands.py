@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .options import copy_registration_options
+
 COMMANDS = ("register-batch", "register-sequence", "template")
-_SHARED_GROUPS = ("registration", "learned model")
 
 BATCH_EPILOG = """\
 PAIRS.csv: a header line, then one line per pair; relative paths start from the CSV's folder:
@@ -27,19 +28,6 @@ multi-node: run on every node (OUT on a shared file system; one rank per GPU, or
   torchrun --nnodes 2 --node-rank R --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
       -m DeepRegistrationLib.apps.cli register-batch pairs.csv -o /shared/out
 """
-
-
-def _copy_registration_options(target: argparse.ArgumentParser, register_parser) -> None:
-    """The ``register`` command's registration and model options, shared as they are (same defaults)."""
-    if register_parser is None:
-        return
-    for group in register_parser._action_groups:  # noqa: SLF001 - argparse has no public accessor
-        if group.title in _SHARED_GROUPS:
-            new = target.add_argument_group(group.title)
-            for action in group._group_actions:  # noqa: SLF001
-                if action.dest == "iterations" and target.prog.endswith("template"):
-                    continue  # the template's --iterations counts template iterations
-                new._add_action(action)  # noqa: SLF001
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:
@@ -59,7 +47,7 @@ def add_subparsers(sub) -> None:
     b.add_argument("pairs", metavar="PAIRS.csv", help="CSV with columns fixed,moving[,fixed_labels,moving_labels,"
                    "fixed_landmarks,moving_landmarks,name]")
     _output_options(b)
-    _copy_registration_options(b, register_parser)
+    copy_registration_options(b, register_parser)
 
     s = sub.add_parser("register-sequence", help="motion-correct a 4D sequence (every frame onto a reference)",
                        description="Register every frame of a 4D image (or a folder of 3D volumes, sorted "
@@ -71,7 +59,7 @@ def add_subparsers(sub) -> None:
     s.add_argument("--chain", action="store_true", help="register each frame to its neighbour and compose "
                    "(for large motion), then refine against the reference")
     _output_options(s)
-    _copy_registration_options(s, register_parser)
+    copy_registration_options(s, register_parser)
 
     t = sub.add_parser("template", help="build an unbiased template from several images",
                        description="Unbiased iterative template building: affine average, then deformable "
@@ -83,7 +71,7 @@ def add_subparsers(sub) -> None:
     t.add_argument("--labels", nargs="+", metavar="LABEL", help="one label map per image: majority-vote fusion "
                    "in template space (labels.nii.gz)")
     _output_options(t)
-    _copy_registration_options(t, register_parser)
+    copy_registration_options(t, register_parser, skip=("iterations",))  # --iterations: template iterations
     t.set_defaults(iterations=None)
 
 
