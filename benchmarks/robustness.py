@@ -230,8 +230,8 @@ def run_case(case: dict, methods: list[str], out: Path, args) -> list[dict]:
         run_dir.mkdir(parents=True)
         cmd, export = commands(method, case, run_dir, args)
         res = rb.run_measured(cmd, run_dir / "log.txt", env, args.timeout)
-        row = {"case": case["name"], "method": method, "time_s": res.wall_s, "peak_mb": res.peak_rss_mb,
-               "returncode": res.returncode}
+        row = {"case": case["name"], "method": method, "time_s": res.wall_s, "cpu_s": res.cpu_s,
+               "peak_mb": res.peak_rss_mb, "returncode": res.returncode}
         if res.returncode == 0 and export:
             rb.run_measured(export, run_dir / "export.log", env, args.timeout)
         try:
@@ -245,7 +245,8 @@ def run_case(case: dict, methods: list[str], out: Path, args) -> list[dict]:
         for big in ("warp.nii.gz", "displacement.nii.gz", "transform.h5", "warped.nii.gz", "jacobian.nii.gz"):
             if (run_dir / big).exists() and not args.keep_runs:
                 (run_dir / big).unlink()
-        print(f"{case['name']:>14} {method:>9}: Dice {row['dice_mean']:.3f} time {row['time_s']:.1f} s", flush=True)
+        print(f"{case['name']:>14} {method:>9}: Dice {row['dice_mean']:.3f} time {row['time_s']:.1f} s "
+              f"(CPU {row['cpu_s']:.1f} s)", flush=True)
         rows.append(row)
     return rows
 
@@ -260,17 +261,18 @@ def write_outputs(out: Path, rows: list[dict], cases: list[dict], args) -> None:
     get = {(r["case"], r["method"]): r for r in rows}
     lines = [f"# Robustness benchmark ({_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')})", "",
              f"{env.get('cpu_model', '')}; {args.threads} threads per method. Mean Dice inside the true overlap of the "
-             "two fields of view; time = whole process (s); the machine may be shared: compare methods within "
-             "this run.", "", "## Dice", "",
+             "two fields of view; time = whole process, wall clock and CPU (user + system) seconds; the machine "
+             "may be shared: compare methods within this run, and by CPU time when it was busy.", "", "## Dice", "",
              "| case | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(
             f"{get[(n, m)]['dice_mean']:.3f}" if (n, m) in get else "–" for m in methods) + " |")
-    lines += ["", "## Time (s) / folding (%)", "", "| case | " + " | ".join(methods[1:]) + " |",
-              "|---" * len(methods) + "|"]
+    lines += ["", "## Wall time (s) / CPU time (s) / peak memory (MB) / folding (%)", "",
+              "| case | " + " | ".join(methods[1:]) + " |", "|---" * len(methods) + "|"]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(
-            f"{get[(n, m)]['time_s']:.1f} / {get[(n, m)].get('folding_pct', float('nan')):.3f}"
+            f"{get[(n, m)]['time_s']:.1f} / {get[(n, m)].get('cpu_s', float('nan')):.1f} / "
+            f"{get[(n, m)].get('peak_mb', float('nan')):.0f} / {get[(n, m)].get('folding_pct', float('nan')):.3f}"
             if (n, m) in get else "–" for m in methods[1:]) + " |")
     lines += ["", "## DeepRegistration's initialization", "", "| case | winning start | score |", "|---|---|---|"]
     for n in names:
@@ -290,9 +292,9 @@ def write_outputs(out: Path, rows: list[dict], cases: list[dict], args) -> None:
             ax[0].bar(np.arange(len(names)) + i * w, [get.get((n, m), {}).get("dice_mean", np.nan) for n in names],
                       w, label=m)
             if m != "none":
-                ax[1].bar(np.arange(len(names)) + i * w, [get.get((n, m), {}).get("time_s", np.nan) for n in names],
+                ax[1].bar(np.arange(len(names)) + i * w, [get.get((n, m), {}).get("cpu_s", np.nan) for n in names],
                           w, label=m)
-        for a, title in zip(ax, ("mean Dice (overlap)", "whole-process time (s)")):
+        for a, title in zip(ax, ("mean Dice (overlap)", "whole-process CPU time (s)")):
             a.set_xticks(np.arange(len(names)) + 0.4 - w / 2)
             a.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
             a.set_title(title)

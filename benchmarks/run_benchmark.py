@@ -63,12 +63,15 @@ TARGETS_NOTE = "targets (issue): Dice >= ANTs at 2 and 1 mm; folding <= 0.05 %; 
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class ProcessResult:
-    """A finished child process: exit code, wall-clock seconds, peak RSS in MB (VmHWM, see run_measured)."""
+    """A finished child process: exit code, wall-clock seconds, peak RSS in MB (VmHWM, see run_measured), and
+    CPU seconds (user + system of the child and the processes it waited for, from ``wait4``: on a shared machine the
+    wall time grows with the load, the CPU time much less, so compare methods by both)."""
 
     returncode: int
     wall_s: float
     peak_rss_mb: float
     log: str
+    cpu_s: float = float("nan")
 
 
 def _vm_hwm_kb(pid: int) -> float | None:
@@ -113,7 +116,8 @@ def run_measured(cmd: list[str], log_path: Path, env: dict[str, str], timeout_s:
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     peak_kb = hwm_kb if hwm_kb is not None else ru.ru_maxrss
-    return ProcessResult(proc.returncode, wall, peak_kb / 1024.0, log_path.read_text()[-3000:])
+    return ProcessResult(proc.returncode, wall, peak_kb / 1024.0, log_path.read_text()[-3000:],
+                         ru.ru_utime + ru.ru_stime)
 
 
 def thread_env(threads: int) -> dict[str, str]:
