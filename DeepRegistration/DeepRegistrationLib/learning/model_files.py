@@ -75,6 +75,38 @@ def card_working_spacing(card: dict) -> float | None:
     return float(spacing) if spacing else None
 
 
+def working_spacing(card_or_model: dict | LoadedModel | None, requested_mm: float | None = None,
+                    fallback_mm: float | None = None) -> float:
+    """The working spacing (mm, isotropic) of a registration that may use a learned model: the one rule
+    "a model works at its card's working spacing", shared by every front end.
+
+    Which wins, in order:
+
+    1. ``requested_mm``, when not None: an explicit choice (``--spacing``, a job's ``spacing`` option, the
+       module's field) is kept. The model itself still runs at its own spacing
+       (:meth:`LoadedModel.predictor`); only the optimization's working grid follows the request.
+    2. The card's ``preprocessing.working_spacing_mm``, when ``card_or_model`` (a card dict or a
+       :class:`LoadedModel`) is given and its card records one.
+    3. ``fallback_mm``, when not None (e.g. the spacing a preset already chose), else the engine's default
+       :attr:`RegistrationConfig.spacing <DeepRegistrationLib.core.config.RegistrationConfig>` (2.0 mm).
+
+    Without a model (``card_or_model`` None) this is ``requested_mm`` or the fallback. The value is not range
+    checked here: :meth:`RegistrationConfig.validate` does that with its own message. Torch-free.
+    """
+    if requested_mm is not None:
+        return float(requested_mm)
+    if card_or_model is not None:
+        card = card_or_model.card if isinstance(card_or_model, LoadedModel) else card_or_model
+        spacing = card_working_spacing(card)
+        if spacing:
+            return spacing
+    if fallback_mm is not None:
+        return float(fallback_mm)
+    from ..core.config import RegistrationConfig
+
+    return float(RegistrationConfig().spacing)
+
+
 def model_versions() -> dict:
     """Versions of the software that wrote a model (recorded in its card)."""
     import numpy
