@@ -229,11 +229,12 @@ def run_case(case: dict, methods: list[str], out: Path, args) -> list[dict]:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
         cmd, export = commands(method, case, run_dir, args)
-        res = rb.run_measured(cmd, run_dir / "log.txt", env, args.timeout)
+        # the log beside the run folder, not in it: the engine replaces its output folder as a whole
+        res = rb.run_measured(cmd, run_dir.parent / f"{method}.log", env, args.timeout)
         row = {"case": case["name"], "method": method, "time_s": res.wall_s, "cpu_s": res.cpu_s,
                "peak_mb": res.peak_rss_mb, "returncode": res.returncode}
         if res.returncode == 0 and export:
-            rb.run_measured(export, run_dir / "export.log", env, args.timeout)
+            rb.run_measured(export, run_dir.parent / f"{method}.export.log", env, args.timeout)
         try:
             row.update(score(case, load_transform(method, run_dir)) if res.returncode == 0 else
                        {"dice_mean": float("nan"), "error": res.log[-500:]})
