@@ -25,6 +25,10 @@ outputs (in OUTDIR, written to a temporary folder first and moved into place whe
   report.json       similarity before/after, folding %, Dice/HD95/TRE if labels/landmarks given,
                     timings, parameters, versions, device
   report.png        fixed / moving before / after / checkerboards / Jacobian, three planes
+                    (with --explain: three more rows with the maps below)
+  explain/          (--explain) residual.nii.gz |fixed - warped| after intensity normalization,
+                    local_similarity.nii.gz (LNCC cc2 the optimizer saw), displacement.nii.gz (mm),
+                    all on the fixed image's grid
 
 examples:
   deepregistration register fixed.nii.gz moving.nii.gz -o out
@@ -134,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="corresponding landmarks that guide the registration (same formats, paired by label; "
                    "at least 3, 4-8 well spread work best): their rigid least-squares fit starts the "
                    "registration; kept separate from the evaluation landmarks")
+    e.add_argument("--guide-weight", type=float, default=d.guide_weight, metavar="W",
+                   help="weight per mm² of the guide landmarks' term in the objectives; 0 = they only start "
+                   "the registration (default: %(default)s)")
     m = p.add_argument_group("learned model")
     m.add_argument("--model", metavar="NAME|PATH", help="a trained field predictor (see 'deepregistration models "
                    "list') whose prediction starts the deformable optimization")
@@ -143,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--no-png", action="store_true", help="skip report.png")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     o.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    o.add_argument("--explain", action="store_true",
+                   help="also write explainability maps into OUTDIR/explain/ (residual, local similarity, "
+                        "displacement magnitude) and draw them in report.png")
     o.add_argument("--fail-on", choices=("suspect", "failed"),
                    help="exit with status 3 when the quality verdict in report.json is this or worse "
                         "(for pipelines; the outputs are written either way)")
@@ -189,15 +199,15 @@ def _register(args: argparse.Namespace) -> int:
 
         loaded = registry.load(args.model)  # InputError for unknown, corrupt or tampered models
         predictor = loaded.predictor()
-        if args.spacing is None:  # a model works at the spacing it was trained at
-            args.spacing = loaded.working_spacing_mm
-    spacing = args.spacing if args.spacing is not None else RegistrationConfig().spacing
+    from ..learning.model_files import working_spacing
+
+    spacing = working_spacing(loaded if args.model else None, args.spacing)
     cfg = RegistrationConfig(mode=args.mode, similarity=args.similarity, regularization=args.regularization,
                              reg_weight=args.reg_weight, spacing=spacing, iterations=args.iterations,
                              affine_iterations=args.affine_iterations, levels=args.levels,
                              diffeomorphic=args.diffeomorphic, jacobian_weight=args.jacobian_weight,
                              initialization=args.initialization, init_max_rotation=args.init_max_rotation,
-                             device=args.device, seed=args.seed,
+                             device=args.device, seed=args.seed, guide_weight=args.guide_weight,
                              threads=args.threads).validate()
     if args.model:
         warning = registry.usage_warning(loaded.card, cfg.similarity)
@@ -212,7 +222,7 @@ def _register(args: argparse.Namespace) -> int:
             guide_fixed_landmarks=(args.guide_landmarks or (None, None))[0],
             guide_moving_landmarks=(args.guide_landmarks or (None, None))[1],
             overwrite=args.overwrite, write_png=not args.no_png, progress=bar, predictor=predictor,
-            predictor_mode=args.model_mode)
+            predictor_mode=args.model_mode, explain=args.explain)
     finally:
         bar.close()
     print(f"outputs: {summary.out_dir}")

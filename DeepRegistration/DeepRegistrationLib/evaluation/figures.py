@@ -4,6 +4,11 @@ Rows: axial, coronal, sagittal slices through the centre of the fixed image. Col
 moving image before registration (resampled onto the fixed grid as it lies); moving image after;
 checkerboard of fixed/moving before and after; Jacobian determinant of the transform (blue = shrink,
 red = expand, black contour where det J <= 0).
+
+With explainability maps (``maps``, see :func:`DeepRegistrationLib.evaluation.explain.explanation_maps`; and
+``uncertainty``), three more rows (axial, coronal, sagittal again) show, one column each: the residual
+``|fixed − warped|`` (0–0.5 of the normalized range), the local similarity (LNCC cc², shown 0.5–1), the
+displacement magnitude (mm, 0 to its 99th percentile) and, when present, the restart spread (mm).
 """
 from __future__ import annotations
 
@@ -46,9 +51,21 @@ def _norm(arr: np.ndarray) -> np.ndarray:
     return np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1)
 
 
+#: The explainability rows: map name -> (column title, colour map, fixed (vmin, vmax) or None = 0..p99, colour bar label).
+MAP_ROWS = {"residual": ("residual |fixed - warped|", "magma", (0.0, 0.5), "normalized intensity"),
+            "local_similarity": ("local similarity (LNCC cc²)", "viridis", (0.5, 1.0), "cc²"),
+            "displacement": ("displacement |T(x) - x|", "plasma", None, "mm"),
+            "uncertainty": ("uncertainty (restart spread)", "inferno", None, "mm")}
+
+
 def draw_report(fixed: Image, moving_before: Image, warped: Image, jacobian: Image, path: str | os.PathLike,
-                lines: list[str] | None = None) -> None:
-    """Draws the report figure to ``path`` (PNG). All images must lie on the fixed grid."""
+                lines: list[str] | None = None, maps: dict[str, Image] | None = None) -> None:
+    """Draws the report figure to ``path`` (PNG). All images must lie on the fixed grid.
+
+    Args:
+        maps: Optional maps on the fixed grid by name (keys of :data:`MAP_ROWS`: ``residual``,
+            ``local_similarity``, ``displacement``, ``uncertainty``), drawn as three extra rows.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +79,9 @@ def draw_report(fixed: Image, moving_before: Image, warped: Image, jacobian: Ima
     chk_a = [(_checker(a, b), asp) for (a, asp), (b, _) in zip(cols[0][1], cols[2][1])]
     cols += [("checkerboard before", chk_b, "gray"), ("checkerboard after", chk_a, "gray"),
              ("Jacobian det", _lps_slices(jacobian.array, g), "RdBu_r")]
-    fig, axes = plt.subplots(3, len(cols), figsize=(2.6 * len(cols), 8.4))
+    extra = [(name, m) for name, m in (maps or {}).items() if name in MAP_ROWS]
+    rows = 6 if extra else 3
+    fig, axes = plt.subplots(rows, len(cols), figsize=(2.6 * len(cols), 2.8 * rows))
     for c, (title, slices, cmap) in enumerate(cols):
         for r, (sl, aspect) in enumerate(slices):
             ax = axes[r, c]
@@ -76,8 +95,25 @@ def draw_report(fixed: Image, moving_before: Image, warped: Image, jacobian: Ima
                 ax.set_title(title, fontsize=9)
         if cmap == "RdBu_r":
             fig.colorbar(im, ax=axes[:, c], shrink=0.5, label="det J")
-    for r, name in enumerate(("axial", "coronal", "sagittal")):
-        axes[r, 0].set_ylabel(name, fontsize=9)
+    for c in range(len(cols)):
+        if c >= len(extra):
+            for r in range(3, rows):
+                axes[r, c].axis("off")
+            continue
+        name, m = extra[c]
+        title, cmap, limits, label = MAP_ROWS[name]
+        arr = np.nan_to_num(np.asarray(m.array, dtype=np.float32))
+        vmin, vmax = limits or (0.0, max(float(np.percentile(arr, 99)), 1e-6))
+        for r, (sl, aspect) in enumerate(_lps_slices(arr, g)):
+            ax = axes[3 + r, c]
+            im = ax.imshow(sl, cmap=cmap, aspect=aspect, interpolation="nearest", vmin=vmin, vmax=vmax)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=axes[3:, c], shrink=0.5, label=label)
+    for r in range(rows):
+        axes[r, 0].set_ylabel(("axial", "coronal", "sagittal")[r % 3], fontsize=9)
     if lines:
         fig.suptitle("DeepRegistration — " + " | ".join(lines), fontsize=9)
     fig.savefig(path, dpi=80)

@@ -10,6 +10,9 @@ to OUTDIR that is renamed into place only when everything succeeded:
   LPS; see :mod:`~DeepRegistrationLib.spatial.inverse`); ``report.json`` gives its inverse-consistency error.
 - ``jacobian.nii.gz``: det of the Jacobian of the full transform, on the fixed grid.
 - ``warped_labels.nii.gz``: the moving labels warped (nearest neighbour), when labels are given.
+- ``explain/residual.nii.gz``, ``explain/local_similarity.nii.gz``, ``explain/displacement.nii.gz`` (with
+  ``explain=True``): the explainability maps of :func:`~DeepRegistrationLib.evaluation.explain.explanation_maps`
+  on the fixed image's full grid (its exact spacing, origin and direction).
 - ``report.json`` / ``report.png``: figures, timings, parameters, versions; a visual check.
 """
 from __future__ import annotations
@@ -41,6 +44,8 @@ from ..spatial.transforms import SpatialTransform
 logger = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("transform.h5", "warped.nii.gz", "jacobian.nii.gz", "report.json", "report.png")
+#: The maps written into ``OUTDIR/explain/`` with ``explain=True`` (``<name>.nii.gz``).
+EXPLAIN_FILES = ("residual", "local_similarity", "displacement")
 
 
 @dataclass
@@ -117,7 +122,7 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
                      guide_moving_landmarks=None, overwrite: bool = False,
                      write_png: bool = True, progress: ProgressCallback | None = None,
                      predictor=None, predictor_mode: str = "init",
-                     initial_affine: np.ndarray | None = None) -> RunSummary:
+                     initial_affine: np.ndarray | None = None, explain: bool = False) -> RunSummary:
     """Registers MOVING to FIXED (paths) and writes all outputs into ``out_dir`` atomically.
 
     Args:
@@ -129,7 +134,8 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
         fixed_landmarks / moving_landmarks: Optional landmark files (CSV, .mrk.json, .fcsv) (adds TRE).
         guide_fixed_landmarks / guide_moving_landmarks: Optional landmark files of corresponding points that
             guide the registration (see :mod:`~DeepRegistrationLib.registration.guidance`): their rigid least-squares fit starts the linear
-            stage (unless ``initial_affine`` is given). Checked before any work.
+            stage (unless ``initial_affine`` is given) and ``config.guide_weight`` weighs their term in the linear
+            and deformable objectives. Checked before any work.
         overwrite: Replace an existing ``out_dir`` (only once the new outputs are complete).
         write_png: Also draw ``report.png``.
         progress: ``callback(fraction, message)``; returning False cancels with nothing written.
@@ -137,6 +143,8 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
         predictor_mode: ``"init"`` (the prediction starts the finest-level optimization) or ``"replace"``.
         initial_affine: Optional 4×4 LPS matrix (fixed → moving points) that replaces the moments
             initialization; the result includes it.
+        explain: Also write the explainability maps into ``out_dir/explain/`` (see the module docstring)
+            and draw them as extra rows of ``report.png``.
 
     Returns:
         :class:`RunSummary`.
@@ -163,14 +171,14 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
         from .guidance import fit_linear, read_guide_landmarks
 
         guide = read_guide_landmarks(guide_fixed_landmarks, guide_moving_landmarks, fixed.grid, moving.grid)
-        guide_info = {**guide.summary(), "start": "given initial affine"}
+        guide_info = {**guide.summary(), "weight_per_mm2": cfg.guide_weight, "start": "given initial affine"}
         if initial_affine is None:
             initial_affine = fit_linear(guide.fixed, guide.moving, "rigid")
             guide_info["start"] = "rigid least-squares fit of the guide landmarks"
     t_read = time.perf_counter() - t0
 
     result = register(fixed, moving, cfg, fixed_mask=fmask, moving_mask=mmask, predictor=predictor,
-                      predictor_mode=predictor_mode, initial_affine=initial_affine,
+                      predictor_mode=predictor_mode, initial_affine=initial_affine, guide=guide,
                       progress=Progress(progress, 0.0, 0.85))
     prog(0.86, "writing outputs")
     t0 = time.perf_counter()
@@ -192,6 +200,16 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
         write_image(warped, tmp / "warped.nii.gz")
         jac = Image(sample_on_grid(result.jacobian, result.working_grid, fixed.grid), fixed.grid, "jacobian")
         write_image(jac, tmp / "jacobian.nii.gz")
+        from ..evaluation import explain as explaining
+
+        pair = explaining.working_pair(fixed, moving, result.transform, cfg, fmask, mmask)
+        maps: dict[str, Image] = {}
+        if explain:
+            prog(0.89, "explainability maps")
+            maps = explaining.explanation_maps(fixed, moving, result.transform, cfg, pair=pair, warped=warped)
+            (tmp / "explain").mkdir()
+            for name in EXPLAIN_FILES:
+                write_image(maps[name], tmp / "explain" / f"{name}.nii.gz")
         prog(0.9, "evaluating")
         evaluation: dict = {}
         if flab is not None:
@@ -204,7 +222,9 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
                               dict(read=t_read, **result.timings, write_and_evaluate=t_write))
         from ..evaluation.quality import assess, signals_from_result
 
-        report["quality"] = assess(signals_from_result(result, fixed, moving, fmask, mmask))
+        report["quality"] = assess(signals_from_result(result, fixed, moving, fmask, mmask, pair=pair))
+        if maps:
+            report["explain"] = explain_summary(maps, pair)
         if inverse_report is not None:
             report["inverse"] = inverse_report
         if guide is not None:
@@ -219,7 +239,7 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
             from ..evaluation.figures import draw_report
 
             before = warp_image(moving, fixed.grid, SpatialTransform.identity(), "linear")
-            draw_report(fixed, before, warped, jac, tmp / "report.png", summary_lines(report))
+            draw_report(fixed, before, warped, jac, tmp / "report.png", summary_lines(report), maps=maps)
         prog(0.99, "moving outputs into place")
         _move_into_place(tmp, out)
     except BaseException:
@@ -228,6 +248,26 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
     prog(1.0, "done")
     logger.info("outputs written to %s", out)
     return RunSummary(out, report, result)
+
+
+def explain_summary(maps: dict[str, Image], pair) -> dict:
+    """The ``report.json`` entry of the explainability maps: files, meaning, and their medians over the
+    fixed foreground (working-grid voxels above :data:`~DeepRegistrationLib.evaluation.explain.FOREGROUND`,
+    resampled onto the fixed grid)."""
+    from ..evaluation.explain import FOREGROUND
+
+    grid = maps["residual"].grid
+    fg = sample_on_grid((pair.fixed[0, 0] > FOREGROUND).float().cpu().numpy(), pair.grid, grid) > 0.5
+    med = lambda a: float(np.median(a[fg])) if fg.any() else float("nan")
+    return {"files": {name: f"explain/{name}.nii.gz" for name in maps},
+            "meaning": {"residual": "|fixed - warped| after each image's robust normalization to [0, 1]; "
+                                    "0 outside the moving field of view",
+                        "local_similarity": "LNCC cc2 in [0, 1] per voxel (the optimizer's window); 0 where the "
+                                            "fixed image is flat or outside the overlap",
+                        "displacement": "|T(x) - x| in mm (linear part included)"},
+            "foreground_median": {"residual": med(maps["residual"].array),
+                                  "local_similarity": med(maps["local_similarity"].array),
+                                  "displacement_mm": med(maps["displacement"].array)}}
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
