@@ -294,6 +294,7 @@ def _evaluate_dataset(args: argparse.Namespace) -> int:
     from ..core.config import RegistrationConfig
     from ..core.errors import InputError
     from ..evaluation.datasets import check_report_folder, evaluate_dataset, write_report
+    from ..learning.model_files import working_spacing
     from ..learning.registry import load
 
     if not args.out:
@@ -301,7 +302,7 @@ def _evaluate_dataset(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_report_folder(out, args.overwrite)
     loaded = load(args.model) if args.model else None
-    spacing = args.spacing or (loaded.working_spacing_mm if loaded else None) or RegistrationConfig().spacing
+    spacing = working_spacing(loaded, args.spacing)
     cfg = RegistrationConfig(spacing=spacing, similarity=args.similarity,
                              **({"iterations": args.iterations} if args.iterations else {}))
     if loaded is not None:
@@ -328,6 +329,7 @@ def _evaluate_dataset(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from ..learning.model_files import working_spacing
     from ..learning.registry import load
 
     if args.dataset:
@@ -336,7 +338,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         sys.stderr.write("evaluate: give --model NAME|PATH (or --dataset DIR to score the engine alone)\n")
         return 2
     loaded = load(args.model)
-    spacing = args.spacing or loaded.working_spacing_mm or 2.0
+    spacing = working_spacing(loaded, args.spacing)
     result: dict = {"model": str(loaded.card_path), "spacing_mm": spacing}
     if args.synthetic:
         recipe = loaded.card.get("training", {}).get("recipe", {})

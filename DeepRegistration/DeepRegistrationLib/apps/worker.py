@@ -77,11 +77,12 @@ def run_job(job: dict, stream=None) -> dict:
     options = dict(job.get("config") or {})
     predictor, mode = None, job.get("model_mode") or "init"
     if job.get("model"):
+        from ..learning.model_files import working_spacing
         from ..learning.registry import load
 
         loaded = load(job["model"])  # InputError for unknown, corrupt or tampered models
         predictor = loaded.predictor()  # runs at the model's own spacing
-        options.setdefault("spacing", loaded.working_spacing_mm or 2.0)  # a model works at its own spacing
+        options["spacing"] = working_spacing(loaded, options.get("spacing"))
     config = make_config(options)
     out = stream if isinstance(stream, jobs.Emitter) else jobs.Emitter(stream)
     out.progress(0.0, "starting")
