@@ -58,6 +58,9 @@ def _extra_command_modules() -> dict:
 
     for name in workflow_commands.COMMANDS:
         out[name] = workflow_commands
+    from . import feedback_cli  # argparse only
+
+    out["feedback"] = feedback_cli
     return out
 
 
@@ -71,6 +74,8 @@ def _add_extra_commands(sub) -> None:
         modules["pacs"].add_subparser(sub)  # after "register": it shares its registration options
     if "register-batch" in modules:
         modules["register-batch"].add_subparsers(sub)  # register-batch, register-sequence, template
+    if "feedback" in modules:
+        modules["feedback"].add_subparser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

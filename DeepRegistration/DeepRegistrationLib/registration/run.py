@@ -24,6 +24,7 @@ import platform
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -287,8 +288,10 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 
 def build_report(result: RegistrationResult, fixed_path, moving_path, evaluation: dict, timings: dict) -> dict:
-    """The content of ``report.json``."""
+    """The content of ``report.json``; ``result_id`` is a random uuid4 hex (nothing derived from the data)
+    that keys users' verdicts on this result (:mod:`~DeepRegistrationLib.workflows.feedback`)."""
     return {
+        "result_id": uuid.uuid4().hex,
         "inputs": {"fixed": str(fixed_path), "moving": str(moving_path)},
         "conventions": {"world": "LPS mm", "transform": "fixed -> moving (resampling direction), "
                         "ITK CompositeTransform [affine, displacement]: T(x) = A(x + u(x))",

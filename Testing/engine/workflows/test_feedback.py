@@ -116,3 +116,20 @@ def test_read_log_skips_a_cut_line_and_refuses_a_missing_log(tmp_path, caplog):
     assert "line 3" in caplog.text
     with pytest.raises(InputError, match="does not exist"):
         feedback.read_log(tmp_path / "nothing.jsonl")
+
+
+def test_feedback_command(tmp_path, capsys):
+    from DeepRegistrationLib.apps import cli
+
+    make_result(tmp_path / "r")
+    log = tmp_path / "fb.jsonl"
+    assert cli.main(["feedback", str(tmp_path / "r"), "--reject", "--note", NOTE, "--reviewer", "dr-b",
+                     "--log", str(log)]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == "a" * 32 and NOTE not in out.err
+    assert feedback.read_log(log)["a" * 32]["reviewer"] == "dr-b"
+    assert cli.main(["feedback", str(tmp_path / "nothing"), "--accept", "--log", str(log)]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a verdict is required, and only one
+        cli.main(["feedback", str(tmp_path / "r"), "--accept", "--reject"])
+    assert len(log.read_text().splitlines()) == 1
