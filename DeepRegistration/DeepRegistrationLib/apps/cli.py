@@ -194,13 +194,11 @@ def _register(args: argparse.Namespace) -> int:
 
     check_output_dir(args.output, args.overwrite)
     predictor = None
-    if args.model and args.mode != "deformable":
-        from ..core.errors import InputError
-
-        raise InputError(f"a learned model predicts a deformation and --mode {args.mode} has none: "
-                         "use --mode deformable, or leave out --model")
     if args.model:
         from ..learning import registry
+        from ..registration.predictors import check_predictor_use
+
+        check_predictor_use(args.mode, args.model_mode)  # before loading: a model needs the deformable mode
 
         loaded = registry.load(args.model)  # InputError for unknown, corrupt or tampered models
         predictor = loaded.predictor()

@@ -79,7 +79,9 @@ def run_job(job: dict, stream=None) -> dict:
     if job.get("model"):
         from ..learning.model_files import working_spacing
         from ..learning.registry import load
+        from ..registration.predictors import check_predictor_use
 
+        check_predictor_use(options.get("mode", "deformable"), mode)  # a model needs the deformable mode
         loaded = load(job["model"])  # InputError for unknown, corrupt or tampered models
         predictor = loaded.predictor()  # runs at the model's own spacing
         options["spacing"] = working_spacing(loaded, options.get("spacing"))
