@@ -30,7 +30,8 @@ from ..core.image import Image
 from .preprocess import WorkingImage, center_of_mass, check_overlap, prepare
 from ..core.progress import Progress, ProgressCallback
 from .regularizers import Regularizer, folding_penalty
-from .similarity import Similarity, box_filter, global_ncc
+from .similarity import Similarity, global_ncc
+from ..spatial.filters import box_filter
 from ..spatial.transforms import SpatialTransform, params_to_matrix, scaling_and_squaring
 
 logger = logging.getLogger(__name__)

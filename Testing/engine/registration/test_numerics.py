@@ -21,8 +21,8 @@ from DeepRegistrationLib.core.grid import Grid
 from DeepRegistrationLib.evaluation.metrics import jacobian_determinant as jacobian_np
 from DeepRegistrationLib.registration.optim import CosineAdam
 from DeepRegistrationLib.registration.regularizers import _Diffusion, bending_energy, diffusion, jacobian_determinant
-from DeepRegistrationLib.registration.similarity import (LNCC, MutualInformation, _BoxMean, _box_count, box_filter,
-    joint_histogram)
+from DeepRegistrationLib.registration.similarity import LNCC, MutualInformation, joint_histogram
+from DeepRegistrationLib.spatial.filters import _BoxMean, _box_count, box_filter
 
 
 def _gen(seed: int = 0) -> torch.Generator:
