@@ -152,6 +152,7 @@ class DeepRegistrationParameterNode:
     spacing: Annotated[float, WithinRange(0.5, 8.0)] = 2.0
     iterations: Annotated[int, WithinRange(0, 2000)] = 10
     diffeomorphic: bool = False
+    explain: bool = False  # explanation maps + uncertainty (loaded as volumes, "Show maps")
     # "Create new" makes the first class: a general transform node, which holds any result
     outputTransform: Union[vtkMRMLTransformNode, vtkMRMLLinearTransformNode, vtkMRMLGridTransformNode,
                            vtkMRMLBSplineTransformNode, None]
@@ -244,6 +245,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._jobNodes = []
         self._lastLogPath = None
+        self._lastResult = None  # the last SceneRegistrationResult (verdict, maps)
         self._timer = qt.QTimer()
         self._timer.setInterval(200)
         self._timer.connect("timeout()", self._onPoll)
@@ -274,6 +276,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.flickerButton.connect("toggled(bool)", self.onFlickerToggled)
         self.ui.showGridCheckBox.connect("toggled(bool)", self.onShowGrid)
         self.ui.hardenButton.connect("clicked(bool)", self.onHarden)
+        self.ui.showMapsButton.connect("clicked(bool)", self.onShowMaps)
         self.ui.progressBar.hide()
         self.ui.showLogButton.hide()
         self.initializeParameterNode()
@@ -397,6 +400,9 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.hardenButton.enabled = bool(hasResult and p.movingVolume and not running and
                                             p.outputTransform in self.logic.transformChain(p.movingVolume))
         self.ui.showGridCheckBox.enabled = hasResult
+        maps = self._liveMaps()
+        self.ui.showMapsButton.enabled = bool(maps)
+        self.ui.mapComboBox.enabled = bool(maps)
         self.ui.showLogButton.visible = bool(self._lastLogPath and self.logic.readLog(self._lastLogPath))
 
     def onPresetActivated(self, index=None) -> None:
@@ -416,6 +422,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             return
         self._lastLogPath = None
+        self.showVerdict(None)
         try:
             # no wait cursor here: this may ask before installing packages (the cursor is application-wide)
             with slicer.util.tryWithErrorDisplay(_("Registration could not start."), waitCursor=False):
@@ -475,8 +482,33 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._updateButtons()
 
+    def showVerdict(self, quality) -> None:
+        """The coloured verdict next to Apply (ok green, suspect orange, failed red), its reasons as tooltip;
+        None clears it."""
+        text, style, tip = verdictDisplay(quality)
+        self.ui.verdictLabel.text = text
+        self.ui.verdictLabel.styleSheet = style
+        self.ui.verdictLabel.toolTip = tip
+
+    def _liveMaps(self) -> dict:
+        """The last result's explanation map volumes still in the scene (name → node)."""
+        result = self._lastResult
+        if result is None:
+            return {}
+        return {name: node for name, node in result.mapVolumeNodes.items() if node.GetScene() is slicer.mrmlScene}
+
     def showResult(self, result) -> None:
         p = self._parameterNode
+        self._lastResult = result
+        self.showVerdict(result.quality)
+        names = list(self._liveMaps())
+        combo = self.ui.mapComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for name in names:
+            combo.addItem(mapTitle(name))
+        self._mapNames = names
+        combo.blockSignals(wasBlocked)
         if result.metricsTableNode:
             self.ui.metricsTableView.setMRMLTableNode(result.metricsTableNode)
         self.ui.statusLabel.text = _("Done in {seconds:.1f} s: ").format(seconds=result.seconds) + \
@@ -486,6 +518,21 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          foregroundOpacity=self.ui.fadeSliderWidget.value)
         if self.ui.showGridCheckBox.checked:
             self.logic.showTransformInSliceViews(result.transformNode, True)
+        if result.quality and result.quality["verdict"] == "failed":
+            # logged only (not modal) in testing mode, as every slicer.util display
+            slicer.util.warningDisplay(failedWarning(result.quality), windowTitle=_("Registration failed the checks"))
+
+    def onShowMaps(self) -> None:
+        """Shows the selected explanation map over the fixed volume in the slice views."""
+        maps = self._liveMaps()
+        names = [n for n in getattr(self, "_mapNames", []) if n in maps]
+        if not names or self._parameterNode is None:
+            return
+        index = self.ui.mapComboBox.currentIndex
+        name = names[index] if 0 <= index < len(names) else names[0]
+        self.logic.showMapInSliceViews(maps[name], self._parameterNode.fixedVolume,
+                                       self.ui.fadeSliderWidget.value)
+        self.ui.statusLabel.text = _("Showing the {map} map over the fixed volume.").format(map=mapTitle(name))
 
     def onApplyToMovingNodes(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not apply the transform."), waitCursor=True):
@@ -541,6 +588,32 @@ def guiMapping(ui) -> dict:
         if name:
             mapping[str(name)] = widget
     return mapping
+
+
+def mapTitle(name: str) -> str:
+    """The label of an explanation map in the GUI."""
+    return {"residual": _("Residual |fixed − warped|"), "local_similarity": _("Local similarity (LNCC cc²)"),
+            "displacement": _("Displacement (mm)"), "uncertainty": _("Uncertainty (mm)")}.get(name, name)
+
+
+def verdictDisplay(quality) -> tuple:
+    """(text, style sheet, tooltip) of the verdict label for a result's ``quality`` (None: all empty)."""
+    from DeepRegistrationSlicerLib.nodes import verdictStyleSheet
+
+    if not quality:
+        return "", "", _("The automatic quality verdict of the last registration (ok, suspect, failed).")
+    words = {"ok": _("ok"), "suspect": _("suspect"), "failed": _("failed")}
+    reasons = quality.get("reasons") or []
+    tip = "\n".join(reasons) if reasons else _("Every quality signal is within its range.")
+    return _("Quality: {verdict}").format(verdict=words.get(quality["verdict"], quality["verdict"])), \
+        verdictStyleSheet(quality["verdict"]), tip
+
+
+def failedWarning(quality) -> str:
+    """The warning shown when a result's verdict is ``failed``."""
+    reasons = "\n".join(f"• {r}" for r in quality.get("reasons") or [])
+    return _("The registration finished but its automatic checks say it failed; do not use it without checking "
+             "it visually (fade, flicker, Explain maps):\n{reasons}").format(reasons=reasons)
 
 
 def resultSummary(metrics: dict) -> str:
@@ -720,7 +793,7 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
                     outputTransform=p.outputTransform,
                     outputVolume=p.outputVolume, jacobianVolume=p.jacobianVolume,
                     metricsTable=p.metricsTable or True, applyToMoving=p.applyToMoving,
-                    useParentTransform=p.useCurrentAlignment)
+                    useParentTransform=p.useCurrentAlignment, explain=p.explain)
 
     # ---------------------------------------------------------------------------------- running
     def startJob(self, parameterNode):
@@ -754,13 +827,15 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
                 iterations, diffeomorphic, device, threads, ...) and nodes: fixedMask, movingMask,
                 initialTransform, fixedSegmentation, movingSegmentation, fixedLandmarks, movingLandmarks,
                 guideFixedLandmarks, guideMovingLandmarks (corresponding points that guide the registration),
-                createInverse (also return inverseTransformNode, moving -> fixed),
+                createInverse (also return inverseTransformNode, moving -> fixed), explain (also return
+                mapVolumeNodes: residual, local similarity, displacement and uncertainty maps),
                 outputTransform, outputVolume (node or True), jacobianVolume (node or True), metricsTable,
                 applyToMoving (default True).
 
         Returns:
             DeepRegistrationSlicerLib.run.SceneRegistrationResult: transformNode, inverseTransformNode, outputVolumeNode,
-            jacobianVolumeNode, metricsTableNode, metrics (dict), report (dict), seconds.
+            jacobianVolumeNode, metricsTableNode, metrics (dict), report (dict), quality (verdict and reasons),
+            mapVolumeNodes, seconds.
         """
         from DeepRegistrationSlicerLib import run
 
@@ -836,6 +911,11 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
         if fixed is not None and hasattr(display, "SetAndObserveRegionNode"):
             display.SetAndObserveRegionNode(fixed)
         display.SetVisibility2D(bool(show))
+
+    @staticmethod
+    def showMapInSliceViews(mapNode, fixedVolume=None, opacity: float = 0.5) -> None:
+        """Puts an explanation map in every slice view as the foreground over ``fixedVolume`` (background)."""
+        slicer.util.setSliceViewerLayers(background=fixedVolume, foreground=mapNode, foregroundOpacity=float(opacity))
 
     @staticmethod
     def hardenOnMoving(parameterNode) -> None:

@@ -533,6 +533,94 @@ def showAsJacobian(volumeNode) -> None:
     display.SetWindowLevelMinMax(0.0, 2.0)
 
 
+# ---------------------------------------------------------------------------------------------------- explanation maps
+MAP_NAMES = ("residual", "local_similarity", "displacement", "uncertainty")
+"""The engine's optional maps on the fixed grid: ``OUTDIR/explain/<name>.nii.gz`` and ``OUTDIR/uncertainty.nii.gz``."""
+
+MAP_TITLES = {"residual": "residual", "local_similarity": "local similarity", "displacement": "displacement (mm)",
+              "uncertainty": "uncertainty (mm)"}
+
+_MAP_COLORS = {
+    # name: (colour node name, [(fraction of the window, r, g, b)], fixed window or None = 0..99th percentile)
+    "residual": ("DeepRegistration residual", [(0.0, 0.0, 0.0, 0.02), (0.25, 0.34, 0.06, 0.43),
+                                               (0.5, 0.73, 0.21, 0.33), (0.75, 0.98, 0.55, 0.04),
+                                               (1.0, 0.99, 1.0, 0.64)], None),  # inferno-like: dark = agree
+    "local_similarity": ("DeepRegistration local similarity", [(0.0, 0.70, 0.09, 0.17), (0.5, 0.97, 0.97, 0.97),
+                                                               (1.0, 0.13, 0.40, 0.67)], (0.0, 1.0)),
+    # diverging: red = dissimilar (cc² 0), white = 0.5, blue = locally identical (cc² 1)
+    "heat": ("DeepRegistration heat (mm)", [(0.0, 0.0, 0.0, 0.0), (0.35, 0.75, 0.0, 0.0), (0.7, 1.0, 0.75, 0.0),
+                                            (1.0, 1.0, 1.0, 1.0)], None),  # black-red-yellow-white
+}
+
+
+def mapColorNode(name: str, scene=None):
+    """The colour table of an explanation map (``MAP_NAMES``): residual inferno-like (black → yellow), local
+    similarity diverging (red 0 → white 0.5 → blue 1), displacement and uncertainty a heat map (black → red →
+    yellow → white). 256-entry tables, stretched over the volume's window like Slicer's own continuous tables."""
+    scene = scene or slicer.mrmlScene
+    title, anchors, _window = _MAP_COLORS[name if name in ("residual", "local_similarity") else "heat"]
+    node = scene.GetFirstNodeByName(title)
+    if node is not None and node.IsA("vtkMRMLColorTableNode"):
+        return node
+    node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", title)
+    node.SetTypeToUser()
+    node.SetAttribute("Category", "DeepRegistration")
+    node.SetNumberOfColors(256)
+    at = np.array([a[0] for a in anchors])
+    rgb = np.array([a[1:] for a in anchors])
+    for i in range(256):
+        c = [float(np.interp(i / 255.0, at, rgb[:, k])) for k in range(3)]
+        node.SetColor(i, f"{i}", c[0], c[1], c[2], 1.0)
+    return node
+
+
+def mapWindow(name: str, array: np.ndarray) -> tuple[float, float]:
+    """Display range of a map: 0..1 for the local similarity, else 0 .. the 99th percentile of its non-zero
+    voxels (at least a tiny positive width)."""
+    fixed = _MAP_COLORS.get(name, (None, None, None))[2]
+    if fixed is not None:
+        return fixed
+    a = np.asarray(array, dtype=float)
+    a = a[np.isfinite(a) & (a > 0)]
+    high = float(np.percentile(a, 99)) if a.size else 1.0
+    return 0.0, max(high, 1e-6)
+
+
+def showAsMap(volumeNode, name: str, array: np.ndarray | None = None) -> None:
+    """Display settings of an explanation map volume: its colour table (:func:`mapColorNode`) and window
+    (:func:`mapWindow`); the map's name is kept in the ``DeepRegistration.output`` attribute."""
+    if volumeNode.GetDisplayNode() is None:
+        volumeNode.CreateDefaultDisplayNodes()
+    display = volumeNode.GetDisplayNode()
+    display.SetAndObserveColorNodeID(mapColorNode(name, volumeNode.GetScene()).GetID())
+    display.AutoWindowLevelOff()
+    low, high = mapWindow(name, slicer.util.arrayFromVolume(volumeNode) if array is None else array)
+    display.SetWindowLevelMinMax(low, high)
+    volumeNode.SetAttribute(OUTPUT_ATTRIBUTE, name)
+
+
+# ---------------------------------------------------------------------------------------------------- quality
+VERDICT_COLORS = {"ok": "#2e7d32", "suspect": "#e65100", "failed": "#c62828"}
+"""Background colour of the verdict label: ok green, suspect orange, failed red."""
+
+
+def qualityOf(report: dict | None) -> dict | None:
+    """``{"verdict": "ok" | "suspect" | "failed", "reasons": [str, ...]}`` of an engine report (its
+    ``quality`` entry), or None when the report has none (an older engine)."""
+    q = (report or {}).get("quality")
+    if not isinstance(q, dict) or q.get("verdict") not in VERDICT_COLORS:
+        return None
+    return {"verdict": str(q["verdict"]), "reasons": [str(r) for r in q.get("reasons") or []]}
+
+
+def verdictStyleSheet(verdict: str | None) -> str:
+    """Qt style sheet of the verdict label: white bold text on the verdict's colour ("" for none)."""
+    if verdict not in VERDICT_COLORS:
+        return ""
+    return (f"QLabel {{ color: white; background-color: {VERDICT_COLORS[verdict]}; font-weight: bold; "
+            "border-radius: 3px; padding: 2px 8px; }")
+
+
 # ---------------------------------------------------------------------------------------------------- metrics
 METRIC_ROWS = (
     # (label, key in the flat metrics dict without _before/_after, unit)
@@ -565,21 +653,34 @@ def flatMetrics(report: dict) -> dict:
     return {k: (None if v is None else float(v)) for k, v in out.items() if v is not None}
 
 
-def updateMetricsTable(tableNode, metrics: dict) -> None:
-    """Fills a table node with columns Metric, Before, After, Unit (NaN where not applicable)."""
+def updateMetricsTable(tableNode, metrics: dict, quality: dict | None = None) -> None:
+    """Fills a table node with columns Metric, Before, After, Unit, Note (NaN where not applicable).
+
+    With ``quality`` (:func:`qualityOf`) the first row is ``Quality verdict`` (Note: ok, suspect or failed)
+    followed by one ``Quality reason`` row per reason (Note: the reason)."""
     table = vtk.vtkTable()
-    names, before, after, units = vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(), vtk.vtkStringArray()
-    for array, title in ((names, "Metric"), (before, "Before"), (after, "After"), (units, "Unit")):
+    names, before, after, units, notes = (vtk.vtkStringArray(), vtk.vtkDoubleArray(), vtk.vtkDoubleArray(),
+                                          vtk.vtkStringArray(), vtk.vtkStringArray())
+    for array, title in ((names, "Metric"), (before, "Before"), (after, "After"), (units, "Unit"), (notes, "Note")):
         array.SetName(title)
-    for label, key, unit in METRIC_ROWS:
-        b, a = metrics.get(f"{key}_before"), metrics.get(f"{key}_after")
-        if a is None and b is None:
-            continue
+
+    def row(label, b, a, unit, note=""):
         names.InsertNextValue(label)
         before.InsertNextValue(np.nan if b is None else b)
         after.InsertNextValue(np.nan if a is None else a)
         units.InsertNextValue(unit)
-    for array in (names, before, after, units):
+        notes.InsertNextValue(note)
+
+    if quality is not None:
+        row("Quality verdict", None, None, "", quality["verdict"])
+        for reason in quality["reasons"]:
+            row("Quality reason", None, None, "", reason)
+    for label, key, unit in METRIC_ROWS:
+        b, a = metrics.get(f"{key}_before"), metrics.get(f"{key}_after")
+        if a is None and b is None:
+            continue
+        row(label, b, a, unit)
+    for array in (names, before, after, units, notes):
         table.AddColumn(array)
     tableNode.SetAndObserveTable(table)
     tableNode.Modified()

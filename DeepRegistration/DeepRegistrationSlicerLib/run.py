@@ -204,9 +204,14 @@ class SceneRegistrationResult:
             them onto the moving image), or None unless asked for with ``createInverse``.
         outputVolumeNode: Moving volume resampled on the fixed grid, or None.
         jacobianVolumeNode: det of the Jacobian on the fixed grid, or None.
-        metricsTableNode: Metrics table (Metric, Before, After, Unit), or None.
+        metricsTableNode: Metrics table (Metric, Before, After, Unit, Note; the quality verdict and its
+            reasons first), or None.
         metrics: Summary numbers, e.g. ``ncc_before``, ``ncc_after``, ``folding_percent_after``, ``dice_after``.
         report: The engine's full report (report.json).
+        quality: ``{"verdict": "ok" | "suspect" | "failed", "reasons": [...]}`` (the engine's automatic quality
+            control, see :func:`~DeepRegistrationSlicerLib.nodes.qualityOf`), or None from an engine without it.
+        mapVolumeNodes: Explanation maps asked for with ``explain`` (name → volume node on the fixed grid, names
+            in :data:`~DeepRegistrationSlicerLib.nodes.MAP_NAMES`), each with its colour table.
         seconds: Wall time from start to loaded results.
     """
 
@@ -217,6 +222,8 @@ class SceneRegistrationResult:
     metricsTableNode: object = None
     metrics: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    quality: dict | None = None
+    mapVolumeNodes: dict = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -246,6 +253,10 @@ class RegistrationJob:
             (see :func:`~DeepRegistrationSlicerLib.nodes.movingFrame`). Ignored with an ``initialTransform``.
         scene: The MRML scene (default ``slicer.mrmlScene``).
         keepFiles: Keep the temporary folder (for debugging).
+        explain: Also ask the engine for the explanation maps (residual, local similarity, displacement
+            magnitude) and, unless ``uncertainty`` is False, the restart-spread uncertainty (mm); they are
+            loaded as volumes on the fixed grid (:attr:`SceneRegistrationResult.mapVolumeNodes`).
+        uncertainty: Ask for the uncertainty map (default: as ``explain``).
         model: Optional learned model (registry name or card path, see :func:`availableModels`) whose
             prediction starts the deformable optimization (``modelMode="init"``) or replaces it
             (``"replace"``); without an explicit ``spacing`` option the model's working spacing is used.
@@ -258,7 +269,8 @@ class RegistrationJob:
                  createInverse: bool = False, outputTransform=None, outputVolume=None,
                  jacobianVolume=None, metricsTable=True, applyToMoving: bool = True, scene=None,
                  keepFiles: bool = False, model: str | None = None, modelMode: str = "init",
-                 useParentTransform: bool = True, **options):
+                 useParentTransform: bool = True, explain: bool = False, uncertainty: bool | None = None,
+                 **options):
         if fixedVolume is None or movingVolume is None:
             raise InputError("select a fixed volume and a moving volume.")
         if fixedVolume == movingVolume:
@@ -282,6 +294,8 @@ class RegistrationJob:
         self.initialTransform = initialTransform
         self.outputTransform, self.outputVolume, self.jacobianVolume = outputTransform, outputVolume, jacobianVolume
         self.metricsTable, self.applyToMoving, self.keepFiles = metricsTable, applyToMoving, keepFiles
+        self.explain = bool(explain)
+        self.uncertainty = self.explain if uncertainty is None else bool(uncertainty)
         self.config = engineConfig(preset, **options)
         self.preset = preset
         self.model, self.modelMode = None, modelMode
@@ -332,6 +346,10 @@ class RegistrationJob:
                "out_dir": str(folder / "result"), "config": self.config}
         if self.model:
             job.update(model=self.model, model_mode=self.modelMode)
+        if self.explain:
+            job["explain"] = True
+        if self.uncertainty:
+            job["uncertainty"] = True
         grids = {"fixed": (self.fixedVolume, fixed.grid), "moving": (self.movingVolume, moving.grid)}
         for side in ("fixed", "moving"):
             mask = self.inputs[f"{side}Mask"]
@@ -524,6 +542,7 @@ class RegistrationJob:
             if self.jacobianVolume not in (None, False):
                 jac = read_image(out / "jacobian.nii.gz", "jacobian") if _varies(out / "jacobian.nii.gz") else \
                     _readConstant(out / "jacobian.nii.gz")
+            maps = self._readMaps(out)
             gone = [n.GetName() for n in self._nodes() if n.GetScene() is not scene]
             if gone:
                 raise InputError(f"'{gone[0]}' was deleted during the registration; nothing was changed.")
@@ -539,7 +558,8 @@ class RegistrationJob:
             transformNode.SetAttribute("DeepRegistration.config", json.dumps(self.config))
             if self.model:
                 transformNode.SetAttribute("DeepRegistration.model", f"{Path(self.model).stem} ({self.modelMode})")
-            result = SceneRegistrationResult(transformNode, report=self.report, metrics=N.flatMetrics(self.report))
+            result = SceneRegistrationResult(transformNode, report=self.report, metrics=N.flatMetrics(self.report),
+                                             quality=N.qualityOf(self.report))
             if self.createInverse:
                 inverseNode = scene.AddNewNodeByClass(
                     "vtkMRMLTransformNode", scene.GenerateUniqueName(f"{self.movingVolume.GetName()} inverse"))
@@ -568,15 +588,35 @@ class RegistrationJob:
             if self.metricsTable not in (None, False):
                 table = self.metricsTable if self.metricsTable is not True else scene.AddNewNodeByClass(
                     "vtkMRMLTableNode", scene.GenerateUniqueName(f"{self.movingVolume.GetName()} registration metrics"))
-                N.updateMetricsTable(table, result.metrics)
+                N.updateMetricsTable(table, result.metrics, result.quality)
                 transformNode.SetNodeReferenceID("DeepRegistrationMetrics", table.GetID())
                 result.metricsTableNode = table
+            for name, image in maps.items():
+                node = N.imageToVolume(image, None, scene.GenerateUniqueName(
+                    f"{self.movingVolume.GetName()} {N.MAP_TITLES[name]}"), scene)
+                N.showAsMap(node, name, image.array)
+                node.SetNodeReferenceID("DeepRegistrationTransform", transformNode.GetID())
+                result.mapVolumeNodes[name] = node
             if self.applyToMoving:
                 applyTransformToNodes(transformNode, [self.movingVolume])
             result.seconds = time.perf_counter() - self._startTime
             return result
         finally:
             self._cleanup()
+
+
+    def _readMaps(self, out: Path) -> dict:
+        """The explanation maps asked for, read from the engine's outputs (name → engine Image)."""
+        wanted = ([n for n in N.MAP_NAMES if n != "uncertainty"] if self.explain else []) + \
+            (["uncertainty"] if self.uncertainty else [])
+        maps = {}
+        for name in wanted:
+            path = out / "uncertainty.nii.gz" if name == "uncertainty" else out / "explain" / f"{name}.nii.gz"
+            if not path.is_file():
+                raise InputError(f"the engine wrote no {path.relative_to(out)}, so the {N.MAP_TITLES[name]} map "
+                                 "cannot be shown; update DeepRegistration or untick 'Explain'.")
+            maps[name] = _readConstant(path, name)
+        return maps
 
 
 def _varies(path: Path) -> bool:
@@ -586,13 +626,14 @@ def _varies(path: Path) -> bool:
     return float(a.max() - a.min()) > 1e-6 * max(1.0, abs(float(a.max())))
 
 
-def _readConstant(path: Path):
-    """A constant image (the Jacobian of an affine result) that read_image would refuse."""
+def _readConstant(path: Path, name: str = "jacobian"):
+    """An image that may be constant (the Jacobian of an affine result, a map of zeros), which read_image
+    would refuse."""
     import SimpleITK as sitk
 
     from DeepRegistrationLib.io.images import sitk_to_image
 
-    return sitk_to_image(sitk.ReadImage(str(path)), "jacobian")
+    return sitk_to_image(sitk.ReadImage(str(path)), name)
 
 
 def register(fixedVolume, movingVolume, preset: str = "Deformable — fast", progressCallback=None,

@@ -605,14 +605,17 @@ def test_an_outdated_torch_is_updated_after_a_warning(slicerEnv, monkeypatch):
 
 
 def test_widget_apply_poll_inspect_harden_and_show_log(tmp_path, sample_dir, monkeypatch):
-    """Apply through the widget (Slicer 5.8 code): the job runs, the timer slot loads the result into the
-    parameter node; the inspection controls act on the scene (fade on the slice composite nodes, the
-    deformation grid on the transform's display node, harden); a failed run shows its log."""
+    """Apply through the widget (Slicer 5.8 code): the job runs (with Explain), the timer slot loads the result
+    into the parameter node and shows the coloured quality verdict next to Apply (a warning for ``failed``);
+    the inspection controls act on the scene (an explanation map shown over the fixed volume, fade on the slice
+    composite nodes, the deformation grid on the transform's display node, harden); a failed run shows its log."""
     import numpy as np
 
     tag = "v5.8.1"
     if missingReason(tag):
         pytest.skip(missingReason(tag))
+    from DeepRegistrationSlicerLib import nodes as N
+
     with load(tag, tmp_path) as env:
         mod = load_module(env)
         slicer = env.slicer
@@ -624,7 +627,7 @@ def test_widget_apply_poll_inspect_harden_and_show_log(tmp_path, sample_dir, mon
         widget = env.createWidget(mod, ui)
         p = widget._parameterNode
         assert (p.fixedVolume, p.movingVolume) == (fixed, moving)
-        p.preset, p.spacing = "Affine", 8.0
+        p.preset, p.spacing, p.explain = "Affine", 8.0, True
         act(ui.applyButton, "clicked(bool)", True)
         assert widget._job is not None and ui.cancelButton.enabled is True and ui.applyButton.enabled is False
         assert "running" in ui.applyButton.toolTip
@@ -635,6 +638,46 @@ def test_widget_apply_poll_inspect_harden_and_show_log(tmp_path, sample_dir, mon
         R = p.outputTransform
         assert R is not None and moving.GetParentTransformNode() is R and p.metricsTable is not None
         assert ui.hardenButton.enabled is True and ui.applyButton.enabled is True
+        # the verdict next to Apply, coloured, its reasons as tooltip; the maps listed and shown on request
+        result = widget._lastResult
+        verdict = result.quality["verdict"]
+        assert ui.verdictLabel.text == f"Quality: {verdict}"
+        assert N.VERDICT_COLORS[verdict] in ui.verdictLabel.styleSheet
+        assert ui.verdictLabel.toolTip == ("\n".join(result.quality["reasons"]) or
+                                           "Every quality signal is within its range.")
+        names = list(result.mapVolumeNodes)
+        assert names == ["residual", "local_similarity", "displacement", "uncertainty"][:len(names)] and \
+            len(names) >= 3
+        assert [c for c in ui.mapComboBox.calls if c[0] == "addItem"] == \
+            [("addItem", mod.mapTitle(n)) for n in names]
+        assert ui.showMapsButton.enabled is True
+        ui.mapComboBox.currentIndex = 1
+        act(ui.showMapsButton, "clicked(bool)", True)
+        assert composite.GetForegroundVolumeID() == result.mapVolumeNodes["local_similarity"].GetID()
+        assert composite.GetBackgroundVolumeID() == fixed.GetID()
+        assert "local similarity" in ui.statusLabel.text.lower()
+        # a failed verdict: a warning (slicer.util.warningDisplay: logged, not modal, in testing mode)
+        import dataclasses
+        import logging
+
+        failed = {"verdict": "failed", "reasons": ["local similarity (LNCC cc²) after 0.412 < 0.850"]}
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logging.getLogger().addHandler(handler)
+        try:
+            widget.showResult(dataclasses.replace(result, quality=failed))
+        finally:
+            logging.getLogger().removeHandler(handler)
+        assert ui.verdictLabel.text == "Quality: failed" and N.VERDICT_COLORS["failed"] in ui.verdictLabel.styleSheet
+        assert ui.verdictLabel.toolTip == failed["reasons"][0]
+        warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+        assert any("failed" in w and failed["reasons"][0] in w for w in warnings), warnings
+        widget.showResult(result)
+        for node in result.mapVolumeNodes.values():  # deleted maps are no longer offered
+            scene.RemoveNode(node)
+        widget._updateButtons()
+        assert ui.showMapsButton.enabled is False
 
         act(ui.fadeSliderWidget, "valueChanged(double)", 0.25)
         assert composite.GetForegroundOpacity() == 0.25
