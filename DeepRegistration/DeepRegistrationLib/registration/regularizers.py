@@ -13,10 +13,6 @@ from ..core.grid import Grid
 from ..core.config import REGULARIZERS  # noqa: E402  (torch-free list of names)
 
 
-def _spacing_zyx(grid: Grid) -> tuple[float, float, float]:
-    return (grid.spacing[2], grid.spacing[1], grid.spacing[0])
-
-
 class _Diffusion(torch.autograd.Function):
     """``sum_d mean((Δ_d u / h_d)²)`` with a hand-written backward (a discrete Laplacian).
 
@@ -60,13 +56,13 @@ def diffusion(field: torch.Tensor, grid: Grid) -> torch.Tensor:
     Returns:
         Scalar ``sum over axes of mean((Δu / h)²)``, differentiable.
     """
-    sz, sy, sx = _spacing_zyx(grid)
+    sz, sy, sx = grid.spacing_zyx
     return _Diffusion.apply(field, (1.0 / sz ** 2, 1.0 / sy ** 2, 1.0 / sx ** 2))
 
 
 def bending_energy(field: torch.Tensor, grid: Grid) -> torch.Tensor:
     """Mean bending energy (sum of squared second derivatives, mixed terms twice), in 1/mm²."""
-    sz, sy, sx = _spacing_zyx(grid)
+    sz, sy, sx = grid.spacing_zyx
 
     def d(t: torch.Tensor, axis: int, h: float) -> torch.Tensor:
         n = t.shape[axis]

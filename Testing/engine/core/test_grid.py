@@ -66,6 +66,15 @@ def test_sitk_round_trip_keeps_array_order():
     assert back.grid.same_as(image.grid)
 
 
+def test_spacing_zyx_follows_the_array_axes_of_simpleitk():
+    """``spacing`` is along (i, j, k) = SimpleITK's (x, y, z); ``spacing_zyx`` along the numpy axes (Z, Y, X)."""
+    image = sitk.Image(7, 6, 5, sitk.sitkFloat32)  # size (x, y, z): array shape (5, 6, 7)
+    image.SetSpacing((0.5, 1.25, 3.0))
+    g = Grid.from_sitk(image)
+    assert g.shape == sitk.GetArrayViewFromImage(image).shape == (5, 6, 7)
+    assert g.spacing_zyx == (3.0, 1.25, 0.5)
+
+
 def test_overlap_fraction():
     a = Grid((10, 10, 10), (1, 1, 1), (0, 0, 0))
     assert a.overlap_fraction(a) == pytest.approx(1.0)
