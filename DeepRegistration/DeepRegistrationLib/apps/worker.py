@@ -4,12 +4,19 @@ The job file (JSON) holds::
 
     {"fixed": PATH, "moving": PATH, "out_dir": PATH, "config": {RegistrationConfig fields},
      "fixed_mask": PATH, "moving_mask": PATH, "fixed_labels": PATH, "moving_labels": PATH,
-     "fixed_landmarks": PATH, "moving_landmarks": PATH, "overwrite": false, "explain": false,
-     "uncertainty": false}
+     "fixed_landmarks": PATH, "moving_landmarks": PATH, "overwrite": false}
 
 (everything after ``config`` optional). The worker runs :func:`~DeepRegistrationLib.registration.run.run_registration`
-(no ``report.png``) and writes the protocol of :mod:`DeepRegistrationLib.core.jobs` on stdout (one JSON object
-per line, flushed at once):
+(no ``report.png``). Two more job kinds run the multi-image workflows (no PNGs either)::
+
+    {"kind": "sequence", "sequence": FOLDER_OR_4D_FILE, "out_dir": PATH, "config": {...},
+     "reference": "0" | "mean", "chain": false}
+    {"kind": "template", "images": [PATH, ...], "out_dir": PATH, "config": {...}, "iterations": 3,
+     "labels": [PATH, ...] | null}
+
+(:func:`~DeepRegistrationLib.workflows.sequence.register_sequence`, progress messages prefixed with the frame;
+:func:`~DeepRegistrationLib.workflows.template.build_template`). The worker writes the protocol of
+:mod:`DeepRegistrationLib.core.jobs` on stdout (one JSON object per line, flushed at once):
 
 - ``{"kind": "progress", "fraction": 0.42, "message": "deformable level 2"}`` while it works;
 - ``{"kind": "message", "level": "warning", "message": TEXT}`` for a warning the user should see;
@@ -33,11 +40,12 @@ from pathlib import Path
 from ..core import jobs
 from ..core.errors import Cancelled, DeepRegistrationError, InputError
 
+JOB_KINDS = {"register": ("fixed", "moving", "out_dir"), "sequence": ("sequence", "out_dir"),
+             "template": ("images", "out_dir")}
+"""Job kinds and the keys each needs."""
+
 OPTIONAL_INPUTS = ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks",
                    "guide_fixed_landmarks", "guide_moving_landmarks")
-OPTIONAL_OUTPUTS = ("explain", "uncertainty")
-"""Job flags passed on to run_registration when true: the explanation maps (``OUT/explain/``) and the
-restart-spread uncertainty (``OUT/uncertainty.nii.gz``)."""
 
 
 def read_job(path: str | Path) -> dict:
@@ -51,7 +59,10 @@ def read_job(path: str | Path) -> dict:
         raise InputError(f"job file '{p}' cannot be read as JSON ({exc}).") from None
     if not isinstance(job, dict):
         raise InputError(f"job file '{p}' must hold a JSON object.")
-    missing = [k for k in ("fixed", "moving", "out_dir") if not job.get(k)]
+    kind = job.get("kind", "register")
+    if kind not in JOB_KINDS:
+        raise InputError(f"job file '{p}': unknown kind {kind!r}; known: {', '.join(JOB_KINDS)}.")
+    missing = [k for k in JOB_KINDS[kind] if not job.get(k)]
     if missing:
         raise InputError(f"job file '{p}' misses {', '.join(missing)}.")
     return job
@@ -76,6 +87,9 @@ def make_config(options: dict):
 def run_job(job: dict, stream=None) -> dict:
     """Runs one job, reporting progress on ``stream`` (default stdout, or a :class:`~.jobs.Emitter`); returns
     the report. Raises Cancelled when the parent cancels."""
+    kind = job.get("kind", "register")
+    if kind != "register":
+        return run_workflow_job(job, stream if isinstance(stream, jobs.Emitter) else jobs.Emitter(stream))
     from ..registration.run import run_registration
 
     options = dict(job.get("config") or {})
@@ -102,9 +116,40 @@ def run_job(job: dict, stream=None) -> dict:
     summary = run_registration(job["fixed"], job["moving"], job["out_dir"], config,
                                overwrite=bool(job.get("overwrite", False)), write_png=False,
                                progress=out, predictor=predictor, predictor_mode=mode,
-                               **{k: job.get(k) for k in OPTIONAL_INPUTS},
-                               **{k: True for k in OPTIONAL_OUTPUTS if job.get(k)})
+                               **{k: job.get(k) for k in OPTIONAL_INPUTS})
     return summary.report
+
+
+class _FrameMessages:
+    """Progress callback that prefixes the engine's messages with the frame being registered ("frame 2: ...")."""
+
+    def __init__(self, out: jobs.Emitter):
+        self.out, self.frame = out, ""
+
+    def __call__(self, fraction: float, message: str = "") -> bool:
+        if message.startswith("frame ") or message == "done":
+            self.frame = "" if message == "done" else message
+        elif self.frame:
+            message = f"{self.frame}: {message}"
+        return self.out(fraction, message)
+
+
+def run_workflow_job(job: dict, out: jobs.Emitter) -> dict:
+    """Runs a ``sequence`` or ``template`` job (see the module docstring); returns ``sequence.json`` /
+    ``report.json`` as a dict."""
+    config = make_config(dict(job.get("config") or {}))
+    out.progress(0.0, "starting")
+    if job["kind"] == "sequence":
+        from ..workflows.sequence import register_sequence
+
+        result = register_sequence(job["sequence"], job["out_dir"], config, reference=str(job.get("reference", "0")),
+                                   chain=bool(job.get("chain", False)), write_png=False, progress=_FrameMessages(out))
+        return json.loads((result.out_dir / "sequence.json").read_text())
+    from ..workflows.template import build_template
+
+    result = build_template(job["images"], job["out_dir"], config, iterations=int(job.get("iterations", 3)),
+                            labels=job.get("labels") or None, write_png=False, progress=out)
+    return json.loads((result.out_dir / "report.json").read_text())
 
 
 WAIT_FOR_JOB = "--wait-for-job"
