@@ -4,7 +4,8 @@ The job file (JSON) holds::
 
     {"fixed": PATH, "moving": PATH, "out_dir": PATH, "config": {RegistrationConfig fields},
      "fixed_mask": PATH, "moving_mask": PATH, "fixed_labels": PATH, "moving_labels": PATH,
-     "fixed_landmarks": PATH, "moving_landmarks": PATH, "overwrite": false}
+     "fixed_landmarks": PATH, "moving_landmarks": PATH, "overwrite": false, "explain": false,
+     "uncertainty": false}
 
 (everything after ``config`` optional). The worker runs :func:`~DeepRegistrationLib.registration.run.run_registration`
 (no ``report.png``). Two more job kinds run the multi-image workflows (no PNGs either)::
@@ -46,6 +47,9 @@ JOB_KINDS = {"register": ("fixed", "moving", "out_dir"), "sequence": ("sequence"
 
 OPTIONAL_INPUTS = ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks",
                    "guide_fixed_landmarks", "guide_moving_landmarks")
+OPTIONAL_OUTPUTS = ("explain", "uncertainty")
+"""Job flags passed on to run_registration when true: the explanation maps (``OUT/explain/``) and the
+restart-spread uncertainty (``OUT/uncertainty.nii.gz``)."""
 
 
 def read_job(path: str | Path) -> dict:
@@ -116,7 +120,8 @@ def run_job(job: dict, stream=None) -> dict:
     summary = run_registration(job["fixed"], job["moving"], job["out_dir"], config,
                                overwrite=bool(job.get("overwrite", False)), write_png=False,
                                progress=out, predictor=predictor, predictor_mode=mode,
-                               **{k: job.get(k) for k in OPTIONAL_INPUTS})
+                               **{k: job.get(k) for k in OPTIONAL_INPUTS},
+                               **{k: True for k in OPTIONAL_OUTPUTS if job.get(k)})
     return summary.report
 
 
