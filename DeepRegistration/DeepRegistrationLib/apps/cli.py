@@ -29,6 +29,8 @@ outputs (in OUTDIR, written to a temporary folder first and moved into place whe
   explain/          (--explain) residual.nii.gz |fixed - warped| after intensity normalization,
                     local_similarity.nii.gz (LNCC cc2 the optimizer saw), displacement.nii.gz (mm),
                     all on the fixed image's grid
+  uncertainty.nii.gz (--uncertainty) per-voxel spread (mm) of a few perturbed restarts, on the fixed
+                    grid: large where the images do not determine the deformation; not an error bound
 
 examples:
   deepregistration register fixed.nii.gz moving.nii.gz -o out
@@ -158,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--explain", action="store_true",
                    help="also write explainability maps into OUTDIR/explain/ (residual, local similarity, "
                         "displacement magnitude) and draw them in report.png")
+    o.add_argument("--uncertainty", action="store_true",
+                   help="also estimate the per-voxel uncertainty (spread of a few perturbed restarts, batched; "
+                        "adds a few seconds) into OUTDIR/uncertainty.nii.gz; it feeds the quality verdict")
     o.add_argument("--fail-on", choices=("suspect", "failed"),
                    help="exit with status 3 when the quality verdict in report.json is this or worse "
                         "(for pipelines; the outputs are written either way)")
@@ -225,7 +230,8 @@ def _register(args: argparse.Namespace) -> int:
             guide_fixed_landmarks=(args.guide_landmarks or (None, None))[0],
             guide_moving_landmarks=(args.guide_landmarks or (None, None))[1],
             overwrite=args.overwrite, write_png=not args.no_png, progress=bar, predictor=predictor,
-            predictor_mode=args.model_mode, explain=args.explain)
+            predictor_mode=args.model_mode, explain=args.explain,
+            uncertainty=args.uncertainty)
     finally:
         bar.close()
     print(f"outputs: {summary.out_dir}")

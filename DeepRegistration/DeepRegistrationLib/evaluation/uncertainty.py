@@ -35,6 +35,7 @@ from ..spatial import warp as W
 from ..core.config import RegistrationConfig
 from ..core.grid import Grid
 from ..core.image import Image
+from ..core.progress import Progress, ProgressCallback
 from ..registration.preprocess import prepare
 from ..registration.regularizers import Regularizer
 from ..registration.similarity import Similarity, box_filter
@@ -94,7 +95,7 @@ class Uncertainty:
 def restart_spread(fixed: Image, moving: Image, transform: SpatialTransform, config: RegistrationConfig, *,
                    fixed_mask: Image | None = None, moving_mask: Image | None = None, restarts: int = RESTARTS,
                    iterations: int = ITERATIONS, perturbation_mm: float | None = None, seed: int = 0,
-                   device=None) -> Uncertainty:
+                   device=None, progress: ProgressCallback | None = None) -> Uncertainty:
     """Spread (mm) of ``restarts`` perturbed, batched re-optimizations of ``transform``'s displacement.
 
     Args:
@@ -106,6 +107,8 @@ def restart_spread(fixed: Image, moving: Image, transform: SpatialTransform, con
         perturbation_mm: Largest component of each random perturbation; default
             :data:`PERTURBATION_VOXELS` working voxels.
         seed: Seed of the perturbations (reproducible maps).
+        device: Torch device of the batched optimization (None = CPU).
+        progress: ``callback(fraction, message)`` once per step; returning False cancels (raises Cancelled).
 
     Returns:
         :class:`Uncertainty` on the fixed working grid.
@@ -137,7 +140,9 @@ def restart_spread(fixed: Image, moving: Image, transform: SpatialTransform, con
     noise = noise / noise.abs().amax(dim=(1, 2, 3, 4), keepdim=True).clamp_min(1e-6) * amp
     param = noise.clone().requires_grad_(True)
     lr = STEP * h
+    prog = Progress(progress)
     for it in range(iterations):
+        prog(it / iterations, f"uncertainty: {restarts} restarts, step {it + 1}/{iterations}")
         u = u0 + box_filter(param, 1)
         mapped = W.apply_affine(pts + torch.movedim(u, 1, -1), affine)
         out, view = W.sample_in_view(m_t, mw.grid, mapped)

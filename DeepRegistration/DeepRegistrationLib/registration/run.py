@@ -13,6 +13,8 @@ to OUTDIR that is renamed into place only when everything succeeded:
 - ``explain/residual.nii.gz``, ``explain/local_similarity.nii.gz``, ``explain/displacement.nii.gz`` (with
   ``explain=True``): the explainability maps of :func:`~DeepRegistrationLib.evaluation.explain.explanation_maps`
   on the fixed image's full grid (its exact spacing, origin and direction).
+- ``uncertainty.nii.gz`` (with ``uncertainty=True``): the spread (mm) of a few perturbed restarts, on the
+  fixed grid (see :mod:`~DeepRegistrationLib.evaluation.uncertainty`).
 - ``report.json`` / ``report.png``: figures, timings, parameters, versions; a visual check.
 """
 from __future__ import annotations
@@ -117,14 +119,60 @@ def evaluate_landmarks(fixed_pts: np.ndarray, moving_pts: np.ndarray, transform:
             "n": int(len(fixed_pts))}
 
 
+@dataclass
+class _Inputs:
+    """Everything :func:`run_registration` read and checked before any work (engine objects on their grids)."""
+
+    fixed: Image
+    moving: Image
+    fixed_mask: Image | None
+    moving_mask: Image | None
+    fixed_labels: Image | None
+    moving_labels: Image | None
+    landmarks: tuple[np.ndarray, np.ndarray] | None  # (fixed, moving) evaluation landmarks, (N, 3) LPS mm
+    guide: object | None  # guidance.GuideLandmarks
+    guide_info: dict | None
+    initial_affine: np.ndarray | None
+    seconds: float
+
+
+@dataclass
+class _Outputs:
+    """What :func:`_write_outputs` wrote that the later stages reuse (images on the fixed grid)."""
+
+    warped: Image
+    jacobian: Image
+    inverse_report: dict | None
+
+
+@dataclass
+class _Evaluation:
+    """What :func:`_evaluate` measured: the ``report.json`` entries and the maps for ``report.png``."""
+
+    metrics: dict
+    quality: dict
+    explain: dict | None
+    uncertainty: dict | None
+    guidance: dict | None
+    maps: dict
+    uncertainty_seconds: float
+
+
 def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfig | None = None, *,
                      fixed_mask=None, moving_mask=None, fixed_labels=None, moving_labels=None,
                      fixed_landmarks=None, moving_landmarks=None, guide_fixed_landmarks=None,
                      guide_moving_landmarks=None, overwrite: bool = False,
                      write_png: bool = True, progress: ProgressCallback | None = None,
                      predictor=None, predictor_mode: str = "init",
-                     initial_affine: np.ndarray | None = None, explain: bool = False) -> RunSummary:
+                     initial_affine: np.ndarray | None = None, explain: bool = False,
+                     uncertainty: bool = False) -> RunSummary:
     """Registers MOVING to FIXED (paths) and writes all outputs into ``out_dir`` atomically.
+
+    Stages: :func:`_read_inputs` (everything checked before any work), the registration
+    (:func:`~DeepRegistrationLib.registration.pipeline.register`), :func:`_write_outputs` (transforms, warped
+    image, Jacobian), :func:`_evaluate` (Dice/HD95/TRE, maps, uncertainty, the quality verdict) and
+    :func:`_write_report` (``report.json``, ``report.png``), all into a temporary folder that is moved into
+    place at the end.
 
     Args:
         fixed_path / moving_path: Image files or DICOM folders.
@@ -136,7 +184,8 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
         guide_fixed_landmarks / guide_moving_landmarks: Optional landmark files of corresponding points that
             guide the registration (see :mod:`~DeepRegistrationLib.registration.guidance`): their rigid least-squares fit starts the linear
             stage (unless ``initial_affine`` is given) and ``config.guide_weight`` weighs their term in the linear
-            and deformable objectives. Checked before any work.
+            and deformable objectives. Checked before any work. Their mean residual after registration
+            enters the quality verdict.
         overwrite: Replace an existing ``out_dir`` (only once the new outputs are complete).
         write_png: Also draw ``report.png``.
         progress: ``callback(fraction, message)``; returning False cancels with nothing written.
@@ -146,17 +195,54 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
             initialization; the result includes it.
         explain: Also write the explainability maps into ``out_dir/explain/`` (see the module docstring)
             and draw them as extra rows of ``report.png``.
+        uncertainty: Also estimate a per-voxel uncertainty, the spread of a few perturbed restarts optimized
+            in one batch (:func:`~DeepRegistrationLib.evaluation.uncertainty.restart_spread`):
+            ``out_dir/uncertainty.nii.gz`` in mm on the fixed grid, its summary in ``report.json``
+            (``uncertainty``); it feeds the quality verdict.
 
     Returns:
         :class:`RunSummary`.
     """
     cfg = (config or RegistrationConfig()).validate()
     out = check_output_dir(out_dir, overwrite)
+    prog = Progress(progress)
+    inputs = _read_inputs(fixed_path, moving_path, cfg, fixed_mask, moving_mask, fixed_labels, moving_labels,
+                          fixed_landmarks, moving_landmarks, guide_fixed_landmarks, guide_moving_landmarks,
+                          initial_affine)
+    result = register(inputs.fixed, inputs.moving, cfg, fixed_mask=inputs.fixed_mask,
+                      moving_mask=inputs.moving_mask, predictor=predictor, predictor_mode=predictor_mode,
+                      initial_affine=inputs.initial_affine, guide=inputs.guide,
+                      progress=Progress(progress, 0.0, 0.85))
+    prog(0.86, "writing outputs")
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        outputs = _write_outputs(tmp, inputs, result, prog)
+        evaluation = _evaluate(tmp, inputs, result, cfg, outputs, explain, uncertainty, prog)
+        timings = dict(read=inputs.seconds, **result.timings,
+                       write_and_evaluate=time.perf_counter() - t0 - evaluation.uncertainty_seconds)
+        if uncertainty:
+            timings["uncertainty"] = evaluation.uncertainty_seconds
+        report = _write_report(tmp, inputs, result, fixed_path, moving_path, outputs, evaluation, timings,
+                               write_png, prog)
+        prog(0.99, "moving outputs into place")
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prog(1.0, "done")
+    logger.info("outputs written to %s", out)
+    return RunSummary(out, report, result)
+
+
+def _read_inputs(fixed_path, moving_path, cfg: RegistrationConfig, fixed_mask, moving_mask, fixed_labels,
+                 moving_labels, fixed_landmarks, moving_landmarks, guide_fixed_landmarks, guide_moving_landmarks,
+                 initial_affine) -> _Inputs:
+    """Reads and checks every input of :func:`run_registration` (InputError naming the problem)."""
     if (fixed_labels is None) != (moving_labels is None):
         raise InputError("labels need both --fixed-labels and --moving-labels (or neither).")
     if (fixed_landmarks is None) != (moving_landmarks is None):
         raise InputError("landmarks need both --fixed-landmarks and --moving-landmarks (or neither).")
-    prog = Progress(progress)
     t0 = time.perf_counter()
     fixed = read_image(fixed_path, "fixed image")
     moving = read_image(moving_path, "moving image")
@@ -176,79 +262,106 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
         if initial_affine is None:
             initial_affine = fit_linear(guide.fixed, guide.moving, "rigid")
             guide_info["start"] = "rigid least-squares fit of the guide landmarks"
-    t_read = time.perf_counter() - t0
+    return _Inputs(fixed, moving, fmask, mmask, flab, mlab, lms, guide, guide_info, initial_affine,
+                   time.perf_counter() - t0)
 
-    result = register(fixed, moving, cfg, fixed_mask=fmask, moving_mask=mmask, predictor=predictor,
-                      predictor_mode=predictor_mode, initial_affine=initial_affine, guide=guide,
-                      progress=Progress(progress, 0.0, 0.85))
-    prog(0.86, "writing outputs")
-    t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        sitk.WriteTransform(result.transform.to_sitk(), str(tmp / "transform.h5"))
-        inverse_report = None
-        if result.transform.field is not None:
-            from ..spatial.inverse import consistency_error, foreground_points, invert
 
-            prog(0.87, "inverting the transform")
-            inverse = invert(result.transform, velocity=getattr(result, "velocity", None))
-            sitk.WriteTransform(inverse.to_sitk(), str(tmp / "inverse.h5"))
-            pts = foreground_points(moving.array, moving.grid, None if mmask is None else mmask.array > 0)
-            inverse_report = {**inverse.summary(), "points": "moving mask" if mmask is not None else
-                              "moving foreground (> 10 % of the 99th percentile)",
-                              "consistency_mm": consistency_error(result.transform, inverse, pts)}
-        warped = warp_image(moving, fixed.grid, result.transform, "linear")
-        write_image(warped, tmp / "warped.nii.gz")
-        jac = Image(sample_on_grid(result.jacobian, result.working_grid, fixed.grid), fixed.grid, "jacobian")
-        write_image(jac, tmp / "jacobian.nii.gz")
-        from ..evaluation import explain as explaining
+def _write_outputs(tmp: Path, inputs: _Inputs, result: RegistrationResult, prog: Progress) -> _Outputs:
+    """``transform.h5``, ``inverse.h5`` (deformable), ``warped.nii.gz`` and ``jacobian.nii.gz`` into ``tmp``."""
+    fixed, moving, mmask = inputs.fixed, inputs.moving, inputs.moving_mask
+    sitk.WriteTransform(result.transform.to_sitk(), str(tmp / "transform.h5"))
+    inverse_report = None
+    if result.transform.field is not None:
+        from ..spatial.inverse import consistency_error, foreground_points, invert
 
-        pair = explaining.working_pair(fixed, moving, result.transform, cfg, fmask, mmask)
-        maps: dict[str, Image] = {}
-        if explain:
-            prog(0.89, "explainability maps")
-            maps = explaining.explanation_maps(fixed, moving, result.transform, cfg, pair=pair, warped=warped)
-            (tmp / "explain").mkdir()
-            for name in EXPLAIN_FILES:
-                write_image(maps[name], tmp / "explain" / f"{name}.nii.gz")
-        prog(0.9, "evaluating")
-        evaluation: dict = {}
-        if flab is not None:
-            evaluation["labels"], warped_labels = evaluate_labels(flab, mlab, result.transform)
-            write_image(warped_labels, tmp / "warped_labels.nii.gz")
-        if lms is not None:
-            evaluation["landmarks"] = evaluate_landmarks(lms[0], lms[1], result.transform)
-        t_write = time.perf_counter() - t0
-        report = build_report(result, fixed_path, moving_path, evaluation,
-                              dict(read=t_read, **result.timings, write_and_evaluate=t_write))
-        from ..evaluation.quality import assess, signals_from_result
+        prog(0.87, "inverting the transform")
+        inverse = invert(result.transform, velocity=getattr(result, "velocity", None))
+        sitk.WriteTransform(inverse.to_sitk(), str(tmp / "inverse.h5"))
+        pts = foreground_points(moving.array, moving.grid, None if mmask is None else mmask.array > 0)
+        inverse_report = {**inverse.summary(), "points": "moving mask" if mmask is not None else
+                          "moving foreground (> 10 % of the 99th percentile)",
+                          "consistency_mm": consistency_error(result.transform, inverse, pts)}
+    warped = warp_image(moving, fixed.grid, result.transform, "linear")
+    write_image(warped, tmp / "warped.nii.gz")
+    jac = Image(sample_on_grid(result.jacobian, result.working_grid, fixed.grid), fixed.grid, "jacobian")
+    write_image(jac, tmp / "jacobian.nii.gz")
+    return _Outputs(warped, jac, inverse_report)
 
-        report["quality"] = assess(signals_from_result(result, fixed, moving, fmask, mmask, pair=pair))
-        if maps:
-            report["explain"] = explain_summary(maps, pair)
-        if inverse_report is not None:
-            report["inverse"] = inverse_report
-        if guide is not None:
-            from .guidance import point_distances
 
-            guide_info["distance_after_mm"] = metrics.summarize(
-                point_distances(result.transform.map_points, guide.fixed, guide.moving))
-            report["guidance"] = guide_info
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=True))
-        if write_png:
-            prog(0.95, "drawing report.png")
-            from ..evaluation.figures import draw_report
+def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: RegistrationConfig, outputs: _Outputs,
+              explain: bool, uncertainty: bool, prog: Progress) -> _Evaluation:
+    """Dice/HD95 and TRE (with ``warped_labels.nii.gz``), the explainability maps (``explain/``), the
+    uncertainty (``uncertainty.nii.gz``), the guide landmarks' residual and the quality verdict."""
+    from ..evaluation import explain as explaining
+    from ..evaluation.quality import assess, signals_from_result, uncertainty_signals
 
-            before = warp_image(moving, fixed.grid, SpatialTransform.identity(), "linear")
-            draw_report(fixed, before, warped, jac, tmp / "report.png", summary_lines(report), maps=maps)
-        prog(0.99, "moving outputs into place")
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    prog(1.0, "done")
-    logger.info("outputs written to %s", out)
-    return RunSummary(out, report, result)
+    fixed, moving, fmask, mmask = inputs.fixed, inputs.moving, inputs.fixed_mask, inputs.moving_mask
+    pair = explaining.working_pair(fixed, moving, result.transform, cfg, fmask, mmask)
+    maps: dict[str, Image] = {}
+    explain_info = None
+    if explain:
+        prog(0.88, "explainability maps")
+        maps = explaining.explanation_maps(fixed, moving, result.transform, cfg, pair=pair, warped=outputs.warped)
+        (tmp / "explain").mkdir()
+        for name in EXPLAIN_FILES:
+            write_image(maps[name], tmp / "explain" / f"{name}.nii.gz")
+        explain_info = explain_summary(maps, pair)
+    unc_info, unc_seconds = None, 0.0
+    if uncertainty:
+        from ..evaluation.uncertainty import ITERATIONS, RESTARTS, restart_spread
+
+        t0 = time.perf_counter()
+        unc = restart_spread(fixed, moving, result.transform, cfg, fixed_mask=fmask, moving_mask=mmask,
+                             seed=cfg.seed, device=result.device, progress=prog.sub(0.89, 0.93))
+        maps["uncertainty"] = unc.on_grid(fixed.grid)
+        write_image(maps["uncertainty"], tmp / "uncertainty.nii.gz")
+        unc_info = {**unc.summary(), "file": "uncertainty.nii.gz", "restarts": RESTARTS, "iterations": ITERATIONS,
+                    "meaning": "per-voxel spread (mm) of the displacement over perturbed restarts of the result; "
+                               "large where the images do not pin the correspondence down. Not an error bound: "
+                               "it scales with the perturbation and misses errors every restart shares."}
+        unc_seconds = time.perf_counter() - t0
+    prog(0.93, "evaluating")
+    evaluation: dict = {}
+    if inputs.fixed_labels is not None:
+        evaluation["labels"], warped_labels = evaluate_labels(inputs.fixed_labels, inputs.moving_labels,
+                                                              result.transform)
+        write_image(warped_labels, tmp / "warped_labels.nii.gz")
+    if inputs.landmarks is not None:
+        evaluation["landmarks"] = evaluate_landmarks(inputs.landmarks[0], inputs.landmarks[1], result.transform)
+    guide_info, residual = None, None
+    if inputs.guide is not None:
+        from .guidance import point_distances
+
+        guide = inputs.guide
+        guide_info = dict(inputs.guide_info)
+        guide_info["distance_after_mm"] = metrics.summarize(
+            point_distances(result.transform.map_points, guide.fixed, guide.moving))
+        residual = guide_info["distance_after_mm"]["mean"]
+    signals = signals_from_result(result, fixed, moving, fmask, mmask, landmark_residual_mm=residual, pair=pair)
+    if unc_info is not None:
+        signals.update(uncertainty_signals(unc_info))
+    return _Evaluation(evaluation, assess(signals), explain_info, unc_info, guide_info, maps, unc_seconds)
+
+
+def _write_report(tmp: Path, inputs: _Inputs, result: RegistrationResult, fixed_path, moving_path,
+                  outputs: _Outputs, evaluation: _Evaluation, timings: dict, write_png: bool,
+                  prog: Progress) -> dict:
+    """``report.json`` (and ``report.png`` when ``write_png``) into ``tmp``; returns the report."""
+    report = build_report(result, fixed_path, moving_path, evaluation.metrics, timings)
+    report["quality"] = evaluation.quality
+    for key, value in (("explain", evaluation.explain), ("uncertainty", evaluation.uncertainty),
+                       ("inverse", outputs.inverse_report), ("guidance", evaluation.guidance)):
+        if value is not None:
+            report[key] = value
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, allow_nan=True))
+    if write_png:
+        prog(0.95, "drawing report.png")
+        from ..evaluation.figures import draw_report
+
+        before = warp_image(inputs.moving, inputs.fixed.grid, SpatialTransform.identity(), "linear")
+        draw_report(inputs.fixed, before, outputs.warped, outputs.jacobian, tmp / "report.png",
+                    summary_lines(report), maps=evaluation.maps)
+    return report
 
 
 def explain_summary(maps: dict[str, Image], pair) -> dict:
@@ -322,6 +435,10 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"Dice {ev['labels']['before']['dice_mean']:.3f} -> {ev['labels']['after']['dice_mean']:.3f}")
     if "landmarks" in ev:
         lines.append(f"TRE {ev['landmarks']['before']['mean']:.2f} -> {ev['landmarks']['after']['mean']:.2f} mm")
+    if "uncertainty" in report:
+        u = report["uncertainty"]
+        lines.append(f"uncertainty {u['median_mm']:.2f} mm median in the anatomy "
+                     f"(perturbation {u['perturbation_mm']:.1f} mm)")
     total = sum(v for k, v in report["timings_s"].items())
     lines.append(f"time {total:.1f} s on {report['device']}")
     if "quality" in report:
