@@ -277,6 +277,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showGridCheckBox.connect("toggled(bool)", self.onShowGrid)
         self.ui.hardenButton.connect("clicked(bool)", self.onHarden)
         self.ui.showMapsButton.connect("clicked(bool)", self.onShowMaps)
+        self.ui.acceptButton.connect("clicked(bool)", self.onAccept)
+        self.ui.rejectButton.connect("clicked(bool)", self.onReject)
         self.ui.progressBar.hide()
         self.ui.showLogButton.hide()
         self.initializeParameterNode()
@@ -403,6 +405,9 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         maps = self._liveMaps()
         self.ui.showMapsButton.enabled = bool(maps)
         self.ui.mapComboBox.enabled = bool(maps)
+        canJudge = bool(self._lastResult is not None and self._lastResult.pendingFeedback is not None and not running)
+        self.ui.acceptButton.enabled = canJudge
+        self.ui.rejectButton.enabled = canJudge
         self.ui.showLogButton.visible = bool(self._lastLogPath and self.logic.readLog(self._lastLogPath))
 
     def onPresetActivated(self, index=None) -> None:
@@ -422,6 +427,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             return
         self._lastLogPath = None
+        self._lastResult = None  # a new run: the previous result can no longer be judged here
+        self.ui.feedbackNoteLineEdit.text = ""
         self.showVerdict(None)
         try:
             # no wait cursor here: this may ask before installing packages (the cursor is application-wide)
@@ -521,6 +528,23 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if result.quality and result.quality["verdict"] == "failed":
             # logged only (not modal) in testing mode, as every slicer.util display
             slicer.util.warningDisplay(failedWarning(result.quality), windowTitle=_("Registration failed the checks"))
+
+    def onAccept(self) -> None:
+        self._recordVerdict("accepted")
+
+    def onReject(self) -> None:
+        self._recordVerdict("rejected")
+
+    def _recordVerdict(self, verdict: str) -> None:
+        """Stores the user's verdict and note on the last result (its copy goes into the feedback folder)."""
+        result = self._lastResult
+        if result is None or result.pendingFeedback is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("The verdict could not be stored."), waitCursor=True):
+            entry = self.logic.recordFeedback(result, verdict, self.ui.feedbackNoteLineEdit.text)
+            words = {"accepted": _("Accepted"), "rejected": _("Rejected")}
+            self.ui.statusLabel.text = _("{verdict}: the result is kept in {folder} and the verdict in {log}.").format(
+                verdict=words[verdict], folder=entry["folder"], log=entry["log"])
 
     def onShowMaps(self) -> None:
         """Shows the selected explanation map over the fixed volume in the slice views."""
@@ -911,6 +935,19 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
         if fixed is not None and hasattr(display, "SetAndObserveRegionNode"):
             display.SetAndObserveRegionNode(fixed)
         display.SetVisibility2D(bool(show))
+
+    @staticmethod
+    def recordFeedback(result, verdict: str, note: str = "", store=None, log=None) -> dict:
+        """Records a user's ``verdict`` ("accepted" or "rejected") and ``note`` on a result (a
+        SceneRegistrationResult): its inputs, transform and report are copied into the feedback folder
+        (settings DeepRegistration/FeedbackFolder) on the first verdict, then the verdict goes into its
+        report.json and the feedback log (DeepRegistration/FeedbackLog, default the per-user log); see
+        DeepRegistrationSlicerLib.feedback. Returns the log entry (result_id, verdict, folder, log, ...)."""
+        from DeepRegistrationSlicerLib.feedback import recordVerdict
+
+        if result is None or result.pendingFeedback is None:
+            raise ValueError(_("There is no result to judge: run a registration first."))
+        return recordVerdict(result.pendingFeedback, verdict, note or None, store, log)
 
     @staticmethod
     def showMapInSliceViews(mapNode, fixedVolume=None, opacity: float = 0.5) -> None:

@@ -212,6 +212,8 @@ class SceneRegistrationResult:
             control, see :func:`~DeepRegistrationSlicerLib.nodes.qualityOf`), or None from an engine without it.
         mapVolumeNodes: Explanation maps asked for with ``explain`` (name → volume node on the fixed grid, names
             in :data:`~DeepRegistrationSlicerLib.nodes.MAP_NAMES`), each with its colour table.
+        pendingFeedback: What a user's Accept / Reject needs (the registered images, transform, report: held
+            in memory, nothing written; see :mod:`~DeepRegistrationSlicerLib.feedback`), or None.
         seconds: Wall time from start to loaded results.
     """
 
@@ -224,6 +226,7 @@ class SceneRegistrationResult:
     report: dict = field(default_factory=dict)
     quality: dict | None = None
     mapVolumeNodes: dict = field(default_factory=dict)
+    pendingFeedback: object = None
     seconds: float = 0.0
 
 
@@ -342,6 +345,7 @@ class RegistrationJob:
         moving = N.volumeToImage(self.movingVolume, "moving volume", world=movingWorld, extraMatrix=self.movingMatrix)
         write_image(fixed, folder / "fixed.nii.gz", compress=False)
         write_image(moving, folder / "moving.nii.gz", compress=False)
+        self._registered = (fixed, moving)  # kept for a user's verdict (feedback.PendingResult)
         job = {"fixed": str(folder / "fixed.nii.gz"), "moving": str(folder / "moving.nii.gz"),
                "out_dir": str(folder / "result"), "config": self.config}
         if self.model:
@@ -543,6 +547,12 @@ class RegistrationJob:
                 jac = read_image(out / "jacobian.nii.gz", "jacobian") if _varies(out / "jacobian.nii.gz") else \
                     _readConstant(out / "jacobian.nii.gz")
             maps = self._readMaps(out)
+            from .feedback import PendingResult
+
+            fixedImage, movingImage = self.__dict__.pop("_registered", (None, None))
+            pending = None if fixedImage is None else PendingResult(
+                fixedImage, movingImage, (out / "transform.h5").read_bytes(), dict(self.report),
+                (out / "inverse.h5").read_bytes() if (out / "inverse.h5").is_file() else None)
             gone = [n.GetName() for n in self._nodes() if n.GetScene() is not scene]
             if gone:
                 raise InputError(f"'{gone[0]}' was deleted during the registration; nothing was changed.")
@@ -559,7 +569,7 @@ class RegistrationJob:
             if self.model:
                 transformNode.SetAttribute("DeepRegistration.model", f"{Path(self.model).stem} ({self.modelMode})")
             result = SceneRegistrationResult(transformNode, report=self.report, metrics=N.flatMetrics(self.report),
-                                             quality=N.qualityOf(self.report))
+                                             quality=N.qualityOf(self.report), pendingFeedback=pending)
             if self.createInverse:
                 inverseNode = scene.AddNewNodeByClass(
                     "vtkMRMLTransformNode", scene.GenerateUniqueName(f"{self.movingVolume.GetName()} inverse"))

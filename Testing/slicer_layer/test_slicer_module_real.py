@@ -607,7 +607,8 @@ def test_an_outdated_torch_is_updated_after_a_warning(slicerEnv, monkeypatch):
 def test_widget_apply_poll_inspect_harden_and_show_log(tmp_path, sample_dir, monkeypatch):
     """Apply through the widget (Slicer 5.8 code): the job runs (with Explain), the timer slot loads the result
     into the parameter node and shows the coloured quality verdict next to Apply (a warning for ``failed``);
-    the inspection controls act on the scene (an explanation map shown over the fixed volume, fade on the slice
+    Accept / Reject with a note keep a copy of the result in the feedback folder of the settings; the
+    inspection controls act on the scene (an explanation map shown over the fixed volume, fade on the slice
     composite nodes, the deformation grid on the transform's display node, harden); a failed run shows its log."""
     import numpy as np
 
@@ -674,6 +675,27 @@ def test_widget_apply_poll_inspect_harden_and_show_log(tmp_path, sample_dir, mon
         warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
         assert any("failed" in w and failed["reasons"][0] in w for w in warnings), warnings
         widget.showResult(result)
+        # Accept / Reject + a note: the result is copied into the feedback folder set in the settings, only now
+        import json
+
+        from DeepRegistrationSlicerLib import feedback as F
+
+        store, log = tmp_path / "feedback store", tmp_path / "feedback.jsonl"
+        env.app.userSettings().setValue(F.STORE_SETTING, str(store))
+        env.app.userSettings().setValue(F.LOG_SETTING, str(log))
+        assert not store.exists() and not log.exists()
+        assert ui.acceptButton.enabled is True and ui.rejectButton.enabled is True
+        ui.feedbackNoteLineEdit.text = "aligned well"
+        act(ui.acceptButton, "clicked(bool)", True)
+        folder = store / result.report["result_id"]
+        assert ui.statusLabel.text.startswith("Accepted: the result is kept in") and str(folder) in ui.statusLabel.text
+        report = json.loads((folder / "report.json").read_text())
+        assert report["feedback"]["verdict"] == "accepted" and report["feedback"]["note"] == "aligned well"
+        assert report["inputs"]["fixed"] == str(folder / "fixed.nii.gz") and (folder / "transform.h5").is_file()
+        act(ui.rejectButton, "clicked(bool)", True)
+        assert ui.statusLabel.text.startswith("Rejected")
+        assert json.loads((folder / "report.json").read_text())["feedback"]["verdict"] == "rejected"
+        assert [json.loads(line)["verdict"] for line in log.read_text().splitlines()] == ["accepted", "rejected"]
         for node in result.mapVolumeNodes.values():  # deleted maps are no longer offered
             scene.RemoveNode(node)
         widget._updateButtons()
@@ -707,6 +729,7 @@ def test_widget_apply_poll_inspect_harden_and_show_log(tmp_path, sample_dir, mon
         slicer.util.updateVolumeFromArray(flat, np.zeros((8, 8, 8), np.float32))
         p.movingVolume = flat
         act(ui.applyButton, "clicked(bool)", True)
+        assert ui.acceptButton.enabled is False and ui.verdictLabel.text == ""  # the last result is gone
         widget._job.wait(timeout=300)
         widget._onPoll()
         assert ui.statusLabel.text == "Registration failed."

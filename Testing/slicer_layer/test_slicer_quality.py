@@ -1,6 +1,7 @@
-"""The quality verdict and the explanation maps in MRML (PyPI slicer-core's real scene): the metrics table
-carries the verdict and its reasons, the maps get their colour tables and windows, and a background job with
-``explain`` loads the engine's maps as volumes on the fixed grid."""
+"""The quality verdict, the explanation maps and the users' verdicts in MRML (PyPI slicer-core's real scene):
+the metrics table carries the verdict and its reasons, the maps get their colour tables and windows, a
+background job with ``explain`` loads the engine's maps as volumes on the fixed grid, and Accept / Reject keep
+a copy of the result in the feedback store (nothing before the click)."""
 from __future__ import annotations
 
 import numpy as np
@@ -68,10 +69,18 @@ def test_map_colour_tables_and_windows():
     assert N.mapWindow("uncertainty", np.zeros(10)) == (0.0, 1.0)
 
 
-def test_job_with_explain_loads_the_maps_on_the_fixed_grid(sample_dir):
+def test_job_with_explain_loads_the_maps_and_keeps_the_result_for_a_verdict(sample_dir, tmp_path):
     """A background job with ``explain`` (the real worker and engine): the maps come back as volumes with the
-    fixed volume's exact geometry, their colour tables and windows, the verdict in the result and the table."""
+    fixed volume's exact geometry, their colour tables and windows, the verdict in the result and the table.
+    A user's verdict then writes the result folder (inputs, transform, report pointing at the copies) and
+    records the verdict with the engine's feedback API."""
+    import json
+
+    import SimpleITK as sitk
+
     from DeepRegistrationLib.io.images import read_image
+    from DeepRegistrationLib.workflows.feedback import read_log
+    from DeepRegistrationSlicerLib import feedback as F
 
     scene = N.makeScene()
     fixed = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed")
@@ -98,3 +107,37 @@ def test_job_with_explain_loads_the_maps_on_the_fixed_grid(sample_dir):
     assert slicer.util.arrayFromVolume(result.mapVolumeNodes["local_similarity"]).max() <= 1.0 + 1e-6
     # an affine result moves every point: the displacement map is positive inside the field of view
     assert np.median(slicer.util.arrayFromVolume(result.mapVolumeNodes["displacement"])) > 0
+
+    # nothing was written for feedback before a verdict; the job folder is gone
+    store, log = tmp_path / "store", tmp_path / "feedback.jsonl"
+    assert not store.exists() and not log.exists()
+    pending = result.pendingFeedback
+    assert pending is not None and pending.folder is None
+    entry = F.recordVerdict(pending, "accepted", "fine", store=store, log=log)
+    folder = store / result.report["result_id"]
+    assert entry["folder"] == str(folder) and entry["verdict"] == "accepted" and entry["log"] == str(log)
+    assert sorted(p.name for p in folder.iterdir()) == ["fixed.nii.gz", "moving.nii.gz", "report.json",
+                                                        "transform.h5"]  # affine: no inverse.h5
+    report = json.loads((folder / "report.json").read_text())
+    assert report["inputs"] == {"fixed": str(folder / "fixed.nii.gz"), "moving": str(folder / "moving.nii.gz")}
+    assert report["feedback"]["verdict"] == "accepted" and report["feedback"]["note"] == "fine"
+    assert report["quality"] == result.report["quality"]
+    # the copies are what was registered: the fixed volume's voxels and geometry, the engine's transform
+    copy = read_image(folder / "fixed.nii.gz", "copy")
+    np.testing.assert_array_equal(copy.array, slicer.util.arrayFromVolume(fixed))
+    np.testing.assert_allclose(N.C4 @ copy.grid.index_to_world, fixedMatrix, atol=1e-6)
+    affine, fieldArray, _ = N.readItkTransform(str(folder / "transform.h5"))
+    assert fieldArray is None
+    np.testing.assert_allclose(affine[:3, :3], np.array(result.report["deformation"]["affine_lps"])[:3, :3],
+                               atol=1e-5)
+    assert sitk.ReadImage(str(folder / "moving.nii.gz")).GetSize() == \
+        tuple(moving.GetImageData().GetDimensions())
+    # the user changes their mind: the same folder, the latest verdict counts, the log keeps both lines
+    F.recordVerdict(pending, "rejected", None, store=store, log=log)
+    assert [p.name for p in store.iterdir()] == [folder.name]
+    assert json.loads((folder / "report.json").read_text())["feedback"]["verdict"] == "rejected"
+    assert len(log.read_text().splitlines()) == 2
+    latest = read_log(log)
+    assert [e["verdict"] for e in latest.values()] == ["rejected"]
+    with pytest.raises(Exception, match="unknown verdict"):
+        F.recordVerdict(pending, "maybe", store=store, log=log)
