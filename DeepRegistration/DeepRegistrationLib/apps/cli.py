@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write explainability maps into OUTDIR/explain/ (residual, local similarity, "
                         "displacement magnitude) and draw them in report.png")
     o.add_argument("--uncertainty", action="store_true",
-                   help="also estimate the per-voxel uncertainty (spread of a few perturbed restarts, batched; "
-                        "adds a few seconds) into OUTDIR/uncertainty.nii.gz; it feeds the quality verdict")
+                   help="also estimate the per-voxel uncertainty (spread of a few perturbed restarts optimized in one "
+                        "batch; on a CPU about as long again as the registration) into OUTDIR/uncertainty.nii.gz; "
+                        "it feeds the quality verdict")
     o.add_argument("--fail-on", choices=("suspect", "failed"),
                    help="exit with status 3 when the quality verdict in report.json is this or worse "
                         "(for pipelines; the outputs are written either way)")

@@ -111,7 +111,7 @@ def draw_report(fixed: Image, moving_before: Image, warped: Image, jacobian: Ima
             ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=axes[3:, c], shrink=0.5, label=label)
+        fig.colorbar(im, ax=axes[5, c], orientation="horizontal", fraction=0.08, pad=0.04, label=label)
     for r in range(rows):
         axes[r, 0].set_ylabel(("axial", "coronal", "sagittal")[r % 3], fontsize=9)
     if lines:

@@ -6,7 +6,8 @@ folder), checks every row *before* any work, then registers each pair with
 :func:`~DeepRegistrationLib.registration.run.run_registration` into ``OUT/<name>/`` (``name`` column, else
 ``pair_0001``, ``pair_0002``, ... by data row), exactly the files of a ``register`` OUTDIR. A pair that fails is
 recorded (status ``failed`` and its error) and the others go on. ``OUT/summary.json`` and ``OUT/summary.csv``
-list every pair's status, metrics and time. Rerunning the same command skips the pairs whose folder is
+list every pair's status, metrics, quality verdict (``quality``: ok | suspect | failed, with ``quality_reasons``;
+see :mod:`~DeepRegistrationLib.evaluation.quality`) and time; ``summary.json``'s ``quality`` counts the verdicts. Rerunning the same command skips the pairs whose folder is
 complete (each pair folder is moved into place only when complete) and retries the failed ones.
 
 Distributed: launched by ``torchrun`` (``WORLD_SIZE`` > 1) the rows are split round-robin over the ranks
@@ -37,8 +38,9 @@ REQUIRED_COLUMNS = ("fixed", "moving")
 OPTIONAL_COLUMNS = ("fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks", "name")
 PATH_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_landmarks", "moving_landmarks")
 MARKER = "batch.json"
-SUMMARY_FIELDS = ("name", "status", "resumed", "fixed", "moving", "rank", "seconds", "ncc_before", "ncc_after",
-                  "folding_percent", "dice_before", "dice_after", "tre_before_mm", "tre_after_mm", "error")
+SUMMARY_FIELDS = ("name", "status", "resumed", "fixed", "moving", "rank", "seconds", "quality", "quality_reasons",
+                  "ncc_before", "ncc_after", "folding_percent", "dice_before", "dice_after", "tre_before_mm",
+                  "tre_after_mm", "error")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -193,9 +195,24 @@ class BatchSummary:
         return [r for r in self.rows if r["status"] != "ok"]
 
 
+def quality_fields(report: dict) -> dict:
+    """A report's quality verdict as summary fields: ``{"quality": verdict, "quality_reasons": "a; b"}``
+    (None for a report without one)."""
+    q = report.get("quality") or {}
+    return {"quality": q.get("verdict"), "quality_reasons": "; ".join(q.get("reasons") or [])}
+
+
+def quality_counts(rows: Sequence[dict]) -> dict:
+    """How many rows have each verdict: ``{"ok": n, "suspect": n, "failed": n}`` (rows without one left out)."""
+    from ..evaluation.quality import VERDICTS
+
+    return {v: sum(r.get("quality") == v for r in rows) for v in VERDICTS}
+
+
 def _metrics(report: dict) -> dict:
     s, d, ev = report["similarity"], report["deformation"], report.get("metrics", {})
-    out = {"ncc_before": s["ncc_before"], "ncc_after": s["ncc_after"], "folding_percent": d["folding_percent"]}
+    out = {**quality_fields(report), "ncc_before": s["ncc_before"], "ncc_after": s["ncc_after"],
+           "folding_percent": d["folding_percent"]}
     if "labels" in ev:
         out.update(dice_before=ev["labels"]["before"]["dice_mean"], dice_after=ev["labels"]["after"]["dice_mean"])
     if "landmarks" in ev:
@@ -240,14 +257,15 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def write_summary(summary: BatchSummary, extra: dict | None = None) -> None:
-    """``summary.json`` (rows + totals) and ``summary.csv`` (one line per pair), each written atomically."""
+    """``summary.json`` (rows, totals and the count of each quality verdict) and ``summary.csv`` (one line
+    per pair), each written atomically."""
     rows = summary.rows
     totals = {"pairs": len(rows), "ok": sum(r["status"] == "ok" for r in rows),
               "failed": sum(r["status"] == "failed" for r in rows),
               "not_run": sum(r["status"] == "not run" for r in rows),
               "resumed": sum(bool(r.get("resumed")) for r in rows)}
     _write_atomic(summary.out_dir / "summary.json",
-                  json.dumps({"totals": totals, **(extra or {}), "pairs": rows}, indent=2, allow_nan=True))
+                  json.dumps({"totals": totals, "quality": quality_counts(rows), **(extra or {}), "pairs": rows}, indent=2, allow_nan=True))
     import io
 
     buf = io.StringIO()

@@ -12,7 +12,7 @@ against the reference from that start.
 Outputs (written to a temporary folder next to OUT, moved into place when complete):
 ``OUT/frame_0000/`` ... (each a ``register`` OUTDIR: transform reference → frame, the frame warped onto the
 reference, Jacobian, report), ``OUT/sequence.json`` (per-frame similarity, folding, largest displacement,
-time), ``OUT/warped.nii.gz`` (the motion-corrected 4D image on the reference grid), ``OUT/report.png``
+quality verdict and its reasons, time; ``quality``: the count of each verdict), ``OUT/warped.nii.gz`` (the motion-corrected 4D image on the reference grid), ``OUT/report.png``
 (similarity and largest displacement over time), and ``OUT/reference.nii.gz`` for ``--reference mean``.
 Under ``torchrun`` the frames are split into contiguous blocks, one per rank (warm starts within a block).
 """
@@ -39,7 +39,7 @@ from ..core.image import Image
 from ..io.images import read_image, sitk_to_image, write_image
 from ..core.progress import Progress, ProgressCallback
 from ..spatial.transforms import SpatialTransform
-from .batch import all_gather, barrier, distributed, rank_config
+from .batch import all_gather, barrier, distributed, quality_counts, quality_fields, rank_config
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +259,7 @@ def register_sequence(sequence, out_dir, config: RegistrationConfig | None = Non
                        "ncc_before": rep["similarity"]["ncc_before"], "ncc_after": rep["similarity"]["ncc_after"],
                        "loss_before": rep["similarity"]["loss_before"], "loss_after": rep["similarity"]["loss_after"],
                        "folding_percent": rep["deformation"]["folding_percent"],
+                       **quality_fields(rep),
                        "max_displacement_mm": max_displacement_mm(run.result.transform, run.result.working_grid),
                        "seconds": round(time.perf_counter() - t0, 3)}
         gathered: dict[int, dict] = {}
@@ -269,7 +270,7 @@ def register_sequence(sequence, out_dir, config: RegistrationConfig | None = Non
             warped = [sitk.ReadImage(str(tmp / f"frame_{t:04d}" / "warped.nii.gz")) for t in range(n)]
             sitk.WriteImage(sitk.JoinSeries(warped), str(tmp / "warped.nii.gz"))
             info = {"frames": table, "reference": "mean" if ref is None else ref, "chain": chain,
-                    "warm_start": warm_start, "processes": world,
+                    "warm_start": warm_start, "processes": world, "quality": quality_counts(table),
                     "total_seconds": round(sum(r["seconds"] for r in table), 3),
                     "conventions": "frame_XXXX/transform.h5 maps reference points to frame points (LPS mm)"}
             (tmp / "sequence.json").write_text(json.dumps(info, indent=2, allow_nan=True))

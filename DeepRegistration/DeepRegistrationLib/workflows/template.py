@@ -18,7 +18,8 @@ Outputs (written in a temporary folder next to OUT, moved into place when comple
 points — the resampling direction that warps the subject onto the template — warped subject, Jacobian,
 report), with ``--labels`` ``OUT/subject_XXXX/warped_labels.nii.gz`` and ``OUT/labels.nii.gz`` (majority vote
 in template space, ties to the smaller label), ``OUT/report.json`` (per pass: mean/max displacement, template
-change, time; label agreement) and ``OUT/template.png`` (the template's three planes, one row per pass).
+change, each subject's quality verdict, time; label agreement; ``quality``: the last pass's verdict per subject
+with its reasons, and their counts) and ``OUT/template.png`` (the template's three planes, one row per pass).
 Under ``torchrun`` the subjects of each pass are split over the ranks and the averages gathered.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ from ..core.image import Image
 from ..io.images import read_image, read_label_image, write_image
 from ..core.progress import Progress, ProgressCallback
 from ..spatial.transforms import SpatialTransform
-from .batch import all_gather, barrier, distributed, map_over_ranks, rank_config
+from .batch import all_gather, barrier, distributed, map_over_ranks, quality_counts, quality_fields, rank_config
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +221,8 @@ def build_template(images, out_dir, config: RegistrationConfig | None = None, *,
                     wl = warp_image(label_maps[i], grid, run.result.transform, "nearest")
                     write_image(wl, folder / "warped_labels.nii.gz")
                     wl = wl.array
-                return warped, disp, wl, run.report["similarity"]["ncc_after"], run.result.transform.affine
+                return (warped, disp, wl, run.report["similarity"]["ncc_after"], run.result.transform.affine,
+                        quality_fields(run.report))
 
             results = map_over_ranks(paths, deform_one, world, rank)
             done[0] += n
@@ -231,7 +233,7 @@ def build_template(images, out_dir, config: RegistrationConfig | None = None, *,
             entry = {"pass": k, "kind": "deformable", "mean_displacement_mm": float(norm.mean()),
                      "max_mean_displacement_mm": float(norm.max()),
                      "subject_displacement_mm": [float(np.linalg.norm(r[1], axis=1).mean()) for r in results],
-                     "ncc_after": [r[3] for r in results]}
+                     "ncc_after": [r[3] for r in results], "quality": [r[5]["quality"] for r in results]}
             if last:
                 final_runs = results
             else:
@@ -253,7 +255,9 @@ def build_template(images, out_dir, config: RegistrationConfig | None = None, *,
                 write_image(Image(fused, grid, "labels"), tmp / "labels.nii.gz")
                 agreement = label_agreement(maps, fused)
             report = {"subjects": [str(p) for p in paths], "labels": None if labels is None else [str(p) for p in labels],
-                      "iterations": history, "label_agreement": agreement, "parameters": cfg.to_dict(),
+                      "iterations": history, "label_agreement": agreement,
+                      "quality": {"counts": quality_counts([r[5] for r in final_runs]),
+                                  "subjects": [{"subject": i, **r[5]} for i, r in enumerate(final_runs)]}, "parameters": cfg.to_dict(),
                       "processes": world, "template_grid": grid.to_dict(),
                       "conventions": "subject_XXXX/transform.h5 maps template points to subject points (LPS mm); "
                                      "warping the subject with it puts it onto the template"}
