@@ -179,7 +179,8 @@ def _package_graph(folder: Path, package: str) -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize("folder,package", [(ROOT / "DatasetBuilder" / "DatasetBuilderLib", "DatasetBuilderLib"),
-                                            (MODULE_DIR / "DeepRegistrationSlicerLib", "DeepRegistrationSlicerLib")])
+                                            (MODULE_DIR / "DeepRegistrationSlicerLib", "DeepRegistrationSlicerLib"),
+                                            (MODULE_DIR / "DeepRegistrationWidgets", "DeepRegistrationWidgets")])
 def test_no_import_cycles_in_the_slicer_libraries(folder, package):
     cycles = _cycles(_package_graph(folder, package))
     assert not cycles, f"import cycles in {package} (imports inside functions count): {cycles}"

@@ -192,6 +192,7 @@ def python_sources() -> list[Path]:
     files = [ROOT / m / f"{m}.py" for m in MODULES]
     files += sorted((ROOT / "DeepRegistration" / "DeepRegistrationLib").rglob("*.py"))
     files += sorted((ROOT / "DeepRegistration" / "DeepRegistrationSlicerLib").glob("*.py"))
+    files += sorted((ROOT / "DeepRegistration" / "DeepRegistrationWidgets").glob("*.py"))
     return files
 
 

@@ -429,6 +429,51 @@ class TemplateJob(R.RegistrationJob):
             self._cleanup()
 
 
+# ------------------------------------------------------------------------------------------------- GUI helpers
+REFERENCE_CHOICES = ("first", "current", "mean")
+"""What the GUI offers as the reference frame: item 0, the item the browser shows now, the mean of all items."""
+
+MODULE_OPTIONS = ("preset", "device", "similarity", "regularizationWeight", "spacing", "iterations", "diffeomorphic")
+"""The module's parameter-node fields a sequence or template run takes (the preset and its overrides)."""
+
+
+def referenceItem(choice: str, sequence, browser=None):
+    """The ``reference`` argument of :class:`SequenceJob` for a GUI choice (:data:`REFERENCE_CHOICES`)."""
+    if choice == "mean":
+        return "mean"
+    if choice == "current":
+        if browser is None and sequence is not None:
+            browser = (browsersOf(sequence) or [None])[0]
+        return max(0, browser.GetSelectedItemNumber()) if browser is not None else 0
+    if choice == "first":
+        return 0
+    raise InputError(f"unknown reference choice {choice!r}; choose one of {', '.join(REFERENCE_CHOICES)}.")
+
+
+def workflowOptions(parameterNode) -> dict:
+    """Job keyword arguments (preset and engine overrides) from the module's parameter node (None: defaults)."""
+    if parameterNode is None:
+        return {}
+    return {name: getattr(parameterNode, name) for name in MODULE_OPTIONS if hasattr(parameterNode, name)}
+
+
+def resultSummary(result) -> str:
+    """One line for the GUI's status label."""
+    if isinstance(result, SceneSequenceResult):
+        frames = result.frames
+        worst = min((f.get("ncc_after") for f in frames if f.get("ncc_after") is not None), default=float("nan"))
+        largest = max((f.get("max_displacement_mm") or 0.0 for f in frames), default=0.0)
+        return (f"{len(frames)} frames registered in {result.seconds:.0f} s: lowest NCC after {worst:.3f}, largest "
+                f"displacement {largest:.1f} mm. Browse them with the sequence browser "
+                f"'{result.browserNode.GetName()}'.")
+    passes = result.report.get("iterations") or [{}]
+    mean = passes[-1].get("mean_displacement_mm")
+    text = f"template of {len(result.transformNodes)} volumes in {result.seconds:.0f} s"
+    if mean is not None:
+        text += f", mean deformation of the last pass {mean:.2f} mm"
+    return text + "."
+
+
 # ------------------------------------------------------------------------------------------------- console API
 def _runBlocking(job, progressCallback):
     job.start()

@@ -88,7 +88,7 @@ def env(tmp_path, monkeypatch):
         yield loaded
 
 
-def test_sequence_motion_correction_gives_browsable_transform_and_volume_sequences(env):
+def test_sequence_motion_correction_gives_browsable_transform_and_volume_sequences(env, monkeypatch):
     from DeepRegistrationSlicerLib import nodes as N
     from DeepRegistrationSlicerLib import sequences as S
 
@@ -107,7 +107,13 @@ def test_sequence_motion_correction_gives_browsable_transform_and_volume_sequenc
         time.sleep(0.05)
     assert job.poll().state == "done", job.poll().message
     assert {"frame 1", "frame 3"} <= messages  # progress per frame
-    result = job.loadResults()
+    gui = section(env, monkeypatch)  # the GUI section's poll loads the finished job's results and sums them up
+    gui._job = job
+    gui.onPoll()
+    result = gui.lastResult
+    assert result is not None, gui.statusLabel.text
+    assert gui.statusLabel.text.startswith("4 frames registered") and "'cine browser'" in gui.statusLabel.text
+    assert gui._job is None and gui.runButton.enabled is True
     assert not job.workDir.exists()  # temporary folder removed
 
     tseq, vseq = result.transformSequenceNode, result.volumeSequenceNode
@@ -144,34 +150,6 @@ def test_sequence_motion_correction_gives_browsable_transform_and_volume_sequenc
                                slicer.util.arrayFromVolume(vseq.GetNthDataNode(2)), atol=1e-6)
     np.testing.assert_allclose(slicer.util.arrayFromVolume(proxy), blob(SHIFTS[2]), atol=1e-5)  # the input too
     assert S.resolveSequence(vproxy) == (vseq, browser)
-
-
-def test_cancel_mid_run_stops_the_worker_and_adds_nothing(env):
-    from DeepRegistrationSlicerLib import sequences as S
-
-    seq, browser = makeSequence(env, [blob(s) for s in SHIFTS])
-    before = nodeIds(env.scene)
-    job = S.SequenceJob(seq, "Deformable — fast", reference="mean", **dict(FAST, iterations=200))
-    job.start()
-    pid = job.process.pid
-    end = time.monotonic() + 120
-    while not job.poll().message.startswith("frame"):  # the engine is registering the first frame
-        assert not job.poll().finished, job.poll().message
-        assert time.monotonic() < end, "the worker did not start registering"
-        time.sleep(0.05)
-    started = time.monotonic()
-    job.cancel()
-    assert time.monotonic() - started < 1.0  # cancel returns at once
-    assert job.stopped(timeout=30)
-    assert job.poll().state == "cancelled"
-    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
-    assert nodeIds(env.scene) == before
-    assert not job.workDir.exists()
-    assert [p.name for p in Path(env.app.temporaryPath).iterdir()] == []  # inputs and log removed
-    with pytest.raises(Cancelled):
-        job.loadResults()
-    with pytest.raises(RuntimeError, match="runs once"):
-        job.start()
 
 
 def test_bad_sequences_are_refused_before_anything_starts(slicerEnv):
@@ -258,3 +236,87 @@ def test_template_from_three_volumes_with_label_fusion(env):
         S.TemplateJob([vols[0], labels[0]])
     assert [p.name for p in Path(env.app.temporaryPath).iterdir()] == []
     assert os.environ.get("DEEPREGISTRATION_WATCH_STDIN") is None
+
+
+# ------------------------------------------------------------------------------------------------ the GUI section
+def section(env, monkeypatch, parameterNode=None):
+    """The section on inert Qt widgets (no Qt behaviour is asked of them: the test sets what the user chose)."""
+    import qt
+
+    from DeepRegistrationWidgets import WorkflowSection
+
+    # a Qt widget of Slicer's the harness does not list among its inert qMRML classes
+    monkeypatch.setattr(env.slicer, "qMRMLCheckableNodeComboBox", qt.qMRMLCheckableNodeComboBox, raising=False)
+
+    return WorkflowSection(qt.QVBoxLayout(), lambda: parameterNode)
+
+
+def test_section_refuses_bad_input_and_cancels_for_real(env, monkeypatch):
+    import types
+
+    seq, browser = makeSequence(env, [blob(s) for s in SHIFTS])
+    browser.SetSelectedItemNumber(1)
+    p = types.SimpleNamespace(preset="Rigid", spacing=8.0, iterations=5, device="cpu", similarity="lncc",
+                              regularizationWeight=1.0, diffeomorphic=False, unrelated=1)
+    gui = section(env, monkeypatch, p)
+    from DeepRegistrationSlicerLib import sequences as S
+
+    assert S.workflowOptions(p) == dict(preset="Rigid", spacing=8.0, iterations=5, device="cpu", similarity="lncc",
+                                        regularizationWeight=1.0, diffeomorphic=False)
+    assert S.referenceItem("current", seq) == 1 and S.referenceItem("mean", seq) == "mean"
+    # bad input: one message in the status label, nothing started
+    gui.sequenceSelector.currentNode = lambda: None
+    gui.onRun()
+    assert gui._job is None and "select a volume sequence" in gui.statusLabel.text
+    gui.taskComboBox.currentIndex = 1
+    gui.volumesSelector.checkedNodes = lambda: [volume(env, blob(), "only one")]
+    gui.onRun()
+    assert gui._job is None and "at least 2 volumes" in gui.statusLabel.text
+    # a sequence run (the item shown now as reference), cancelled while the engine registers a frame
+    gui.taskComboBox.currentIndex = 0
+    gui.sequenceSelector.currentNode = lambda: seq
+    gui.referenceComboBox.currentIndex = 1
+    before = nodeIds(env.scene)
+    gui.onRun()
+    job = gui._job
+    assert job is not None and job.reference == 1 and job.config["mode"] == "rigid" and job.config["spacing"] == 8.0
+    assert gui.runButton.enabled is False and gui.cancelButton.enabled is True
+    pid = job.process.pid
+    end = time.monotonic() + 120
+    while not job.poll().message.startswith("frame"):
+        assert not job.poll().finished, job.poll().message
+        assert time.monotonic() < end, "the worker did not start registering"
+        gui.onPoll()
+        time.sleep(0.05)
+    started = time.monotonic()
+    gui.onCancel()
+    assert time.monotonic() - started < 1.0  # returns at once
+    assert gui._job is None and "Cancelled" in gui.statusLabel.text and gui.runButton.enabled is True
+    assert job.stopped(timeout=30) and job.poll().state == "cancelled"
+    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+    assert nodeIds(env.scene) == before
+    assert [p.name for p in Path(env.app.temporaryPath).iterdir()] == []  # inputs and log removed
+    with pytest.raises(Cancelled):
+        job.loadResults()
+    gui.cleanup()
+
+
+def test_only_the_widgets_package_imports_qt():
+    """sequences.py (MRML logic, tested on slicer-core) imports no qt/ctk; the Qt code is in DeepRegistrationWidgets,
+    which leaves the logic to DeepRegistrationSlicerLib."""
+    import ast
+
+    root = Path(__file__).resolve().parents[2] / "DeepRegistration"
+
+    def imported(path):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add((node.module or "").split(".")[0])
+        return names
+
+    assert not imported(root / "DeepRegistrationSlicerLib" / "sequences.py") & {"qt", "ctk", "torch"}
+    widgets = set().union(*(imported(p) for p in (root / "DeepRegistrationWidgets").glob("*.py")))
+    assert {"qt", "ctk"} <= widgets and not widgets & {"torch", "DeepRegistrationLib", "SimpleITK"}
