@@ -34,6 +34,7 @@ from .augment import AugmentOptions, augment_case
 from .classical import ClassicalOptions, check_available, register_pair
 from .deid import PhiStrings, load_or_create_key, occurs_in, pseudonym, scan_for_phi
 from .dicom_input import load_dicom_folder
+from . import feedback as F
 from .labels import LabelTable, normalize
 from .pairs import CaseRef, make_pairs
 from .report import write_dataset_report, write_thumbnails
@@ -70,6 +71,9 @@ class BuildOptions:
         dates: ``remove`` (default: no date is written) or ``shift``: each case's study date is written
             shifted by a per-subject offset of 1 to 11 years back (keyed hash, so stable across builds;
             intervals between a subject's sessions are kept, and intra-subject pairs get ``interval_days``).
+        feedback_log: A feedback log (``deepregistration feedback``): accepted results become pairs with their
+            transform as ground truth flagged "accepted by a user", rejected ones are listed in the report
+            (:mod:`~DatasetBuilderLib.feedback`). Its path is not written to the manifest.
     """
 
     key_file: str
@@ -90,6 +94,7 @@ class BuildOptions:
     classical: bool = False
     classical_options: ClassicalOptions = field(default_factory=ClassicalOptions)
     dates: str = "remove"
+    feedback_log: str | None = None
 
     def __post_init__(self) -> None:
         if self.dates not in ("remove", "shift"):
@@ -97,8 +102,9 @@ class BuildOptions:
 
     def manifest_parameters(self) -> dict:
         d = asdict(self)
-        for private in ("key_file", "subject_mapping"):
+        for private in ("key_file", "subject_mapping", "feedback_log"):
             d.pop(private)
+        d["feedback"] = self.feedback_log is not None
         d["split_ratios"] = list(self.split_ratios)
         return d
 
@@ -118,6 +124,9 @@ class BuildResult:
     phi_hits: list = field(default_factory=list)
     manifest: dict = field(default_factory=dict)
     removed: int = 0
+    feedback_pairs: int = 0
+    feedback_rejected: list[str] = field(default_factory=list)
+    feedback_unusable: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _tick(progress: Progress | None, fraction: float, message: str) -> None:
@@ -209,7 +218,7 @@ def _label_table(originals: list, options: BuildOptions, state: dict, phi: PhiSt
 
 def _write_index_and_scan(out: Path, options: BuildOptions, result: BuildResult, table: LabelTable, modalities: dict,
                           entries: dict[str, dict], pairs: dict[str, list[dict]], originals: list, phi: PhiStrings,
-                          n_inputs: int, progress: Progress | None) -> None:
+                          n_inputs: int, progress: Progress | None, selection=None) -> None:
     """The dataset JSON, thumbnails and report, the PHI scan of everything written (PhiFoundError on a hit, with
     the report saying where) and, last, the manifest."""
     sizes = {tuple(c.image.grid.size) for c in originals}
@@ -220,11 +229,11 @@ def _write_index_and_scan(out: Path, options: BuildOptions, result: BuildResult,
     thumbnails = write_thumbnails(out, pairs["train"] + pairs["val"] + pairs["test"])
     _tick(progress, 0.95, "PHI scan")
     hits = scan_for_phi(out, phi)
-    write_dataset_report(out, options.task, result, table, hits, thumbnails)
+    _write_report(out, options, result, table, hits, thumbnails, selection)
     hits = scan_for_phi(out, phi)
     result.phi_hits = hits
     if hits:
-        write_dataset_report(out, options.task, result, table, hits, thumbnails)
+        _write_report(out, options, result, table, hits, thumbnails, selection)
         raise PhiFoundError("identifying text found in the output: " +
                             ", ".join(sorted({f"{h.file} ({h.kind})" for h in hits})))
     logger.info("%d of %d cases written in this run (the others were already done)", result.cases_written,
@@ -233,12 +242,23 @@ def _write_index_and_scan(out: Path, options: BuildOptions, result: BuildResult,
     result.manifest = writer.write_manifest(out, BUILDER_VERSION, options.manifest_parameters(), n_inputs)
 
 
+def _write_report(out: Path, options: BuildOptions, result: BuildResult, table: LabelTable, hits: list,
+                  thumbnails: list[str], selection) -> None:
+    """``report.md``, with the feedback section (result ids only) when the build read a feedback log."""
+    write_dataset_report(out, options.task, result, table, hits, thumbnails)
+    if selection is not None:
+        text = (out / "report.md").read_text(encoding="utf-8")
+        writer.atomic_write_bytes(out / "report.md", (text.rstrip("\n") + "\n\n" + "\n".join(
+            F.report_lines(selection, result.feedback_pairs))).encode("utf-8"))
+
+
 def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, options: BuildOptions,
                   progress: Progress | None = None) -> BuildResult:
     """Builds (or resumes / extends) a de-identified Learn2Reg dataset from Slicer scenes.
 
     Args:
-        inputs: Scene files (``.mrb``, ``.mrml``) and folders of them or of DICOM series.
+        inputs: Scene files (``.mrb``, ``.mrml``) and folders of them or of DICOM series (may be empty with
+            ``options.feedback_log``).
         out_dir: Empty/new folder, or a dataset this builder made for the same task (resume, update).
         options: :class:`BuildOptions`.
         progress: ``progress(fraction 0..1, message)``; return False to cancel (raises Cancelled).
@@ -253,6 +273,9 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
         raise ValueError("the pseudonym key must live outside the output folder")
     if options.classical:
         check_available(options.classical_options)
+    if not inputs and options.feedback_log is None:
+        raise ValueError("nothing to build from: give scene files or folders, or a feedback log (--feedback LOG)")
+    selection = F.read_selection(options.feedback_log) if options.feedback_log is not None else None
     writer.prepare_output(out, options.task)
     key = load_or_create_key(key_path)
     state = writer.load_state(out)
@@ -260,8 +283,16 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
     mapping = read_subject_mapping(options.subject_mapping)
     scenes = find_scene_files(inputs)
     raw, phi = _read_inputs(scenes, key, mapping, options, progress, result)
+    fb = None
+    if selection is not None:
+        _tick(progress, 0.3, f"reading {len(selection.accepted)} accepted result(s)")
+        fb = F.read_cases(selection, mapping, options.modality)
+        raw += fb.cases
+        phi.update(fb.phi)
     raw = _without_conflicting_birth_dates(raw, key, result)
     originals = _unique_cases(raw, key)
+    fb_objects = {id(c) for c in fb.cases} if fb else set()
+    feedback_only = {c.uid for c in raw if id(c) in fb_objects} - {c.uid for c in raw if id(c) not in fb_objects}
     table = _label_table(originals, options, state, phi, result)
     # splits, modalities, case numbers
     splits = assign_splits([c.subject for c in originals], options.split_ratios, options.seed, state["splits"])
@@ -325,7 +356,8 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
     writer.atomic_write_json(out / writer.STATE, state)
     result.removed = _prune(out, entries)
     # pairs within splits
-    refs = [CaseRef(c.uid, c.subject, splits[c.subject], "", c.modality) for c in originals]
+    refs = [CaseRef(c.uid, c.subject, splits[c.subject], "", c.modality) for c in originals
+            if c.uid not in feedback_only]  # feedback cases are paired with each other only
     atlas = None
     if options.pairing == "atlas":
         inverse: dict[int, str] = {}
@@ -341,12 +373,46 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
             _tick(progress, 0.9 + 0.05 * n / len(pair_list), f"classical registration {n + 1}/{len(pair_list)}")
             pair["gold_standard"].append(_classical(out, entries[f], entries[m], options.classical_options))
         pairs[entries[f]["split"]].append(pair)
+    if fb is not None:
+        _feedback_pairs(out, fb, selection, entries, pairs, result, progress)
     result.pairs = {k: len(v) for k, v in pairs.items()}
     _weights([e for e in entries.values() if e["split"] in ("train", "val")])
-    _write_index_and_scan(out, options, result, table, modalities, entries, pairs, originals, phi, len(scenes),
-                          progress)
+    _write_index_and_scan(out, options, result, table, modalities, entries, pairs, originals, phi,
+                          len(scenes) + result.feedback_pairs, progress, selection)
     _tick(progress, 1.0, "done")
     return result
+
+
+def _feedback_pairs(out: Path, fb, selection, entries: dict[str, dict], pairs: dict[str, list[dict]],
+                    result: BuildResult, progress: Progress | None) -> None:
+    """The accepted results' pairs with their ground truth (see :mod:`~DatasetBuilderLib.feedback`); pairs whose
+    cases were dropped or fall in different splits are reported as not usable."""
+    used: set[str] = set()
+    existing = {(p["fixed"], p["moving"]): p for split in pairs.values() for p in split}
+    for n, (rid, (fc, mc)) in enumerate(fb.pairs.items()):
+        _tick(progress, 0.95, f"accepted result {n + 1}/{len(fb.pairs)}")
+        if getattr(fc, "uid", None) not in entries or getattr(mc, "uid", None) not in entries:
+            selection.unusable.append((rid, "its subject was skipped (see Skipped)"))
+            continue
+        f, m = entries[fc.uid], entries[mc.uid]
+        if f["split"] != m["split"]:
+            selection.unusable.append((rid, "its fixed and moving subjects fall in different splits"))
+            continue
+        if fc.uid == mc.uid:
+            selection.unusable.append((rid, "its fixed and moving images are the same image"))
+            continue
+        gold = F.gold_standard(out, f, m, fb.results[rid])
+        used.add(f"classical_{Path(gold['transform']).stem}.json")
+        pair = existing.get((f["image"], m["image"]))
+        if pair is None:
+            pair = _pair_entry(f, m)
+            pairs[f["split"]].append(pair)
+            existing[(f["image"], m["image"])] = pair
+        pair["gold_standard"].append(gold)
+        result.feedback_pairs += 1
+    F.remove_stale(out, used)
+    result.feedback_rejected = list(selection.rejected)
+    result.feedback_unusable = list(selection.unusable)
 
 
 ENTRY_FILES = ("image", "label", "mask", "keypoints", "keypoints_lps", "dicom_header")

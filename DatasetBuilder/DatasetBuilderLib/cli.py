@@ -2,7 +2,8 @@
 
 The main CLI adds this with :func:`add_subparser` and dispatches to :func:`run`; for testing the module also
 runs alone: ``python -m DatasetBuilderLib.cli dataset build ...`` (with ``DatasetBuilder/`` and
-``DeepRegistration/`` on ``PYTHONPATH``). Exit codes: 0 built, 1 PHI found, 2 bad input/options,
+``DeepRegistration/`` on ``PYTHONPATH``). ``--feedback LOG`` adds users' accepted results as pairs
+(:mod:`DatasetBuilderLib.feedback`). Exit codes: 0 built, 1 PHI found, 2 bad input/options,
 3 output folder refused, 130 cancelled. With ``--machine-progress`` (a parent process, see
 :mod:`DeepRegistrationLib.core.jobs`) it writes that module's JSON lines on stdout and ends itself when its
 stdin closes (the parent cancelled or went away): finished cases stay, and the same build resumes.
@@ -22,7 +23,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     dataset = subparsers.add_parser("dataset", help="build de-identified Learn2Reg training sets from Slicer scenes")
     sub = dataset.add_subparsers(dest="dataset_command", required=True)
     b = sub.add_parser("build", help="scenes (.mrb/.mrml or folders) -> dataset folder")
-    b.add_argument("inputs", nargs="+", metavar="INPUT", help="scene files (.mrb, .mrml) or folders of them")
+    b.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="scene files (.mrb, .mrml) or folders of them (or of DICOM series); optional with --feedback")
     b.add_argument("-o", "--out", required=True, metavar="OUTDIR",
                    help="new/empty folder, or a dataset to update: it then mirrors the INPUTs given (new cases "
                         "added, earlier ones kept unchanged, cases whose inputs are not given again removed)")
@@ -45,6 +47,10 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
                    help="add an algorithmic ground truth per pair (engine registration, flagged, with scores)")
     b.add_argument("--classical-method", choices=("engine", "ants"), default="engine",
                    help="method of --classical: the engine's optimization (default) or ANTs SyN (needs antspyx)")
+    b.add_argument("--feedback", metavar="LOG",
+                   help="feedback log of 'deepregistration feedback' / the Accept-Reject buttons: accepted results "
+                        "become pairs with their transform as ground truth flagged 'accepted by a user'; rejected "
+                        "ones are listed (by result id) in report.md for expert review (docs/FEEDBACK.md)")
     b.add_argument("--dates", choices=("remove", "shift"), default="remove",
                    help="study dates: write none (default) or shift them per subject by a keyed offset "
                         "(keeps the intervals between a subject's sessions)")
@@ -106,7 +112,10 @@ def run(args: argparse.Namespace) -> int:
                            seed=args.seed, label_names=names, label_synonyms=synonyms,
                            augment_per_case=args.augment, augment_intensity=not args.no_intensity,
                            modality=args.modality, classical=args.classical,
-                           classical_options=ClassicalOptions(method=args.classical_method), dates=args.dates)
+                           classical_options=ClassicalOptions(method=args.classical_method), dates=args.dates,
+                           feedback_log=getattr(args, "feedback", None))
+    if not args.inputs and options.feedback_log is None:
+        return fail("nothing to build from: give scene files or folders (INPUT...), or --feedback LOG", "input", 2)
     try:
         result = build_dataset(args.inputs, args.out, options, progress=machine or _Bar())
     except NotOurDatasetError as exc:
@@ -119,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc), "input", 2)
     summary = (f"built {result.cases_total} cases ({result.augmented} augmented), pairs {result.pairs}, "
                f"{len(result.skipped)} inputs skipped; PHI scan clean; report: {result.out_dir / 'report.md'}")
+    if options.feedback_log is not None:
+        summary += (f"\nfeedback: {result.feedback_pairs} accepted result(s) used as pairs, "
+                    f"{len(result.feedback_rejected)} rejected (listed in report.md), "
+                    f"{len(result.feedback_unusable)} not usable")
     if machine is not None:
         machine.result({"message": summary, "out_dir": str(result.out_dir), "cases": result.cases_total,
                         "pairs": result.pairs})
