@@ -11,6 +11,11 @@ SIMILARITIES = ("lncc", "mi", "mse")
 REGULARIZERS = ("diffusion", "bending")
 DEVICES = ("auto", "cpu", "cuda")
 INITIALIZATIONS = ("search", "moments", "geometry", "none")
+#: Default weight of the guide-landmark term per mm² of mean squared point distance. The LNCC loss spans
+#: about 1 (from -1, a perfect match, to 0); at 0.01/mm² a 10 mm mean point distance costs as much as that
+#: whole range and a 1 mm one 0.01, so the points pull hard while far off and the images decide below a
+#: voxel or two (where hand-placed points are no more accurate than the images).
+DEFAULT_GUIDE_WEIGHT = 0.01
 
 
 @dataclass
@@ -41,6 +46,9 @@ class RegistrationConfig:
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         seed: Random seed (torch), for reproducible runs.
         threads: CPU threads for torch (0 = torch's default).
+        guide_weight: Weight per mm² of the guide-landmark term (``weight · mean |T(f_i) - m_i|²``) in the
+            linear and deformable objectives, when guide landmarks are given (default
+            :data:`DEFAULT_GUIDE_WEIGHT`; 0 = the points only start the registration).
     """
 
     mode: str = "deformable"
@@ -61,6 +69,7 @@ class RegistrationConfig:
     device: str = "auto"
     seed: int = 0
     threads: int = 0
+    guide_weight: float = DEFAULT_GUIDE_WEIGHT
 
     def validate(self) -> "RegistrationConfig":
         """Checks every value; raises InputError naming the bad option and its allowed values."""
@@ -76,7 +85,7 @@ class RegistrationConfig:
         v = self.init_max_rotation
         if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 180):
             raise InputError(f"init_max_rotation must be between 0 and 180 degrees, got {v!r}")
-        for name, lo in (("reg_weight", 0.0), ("jacobian_weight", 0.0)):
+        for name, lo in (("reg_weight", 0.0), ("jacobian_weight", 0.0), ("guide_weight", 0.0)):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= lo):
                 raise InputError(f"{name} must be a finite number >= {lo}, got {v!r}")

@@ -25,15 +25,16 @@ import numpy as np
 import torch
 
 from ..spatial import warp as W
+from ..core.config import DEFAULT_GUIDE_WEIGHT
 from ..core.errors import InputError
 from ..core.grid import Grid
 from ..io.landmarks import match_landmarks, read_landmarks
 
 logger = logging.getLogger(__name__)
 
-#: Default weight of the landmark term, per mm² of mean squared point distance: a 10 mm mean distance
-#: costs 1 (the range of the LNCC loss), a 1 mm one 0.01, so the images decide below a voxel or two.
-DEFAULT_WEIGHT = 0.01
+#: Default weight of the landmark term, per mm² (the configuration's default ``guide_weight``, where the
+#: reason for the value is given).
+DEFAULT_WEIGHT = DEFAULT_GUIDE_WEIGHT
 #: Fewest point pairs for a linear fit (3 non-collinear points fix a rigid transform).
 MIN_POINTS = 3
 #: An image-based start is replaced by the point fit when its mean landmark distance exceeds the fit's

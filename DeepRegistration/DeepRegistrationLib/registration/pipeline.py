@@ -29,6 +29,7 @@ from .optim import CosineAdam
 from ..core.image import Image
 from .preprocess import WorkingImage, center_of_mass, check_overlap, prepare
 from ..core.progress import Progress, ProgressCallback
+from .guidance import GuideLandmarks, LandmarkTerm
 from .regularizers import Regularizer, folding_penalty
 from .similarity import Similarity, global_ncc
 from ..spatial.filters import box_filter
@@ -160,9 +161,10 @@ def _factors(levels: int) -> list[int]:
 
 
 def _optimize_linear(lv: _Level, a0: torch.Tensor, kind: str, center: torch.Tensor, iters: int, sim: Similarity,
-                     progress: Progress, frame: torch.Tensor) -> torch.Tensor:
+                     progress: Progress, frame: torch.Tensor, term: LandmarkTerm | None = None) -> torch.Tensor:
     """Rigid/affine fit at one level; the parameters live in ``frame`` (4×4: the fixed grid's axes), so
-    the result does not depend on how the image axes are stored (LPS, RAS, permuted, oblique)."""
+    the result does not depend on how the image axes are stored (LPS, RAS, permuted, oblique).
+    ``term`` (guide landmarks, mm²) is added to the similarity."""
     n = 6 if kind == "rigid" else 12
     local_center = frame[:3, :3].T @ center
 
@@ -176,7 +178,9 @@ def _optimize_linear(lv: _Level, a0: torch.Tensor, kind: str, center: torch.Tens
     opt = CosineAdam(raw, 0.05 if lv.factor > 1 else 0.02, iters, lr_end=0.0005)
 
     def objective(params: torch.Tensor) -> torch.Tensor:
-        return lv.loss(sim, W.apply_affine(lv.pts, matrix(params)))
+        m = matrix(params)
+        loss = lv.loss(sim, W.apply_affine(lv.pts, m))
+        return loss if term is None else loss + term.linear(m)
 
     best = _descend(raw, opt, objective, iters, progress, f"{kind} level 1/{lv.factor}")
     with torch.no_grad():
@@ -207,7 +211,7 @@ def _field_from_param(param: torch.Tensor, grid: Grid, cfg: RegistrationConfig) 
 
 
 def _optimize_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters: int, sim: Similarity,
-                    cfg: RegistrationConfig, progress: Progress) -> torch.Tensor:
+                    cfg: RegistrationConfig, progress: Progress, term: LandmarkTerm | None = None) -> torch.Tensor:
     reg = Regularizer(cfg.regularization)
     param = init.detach().clone().requires_grad_(True)
     lr = FIELD_STEP * min(lv.fgrid.spacing)  # mm per step
@@ -221,6 +225,8 @@ def _optimize_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters:
         loss = lv.loss(sim, mapped) + cfg.reg_weight * reg(u, lv.fgrid)
         if cfg.jacobian_weight > 0:
             loss = loss + cfg.jacobian_weight * folding_penalty(u, lv.fgrid)
+        if term is not None:
+            loss = loss + term.deformable(affine, u, lv.fgrid)
         return loss
 
     best = _descend(param, opt, objective, iters, progress, f"deformable level 1/{lv.factor}")
@@ -273,7 +279,8 @@ def _padded_field(u: np.ndarray | None, grid: Grid) -> tuple[np.ndarray | None, 
 def register(fixed: Image, moving: Image, config: RegistrationConfig | None = None, *,
              fixed_mask: Image | None = None, moving_mask: Image | None = None,
              initial_affine: np.ndarray | None = None, predictor: FieldPredictor | None = None,
-             predictor_mode: str = "init", progress: ProgressCallback | None = None) -> RegistrationResult:
+             predictor_mode: str = "init", guide: GuideLandmarks | None = None,
+             progress: ProgressCallback | None = None) -> RegistrationResult:
     """Registers ``moving`` to ``fixed``.
 
     Args:
@@ -285,6 +292,9 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
         initial_affine: Optional 4×4 LPS fixed → moving matrix replacing the initialization.
         predictor: Optional learned :class:`FieldPredictor` for the deformable stage.
         predictor_mode: ``"init"`` (prediction starts the finest-level optimization) or ``"replace"``.
+        guide: Optional corresponding points (LPS mm, see :mod:`~DeepRegistrationLib.registration.guidance`):
+            ``config.guide_weight · mean |T(f_i) - m_i|²`` (mm²) is added to the linear and deformable
+            objectives. They do not choose the start here: pass their fit as ``initial_affine`` for that.
         progress: ``callback(fraction, message)``; returning False cancels (raises Cancelled).
 
     Returns:
@@ -318,6 +328,7 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
     finest = levels[1]
     sim = Similarity(cfg.similarity, cfg.lncc_radius)
     identity = torch.eye(4, device=device)
+    term = None if guide is None or cfg.guide_weight == 0 else LandmarkTerm(guide, cfg.guide_weight, device)
     sim_before, ncc_before = _evaluate(finest, identity, None, sim)
     timings["preprocess"] = time.perf_counter() - t
     prog(0.08, "initializing")
@@ -355,7 +366,7 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
             # At full resolution, linear interpolation of the moving image pulls a linear fit towards
             # voxel-aligned positions (~1/12 voxel); a 3³ box smoothing of both images removes most of it.
             lv = _Level(box_filter(f_t, 1), fw.grid, box_filter(m_t, 1), mw.grid, 1, fmask, mmask)
-        affine = _optimize_linear(lv, affine, kind, center, iters, sim, sub, frame)
+        affine = _optimize_linear(lv, affine, kind, center, iters, sim, sub, frame, term)
     timings["linear"] = time.perf_counter() - t
 
     u = None
@@ -379,7 +390,7 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
                                                  (0.3, 0.95)))
             if cfg.diffeomorphic and n == 0 and predictor is None:
                 init = torch.zeros_like(init)
-            u = _optimize_field(lv, affine, init, iters, sim, cfg, sub)
+            u = _optimize_field(lv, affine, init, iters, sim, cfg, sub, term)
             prev_grid = lv.fgrid
         if u is not None and prev_grid != finest.fgrid:
             u = W.resample_field(u, prev_grid, finest.fgrid)

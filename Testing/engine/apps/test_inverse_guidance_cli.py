@@ -15,6 +15,8 @@ from DeepRegistrationLib.io.landmarks import Landmarks, match_landmarks, read_la
 
 FAST = ["--quiet", "--no-png", "--iterations", "5", "--affine-iterations", "10", "--levels", "2",
         "--threads", "2", "--device", "cpu"]
+#: The guide points (indices into the bundled pair's matched landmarks); the others are held out.
+GUIDE_PICK = [0, 9, 18, 27, 36, 45]
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +24,14 @@ def guided(tmp_path_factory, sample_dir):
     tmp = tmp_path_factory.mktemp("guided")
     f, m, labels = match_landmarks(read_landmarks(sample_dir / "fixed_landmarks.csv"),
                                    read_landmarks(sample_dir / "moving_landmarks.csv"))
-    pick = [0, 9, 18, 27, 36, 45]
+    pick = GUIDE_PICK
     write_landmarks_csv(Landmarks([labels[n] for n in pick], f[pick]), tmp / "gf.csv")
     write_landmarks_csv(Landmarks([labels[n] for n in pick], m[pick]), tmp / "gm.csv")
     out = tmp / "out"
     code = main(["register", str(sample_dir / "fixed.nii.gz"), str(sample_dir / "moving.nii.gz"), "-o", str(out),
-                 "--guide-landmarks", str(tmp / "gf.csv"), str(tmp / "gm.csv"), *FAST])
+                 "--guide-landmarks", str(tmp / "gf.csv"), str(tmp / "gm.csv"),
+                 "--fixed-labels", str(sample_dir / "fixed_labels.nii.gz"),
+                 "--moving-labels", str(sample_dir / "moving_labels.nii.gz"), *FAST])
     assert code == 0
     return out
 
@@ -52,6 +56,25 @@ def test_guide_landmarks_are_reported(guided):
     g = json.loads((guided / "report.json").read_text())["guidance"]
     assert g["n"] == 6 and g["start"].startswith("rigid least-squares")
     assert g["distance_after_mm"]["mean"] < 3.0, g
+
+
+def test_guide_landmarks_do_not_make_the_easy_pair_worse(guided, tmp_path, sample_dir):
+    """Same settings without guide points: the held-out landmarks' TRE and the Dice are no better."""
+    f, m, labels = match_landmarks(read_landmarks(sample_dir / "fixed_landmarks.csv"),
+                                   read_landmarks(sample_dir / "moving_landmarks.csv"))
+    held = [n for n in range(len(f)) if n not in GUIDE_PICK]
+    out = tmp_path / "plain"
+    assert main(["register", str(sample_dir / "fixed.nii.gz"), str(sample_dir / "moving.nii.gz"), "-o", str(out),
+                 "--fixed-labels", str(sample_dir / "fixed_labels.nii.gz"),
+                 "--moving-labels", str(sample_dir / "moving_labels.nii.gz"), *FAST]) == 0
+    result = {}
+    for name, folder in (("plain", out), ("guided", guided)):
+        tx = sitk.ReadTransform(str(folder / "transform.h5"))
+        mapped = np.array([tx.TransformPoint(tuple(p)) for p in f[held]])
+        dice = json.loads((folder / "report.json").read_text())["metrics"]["labels"]["after"]["dice_mean"]
+        result[name] = (np.linalg.norm(mapped - m[held], axis=1).mean(), dice)
+    assert result["guided"][0] < result["plain"][0] + 0.25, result
+    assert result["guided"][1] > result["plain"][1] - 0.01, result
 
 
 def _refused(capsys, out, code, *words):
