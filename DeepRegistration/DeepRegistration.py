@@ -19,9 +19,10 @@ from slicer import (vtkMRMLBSplineTransformNode, vtkMRMLGridTransformNode, vtkMR
 
 # Everything that converts nodes or runs the engine lives in DeepRegistrationSlicerLib (tested with a real MRML
 # scene in pytest); the engine (DeepRegistrationLib, torch) only runs in a PythonSlicer subprocess.
+from DeepRegistrationSlicerLib.run import PRESETS as ENGINE_PRESETS  # torch-free
 
-PRESETS = ["Rigid", "Affine", "Deformable — fast", "Deformable — accurate"]  # stored in scenes: not translated
-LINEAR_PRESETS = ("Rigid", "Affine")
+PRESETS = list(ENGINE_PRESETS)  # the names of the one preset table (run.PRESETS); stored in scenes: not translated
+LINEAR_PRESETS = tuple(name for name, options in ENGINE_PRESETS.items() if options.get("mode") != "deformable")
 DEVICES = ["auto", "CPU", "GPU"]
 SIMILARITIES = ["lncc", "mi", "mse"]
 MINIMUM_TORCH_VERSION = "2.2"  # as the engine's pyproject.toml
@@ -794,14 +795,13 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def setModel(parameterNode, name: str) -> None:
         """Chooses a learned model ("" = none); a model sets the working spacing to the one it was trained at."""
-        from DeepRegistrationLib.learning.registry import card_working_spacing, read_card, resolve  # torch-free
+        from DeepRegistrationLib.learning.model_files import working_spacing  # torch-free
+        from DeepRegistrationLib.learning.registry import read_card, resolve
 
         with slicer.util.NodeModify(parameterNode):
             parameterNode.model = name
-            if name:
-                spacing = card_working_spacing(read_card(resolve(name)))
-                if spacing:
-                    parameterNode.spacing = spacing
+            if name:  # the one rule: the card's working spacing, else the spacing already chosen
+                parameterNode.spacing = working_spacing(read_card(resolve(name)), None, parameterNode.spacing)
 
     @staticmethod
     def jobArguments(p) -> dict:

@@ -146,13 +146,13 @@ def recordVerdict(pending: PendingResult, verdict: str, note: str | None = None,
     the feedback store on the first verdict (:func:`saveResult`), then
     :func:`DeepRegistrationLib.workflows.feedback.record`. Returns the log entry (with ``log`` and ``folder``).
     Store and log default to the settings (:func:`storeFolder`, :func:`logPath`)."""
-    from DeepRegistrationLib.workflows import feedback
+    from DeepRegistrationLib.workflows.feedback import record
 
     if verdict not in VERDICTS:
         raise InputError(f"unknown verdict {verdict!r}: use 'accepted' or 'rejected'.")
     log = log if log is not None else logPath()
     if pending.folder is None or not (pending.folder / "report.json").is_file():
         pending.folder = saveResult(pending, store)
-    entry = feedback.record(pending.folder, verdict, note=note or None, log=log)
+    entry = record(pending.folder, verdict, note=note or None, log=log)
     pending.entry = {**entry, "folder": str(pending.folder)}
     return pending.entry

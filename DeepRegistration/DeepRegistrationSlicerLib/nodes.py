@@ -2,6 +2,9 @@
 
 Slicer's world is RAS, the engine's LPS: points and vectors convert with ``C = diag(-1, -1, 1)``; a volume's
 ``IJKToRAS`` matrix ``M`` becomes the engine grid's index-to-LPS matrix ``C4 @ M`` (``C4 = diag(-1, -1, 1, 1)``).
+Both matrices and the point conversion are the engine's one implementation, :mod:`DeepRegistrationLib.core.frames`
+(``C3``/``C4`` here are its ``RAS_TO_LPS``/``RAS_TO_LPS_4``); index order and voxel ↔ mm go through
+:class:`~DeepRegistrationLib.core.grid.Grid`.
 Engine transforms map fixed → moving (the resampling direction), which is a transform node's *FromParent*:
 ``FromParent_ras(p) = C · T(C · p)``. See docs/CONVENTIONS.md §2.
 
@@ -28,12 +31,13 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from DeepRegistrationLib.core import frames
 from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.core.grid import Grid
 from DeepRegistrationLib.core.image import Image
 
-C3 = np.diag([-1.0, -1.0, 1.0])
-C4 = np.diag([-1.0, -1.0, 1.0, 1.0])
+C3 = frames.RAS_TO_LPS  # 3×3, points and vectors (its own inverse)
+C4 = frames.RAS_TO_LPS_4  # 4×4, homogeneous matrices
 
 JACOBIAN_COLOR_NAME = "DeepRegistration Jacobian"
 
@@ -57,8 +61,8 @@ def vtkMatrixFromArray(array: np.ndarray) -> vtk.vtkMatrix4x4:
 
 
 def rasToLps(points: np.ndarray) -> np.ndarray:
-    """Points or vectors ``(..., 3)`` RAS → LPS (its own inverse)."""
-    return np.asarray(points, dtype=float) @ C3
+    """Points or vectors ``(..., 3)`` RAS → LPS (its own inverse): :func:`DeepRegistrationLib.core.frames.ras_to_lps`."""
+    return frames.ras_to_lps(points)
 
 
 lpsToRas = rasToLps
@@ -333,11 +337,11 @@ def gridTransformFromField(field: np.ndarray, grid: Grid):
     field = np.asarray(field, dtype=np.float64)
     if field.shape != (3, *grid.shape):
         raise ValueError(f"field shape {field.shape} does not match grid {grid.shape}")
-    vectors = np.ascontiguousarray(np.moveaxis(C3 @ field.reshape(3, -1), 0, -1))  # (Z*Y*X, 3) RAS, x fastest
+    vectors = np.ascontiguousarray(frames.lps_to_ras(field.reshape(3, -1).T))  # (Z*Y*X, 3) RAS, x fastest
     image = vtk.vtkImageData()
     image.SetDimensions(*grid.size)
     image.SetSpacing(*grid.spacing)
-    image.SetOrigin(*(C3 @ np.asarray(grid.origin)))
+    image.SetOrigin(*frames.lps_to_ras(grid.origin))
     data = numpy_support.numpy_to_vtk(vectors, deep=True, array_type=vtk.VTK_DOUBLE)
     data.SetName("DisplacementField")
     image.GetPointData().SetScalars(data)

@@ -303,7 +303,8 @@ class RegistrationJob:
         self.preset = preset
         self.model, self.modelMode = None, modelMode
         if model:
-            from DeepRegistrationLib.learning.registry import card_working_spacing, read_card, resolve
+            from DeepRegistrationLib.learning.model_files import working_spacing
+            from DeepRegistrationLib.learning.registry import read_card, resolve
 
             if modelMode not in ("init", "replace"):
                 raise InputError(f"modelMode must be 'init' or 'replace', not {modelMode!r}.")
@@ -311,10 +312,10 @@ class RegistrationJob:
                 raise InputError(f"a learned model predicts a deformation; preset '{preset}' has none. "
                                  "Choose a Deformable preset or no model.")
             self.model = str(resolve(model))  # InputError naming the available models
-            if options.get("spacing") is None:
-                spacing = card_working_spacing(read_card(self.model))
-                if spacing:
-                    self.config["spacing"] = spacing
+            # the one rule (learning.model_files.working_spacing): an explicit spacing option, else the card's,
+            # else the preset's (the engine default when the preset has none)
+            self.config["spacing"] = working_spacing(read_card(self.model), options.get("spacing"),
+                                                     self.config.get("spacing"))
         self.process: jobs.Job | None = None
         self.workDir: Path | None = None
         self.state, self.progress, self.message = "new", 0.0, ""

@@ -70,8 +70,11 @@ def test_glue_imports_only_what_slicer_core_provides():
     allowed = {"slicer", "vtk", "numpy", "SimpleITK", "DeepRegistrationLib"} | set(sys.stdlib_module_names)
     engine_allowed = {"DeepRegistrationLib", "DeepRegistrationLib.core", "DeepRegistrationLib.io", "DeepRegistrationLib.core.errors", "DeepRegistrationLib.core.grid",
                       "DeepRegistrationLib.core.image", "DeepRegistrationLib.io.images", "DeepRegistrationLib.io.itk_transform",
-                      "DeepRegistrationLib.core.config", "DeepRegistrationLib.learning.registry"}  # torch-free engine modules
-    # (registry reads model cards without torch; test_glue_import_does_not_load_torch checks it in a fresh process)
+                      "DeepRegistrationLib.core.config", "DeepRegistrationLib.core.frames",
+                      "DeepRegistrationLib.learning.registry", "DeepRegistrationLib.learning.model_files",
+                      "DeepRegistrationLib.workflows.feedback"}  # torch-free engine modules
+    # (registry and model_files read model cards without torch, feedback writes JSON;
+    # test_glue_import_does_not_load_torch checks them in a fresh process)
     for path in folder.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
@@ -91,6 +94,8 @@ def test_glue_import_does_not_load_torch():
 
     module_dir = Path(N.__file__).parents[1]
     code = ("import sys; sys.path.insert(0, %r); import DeepRegistrationSlicerLib.nodes, DeepRegistrationSlicerLib.run; "
+            "import DeepRegistrationSlicerLib.feedback, DeepRegistrationLib.learning.model_files, "
+            "DeepRegistrationLib.workflows.feedback; "
             "DeepRegistrationSlicerLib.run.availableModels(); "  # the module lists models when it opens
             "bad = [m for m in ('torch', 'monai') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
             % str(module_dir))
