@@ -16,6 +16,7 @@ out the samples outside ``view`` (the moving image's zero padding is not mistake
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,10 @@ class LNCC:
     window's statistics of *both* images use only the samples inside it (normalized convolution), so
     the zero padding beyond the moving image makes no artificial edge. Flat fixed windows (background)
     carry no information and are left out; ``eps`` only guards 0/0 (cc² ≤ 1 always). The fixed image's
-    local statistics are cached between calls (when ``view`` cuts the grid: until ``view`` has moved by more
-    than :data:`VIEW_REFRESH` of the voxels).
+    local statistics are cached between calls on the same ``fixed`` and ``region`` tensor objects, until either
+    is changed in place (when ``view`` cuts the grid: until ``view`` has moved by more than
+    :data:`VIEW_REFRESH` of the voxels). Pass a new tensor for new data: memory written behind torch's back
+    (e.g. through a numpy array shared with ``torch.from_numpy``) is not seen.
     Identical images have their minimum, 0, at the identity.
     """
 
@@ -62,10 +65,23 @@ class LNCC:
         self._view = None
         self._view_stats = None
 
+    def _same_inputs(self, fixed: torch.Tensor, region: torch.Tensor | None) -> bool:
+        """Whether ``fixed`` and ``region`` are the very tensor objects the cached statistics were computed
+        from, unchanged since (same in-place version counter). Weak references: the cache keeps no input alive,
+        and a new tensor is never taken for an old one, even at a reused address."""
+        if self._key is None:
+            return False
+        fixed_ref, fixed_version, region_ref, region_version = self._key
+        if fixed_ref() is not fixed or fixed._version != fixed_version:
+            return False
+        if region is None:
+            return region_ref is None
+        return region_ref is not None and region_ref() is region and region._version == region_version
+
     def _fixed_stats(self, fixed: torch.Tensor, region: torch.Tensor | None):
-        key = (fixed.data_ptr(), tuple(fixed.shape), fixed.device, getattr(fixed, "_version", 0),
-               None if region is None else (region.data_ptr(), getattr(region, "_version", 0)))
-        if key != self._key:
+        if not self._same_inputs(fixed, region):
+            key = (weakref.ref(fixed), fixed._version, None if region is None else weakref.ref(region),
+                   None if region is None else region._version)
             with torch.no_grad():
                 mf, mff = torch.split(box_filter(torch.cat([fixed, fixed * fixed], 1), self.radius), 1, 1)
                 var_f = (mff - mf * mf).clamp_min(0)

@@ -118,6 +118,27 @@ def test_lncc_equals_direct_window_computation_over_structured_fixed_voxels():
     assert float(LNCC(radius=1)(fixed, fixed.clone())) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_lncc_cache_never_takes_a_new_tensor_at_a_reused_address_for_the_old_one():
+    # two fixed images in turn in the same numpy buffer: each torch.from_numpy tensor has the same address and
+    # in-place version 0, so a cache keyed on (data_ptr, _version) returned the first image's statistics
+    first, warped = _test_images(seed=7)
+    second, _ = _test_images(seed=8)
+    buffer = first.numpy().copy()
+    lncc = LNCC(radius=1)
+    a = torch.from_numpy(buffer)
+    assert float(lncc(a, warped).detach()) == pytest.approx(float(LNCC(radius=1)(first, warped).detach()))
+    del a
+    buffer[...] = second.numpy()
+    b = torch.from_numpy(buffer)
+    expected = float(LNCC(radius=1)(second, warped).detach())
+    assert float(LNCC(radius=1)(first, warped).detach()) != pytest.approx(expected)  # the images do differ
+    assert float(lncc(b, warped).detach()) == pytest.approx(expected, rel=1e-12)
+    # an in-place change of the same tensor object is seen too (its version counter moves)
+    b.mul_(0.5).add_(0.25)
+    assert float(lncc(b, warped).detach()) == pytest.approx(float(LNCC(radius=1)(b.clone(), warped).detach()),
+                                                            rel=1e-12)
+
+
 def test_lncc_gradient_matches_finite_differences():
     fixed, warped = _test_images(shape=(4, 5, 4), seed=5)
     lncc = LNCC(radius=1)
