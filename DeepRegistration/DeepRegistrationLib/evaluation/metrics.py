@@ -45,7 +45,7 @@ from ..core.grid import Grid
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["dice_per_label", "mean_dice", "hd95_per_label", "jacobian_determinant", "folding_percent", "sdlogj",
+__all__ = ["dice_per_label", "mean_dice", "hd95_per_label", "label_scores", "jacobian_determinant", "folding_percent", "sdlogj",
            "tre_mm", "summarize"]
 
 
@@ -169,6 +169,37 @@ def hd95_per_label(fixed: np.ndarray, warped: np.ndarray, spacing: Sequence[floa
         a = np.pad(fixed[sl] == lab, 1)
         b = np.pad(warped[sl] == lab, 1)
         out[lab] = _hd95_masks(a, b, spacing, percentile)
+    return out
+
+
+def _nan_stat(values, fn) -> float:
+    v = np.asarray(list(values), dtype=np.float64)
+    return float(fn(v[np.isfinite(v)])) if np.isfinite(v).any() else float("nan")
+
+
+def label_scores(fixed: np.ndarray, warped: np.ndarray, spacing: Sequence[float] | None,
+                 labels: Sequence[int] | None = None) -> dict:
+    """Dice and HD95 of a pair of label maps, per label and summarized: the one label evaluation that the run's
+    report, the dataset evaluation and the training evaluation share.
+
+    Args:
+        fixed: Integer label map, shape ``(Z, Y, X)``.
+        warped: Warped moving label map on the same grid (nearest-neighbour warped).
+        spacing: Voxel size in mm in ITK order ``(x, y, z)``; None skips HD95 (Dice only, fast).
+        labels: Labels to evaluate; default the nonzero labels present in ``fixed``.
+
+    Returns:
+        ``{"dice_per_label": {label: dice}, "dice_mean", "dice_p30"`` (NaN-mean and 30th percentile over the
+        labels with a Dice), and with ``spacing`` ``"hd95_per_label_mm": {label: mm}, "hd95_mean_mm"`` (mean over
+        the labels present in both maps); NaN for a mean with no value.
+    """
+    labels = _default_labels(np.asarray(fixed), labels)
+    dice = dice_per_label(fixed, warped, labels)
+    out = {"dice_per_label": dice, "dice_mean": _nan_stat(dice.values(), np.mean),
+           "dice_p30": _nan_stat(dice.values(), lambda v: np.percentile(v, 30))}
+    if spacing is not None:
+        hd = hd95_per_label(fixed, warped, spacing, labels)
+        out.update(hd95_per_label_mm=hd, hd95_mean_mm=_nan_stat(hd.values(), np.mean))
     return out
 
 
