@@ -206,19 +206,21 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
     cfg = (config or RegistrationConfig()).validate()
     out = check_output_dir(out_dir, overwrite)
     prog = Progress(progress)
+    done = 0.55 if uncertainty else 0.85  # share of the registration (the uncertainty takes about as long)
     inputs = _read_inputs(fixed_path, moving_path, cfg, fixed_mask, moving_mask, fixed_labels, moving_labels,
                           fixed_landmarks, moving_landmarks, guide_fixed_landmarks, guide_moving_landmarks,
                           initial_affine)
     result = register(inputs.fixed, inputs.moving, cfg, fixed_mask=inputs.fixed_mask,
                       moving_mask=inputs.moving_mask, predictor=predictor, predictor_mode=predictor_mode,
                       initial_affine=inputs.initial_affine, guide=inputs.guide,
-                      progress=Progress(progress, 0.0, 0.85))
-    prog(0.86, "writing outputs")
+                      progress=Progress(progress, 0.0, done))
+    prog(done + 0.01, "writing outputs")
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        outputs = _write_outputs(tmp, inputs, result, prog)
-        evaluation = _evaluate(tmp, inputs, result, cfg, outputs, explain, uncertainty, prog)
+        outputs = _write_outputs(tmp, inputs, result, prog.sub(done + 0.01, done + 0.02))
+        evaluation = _evaluate(tmp, inputs, result, cfg, outputs, explain, uncertainty, prog,
+                               start=done + 0.03)
         timings = dict(read=inputs.seconds, **result.timings,
                        write_and_evaluate=time.perf_counter() - t0 - evaluation.uncertainty_seconds)
         if uncertainty:
@@ -267,14 +269,15 @@ def _read_inputs(fixed_path, moving_path, cfg: RegistrationConfig, fixed_mask, m
 
 
 def _write_outputs(tmp: Path, inputs: _Inputs, result: RegistrationResult, prog: Progress) -> _Outputs:
-    """``transform.h5``, ``inverse.h5`` (deformable), ``warped.nii.gz`` and ``jacobian.nii.gz`` into ``tmp``."""
+    """``transform.h5``, ``inverse.h5`` (deformable), ``warped.nii.gz`` and ``jacobian.nii.gz`` into ``tmp``
+    (``prog`` covers this stage)."""
     fixed, moving, mmask = inputs.fixed, inputs.moving, inputs.moving_mask
     sitk.WriteTransform(result.transform.to_sitk(), str(tmp / "transform.h5"))
     inverse_report = None
     if result.transform.field is not None:
         from ..spatial.inverse import consistency_error, foreground_points, invert
 
-        prog(0.87, "inverting the transform")
+        prog(0.5, "inverting the transform")
         inverse = invert(result.transform, velocity=getattr(result, "velocity", None))
         sitk.WriteTransform(inverse.to_sitk(), str(tmp / "inverse.h5"))
         pts = foreground_points(moving.array, moving.grid, None if mmask is None else mmask.array > 0)
@@ -289,9 +292,10 @@ def _write_outputs(tmp: Path, inputs: _Inputs, result: RegistrationResult, prog:
 
 
 def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: RegistrationConfig, outputs: _Outputs,
-              explain: bool, uncertainty: bool, prog: Progress) -> _Evaluation:
+              explain: bool, uncertainty: bool, prog: Progress, start: float = 0.88) -> _Evaluation:
     """Dice/HD95 and TRE (with ``warped_labels.nii.gz``), the explainability maps (``explain/``), the
-    uncertainty (``uncertainty.nii.gz``), the guide landmarks' residual and the quality verdict."""
+    uncertainty (``uncertainty.nii.gz``), the guide landmarks' residual and the quality verdict; ``prog``
+    is the whole run's, this stage reports from ``start`` to 0.93."""
     from ..evaluation import explain as explaining
     from ..evaluation.quality import assess, signals_from_result, uncertainty_signals
 
@@ -300,7 +304,7 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
     maps: dict[str, Image] = {}
     explain_info = None
     if explain:
-        prog(0.88, "explainability maps")
+        prog(start, "explainability maps")
         maps = explaining.explanation_maps(fixed, moving, result.transform, cfg, pair=pair, warped=outputs.warped)
         (tmp / "explain").mkdir()
         for name in EXPLAIN_FILES:
@@ -312,7 +316,7 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
 
         t0 = time.perf_counter()
         unc = restart_spread(fixed, moving, result.transform, cfg, fixed_mask=fmask, moving_mask=mmask,
-                             seed=cfg.seed, device=result.device, progress=prog.sub(0.89, 0.93))
+                             seed=cfg.seed, device=result.device, progress=prog.sub(start + 0.01, 0.92))
         maps["uncertainty"] = unc.on_grid(fixed.grid)
         write_image(maps["uncertainty"], tmp / "uncertainty.nii.gz")
         unc_info = {**unc.summary(), "file": "uncertainty.nii.gz", "restarts": RESTARTS, "iterations": ITERATIONS,

@@ -63,8 +63,12 @@ def test_maps_and_uncertainty_have_the_oblique_fixed_grid(tmp_path, data):
     fixed_path = data / "fixed_oblique.nii.gz"
     fixed = sitk.ReadImage(str(fixed_path))
     assert not np.allclose(np.abs(np.asarray(fixed.GetDirection())), np.eye(3).ravel())  # truly oblique
+    seen = []
     run = run_registration(fixed_path, data / "moving.nii.gz", tmp_path / "out", CFG, explain=True,
-                           uncertainty=True)
+                           uncertainty=True, progress=lambda f, m: seen.append((f, m)) or True)
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0  # monotonic with the extra stages
+    assert any(m.startswith("uncertainty") for _, m in seen) and any(m == "explainability maps" for _, m in seen)
     out = run.out_dir
     maps = {n: sitk.ReadImage(str(out / "explain" / f"{n}.nii.gz")) for n in EXPLAIN_FILES}
     maps["uncertainty"] = sitk.ReadImage(str(out / "uncertainty.nii.gz"))
