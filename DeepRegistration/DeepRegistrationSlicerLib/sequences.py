@@ -282,6 +282,9 @@ class SequenceJob(R.RegistrationJob):
             for outSeq in (tseq, vseq):
                 browser.AddSynchronizedSequenceNodeID(outSeq.GetID())
                 browser.SetSaveChanges(outSeq, False)  # the results are not edited through their proxies
+            inputProxy, correctedProxy = browser.GetProxyNode(seq), browser.GetProxyNode(vseq)
+            if inputProxy is not None and correctedProxy is not None and inputProxy.GetTransformNodeID():
+                correctedProxy.SetAndObserveTransformNodeID(inputProxy.GetTransformNodeID())  # shown where the input is
             referenceNode = None
             if reference is not None:
                 referenceNode = N.imageToVolume(reference, None, scene.GenerateUniqueName(f"{name} mean frame"),
@@ -291,6 +294,25 @@ class SequenceJob(R.RegistrationJob):
                                        time.perf_counter() - self._startTime)
         finally:
             self._cleanup()
+
+
+def restoreSequenceInterpolation(scene=None) -> int:
+    """Linear interpolation on the grids of the transform sequences this module made, after a scene load (as
+    :func:`~.nodes.restoreLinearInterpolation` does for transform nodes: Slicer reads grids as cubic, the engine
+    is linear). Returns the number of sequence items updated."""
+    scene = scene or slicer.mrmlScene
+    count = 0
+    for n in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceNode")):
+        sequence = scene.GetNthNodeByClass(n, "vtkMRMLSequenceNode")
+        if sequence.GetAttribute(N.RESULT_ATTRIBUTE) is None:
+            continue
+        for i in range(sequence.GetNumberOfDataNodes()):
+            item = sequence.GetNthDataNode(i)
+            if item is not None and item.IsA("vtkMRMLTransformNode") and not item.IsLinear():
+                N.setLinearGridInterpolation(item.GetTransformFromParent())
+                item.Modified()
+                count += 1
+    return count
 
 
 # ------------------------------------------------------------------------------------------------- templates

@@ -96,6 +96,8 @@ def test_sequence_motion_correction_gives_browsable_transform_and_volume_sequenc
     seq, browser = makeSequence(env, [blob(s) for s in SHIFTS])
     proxy = browser.GetProxyNode(seq)
     assert proxy is not None and proxy.IsA("vtkMRMLScalarVolumeNode")  # the Sequences logic made it
+    placed = env.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "placement")  # where the input is shown
+    proxy.SetAndObserveTransformNodeID(placed.GetID())
     job = S.SequenceJob(proxy, "Deformable — fast", reference=0, **FAST)  # the proxy volume stands for its sequence
     assert (job.sequence, job.browser) == (seq, browser)
     before = nodeIds(env.scene)
@@ -144,12 +146,23 @@ def test_sequence_motion_correction_gives_browsable_transform_and_volume_sequenc
     browser.SetSelectedItemNumber(2)
     tproxy, vproxy = browser.GetProxyNode(tseq), browser.GetProxyNode(vseq)
     assert tproxy is not None and vproxy is not None
+    assert vproxy.GetParentTransformNode() is placed  # the corrected frames are shown where the input frames are
     np.testing.assert_allclose(N.mapPointsRas(tproxy, centre), N.mapPointsRas(tseq.GetNthDataNode(2), centre),
                                atol=1e-6)
     np.testing.assert_allclose(slicer.util.arrayFromVolume(vproxy),
                                slicer.util.arrayFromVolume(vseq.GetNthDataNode(2)), atol=1e-6)
     np.testing.assert_allclose(slicer.util.arrayFromVolume(proxy), blob(SHIFTS[2]), atol=1e-5)  # the input too
     assert S.resolveSequence(vproxy) == (vseq, browser)
+    # after a scene load Slicer's grids interpolate cubically; the module's own sequences go back to linear
+    grids = []
+    for t in range(len(SHIFTS)):
+        general = tseq.GetNthDataNode(t).GetTransformFromParent()
+        parts = [general.GetConcatenatedTransform(i) for i in range(general.GetNumberOfConcatenatedTransforms())]
+        grid = next(p for p in parts if p.IsA("vtkOrientedGridTransform"))  # [linear, grid] as the pairwise result
+        grid.SetInterpolationModeToCubic()
+        grids.append(grid)
+    assert S.restoreSequenceInterpolation(env.scene) == len(SHIFTS)
+    assert all(g.GetInterpolationModeAsString() == "Linear" for g in grids)
 
 
 def test_bad_sequences_are_refused_before_anything_starts(slicerEnv):
