@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,10 +132,27 @@ def read_selection(log: str | os.PathLike) -> FeedbackSelection:
     return sel
 
 
+# Words of the builder's own output ("result_id", "accepted", "source", ...) and of usual folder names: a result
+# folder or input named only with them ("result", "out_2", "accepted-case1") identifies nobody, and searching for
+# it would fail every build.
+OWN_WORDS = {"result", "results", "res", "out", "output", "outputs", "accepted", "rejected", "accept", "reject",
+             "feedback", "source", "method", "quality", "settings", "transform", "transforms", "kind", "user", "users",
+             "algorithmic", "registration", "registered", "reg", "pair", "pairs", "case", "cases", "dataset", "data",
+             "train", "test", "val", "run", "job", "tmp", "temp", "new", "old", "final", "warped", "inverse"}
+
+
+def _distinctive(name: str) -> bool:
+    """Whether a file or folder name says more than the builder's own words and a short number."""
+    tokens = re.findall(r"[a-z]+|\d+", name.lower())
+    return any((t.isdigit() and len(t) >= 6) or (not t.isdigit() and t not in OWN_WORDS) for t in tokens)
+
+
 def _add_path_phi(phi: PhiStrings, path: Path, kind: str) -> None:
     phi.add(str(path), f"feedback {kind} path")
     phi.add(str(path.resolve()), f"feedback {kind} path")
-    phi.add(path.name.split(".")[0], f"feedback {kind} name")
+    stem = path.name.split(".")[0]
+    if _distinctive(stem):
+        phi.add(stem, f"feedback {kind} name")
 
 
 def _cases_of_input(path: Path, role: str, acc: AcceptedResult, mapping: dict, modality: str
