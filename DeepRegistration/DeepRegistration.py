@@ -47,8 +47,12 @@ works in physical space (millimetres). It starts from the moving volume's curren
 transform, e.g. set in the Transforms module) unless an initial transform is chosen, and places the result on top
 of it. Results: a transform node (segmentations and landmarks of the moving volume can follow with one click),
 optionally the resampled moving volume and a Jacobian-determinant map, and a metrics table (similarity
-before/after, folding %, and Dice/HD95/TRE when segmentations or landmarks are selected). Inspect the result with
-the fade slider, flicker and the deformation grid; harden it when satisfied.
+before/after, folding %, and Dice/HD95/TRE when segmentations or landmarks are selected). Every result gets an
+automatic quality verdict next to Apply (ok green, suspect orange, failed red, with a warning; reasons in the tooltip
+and the metrics table). With Explain (Advanced) the residual, local similarity, displacement and uncertainty maps
+are loaded as volumes; Show maps puts one over the fixed volume. Inspect the result with the fade slider, flicker and
+the deformation grid; harden it when satisfied. Accept or Reject (with a note) keeps a copy of the result with your
+verdict in your feedback folder, for the Dataset Builder.
 The registration runs in a background process: the application stays usable, and Cancel stops the process
 (the scene is left unchanged); a failed run keeps its log (Show log).
 <br><br>
@@ -526,6 +530,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          foregroundOpacity=self.ui.fadeSliderWidget.value)
         if self.ui.showGridCheckBox.checked:
             self.logic.showTransformInSliceViews(result.transformNode, True)
+        self._updateButtons()  # Show maps, Accept / Reject
         if result.quality and result.quality["verdict"] == "failed":
             # logged only (not modal) in testing mode, as every slicer.util display
             slicer.util.warningDisplay(failedWarning(result.quality), windowTitle=_("Registration failed the checks"))

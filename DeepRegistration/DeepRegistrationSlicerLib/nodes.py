@@ -557,6 +557,10 @@ _MAP_COLORS = {
 }
 
 
+MAP_TRANSPARENT_BELOW = 1e-6
+"""Map values below this are not drawn (threshold), so the fixed volume shows through where a map is 0."""
+
+
 def mapColorNode(name: str, scene=None):
     """The colour table of an explanation map (``MAP_NAMES``): residual inferno-like (black → yellow), local
     similarity diverging (red 0 → white 0.5 → blue 1), displacement and uncertainty a heat map (black → red →
@@ -591,15 +595,22 @@ def mapWindow(name: str, array: np.ndarray) -> tuple[float, float]:
 
 
 def showAsMap(volumeNode, name: str, array: np.ndarray | None = None) -> None:
-    """Display settings of an explanation map volume: its colour table (:func:`mapColorNode`) and window
-    (:func:`mapWindow`); the map's name is kept in the ``DeepRegistration.output`` attribute."""
+    """Display settings of an explanation map volume: its colour table (:func:`mapColorNode`), window
+    (:func:`mapWindow`) and a threshold that leaves zeros transparent (:data:`MAP_TRANSPARENT_BELOW`); the map's
+    name is kept in the ``DeepRegistration.output`` attribute."""
     if volumeNode.GetDisplayNode() is None:
         volumeNode.CreateDefaultDisplayNodes()
     display = volumeNode.GetDisplayNode()
     display.SetAndObserveColorNodeID(mapColorNode(name, volumeNode.GetScene()).GetID())
     display.AutoWindowLevelOff()
-    low, high = mapWindow(name, slicer.util.arrayFromVolume(volumeNode) if array is None else array)
+    array = slicer.util.arrayFromVolume(volumeNode) if array is None else array
+    low, high = mapWindow(name, array)
     display.SetWindowLevelMinMax(low, high)
+    # zeros (outside the overlap, flat background: no information) are transparent over the fixed volume
+    display.AutoThresholdOff()
+    top = float(np.nanmax(array)) if np.size(array) else 1.0
+    display.SetThreshold(MAP_TRANSPARENT_BELOW, max(top, high) + 1.0)
+    display.ApplyThresholdOn()
     volumeNode.SetAttribute(OUTPUT_ATTRIBUTE, name)
 
 

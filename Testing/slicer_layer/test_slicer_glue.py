@@ -247,6 +247,9 @@ def registered(sample_dir):
 
 def test_registration_outputs_in_scene(registered):
     r, result = registered, registered["result"]
+    # the bundled pair passes the automatic quality control, shown first in the metrics table
+    assert result.quality == {"verdict": "ok", "reasons": []}, result.quality
+    assert result.metricsTableNode.GetTable().GetValue(0, 0).ToString() == "Quality verdict"
     t = result.transformNode
     assert r["moving"].GetParentTransformNode() == t, "the moving volume should be placed under the result"
     assert t.GetNodeReference("spatialRegistrationFixed") == r["fixed"]

@@ -604,6 +604,64 @@ def test_an_outdated_torch_is_updated_after_a_warning(slicerEnv, monkeypatch):
     assert calls == [] and asked == []
 
 
+def test_verdict_warning_and_maps_on_every_tag(slicerEnv):
+    """The verdict label, the warning for ``failed`` (the tag's own slicer.util.warningDisplay: in testing mode
+    it logs a warning and opens nothing) and Show maps (slicer.util.setSliceViewerLayers) on each tag's code,
+    with a result made of real nodes (no registration run: the full path is test_widget_apply_poll_...)."""
+    import logging
+
+    import numpy as np
+
+    from DeepRegistrationLib.core.image import Image
+    from DeepRegistrationSlicerLib import nodes as N
+    from DeepRegistrationSlicerLib.run import SceneRegistrationResult
+
+    mod = load_module(slicerEnv)
+    slicer, scene = slicerEnv.slicer, slicerEnv.scene
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    volumes = []
+    for name in ("fixed", "moving"):
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        slicer.util.updateVolumeFromArray(node, np.random.default_rng(0).random((6, 7, 8)).astype(np.float32))
+        volumes.append(node)
+    ui = inert_ui(slicerEnv)
+    widget = slicerEnv.createWidget(mod, ui)
+    fixedImage = N.volumeToImage(volumes[0])
+    maps = {}
+    for name in ("residual", "displacement"):
+        maps[name] = N.imageToVolume(Image(fixedImage.array * 3, fixedImage.grid, name), None, name, scene)
+        N.showAsMap(maps[name], name)
+    transform = scene.AddNewNodeByClass("vtkMRMLTransformNode")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    try:
+        for verdict, reasons in (("ok", []), ("suspect", ["folding % 0.60 > 0.50"]),
+                                 ("failed", ["NCC after 0.310 < 0.500", "foreground overlap (Dice) 0.6 < 0.8"])):
+            records.clear()
+            widget.showResult(SceneRegistrationResult(transform, quality={"verdict": verdict, "reasons": reasons},
+                                                      mapVolumeNodes=maps))
+            assert ui.verdictLabel.text == f"Quality: {verdict}"
+            assert N.VERDICT_COLORS[verdict] in ui.verdictLabel.styleSheet
+            assert ui.verdictLabel.toolTip == ("\n".join(reasons) or "Every quality signal is within its range.")
+            warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+            if verdict == "failed":
+                assert len(warned) == 1 and all(reason in warned[0] for reason in reasons), warned
+            else:
+                assert not warned, warned
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert ui.showMapsButton.enabled is True and ui.acceptButton.enabled is False  # nothing kept to judge
+    ui.mapComboBox.currentIndex = 1
+    act(ui.showMapsButton, "clicked(bool)", True)
+    assert composite.GetForegroundVolumeID() == maps["displacement"].GetID()
+    assert composite.GetBackgroundVolumeID() == volumes[0].GetID()
+    widget.showVerdict(None)
+    assert ui.verdictLabel.text == "" and ui.verdictLabel.styleSheet == ""
+    widget.cleanup()
+
+
 def test_widget_apply_poll_inspect_harden_and_show_log(tmp_path, sample_dir, monkeypatch):
     """Apply through the widget (Slicer 5.8 code): the job runs (with Explain), the timer slot loads the result
     into the parameter node and shows the coloured quality verdict next to Apply (a warning for ``failed``);

@@ -104,6 +104,8 @@ def test_job_with_explain_loads_the_maps_and_keeps_the_result_for_a_verdict(samp
         assert np.isfinite(array).all() and array.min() >= 0 and array.max() > 0
         assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == \
             pytest.approx(N.mapWindow(name, array), rel=1e-5)
+        assert display.GetApplyThreshold() and display.GetLowerThreshold() == N.MAP_TRANSPARENT_BELOW and \
+            display.GetUpperThreshold() > array.max()
     assert slicer.util.arrayFromVolume(result.mapVolumeNodes["local_similarity"]).max() <= 1.0 + 1e-6
     # an affine result moves every point: the displacement map is positive inside the field of view
     assert np.median(slicer.util.arrayFromVolume(result.mapVolumeNodes["displacement"])) > 0
