@@ -29,7 +29,7 @@ import numpy as np
 from ..core.config import RegistrationConfig
 from ..core.errors import InputError
 from ..core.image import Image
-from .metrics import hd95_per_label, mean_dice, summarize, tre_mm
+from .metrics import label_scores, summarize, tre_mm
 from ..core.progress import Progress, ProgressCallback
 
 logger = logging.getLogger(__name__)
@@ -69,10 +69,8 @@ def _score(method: str, item: dict, config: RegistrationConfig, model) -> dict:
     row["seconds"] = time.perf_counter() - start
     flab, mlab = _labels(item, "fixed"), _labels(item, "moving")
     if flab is not None and mlab is not None:
-        warped = warp_image(mlab, flab.grid, transform, "nearest").array
-        row["dice"] = mean_dice(flab.array, warped)
-        hd = [v for v in hd95_per_label(flab.array, warped, flab.grid.spacing).values() if math.isfinite(v)]
-        row["hd95"] = float(np.mean(hd)) if hd else float("nan")
+        scores = label_scores(flab.array, warp_image(mlab, flab.grid, transform, "nearest").array, flab.grid.spacing)
+        row["dice"], row["hd95"] = scores["dice_mean"], scores["hd95_mean_mm"]
     if "fixed_keypoints" in item and len(item["fixed_keypoints"]):
         fk, mk = item["fixed_keypoints"].numpy(), item["moving_keypoints"].numpy()
         row["tre"] = float(tre_mm(transform.map_points(fk), mk).mean())

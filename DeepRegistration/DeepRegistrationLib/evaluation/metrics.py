@@ -45,8 +45,8 @@ from ..core.grid import Grid
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["dice_per_label", "mean_dice", "hd95_per_label", "label_scores", "jacobian_determinant", "folding_percent", "sdlogj",
-           "tre_mm", "summarize"]
+__all__ = ["dice_per_label", "mean_dice", "hd95_per_label", "label_scores", "jacobian_determinant",
+           "folding_percent", "sdlogj", "tre_mm", "summarize"]
 
 
 # ---------------------------------------------------------------------------------------------- overlap

@@ -102,13 +102,10 @@ def evaluate_labels(fixed_labels: Image, moving_labels: Image, transform: Spatia
     labels = sorted(int(v) for v in np.unique(fixed_labels.array) if v != 0)
     out = {}
     for tag, warped in (("before", before), ("after", after)):
-        dice = metrics.dice_per_label(fixed_labels.array, warped.array, labels)
-        hd = metrics.hd95_per_label(fixed_labels.array, warped.array, fixed_labels.grid.spacing, labels)
-        out[tag] = {"dice_mean": float(np.nanmean(list(dice.values()))),
-                    "dice_p30": float(np.nanpercentile(list(dice.values()), 30)),
-                    "hd95_mean_mm": float(np.nanmean(list(hd.values()))) if hd else float("nan"),
-                    "dice_per_label": {str(k): round(float(v), 5) for k, v in dice.items()},
-                    "hd95_per_label_mm": {str(k): round(float(v), 4) for k, v in hd.items()}}
+        s = metrics.label_scores(fixed_labels.array, warped.array, fixed_labels.grid.spacing, labels)
+        out[tag] = {"dice_mean": s["dice_mean"], "dice_p30": s["dice_p30"], "hd95_mean_mm": s["hd95_mean_mm"],
+                    "dice_per_label": {str(k): round(float(v), 5) for k, v in s["dice_per_label"].items()},
+                    "hd95_per_label_mm": {str(k): round(float(v), 4) for k, v in s["hd95_per_label_mm"].items()}}
     return out, after
 
 
