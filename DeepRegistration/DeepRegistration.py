@@ -287,10 +287,16 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.hide()
         self.ui.showLogButton.hide()
         self.initializeParameterNode()
+        from DeepRegistrationWidgets import addWorkflowSection  # "Sequence / template" (reads the parameter node)
+
+        self.workflowSection = addWorkflowSection(self)
 
     def cleanup(self) -> None:
         self._flickerTimer.stop()
         self._cancelJob()
+        section = getattr(self, "workflowSection", None)
+        if section is not None:  # stops its job, if any
+            section.cleanup()
         import sys
         run = sys.modules.get("DeepRegistrationSlicerLib.run")
         if run is not None:  # stop the worker started ahead for the next registration (nothing left running)

@@ -102,6 +102,15 @@ def inert_ui(env):
     return ui
 
 
+def create_widget(env, mod, ui, monkeypatch):
+    """The module widget set up on inert ``ui``; Slicer's ``qMRMLCheckableNodeComboBox`` (used by the
+    "Sequence / template" section) is stood in for by an inert class too, for the test's duration."""
+    import qt
+
+    monkeypatch.setattr(env.slicer, "qMRMLCheckableNodeComboBox", qt.qMRMLCheckableNodeComboBox, raising=False)
+    return env.createWidget(mod, ui)
+
+
 def act(widget, signal, *args):
     """Emits ``signal`` of an inert widget to the module's slot as PythonQt does: with as many of the signal's
     arguments as the slot takes."""
@@ -297,7 +306,7 @@ def test_gui_connection_through_slicers_connectors(slicerEnv):
     assert source[line - 1].strip().startswith("return") == (slicerEnv.tag != "v5.8.1")
 
 
-def test_widget_setup_enter_exit_and_user_actions(slicerEnv):
+def test_widget_setup_enter_exit_and_user_actions(slicerEnv, monkeypatch):
     """The module widget on Slicer's real ScriptedLoadableModuleWidget and parameterNodeWrapper (widgets inert):
     connected once however often the module is entered, Apply enabled only with a reason-free parameter node,
     a picked preset resets the Advanced values, a scene close reconnects, a deleted input stops the run."""
@@ -307,9 +316,14 @@ def test_widget_setup_enter_exit_and_user_actions(slicerEnv):
     slicer = slicerEnv.slicer
     scene = slicerEnv.scene
     ui = inert_ui(slicerEnv)
-    widget = slicerEnv.createWidget(mod, ui)
+    widget = create_widget(slicerEnv, mod, ui, monkeypatch)
     p = widget._parameterNode
     assert p is not None and len(p._parameterGUIs) == 1
+    # the "Sequence / template" section (DeepRegistrationWidgets) reads this widget's parameter node
+    from DeepRegistrationWidgets import WorkflowSection
+
+    section = widget.workflowSection
+    assert isinstance(section, WorkflowSection) and section.parameterNodeGetter() is p
     for _ in range(3):
         widget.enter()
         widget.exit()
@@ -347,6 +361,8 @@ def test_widget_setup_enter_exit_and_user_actions(slicerEnv):
     scene.RemoveNode(volumes[1])
     assert widget._job is None and job.state == "cancelled"
     assert "'moving' was deleted" in ui.statusLabel.text
+    sectionJob = RegistrationJob(volumes[0], scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"))
+    section._job = sectionJob  # the section's own job: the module's cleanup stops it too
 
     # scene close (the singleton parameter node is reset, not removed): disconnected, then connected once again
     scene.Clear(0)
@@ -356,6 +372,7 @@ def test_widget_setup_enter_exit_and_user_actions(slicerEnv):
     assert not p._parameterGUIs  # the old connection was removed (the tag is known on every version)
     widget.cleanup()
     assert widget._parameterNode is None and not q._parameterGUIs
+    assert section._job is None and sectionJob.state == "cancelled"
 
 
 def test_widget_signals_are_user_actions_only():
@@ -604,7 +621,7 @@ def test_an_outdated_torch_is_updated_after_a_warning(slicerEnv, monkeypatch):
     assert calls == [] and asked == []
 
 
-def test_verdict_warning_and_maps_on_every_tag(slicerEnv):
+def test_verdict_warning_and_maps_on_every_tag(slicerEnv, monkeypatch):
     """The verdict label, the warning for ``failed`` (the tag's own slicer.util.warningDisplay: in testing mode
     it logs a warning and opens nothing) and Show maps (slicer.util.setSliceViewerLayers) on each tag's code,
     with a result made of real nodes (no registration run: the full path is test_widget_apply_poll_...)."""
@@ -625,7 +642,7 @@ def test_verdict_warning_and_maps_on_every_tag(slicerEnv):
         slicer.util.updateVolumeFromArray(node, np.random.default_rng(0).random((6, 7, 8)).astype(np.float32))
         volumes.append(node)
     ui = inert_ui(slicerEnv)
-    widget = slicerEnv.createWidget(mod, ui)
+    widget = create_widget(slicerEnv, mod, ui, monkeypatch)
     fixedImage = N.volumeToImage(volumes[0])
     maps = {}
     for name in ("residual", "displacement"):
@@ -683,7 +700,7 @@ def test_widget_apply_poll_inspect_harden_and_show_log(tmp_path, sample_dir, mon
         fixed = slicer.util.loadVolume(str(sample_dir / "fixed.nii.gz"))
         moving = slicer.util.loadVolume(str(sample_dir / "moving.nii.gz"))
         ui = inert_ui(env)
-        widget = env.createWidget(mod, ui)
+        widget = create_widget(env, mod, ui, monkeypatch)
         p = widget._parameterNode
         assert (p.fixedVolume, p.movingVolume) == (fixed, moving)
         p.preset, p.spacing, p.explain = "Affine", 8.0, True
