@@ -68,6 +68,10 @@ class RegistrationResult:
         similarity_before / similarity_after: The configured similarity loss (lower is better) on the
             working grid, for the images as given (no transform) and after registration.
         ncc_before / ncc_after: Global Pearson correlation, same voxels (a comparable summary).
+        velocity: With ``config.diffeomorphic``: the stationary velocity field ``v`` ``(3, Z, Y, X)`` float64,
+            LPS mm per unit time, components (x, y, z), on ``transform.field_grid`` (the working grid plus one
+            voxel on every side), with ``u ≈ exp(v) - id`` (7 squarings); ``exp(-v)`` is the exact inverse's
+            field (:func:`DeepRegistrationLib.spatial.inverse.invert`). None otherwise.
         jacobian: ``(Z, Y, X)`` det of the Jacobian of the full map on ``working_grid``.
         folding_percent: % of working-grid voxels with det J <= 0.
         sdlogj: Both SDlogJ variants (see :func:`DeepRegistrationLib.evaluation.metrics.sdlogj`).
@@ -91,6 +95,7 @@ class RegistrationResult:
     timings: dict = field(default_factory=dict)
     device: str = "cpu"
     config: RegistrationConfig | None = None
+    velocity: np.ndarray | None = None
 
 
 def _pool(t: torch.Tensor, f: int) -> torch.Tensor:
@@ -211,7 +216,11 @@ def _field_from_param(param: torch.Tensor, grid: Grid, cfg: RegistrationConfig) 
 
 
 def _optimize_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters: int, sim: Similarity,
-                    cfg: RegistrationConfig, progress: Progress, term: LandmarkTerm | None = None) -> torch.Tensor:
+                    cfg: RegistrationConfig, progress: Progress,
+                    term: LandmarkTerm | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The deformable stage at one level, from the parameters ``init`` ``(1, 3, Z, Y, X)`` (mm, on ``lv.fgrid``):
+    returns the displacement ``u`` and, for ``cfg.diffeomorphic``, its velocity ``v`` (``u = exp(v) - id``;
+    else None), both ``(1, 3, Z, Y, X)`` mm on ``lv.fgrid``."""
     reg = Regularizer(cfg.regularization)
     param = init.detach().clone().requires_grad_(True)
     lr = FIELD_STEP * min(lv.fgrid.spacing)  # mm per step
@@ -231,7 +240,8 @@ def _optimize_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters:
 
     best = _descend(param, opt, objective, iters, progress, f"deformable level 1/{lv.factor}")
     with torch.no_grad():
-        return _field_from_param(best, lv.fgrid, cfg).detach()
+        velocity = _smooth(best, cfg.smoothing_passes).detach() if cfg.diffeomorphic else None
+        return _field_from_param(best, lv.fgrid, cfg).detach(), velocity
 
 
 def _evaluate(lv: _Level, affine: torch.Tensor, u: torch.Tensor | None, sim: Similarity) -> tuple[float, float]:
@@ -369,7 +379,7 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
         affine = _optimize_linear(lv, affine, kind, center, iters, sim, sub, frame, term)
     timings["linear"] = time.perf_counter() - t
 
-    u = None
+    u = v = None
     if cfg.mode == "deformable":
         t = time.perf_counter()
         run_factors = factors
@@ -384,16 +394,18 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
         for n, f in enumerate(run_factors):
             lv = levels[f]
             if n > 0 or predictor is not None:
-                init = W.resample_field(u, prev_grid, lv.fgrid)
+                # the diffeomorphic parameters are the velocity (the displacement only for a prediction)
+                init = W.resample_field(u if v is None else v, prev_grid, lv.fgrid)
             iters = cfg.iterations * (COARSE_ITERATION_FACTOR if f > 1 else 1)
             sub = Progress(progress, *np.interp([n / len(run_factors), (n + 1) / len(run_factors)], [0, 1],
                                                  (0.3, 0.95)))
             if cfg.diffeomorphic and n == 0 and predictor is None:
                 init = torch.zeros_like(init)
-            u = _optimize_field(lv, affine, init, iters, sim, cfg, sub, term)
+            u, v = _optimize_field(lv, affine, init, iters, sim, cfg, sub, term)
             prev_grid = lv.fgrid
         if u is not None and prev_grid != finest.fgrid:
             u = W.resample_field(u, prev_grid, finest.fgrid)
+            v = None if v is None else W.resample_field(v, prev_grid, finest.fgrid)
         timings["deformable"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -409,7 +421,8 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
         working_grid=fw.grid, similarity_before=sim_before, similarity_after=sim_after,
         ncc_before=ncc_before, ncc_after=ncc_after, jacobian=detj.astype(np.float32),
         folding_percent=float(metrics.folding_percent(detj)), sdlogj=metrics.sdlogj(detj),
-        initialization=init_info, timings=timings, device=str(device), config=cfg)
+        initialization=init_info, timings=timings, device=str(device), config=cfg,
+        velocity=None if v is None else _padded_field(v[0].double().cpu().numpy(), fw.grid)[0])
     timings["evaluate"] = time.perf_counter() - t
     prog(1.0, "registered")
     logger.info("registered: %s %.4f -> %.4f, NCC %.3f -> %.3f, folding %.4f%%", cfg.similarity, sim_before,
