@@ -722,8 +722,12 @@ def test_widget_apply_poll_inspect_harden_and_show_log(tmp_path, sample_dir, mon
         assert ui.verdictLabel.toolTip == ("\n".join(result.quality["reasons"]) or
                                            "Every quality signal is within its range.")
         names = list(result.mapVolumeNodes)
-        assert names == ["residual", "local_similarity", "displacement", "uncertainty"][:len(names)] and \
-            len(names) >= 3
+        assert names == ["residual", "local_similarity", "displacement", "uncertainty"]  # Explain asks for all
+        for node in result.mapVolumeNodes.values():  # on the fixed grid
+            assert node.GetImageData().GetDimensions() == fixed.GetImageData().GetDimensions()
+            np.testing.assert_allclose(N.volumeIJKToRAS(node), N.volumeIJKToRAS(fixed), atol=1e-9)
+        assert result.report["uncertainty"] and slicer.util.arrayFromVolume(
+            result.mapVolumeNodes["uncertainty"]).min() >= 0  # mm
         assert [c for c in ui.mapComboBox.calls if c[0] == "addItem"] == \
             [("addItem", mod.mapTitle(n)) for n in names]
         assert ui.showMapsButton.enabled is True
