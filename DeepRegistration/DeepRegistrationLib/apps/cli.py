@@ -27,7 +27,8 @@ outputs (in OUTDIR, written to a temporary folder first and moved into place whe
   report.png        fixed / moving before / after / checkerboards / Jacobian, three planes
                     (with --explain: three more rows with the maps below)
   explain/          (--explain) residual.nii.gz |fixed - warped| after intensity normalization,
-                    local_similarity.nii.gz (LNCC cc2 the optimizer saw), displacement.nii.gz (mm),
+                    local_similarity.nii.gz (LNCC cc2, or local MI with --similarity mi: what
+                    the optimizer saw), displacement.nii.gz (mm),
                     all on the fixed image's grid
   uncertainty.nii.gz (--uncertainty) per-voxel spread (mm) of a few perturbed restarts, on the fixed
                     grid: large where the images do not determine the deformation; not an error bound

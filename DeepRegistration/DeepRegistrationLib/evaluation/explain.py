@@ -12,9 +12,11 @@ Given the fixed and moving images and a fixed → moving :class:`~DeepRegistrati
 
   ``residual``: ``|fixed − warped|`` after each image's robust intensity normalization to [0, 1]
   (:func:`~DeepRegistrationLib.registration.preprocess.normalize_intensity`), 0 where the warped moving image has no
-  data (outside its field of view); ``local_similarity``: LNCC ``cc²`` in [0, 1] (1 = locally identical up
-  to a linear intensity change), 0 where the fixed window is flat (background: no information) or outside
-  the overlap; ``displacement``: ``|T(x) − x|`` in mm (the full map, linear part included).
+  data (outside its field of view); ``local_similarity``: the optimizer's similarity locally — for LNCC and
+  MSE the LNCC ``cc²`` in [0, 1] (1 = locally identical up to a linear intensity change), for MI the local
+  mean of the pointwise mutual information (:func:`local_mi`, nats) — 0 where the fixed window is flat
+  (background: no information) or outside the overlap; ``displacement``: ``|T(x) − x|`` in mm (the full
+  map, linear part included).
 
 Arrays are ``(Z, Y, X)`` (see :mod:`~DeepRegistrationLib.core.grid`); tensors ``(B, C, Z, Y, X)``.
 """
@@ -32,7 +34,7 @@ from ..core.grid import Grid
 from ..core.image import Image
 from ..registration.preprocess import normalize_intensity, prepare
 from ..spatial.resampling import sample_on_grid, slab_grid, warp_image
-from ..registration.similarity import box_filter
+from ..registration.similarity import MutualInformation, box_filter, joint_histogram
 from ..spatial.transforms import SpatialTransform
 
 logger = logging.getLogger(__name__)
@@ -109,6 +111,43 @@ def local_cc2(fixed: torch.Tensor, warped: torch.Tensor, radius: int,
         cc2 = (cross * cross / (var_f * var_w + 1e-12)).clamp(0, 1)
         structured = (var_f > FLAT) & (v > 0.5)
         return cc2 * structured, structured
+
+
+def local_mi(fixed: torch.Tensor, warped: torch.Tensor, radius: int, view: torch.Tensor | None = None,
+             bins: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local mutual information (nats) of two ``(1, 1, Z, Y, X)`` images in [0, 1] over ``(2r+1)³`` windows.
+
+    The joint distribution is the one :class:`~DeepRegistrationLib.registration.similarity.MutualInformation`
+    optimizes (bilinear Parzen histogram of ``bins`` bins over ``view``, Gaussian-smoothed); each voxel gets
+    its pointwise mutual information ``log p(f, w) / (p(f) p(w))`` (looked up with the same bilinear
+    weights), averaged over the window's voxels in ``view``. The mean of this map over the overlap is the
+    global MI; it is high where the intensity pairs are the typical ones (any monotonic or non-monotonic
+    intensity relation), low or negative where they are rare (misaligned structures).
+
+    Returns:
+        ``(mi, structured)`` as :func:`local_cc2`: ``mi`` float (nats), 0 where ``structured`` is False.
+    """
+    with torch.no_grad():
+        v = torch.ones_like(fixed) if view is None else view.to(fixed.dtype)
+        mi = MutualInformation(bins)
+        p = mi._smooth(joint_histogram(fixed, warped, bins, v > 0.5))
+        p = p / p.sum().clamp_min(1e-12)
+        eps = 1e-10
+        pmi = torch.log(p + eps) - torch.log(p.sum(1, keepdim=True) * p.sum(0, keepdim=True) + eps)
+        cf = fixed.reshape(-1).clamp(0, 1) * (bins - 1)
+        cw = warped.reshape(-1).clamp(0, 1) * (bins - 1)
+        i_f = cf.floor().clamp(0, bins - 2)
+        i_w = cw.floor().clamp(0, bins - 2)
+        t_f, t_w = cf - i_f, cw - i_w
+        i_f, i_w = i_f.long(), i_w.long()
+        point = sum(wf * ww * pmi[i_f + df, i_w + dw] for df, wf in ((0, 1 - t_f), (1, t_f))
+                    for dw, ww in ((0, 1 - t_w), (1, t_w))).view_as(fixed)
+        stats = box_filter(torch.cat([v, v * point, v * fixed, v * fixed * fixed], 1), radius)
+        mv, mp, mf, mff = torch.split(stats, 1, 1)
+        inv = 1.0 / mv.clamp_min(1e-6)
+        var_f = (mff * inv - (mf * inv) ** 2).clamp_min(0)
+        structured = (var_f > FLAT) & (v > 0.5)
+        return mp * inv * structured, structured
 
 
 def linear_part(affine: np.ndarray) -> dict:
@@ -199,7 +238,8 @@ def explanation_maps(fixed: Image, moving: Image, transform: SpatialTransform, c
     Args:
         fixed / moving: The images as registered.
         transform: Fixed → moving map.
-        config: The registration's settings (working spacing, intensity percentiles, LNCC radius).
+        config: The registration's settings (working spacing, intensity percentiles, the similarity — ``mi``
+            gives the local MI map, the others LNCC ``cc²`` — and the LNCC radius, the window of the local map).
         pair: :func:`working_pair` of these images, if already computed.
         warped: ``moving`` warped onto ``fixed.grid`` (linear), if already computed.
 
@@ -210,8 +250,11 @@ def explanation_maps(fixed: Image, moving: Image, transform: SpatialTransform, c
     warped = warped if warped is not None else warp_image(moving, fixed.grid, transform, "linear")
     ones = Image(np.ones(moving.grid.shape, np.float32), moving.grid, "support")
     inside = warp_image(ones, fixed.grid, transform, "linear").array > 0.5
-    cc2, _ = local_cc2(pair.fixed, pair.warped, config.lncc_radius, pair.view)
-    local = sample_on_grid(cc2[0, 0].numpy(), pair.grid, fixed.grid)
+    if config.similarity == "mi":
+        sim, _ = local_mi(pair.fixed, pair.warped, config.lncc_radius, pair.view)
+    else:
+        sim, _ = local_cc2(pair.fixed, pair.warped, config.lncc_radius, pair.view)
+    local = sample_on_grid(sim[0, 0].cpu().numpy(), pair.grid, fixed.grid)
     return {"residual": Image(residual_map(fixed, warped, inside, config.intensity_percentiles), fixed.grid,
                               "residual"),
             "local_similarity": Image(local.astype(np.float32), fixed.grid, "local_similarity"),

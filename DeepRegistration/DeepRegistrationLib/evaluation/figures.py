@@ -7,8 +7,9 @@ red = expand, black contour where det J <= 0).
 
 With explainability maps (``maps``, see :func:`DeepRegistrationLib.evaluation.explain.explanation_maps`; and
 ``uncertainty``), three more rows (axial, coronal, sagittal again) show, one column each: the residual
-``|fixed − warped|`` (0–0.5 of the normalized range), the local similarity (LNCC cc², shown 0.5–1), the
-displacement magnitude (mm, 0 to its 99th percentile) and, when present, the restart spread (mm).
+``|fixed − warped|`` (0–0.5 of the normalized range), the local similarity (LNCC cc², shown 0.5–1; or
+the local MI in nats, 0 to its 99th percentile), the displacement magnitude (mm, 0 to its 99th
+percentile) and, when present, the restart spread (mm).
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def _norm(arr: np.ndarray) -> np.ndarray:
 #: The explainability rows: map name -> (column title, colour map, fixed (vmin, vmax) or None = 0..p99, colour bar label).
 MAP_ROWS = {"residual": ("residual |fixed - warped|", "magma", (0.0, 0.5), "normalized intensity"),
             "local_similarity": ("local similarity (LNCC cc²)", "viridis", (0.5, 1.0), "cc²"),
+            "local_mi": ("local similarity (local MI)", "viridis", None, "nats"),
             "displacement": ("displacement |T(x) - x|", "plasma", None, "mm"),
             "uncertainty": ("uncertainty (restart spread)", "inferno", None, "mm")}
 
@@ -64,7 +66,8 @@ def draw_report(fixed: Image, moving_before: Image, warped: Image, jacobian: Ima
 
     Args:
         maps: Optional maps on the fixed grid by name (keys of :data:`MAP_ROWS`: ``residual``,
-            ``local_similarity``, ``displacement``, ``uncertainty``), drawn as three extra rows.
+            ``local_similarity`` (LNCC cc²) or ``local_mi``, ``displacement``, ``uncertainty``), drawn as three
+            extra rows.
     """
     import matplotlib
 

@@ -306,7 +306,7 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
         (tmp / "explain").mkdir()
         for name in EXPLAIN_FILES:
             write_image(maps[name], tmp / "explain" / f"{name}.nii.gz")
-        explain_info = explain_summary(maps, pair)
+        explain_info = explain_summary(maps, pair, cfg.similarity)
     unc_info, unc_seconds = None, 0.0
     if uncertainty:
         from ..evaluation.uncertainty import ITERATIONS, RESTARTS, restart_spread
@@ -360,12 +360,15 @@ def _write_report(tmp: Path, inputs: _Inputs, result: RegistrationResult, fixed_
         from ..evaluation.figures import draw_report
 
         before = warp_image(inputs.moving, inputs.fixed.grid, SpatialTransform.identity(), "linear")
+        maps = dict(evaluation.maps)
+        if result.config.similarity == "mi" and "local_similarity" in maps:
+            maps = {("local_mi" if k == "local_similarity" else k): v for k, v in maps.items()}
         draw_report(inputs.fixed, before, outputs.warped, outputs.jacobian, tmp / "report.png",
-                    summary_lines(report), maps=evaluation.maps)
+                    summary_lines(report), maps=maps)
     return report
 
 
-def explain_summary(maps: dict[str, Image], pair) -> dict:
+def explain_summary(maps: dict[str, Image], pair, similarity: str = "lncc") -> dict:
     """The ``report.json`` entry of the explainability maps: files, meaning, and their medians over the
     fixed foreground (working-grid voxels above :data:`~DeepRegistrationLib.evaluation.explain.FOREGROUND`,
     resampled onto the fixed grid)."""
@@ -377,8 +380,10 @@ def explain_summary(maps: dict[str, Image], pair) -> dict:
     return {"files": {name: f"explain/{name}.nii.gz" for name in maps},
             "meaning": {"residual": "|fixed - warped| after each image's robust normalization to [0, 1]; "
                                     "0 outside the moving field of view",
-                        "local_similarity": "LNCC cc2 in [0, 1] per voxel (the optimizer's window); 0 where the "
-                                            "fixed image is flat or outside the overlap",
+                        "local_similarity": ("local mutual information (nats): the window mean of the pointwise MI "
+                                             "of the optimizer's joint histogram" if similarity == "mi" else
+                                             "LNCC cc2 in [0, 1] per voxel (the optimizer's window)")
+                        + "; 0 where the fixed image is flat or outside the overlap",
                         "displacement": "|T(x) - x| in mm (linear part included)"},
             "foreground_median": {"residual": med(maps["residual"].array),
                                   "local_similarity": med(maps["local_similarity"].array),

@@ -161,3 +161,25 @@ def test_fail_on_sets_the_exit_status_from_the_verdict():
     assert _verdict_status({"quality": {"verdict": "failed"}}, "suspect") == 3
     assert _verdict_status({"quality": {"verdict": "ok"}}, "suspect") == 0
     assert _verdict_status({}, "suspect") == 0  # no verdict (e.g. an older report): nothing to fail on
+
+
+def test_local_mi_map_for_mi_registrations_is_invariant_to_a_contrast_inversion(pair):
+    """With ``similarity="mi"`` the local similarity map is the local MI: the same for the image against
+    itself and against its inverted contrast (MI ignores a one-to-one intensity change), and several times
+    higher there than against an unrelated image (smooth noise)."""
+    fixed, _ = pair
+    cfg = RegistrationConfig(spacing=4.0, similarity="mi")
+    inverted = Image(fixed.array.max() - fixed.array, fixed.grid, "inverted")
+    rng = np.random.default_rng(0)
+    noise = Image(sample_on_grid(rng.random((12, 14, 12)).astype(np.float32),
+                                 Grid((12, 14, 12), tuple(np.asarray(fixed.grid.spacing) * np.asarray(fixed.grid.shape)
+                                                          / (12, 14, 12)), fixed.grid.origin,
+                                      fixed.grid.direction), fixed.grid), fixed.grid, "noise")
+    anatomy = fixed.array > np.percentile(fixed.array, 60)
+    med = {}
+    for name, moving in (("same", fixed), ("inverted", inverted), ("noise", noise)):
+        local = explain.explanation_maps(fixed, moving, SpatialTransform.identity(), cfg)["local_similarity"]
+        assert local.grid.same_as(fixed.grid)
+        med[name] = float(np.median(local.array[anatomy]))
+    assert med["inverted"] == pytest.approx(med["same"], rel=0.1), med
+    assert med["same"] > 0.5 and med["noise"] < 0.25 * med["same"], med
