@@ -6,9 +6,9 @@ The background job's folder is removed once its results are in the scene, so :me
 ``inverse.h5`` as bytes, the report). Nothing is written until the user gives a verdict; then
 :func:`recordVerdict` writes a result folder into the per-user **feedback store**::
 
-    STORE/<result_id>/fixed.nii.gz, moving.nii.gz   the inputs (LPS, engine frame; what was registered)
-                     transform.h5 [, inverse.h5]     the engine's transform (fixed -> moving), as written
-                     report.json                     "inputs" pointing at the two copies above
+    STORE/result_0001/fixed.nii.gz, moving.nii.gz   the inputs (LPS, engine frame; what was registered)
+                      transform.h5 [, inverse.h5]     the engine's transform (fixed -> moving), as written
+                      report.json                     "inputs" pointing at the two copies above
 
 (the folder appears complete or not at all) and calls :func:`DeepRegistrationLib.workflows.feedback.record`,
 which stores the verdict in that ``report.json`` and appends it to the feedback log (the per-user default, or
@@ -19,8 +19,10 @@ Settings (Slicer's application settings, ``slicer.app.userSettings()``): ``DeepR
 (the store; default :func:`defaultStoreFolder`) and ``DeepRegistration/FeedbackLog`` (the log file; default
 the engine's per-user log, :func:`DeepRegistrationLib.workflows.feedback.default_log_path`).
 
-The folder name is the report's random ``result_id``: nothing identifying in paths; the images themselves
-are patient data and stay on this computer.
+Folders are numbered (``result_0001``, ``result_0002``, ...): a name says nothing about the patient and is
+not the result's id either (the DatasetBuilder treats distinctive folder names as identifying and refuses a
+dataset that contains them, and the result id goes into the dataset). The images themselves are patient data
+and stay on this computer.
 """
 from __future__ import annotations
 
@@ -99,8 +101,8 @@ def logPath() -> Path | None:
 
 
 def saveResult(pending: PendingResult, store: str | os.PathLike | None = None) -> Path:
-    """Writes the result folder ``STORE/<result_id>/`` (see the module docstring) and returns it; the folder
-    is complete or absent (written under a temporary name, then renamed)."""
+    """Writes the next free result folder ``STORE/result_NNNN/`` (see the module docstring) and returns it; the
+    folder is complete or absent (written under a temporary name, then renamed)."""
     from DeepRegistrationLib.io.images import write_image
 
     store = Path(store) if store is not None else storeFolder()
@@ -114,17 +116,14 @@ def saveResult(pending: PendingResult, store: str | os.PathLike | None = None) -
         from DeepRegistrationLib.workflows.feedback import new_result_id
 
         resultId = new_result_id()
-    name, n = resultId, 1
-    while (store / name).exists():
-        n += 1
-        name = f"{resultId}-{n}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=store))
+    tmp = Path(tempfile.mkdtemp(prefix=".result.partial-", dir=store))
     try:
         write_image(pending.fixed, tmp / "fixed.nii.gz")
         write_image(pending.moving, tmp / "moving.nii.gz")
         (tmp / "transform.h5").write_bytes(pending.transform)
         if pending.inverse is not None:
             (tmp / "inverse.h5").write_bytes(pending.inverse)
+        name = _nextName(store)
         report = dict(pending.report, result_id=resultId)
         report["inputs"] = {**(report.get("inputs") or {}), "fixed": str(store / name / "fixed.nii.gz"),
                             "moving": str(store / name / "moving.nii.gz")}
@@ -138,6 +137,12 @@ def saveResult(pending: PendingResult, store: str | os.PathLike | None = None) -
         raise
     pending.report = report
     return store / name
+
+
+def _nextName(store: Path) -> str:
+    """``result_NNNN`` one above the highest number in ``store``."""
+    numbers = [int(p.name[7:]) for p in store.glob("result_*") if p.name[7:].isdigit()]
+    return f"result_{max(numbers, default=0) + 1:04d}"
 
 
 def recordVerdict(pending: PendingResult, verdict: str, note: str | None = None,

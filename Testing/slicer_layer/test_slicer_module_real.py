@@ -766,7 +766,7 @@ def test_widget_apply_poll_inspect_harden_and_show_log(tmp_path, sample_dir, mon
         assert ui.acceptButton.enabled is True and ui.rejectButton.enabled is True
         ui.feedbackNoteLineEdit.text = "aligned well"
         act(ui.acceptButton, "clicked(bool)", True)
-        folder = store / result.report["result_id"]
+        folder = store / "result_0001"
         assert ui.statusLabel.text.startswith("Accepted: the result is kept in") and str(folder) in ui.statusLabel.text
         report = json.loads((folder / "report.json").read_text())
         assert report["feedback"]["verdict"] == "accepted" and report["feedback"]["note"] == "aligned well"

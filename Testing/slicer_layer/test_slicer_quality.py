@@ -116,7 +116,7 @@ def test_job_with_explain_loads_the_maps_and_keeps_the_result_for_a_verdict(samp
     pending = result.pendingFeedback
     assert pending is not None and pending.folder is None
     entry = F.recordVerdict(pending, "accepted", "fine", store=store, log=log)
-    folder = store / result.report["result_id"]
+    folder = store / "result_0001"
     assert entry["folder"] == str(folder) and entry["verdict"] == "accepted" and entry["log"] == str(log)
     assert sorted(p.name for p in folder.iterdir()) == ["fixed.nii.gz", "moving.nii.gz", "report.json",
                                                         "transform.h5"]  # affine: no inverse.h5
@@ -134,6 +134,12 @@ def test_job_with_explain_loads_the_maps_and_keeps_the_result_for_a_verdict(samp
                                atol=1e-5)
     assert sitk.ReadImage(str(folder / "moving.nii.gz")).GetSize() == \
         tuple(moving.GetImageData().GetDimensions())
+    # the DatasetBuilder's --feedback takes the accepted copy as a training pair (the loop's next step)
+    from DatasetBuilderLib import build as B
+
+    built = B.build_dataset([], tmp_path / "ds", B.BuildOptions(key_file=str(tmp_path / "key.hex"),
+                                                               split_ratios=(1, 0, 0), feedback_log=str(log)))
+    assert built.feedback_pairs == 1 and not built.feedback_unusable
     # the user changes their mind: the same folder, the latest verdict counts, the log keeps both lines
     F.recordVerdict(pending, "rejected", None, store=store, log=log)
     assert [p.name for p in store.iterdir()] == [folder.name]
