@@ -149,9 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guide-weight", type=float, default=d.guide_weight, metavar="W",
                    help="weight per mm² of the guide landmarks' term in the objectives; 0 = they only start "
                    "the registration (default: %(default)s)")
-    e.add_argument("--guide-weight", type=float, default=d.guide_weight, metavar="W",
-                   help="weight per mm² of the guide landmarks' term in the objectives; 0 = they only start "
-                   "the registration (default: %(default)s)")
     m = p.add_argument_group("learned model")
     m.add_argument("--model", metavar="NAME|PATH", help="a trained field predictor (see 'deepregistration models "
                    "list') whose prediction starts the deformable optimization")
