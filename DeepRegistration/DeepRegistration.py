@@ -357,6 +357,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelJob()
+        self._lastResult = None  # its nodes go with the scene; a verdict on it is no longer offered
+        self.showVerdict(None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:

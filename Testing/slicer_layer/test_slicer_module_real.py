@@ -676,6 +676,9 @@ def test_verdict_warning_and_maps_on_every_tag(slicerEnv, monkeypatch):
     assert composite.GetBackgroundVolumeID() == volumes[0].GetID()
     widget.showVerdict(None)
     assert ui.verdictLabel.text == "" and ui.verdictLabel.styleSheet == ""
+    widget.showResult(SceneRegistrationResult(transform, quality={"verdict": "ok", "reasons": []}, mapVolumeNodes=maps))
+    scene.Clear(0)  # closing the scene forgets the result: no verdict, no maps, nothing to judge
+    assert widget._lastResult is None and ui.verdictLabel.text == "" and ui.showMapsButton.enabled is False
     widget.cleanup()
 
 
