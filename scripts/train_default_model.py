@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "DeepRegistration"))
 
 from DeepRegistrationLib.learning.model_files import load_model, save_model  # noqa: E402
 from DeepRegistrationLib.learning.networks import INPUT_FEATURES  # noqa: E402
-from DeepRegistrationLib.apps.train_cli import evaluate_pair, evaluate_synthetic  # noqa: E402
+from DeepRegistrationLib.evaluation.model_scores import evaluate_pair, evaluate_synthetic  # noqa: E402
 from DeepRegistrationLib.learning.training import TrainConfig, train  # noqa: E402
 
 logger = logging.getLogger("train_default_model")

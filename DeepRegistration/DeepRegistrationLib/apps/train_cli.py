@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -231,65 +230,6 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_synthetic(model, cfg_shape, spacing: float, pairs: int, seed: int = 123, same_contrast: bool = False,
-                       max_displacement_mm: float = 8.0) -> dict:
-    """Mean Dice (identity and model alone), folding % and seconds per pair on seeded synthetic pairs
-    (one contrast per pair with ``same_contrast``, else one per image: multimodal)."""
-    from ..learning.training import TrainConfig, synth_pairs, validate
-
-    cfg = TrainConfig(shape=tuple(cfg_shape), spacing=spacing, same_contrast=same_contrast,
-                      max_displacement_mm=max_displacement_mm)
-    batches = [synth_pairs(cfg, seed + i).sample(1) for i in range(pairs)]
-    t = time.perf_counter()
-    out = validate(model, batches)
-    out["seconds_per_pair"] = (time.perf_counter() - t) / max(pairs, 1)
-    return out
-
-
-def evaluate_pair(model, fixed_path, moving_path, flab_path, mlab_path, spacing: float,
-                  threads: int = 2, similarity: str = "lncc") -> dict:
-    """Dice / folding / seconds on one labelled pair for: none, affine only, IO, model alone, model + IO
-    (the affine stage and IO with ``similarity``)."""
-    from ..core.config import RegistrationConfig
-    from ..io.images import read_image, read_label_image
-    from ..evaluation.metrics import mean_dice
-    from ..registration.pipeline import register
-    from ..spatial.resampling import warp_image
-
-    fixed, moving = read_image(fixed_path, "fixed image"), read_image(moving_path, "moving image")
-    flab = read_label_image(flab_path, "fixed labels", fixed.grid)
-    mlab = read_label_image(mlab_path, "moving labels", moving.grid)
-    cfg = RegistrationConfig(spacing=spacing, threads=threads, similarity=similarity)
-    zero = _ZeroPredictor()
-    runs = {"affine_only": dict(predictor=zero, predictor_mode="replace"), "instance_optimization": {},
-            "model_alone": dict(predictor=model, predictor_mode="replace"),
-            "model_plus_io": dict(predictor=model, predictor_mode="init")}
-    out = {"no_registration": {"dice": _dice_identity(flab, mlab, mean_dice, warp_image)}}
-    for name, kw in runs.items():
-        t = time.perf_counter()
-        res = register(fixed, moving, cfg, **kw)
-        seconds = time.perf_counter() - t
-        warped = warp_image(mlab, flab.grid, res.transform, "nearest")
-        out[name] = {"dice": mean_dice(flab.array, warped.array), "folding_percent": res.folding_percent,
-                     "seconds": round(seconds, 2)}
-    return out
-
-
-def _dice_identity(flab, mlab, mean_dice, warp_image) -> float:
-    from ..spatial.transforms import SpatialTransform
-
-    return mean_dice(flab.array, warp_image(mlab, flab.grid, SpatialTransform.identity(), "nearest").array)
-
-
-class _ZeroPredictor:
-    """A predictor of the zero field: ``predictor_mode="replace"`` with it gives the affine stage alone."""
-
-    def predict(self, fixed, moving, grid):
-        import torch
-
-        return torch.zeros(1, 3, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device)
-
-
 def _evaluate_dataset(args: argparse.Namespace) -> int:
     from ..core.config import RegistrationConfig
     from ..core.errors import InputError
@@ -329,6 +269,7 @@ def _evaluate_dataset(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from ..evaluation.model_scores import evaluate_pair, evaluate_synthetic
     from ..learning.model_files import working_spacing
     from ..learning.registry import load
 

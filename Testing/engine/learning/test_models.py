@@ -152,7 +152,7 @@ def test_default_model_improves_the_bundled_pair(sample_dir, tmp_path, contrast)
     alone (after the affine stage) it beats the affine stage, far above no registration; as the start of the
     instance optimization it does not make the result worse. (It sees local contrast, trained on
     single-contrast synthetic pairs only.)"""
-    from DeepRegistrationLib.apps.train_cli import evaluate_pair
+    from DeepRegistrationLib.evaluation.model_scores import evaluate_pair
 
     loaded = registry.load("default")
     assert loaded.card["training"]["recipe"]["same_contrast"] is True
@@ -193,7 +193,7 @@ def test_model_runs_at_its_own_spacing_on_any_working_grid(sample_dir):
     from DeepRegistrationLib.io.images import read_image
     from DeepRegistrationLib.registration.pipeline import register
     from DeepRegistrationLib.registration.preprocess import prepare
-    from DeepRegistrationLib.apps.train_cli import evaluate_pair
+    from DeepRegistrationLib.evaluation.model_scores import evaluate_pair
 
     loaded = registry.load("default")
     assert loaded.working_spacing_mm == 3.0
