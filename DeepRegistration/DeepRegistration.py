@@ -521,12 +521,13 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         self._lastResult = result
         self.showVerdict(result.quality)
-        names = list(self._liveMaps())
+        maps = self._liveMaps()
+        names = list(maps)
         combo = self.ui.mapComboBox
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        for name in names:
-            combo.addItem(mapTitle(name))
+        for name in names:  # the attribute says how it is shown (local_mi after an MI registration)
+            combo.addItem(mapTitle(maps[name].GetAttribute("DeepRegistration.output") or name))
         self._mapNames = names
         combo.blockSignals(wasBlocked)
         if result.metricsTableNode:
@@ -570,7 +571,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         name = names[index] if 0 <= index < len(names) else names[0]
         self.logic.showMapInSliceViews(maps[name], self._parameterNode.fixedVolume,
                                        self.ui.fadeSliderWidget.value)
-        self.ui.statusLabel.text = _("Showing the {map} map over the fixed volume.").format(map=mapTitle(name))
+        self.ui.statusLabel.text = _("Showing the {map} map over the fixed volume.").format(
+            map=mapTitle(maps[name].GetAttribute("DeepRegistration.output") or name))
 
     def onApplyToMovingNodes(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not apply the transform."), waitCursor=True):
@@ -631,7 +633,8 @@ def guiMapping(ui) -> dict:
 def mapTitle(name: str) -> str:
     """The label of an explanation map in the GUI."""
     return {"residual": _("Residual |fixed − warped|"), "local_similarity": _("Local similarity (LNCC cc²)"),
-            "displacement": _("Displacement (mm)"), "uncertainty": _("Uncertainty (mm)")}.get(name, name)
+            "local_mi": _("Local similarity (local MI, nats)"), "displacement": _("Displacement (mm)"),
+            "uncertainty": _("Uncertainty (mm)")}.get(name, name)
 
 
 def verdictDisplay(quality) -> tuple:

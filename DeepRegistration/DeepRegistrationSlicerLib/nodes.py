@@ -541,8 +541,10 @@ def showAsJacobian(volumeNode) -> None:
 MAP_NAMES = ("residual", "local_similarity", "displacement", "uncertainty")
 """The engine's optional maps on the fixed grid: ``OUTDIR/explain/<name>.nii.gz`` and ``OUTDIR/uncertainty.nii.gz``."""
 
-MAP_TITLES = {"residual": "residual", "local_similarity": "local similarity", "displacement": "displacement (mm)",
-              "uncertainty": "uncertainty (mm)"}
+MAP_TITLES = {"residual": "residual", "local_similarity": "local similarity", "local_mi": "local MI (nats)",
+              "displacement": "displacement (mm)", "uncertainty": "uncertainty (mm)"}
+"""Node-name suffixes; ``local_mi`` is how ``local_similarity`` is shown after an MI registration (the engine
+then writes the local mutual information in nats there, instead of LNCC cc² in [0, 1])."""
 
 _MAP_COLORS = {
     # name: (colour node name, [(fraction of the window, r, g, b)], fixed window or None = 0..99th percentile)
@@ -562,11 +564,13 @@ MAP_TRANSPARENT_BELOW = 1e-6
 
 
 def mapColorNode(name: str, scene=None):
-    """The colour table of an explanation map (``MAP_NAMES``): residual inferno-like (black → yellow), local
-    similarity diverging (red 0 → white 0.5 → blue 1), displacement and uncertainty a heat map (black → red →
-    yellow → white). 256-entry tables, stretched over the volume's window like Slicer's own continuous tables."""
+    """The colour table of an explanation map (``MAP_NAMES`` or ``local_mi``): residual inferno-like (black →
+    yellow), local similarity diverging (red low → white middle → blue high; local MI the same, centred on 0),
+    displacement and uncertainty a heat map (black → red → yellow → white). 256-entry tables, stretched over
+    the volume's window like Slicer's own continuous tables."""
     scene = scene or slicer.mrmlScene
-    title, anchors, _window = _MAP_COLORS[name if name in ("residual", "local_similarity") else "heat"]
+    key = "local_similarity" if name == "local_mi" else name
+    title, anchors, _window = _MAP_COLORS[key if key in ("residual", "local_similarity") else "heat"]
     node = scene.GetFirstNodeByName(title)
     if node is not None and node.IsA("vtkMRMLColorTableNode"):
         return node
@@ -583,12 +587,16 @@ def mapColorNode(name: str, scene=None):
 
 
 def mapWindow(name: str, array: np.ndarray) -> tuple[float, float]:
-    """Display range of a map: 0..1 for the local similarity, else 0 .. the 99th percentile of its non-zero
-    voxels (at least a tiny positive width)."""
+    """Display range of a map: 0..1 for the local similarity (cc²), ±(99th percentile of |value|) for the local
+    MI (0 in the middle), else 0 .. the 99th percentile of its non-zero voxels (at least a tiny positive width)."""
     fixed = _MAP_COLORS.get(name, (None, None, None))[2]
     if fixed is not None:
         return fixed
     a = np.asarray(array, dtype=float)
+    if name == "local_mi":
+        a = np.abs(a[np.isfinite(a) & (a != 0)])
+        high = max(float(np.percentile(a, 99)) if a.size else 1.0, 1e-6)
+        return -high, high
     a = a[np.isfinite(a) & (a > 0)]
     high = float(np.percentile(a, 99)) if a.size else 1.0
     return 0.0, max(high, 1e-6)
@@ -606,11 +614,15 @@ def showAsMap(volumeNode, name: str, array: np.ndarray | None = None) -> None:
     array = slicer.util.arrayFromVolume(volumeNode) if array is None else array
     low, high = mapWindow(name, array)
     display.SetWindowLevelMinMax(low, high)
-    # zeros (outside the overlap, flat background: no information) are transparent over the fixed volume
+    # zeros (outside the overlap, flat background: no information) are transparent over the fixed volume; the
+    # local MI has negative values to show, so it is not thresholded (its 0 is the diverging table's white)
     display.AutoThresholdOff()
-    top = float(np.nanmax(array)) if np.size(array) else 1.0
-    display.SetThreshold(MAP_TRANSPARENT_BELOW, max(top, high) + 1.0)
-    display.ApplyThresholdOn()
+    if name == "local_mi":
+        display.ApplyThresholdOff()
+    else:
+        top = float(np.nanmax(array)) if np.size(array) else 1.0
+        display.SetThreshold(MAP_TRANSPARENT_BELOW, max(top, high) + 1.0)
+        display.ApplyThresholdOn()
     volumeNode.SetAttribute(OUTPUT_ATTRIBUTE, name)
 
 

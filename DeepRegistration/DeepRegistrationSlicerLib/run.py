@@ -211,7 +211,9 @@ class SceneRegistrationResult:
         quality: ``{"verdict": "ok" | "suspect" | "failed", "reasons": [...]}`` (the engine's automatic quality
             control, see :func:`~DeepRegistrationSlicerLib.nodes.qualityOf`), or None from an engine without it.
         mapVolumeNodes: Explanation maps asked for with ``explain`` (name → volume node on the fixed grid, names
-            in :data:`~DeepRegistrationSlicerLib.nodes.MAP_NAMES`), each with its colour table.
+            in :data:`~DeepRegistrationSlicerLib.nodes.MAP_NAMES`), each with its colour table; the node's
+            ``DeepRegistration.output`` attribute says how it is shown (``local_mi`` for the local similarity of
+            an MI registration: mutual information in nats).
         pendingFeedback: What a user's Accept / Reject needs (the registered images, transform, report: held
             in memory, nothing written; see :mod:`~DeepRegistrationSlicerLib.feedback`), or None.
         seconds: Wall time from start to loaded results.
@@ -603,9 +605,10 @@ class RegistrationJob:
                 transformNode.SetNodeReferenceID("DeepRegistrationMetrics", table.GetID())
                 result.metricsTableNode = table
             for name, image in maps.items():
+                kind = "local_mi" if name == "local_similarity" and self.config.get("similarity") == "mi" else name
                 node = N.imageToVolume(image, None, scene.GenerateUniqueName(
-                    f"{self.movingVolume.GetName()} {N.MAP_TITLES[name]}"), scene)
-                N.showAsMap(node, name, image.array)
+                    f"{self.movingVolume.GetName()} {N.MAP_TITLES[kind]}"), scene)
+                N.showAsMap(node, kind, image.array)
                 node.SetNodeReferenceID("DeepRegistrationTransform", transformNode.GetID())
                 result.mapVolumeNodes[name] = node
             if self.applyToMoving:

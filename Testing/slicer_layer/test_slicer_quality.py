@@ -67,6 +67,33 @@ def test_map_colour_tables_and_windows():
     low, high = N.mapWindow("displacement", values)
     assert low == 0.0 and high == pytest.approx(np.percentile(values[values > 0], 99))
     assert N.mapWindow("uncertainty", np.zeros(10)) == (0.0, 1.0)
+    mi = np.concatenate([np.zeros(100), np.linspace(-0.5, 2.0, 501)])
+    low, high = N.mapWindow("local_mi", mi)  # nats, signed: symmetric about 0
+    assert low == -high and high == pytest.approx(np.percentile(np.abs(mi[mi != 0]), 99))
+    assert N.mapColorNode("local_mi", scene) is local
+
+
+def test_local_mi_map_after_an_mi_registration(sample_dir):
+    """With similarity 'mi' the engine's local similarity map holds local MI in nats (signed): shown with the
+    diverging table centred on 0 and no threshold (negative values are the ones to see)."""
+    from DeepRegistrationLib.io.images import read_image
+
+    scene = N.makeScene()
+    fixed = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed")
+    moving = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "moving")
+    for node, name in ((fixed, "fixed"), (moving, "moving")):
+        N.imageToVolume(read_image(sample_dir / f"{name}.nii.gz", name), node, scene=scene)
+    result = R.register(fixed, moving, "Affine", similarity="mi", explain=True, uncertainty=False, **FAST)
+    assert "mutual information" in result.report["explain"]["meaning"]["local_similarity"]
+    node = result.mapVolumeNodes["local_similarity"]
+    assert node.GetAttribute(N.OUTPUT_ATTRIBUTE) == "local_mi" and "local MI (nats)" in node.GetName()
+    display = node.GetDisplayNode()
+    array = slicer.util.arrayFromVolume(node)
+    assert not display.GetApplyThreshold()
+    assert display.GetWindowLevelMin() == pytest.approx(-display.GetWindowLevelMax())
+    assert (display.GetWindowLevelMin(), display.GetWindowLevelMax()) == \
+        pytest.approx(N.mapWindow("local_mi", array), rel=1e-5)
+    assert display.GetColorNodeID() == N.mapColorNode("local_similarity", scene).GetID()
 
 
 def test_job_with_explain_loads_the_maps_and_keeps_the_result_for_a_verdict(sample_dir, tmp_path):
