@@ -286,6 +286,151 @@ def _padded_field(u: np.ndarray | None, grid: Grid) -> tuple[np.ndarray | None, 
     return padded, Grid(tuple(n + 2 for n in grid.shape), grid.spacing, tuple(origin), grid.direction)
 
 
+@dataclass
+class _Prepared:
+    """What every stage works on: the working images as tensors and their resolution levels.
+
+    ``f_t``/``m_t`` are the fixed/moving working images ``(1, 1, Z, Y, X)`` float32 in [0, 1] on ``fw.grid``/
+    ``mw.grid``; ``levels`` maps each pooling factor (``factors``, coarsest first) to its :class:`_Level`;
+    ``frame`` is the 4×4 fixed-grid axes the linear parameters live in; ``term`` the guide-landmark term.
+    """
+
+    fw: WorkingImage
+    mw: WorkingImage
+    f_t: torch.Tensor
+    m_t: torch.Tensor
+    fmask: torch.Tensor | None
+    mmask: torch.Tensor | None
+    factors: list[int]
+    levels: dict
+    sim: Similarity
+    frame: torch.Tensor
+    term: LandmarkTerm | None
+    sim_before: float
+    ncc_before: float
+
+    @property
+    def finest(self) -> _Level:
+        return self.levels[1]
+
+
+def _prepare_levels(fixed: Image, moving: Image, cfg: RegistrationConfig, fixed_mask: Image | None,
+                    moving_mask: Image | None, guide: GuideLandmarks | None, device) -> _Prepared:
+    """Working images (resampled, normalized), their levels, the similarity and the guide term."""
+    fw = prepare(fixed, cfg.spacing, fixed_mask, cfg.intensity_percentiles)
+    mw = prepare(moving, cfg.spacing, moving_mask, cfg.intensity_percentiles)
+    to_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)[None, None]
+    f_t, m_t = to_t(fw.array), to_t(mw.array)
+    fmask = None if fw.mask is None else to_t(fw.mask)
+    mmask = None if mw.mask is None else to_t(mw.mask)
+    factors = _factors(cfg.levels)
+    levels = {f: _Level(f_t, fw.grid, m_t, mw.grid, f, fmask, mmask) for f in factors}
+    sim = Similarity(cfg.similarity, cfg.lncc_radius)
+    identity = torch.eye(4, device=device)
+    term = None if guide is None or cfg.guide_weight == 0 else LandmarkTerm(guide, cfg.guide_weight, device)
+    sim_before, ncc_before = _evaluate(levels[1], identity, None, sim)
+    frame = torch.eye(4, device=device)
+    frame[:3, :3] = torch.as_tensor(fw.grid.direction_matrix, dtype=torch.float32, device=device)
+    return _Prepared(fw, mw, f_t, m_t, fmask, mmask, factors, levels, sim, frame, term, sim_before, ncc_before)
+
+
+def _initialize(p: _Prepared, cfg: RegistrationConfig, initial_affine: np.ndarray | None,
+                progress: ProgressCallback | None, timings: dict) -> tuple[np.ndarray, dict]:
+    """The linear stage's start (4×4 LPS fixed → moving) and how it was found (``RegistrationResult.initialization``)."""
+    if initial_affine is not None:
+        return np.asarray(initial_affine, dtype=float), {"mode": "given"}
+    if cfg.initialization == "search":
+        fw, mw = p.fw, p.mw
+        sf = init_search.search_factor(min(fw.grid.spacing), p.factors[0])
+        coarse = p.levels[p.factors[0]]
+        search_lv = coarse if sf == p.factors[0] else _Level(p.f_t, fw.grid, p.m_t, mw.grid, sf, p.fmask, p.mmask)
+        fixed_m, moving_m = _level_moments(coarse)
+        found = init_search.search(search_lv, coarse, p.sim, fixed_m, moving_m, _initial_affine(
+            RegistrationConfig(initialization="geometry"), fw, mw), p.frame, cfg.init_max_rotation,
+            Progress(progress, 0.08, 0.12))
+        timings["initialization"] = found.seconds
+        return found.matrix, found.to_dict()
+    return _initial_affine(cfg, p.fw, p.mw), {"mode": cfg.initialization}
+
+
+def _linear_stage(p: _Prepared, cfg: RegistrationConfig, a0: np.ndarray, device,
+                  progress: ProgressCallback | None) -> torch.Tensor:
+    """Rigid/affine refinement from ``a0`` over the levels; the 4×4 LPS fixed → moving matrix (float32)."""
+    affine = torch.as_tensor(a0, dtype=torch.float32, device=device)
+    center = torch.as_tensor(center_of_mass(p.fw.array, p.fw.grid, p.fw.mask), dtype=torch.float32, device=device)
+    kind = "rigid" if cfg.mode == "rigid" else "affine"
+    factors = p.factors
+    # deformable: the affine stage stops one level early (the field refines it); rigid/affine: all levels
+    lin_factors = ([f for f in factors if f >= 2] or [1]) if cfg.mode == "deformable" else factors
+    # 0.08-0.12 is the initialization search's share of the progress range
+    lin_span = (0.12, 0.3 if cfg.mode == "deformable" else 0.95)
+    for n, f in enumerate(lin_factors):
+        iters = cfg.affine_iterations * (2 if f > lin_factors[-1] else 1)
+        sub = Progress(progress, *np.interp([n / len(lin_factors), (n + 1) / len(lin_factors)], [0, 1], lin_span))
+        lv = p.levels[f]
+        if f == 1:
+            # At full resolution, linear interpolation of the moving image pulls a linear fit towards
+            # voxel-aligned positions (~1/12 voxel); a 3³ box smoothing of both images removes most of it.
+            lv = _Level(box_filter(p.f_t, 1), p.fw.grid, box_filter(p.m_t, 1), p.mw.grid, 1, p.fmask, p.mmask)
+        affine = _optimize_linear(lv, affine, kind, center, iters, p.sim, sub, p.frame, p.term)
+    return affine
+
+
+def _deformable_stage(p: _Prepared, cfg: RegistrationConfig, affine: torch.Tensor, device,
+                      predictor: FieldPredictor | None, predictor_mode: str,
+                      progress: ProgressCallback | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The dense field over the levels (coarse to fine), after ``affine``: ``(u, v)``, the displacement and
+    (``cfg.diffeomorphic``) its velocity, ``(1, 3, Z, Y, X)`` mm on the finest level's grid (``v`` None otherwise;
+    ``u`` None only when no level ran)."""
+    factors, finest = p.factors, p.finest
+    u = v = None
+    run_factors = factors
+    init = torch.zeros((1, 3, *p.levels[factors[0]].fgrid.shape), device=device)
+    if predictor is not None:
+        with torch.no_grad():
+            moved = finest.warp(W.apply_affine(finest.pts, affine))[0]
+            init = predictor.predict(finest.fixed, moved, finest.fgrid).to(device=device, dtype=torch.float32)
+        run_factors = [] if predictor_mode == "replace" else [1]
+        u = init
+    prev_grid = p.levels[factors[0]].fgrid if predictor is None else finest.fgrid
+    for n, f in enumerate(run_factors):
+        lv = p.levels[f]
+        if n > 0 or predictor is not None:
+            # the diffeomorphic parameters are the velocity (the displacement only for a prediction)
+            init = W.resample_field(u if v is None else v, prev_grid, lv.fgrid)
+        iters = cfg.iterations * (COARSE_ITERATION_FACTOR if f > 1 else 1)
+        sub = Progress(progress, *np.interp([n / len(run_factors), (n + 1) / len(run_factors)], [0, 1],
+                                             (0.3, 0.95)))
+        if cfg.diffeomorphic and n == 0 and predictor is None:
+            init = torch.zeros_like(init)
+        u, v = _optimize_field(lv, affine, init, iters, p.sim, cfg, sub, p.term)
+        prev_grid = lv.fgrid
+    if u is not None and prev_grid != finest.fgrid:
+        u = W.resample_field(u, prev_grid, finest.fgrid)
+        v = None if v is None else W.resample_field(v, prev_grid, finest.fgrid)
+    return u, v
+
+
+def _finish(p: _Prepared, cfg: RegistrationConfig, affine: torch.Tensor, u: torch.Tensor | None,
+            v: torch.Tensor | None, init_info: dict, timings: dict, device) -> RegistrationResult:
+    """Similarity after, the Jacobian and its summaries, and the exported transform (field padded by a voxel)."""
+    fw = p.fw
+    sim_after, ncc_after = _evaluate(p.finest, affine, u, p.sim)
+    a_np = affine.double().cpu().numpy()
+    u_np = None if u is None else u[0].double().cpu().numpy()
+    if u_np is not None:
+        detj = metrics.jacobian_determinant(u_np, fw.grid, affine=a_np)
+    else:
+        detj = np.full(fw.grid.shape, float(np.linalg.det(a_np[:3, :3])))
+    return RegistrationResult(
+        transform=SpatialTransform(a_np, *_padded_field(u_np, fw.grid)),
+        working_grid=fw.grid, similarity_before=p.sim_before, similarity_after=sim_after,
+        ncc_before=p.ncc_before, ncc_after=ncc_after, jacobian=detj.astype(np.float32),
+        folding_percent=float(metrics.folding_percent(detj)), sdlogj=metrics.sdlogj(detj),
+        initialization=init_info, timings=timings, device=str(device), config=cfg,
+        velocity=None if v is None else _padded_field(v[0].double().cpu().numpy(), fw.grid)[0])
+
+
 def register(fixed: Image, moving: Image, config: RegistrationConfig | None = None, *,
              fixed_mask: Image | None = None, moving_mask: Image | None = None,
              initial_affine: np.ndarray | None = None, predictor: FieldPredictor | None = None,
@@ -327,104 +472,26 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
 
     t = time.perf_counter()
     prog(0.0, "preprocessing")
-    fw = prepare(fixed, cfg.spacing, fixed_mask, cfg.intensity_percentiles)
-    mw = prepare(moving, cfg.spacing, moving_mask, cfg.intensity_percentiles)
-    to_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)[None, None]
-    f_t, m_t = to_t(fw.array), to_t(mw.array)
-    fmask = None if fw.mask is None else to_t(fw.mask)
-    mmask = None if mw.mask is None else to_t(mw.mask)
-    factors = _factors(cfg.levels)
-    levels = {f: _Level(f_t, fw.grid, m_t, mw.grid, f, fmask, mmask) for f in factors}
-    finest = levels[1]
-    sim = Similarity(cfg.similarity, cfg.lncc_radius)
-    identity = torch.eye(4, device=device)
-    term = None if guide is None or cfg.guide_weight == 0 else LandmarkTerm(guide, cfg.guide_weight, device)
-    sim_before, ncc_before = _evaluate(finest, identity, None, sim)
+    prepared = _prepare_levels(fixed, moving, cfg, fixed_mask, moving_mask, guide, device)
     timings["preprocess"] = time.perf_counter() - t
     prog(0.08, "initializing")
 
+    a0, init_info = _initialize(prepared, cfg, initial_affine, progress, timings)
     t = time.perf_counter()
-    frame = torch.eye(4, device=device)
-    frame[:3, :3] = torch.as_tensor(fw.grid.direction_matrix, dtype=torch.float32, device=device)
-    if initial_affine is not None:
-        a0, init_info = np.asarray(initial_affine, dtype=float), {"mode": "given"}
-    elif cfg.initialization == "search":
-        sf = init_search.search_factor(min(fw.grid.spacing), factors[0])
-        coarse = levels[factors[0]]
-        search_lv = coarse if sf == factors[0] else _Level(f_t, fw.grid, m_t, mw.grid, sf, fmask, mmask)
-        fixed_m, moving_m = _level_moments(coarse)
-        found = init_search.search(search_lv, coarse, sim, fixed_m, moving_m, _initial_affine(
-            RegistrationConfig(initialization="geometry"), fw, mw), frame, cfg.init_max_rotation,
-            Progress(progress, 0.08, 0.12))
-        a0, init_info = found.matrix, found.to_dict()
-        timings["initialization"] = found.seconds
-    else:
-        a0, init_info = _initial_affine(cfg, fw, mw), {"mode": cfg.initialization}
-    t = time.perf_counter()
-    affine = torch.as_tensor(a0, dtype=torch.float32, device=device)
-    center = torch.as_tensor(center_of_mass(fw.array, fw.grid, fw.mask), dtype=torch.float32, device=device)
-    kind = "rigid" if cfg.mode == "rigid" else "affine"
-    # deformable: the affine stage stops one level early (the field refines it); rigid/affine: all levels
-    lin_factors = ([f for f in factors if f >= 2] or [1]) if cfg.mode == "deformable" else factors
-    # 0.08-0.12 is the initialization search's share of the progress range
-    lin_span = (0.12, 0.3 if cfg.mode == "deformable" else 0.95)
-    for n, f in enumerate(lin_factors):
-        iters = cfg.affine_iterations * (2 if f > lin_factors[-1] else 1)
-        sub = Progress(progress, *np.interp([n / len(lin_factors), (n + 1) / len(lin_factors)], [0, 1], lin_span))
-        lv = levels[f]
-        if f == 1:
-            # At full resolution, linear interpolation of the moving image pulls a linear fit towards
-            # voxel-aligned positions (~1/12 voxel); a 3³ box smoothing of both images removes most of it.
-            lv = _Level(box_filter(f_t, 1), fw.grid, box_filter(m_t, 1), mw.grid, 1, fmask, mmask)
-        affine = _optimize_linear(lv, affine, kind, center, iters, sim, sub, frame, term)
+    affine = _linear_stage(prepared, cfg, a0, device, progress)
     timings["linear"] = time.perf_counter() - t
 
     u = v = None
     if cfg.mode == "deformable":
         t = time.perf_counter()
-        run_factors = factors
-        init = torch.zeros((1, 3, *levels[factors[0]].fgrid.shape), device=device)
-        if predictor is not None:
-            with torch.no_grad():
-                moved = finest.warp(W.apply_affine(finest.pts, affine))[0]
-                init = predictor.predict(finest.fixed, moved, finest.fgrid).to(device=device, dtype=torch.float32)
-            run_factors = [] if predictor_mode == "replace" else [1]
-            u = init
-        prev_grid = levels[factors[0]].fgrid if predictor is None else finest.fgrid
-        for n, f in enumerate(run_factors):
-            lv = levels[f]
-            if n > 0 or predictor is not None:
-                # the diffeomorphic parameters are the velocity (the displacement only for a prediction)
-                init = W.resample_field(u if v is None else v, prev_grid, lv.fgrid)
-            iters = cfg.iterations * (COARSE_ITERATION_FACTOR if f > 1 else 1)
-            sub = Progress(progress, *np.interp([n / len(run_factors), (n + 1) / len(run_factors)], [0, 1],
-                                                 (0.3, 0.95)))
-            if cfg.diffeomorphic and n == 0 and predictor is None:
-                init = torch.zeros_like(init)
-            u, v = _optimize_field(lv, affine, init, iters, sim, cfg, sub, term)
-            prev_grid = lv.fgrid
-        if u is not None and prev_grid != finest.fgrid:
-            u = W.resample_field(u, prev_grid, finest.fgrid)
-            v = None if v is None else W.resample_field(v, prev_grid, finest.fgrid)
+        u, v = _deformable_stage(prepared, cfg, affine, device, predictor, predictor_mode, progress)
         timings["deformable"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    sim_after, ncc_after = _evaluate(finest, affine, u, sim)
-    a_np = affine.double().cpu().numpy()
-    u_np = None if u is None else u[0].double().cpu().numpy()
-    if u_np is not None:
-        detj = metrics.jacobian_determinant(u_np, fw.grid, affine=a_np)
-    else:
-        detj = np.full(fw.grid.shape, float(np.linalg.det(a_np[:3, :3])))
-    result = RegistrationResult(
-        transform=SpatialTransform(a_np, *_padded_field(u_np, fw.grid)),
-        working_grid=fw.grid, similarity_before=sim_before, similarity_after=sim_after,
-        ncc_before=ncc_before, ncc_after=ncc_after, jacobian=detj.astype(np.float32),
-        folding_percent=float(metrics.folding_percent(detj)), sdlogj=metrics.sdlogj(detj),
-        initialization=init_info, timings=timings, device=str(device), config=cfg,
-        velocity=None if v is None else _padded_field(v[0].double().cpu().numpy(), fw.grid)[0])
+    result = _finish(prepared, cfg, affine, u, v, init_info, timings, device)
     timings["evaluate"] = time.perf_counter() - t
     prog(1.0, "registered")
-    logger.info("registered: %s %.4f -> %.4f, NCC %.3f -> %.3f, folding %.4f%%", cfg.similarity, sim_before,
-                sim_after, ncc_before, ncc_after, result.folding_percent)
+    logger.info("registered: %s %.4f -> %.4f, NCC %.3f -> %.3f, folding %.4f%%", cfg.similarity,
+                result.similarity_before, result.similarity_after, result.ncc_before, result.ncc_after,
+                result.folding_percent)
     return result
