@@ -13,6 +13,7 @@ import logging
 import sys
 
 from ..core.errors import Cancelled, DeepRegistrationError
+from .register_command import register_command, verdict_status as _verdict_status  # noqa: F401
 
 EPILOG = """\
 outputs (in OUTDIR, written to a temporary folder first and moved into place when complete):
@@ -172,86 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Bar:
-    """A text progress bar on stderr (tqdm)."""
-
-    def __init__(self, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=100, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed} {postfix}",
-                            desc="registering", leave=True)
-
-    def __call__(self, fraction: float, message: str) -> bool:
-        if self.bar is not None:
-            self.bar.n = round(100 * fraction, 1)
-            self.bar.set_postfix_str(message, refresh=False)
-            self.bar.refresh()
-        return True
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _register(args: argparse.Namespace) -> int:
-    from ..core.config import RegistrationConfig
-    from ..registration.run import check_output_dir, run_registration, summary_lines
-
-    check_output_dir(args.output, args.overwrite)
-    predictor = None
-    if args.model:
-        from ..learning import registry
-        from ..registration.predictors import check_predictor_use
-
-        check_predictor_use(args.mode, args.model_mode)  # before loading: a model needs the deformable mode
-
-        loaded = registry.load(args.model)  # InputError for unknown, corrupt or tampered models
-        predictor = loaded.predictor()
-    from ..learning.model_files import working_spacing
-
-    spacing = working_spacing(loaded if args.model else None, args.spacing)
-    cfg = RegistrationConfig(mode=args.mode, similarity=args.similarity, regularization=args.regularization,
-                             reg_weight=args.reg_weight, spacing=spacing, iterations=args.iterations,
-                             affine_iterations=args.affine_iterations, levels=args.levels,
-                             diffeomorphic=args.diffeomorphic, jacobian_weight=args.jacobian_weight,
-                             initialization=args.initialization, init_max_rotation=args.init_max_rotation,
-                             device=args.device, seed=args.seed, guide_weight=args.guide_weight,
-                             threads=args.threads).validate()
-    if args.model:
-        warning = registry.usage_warning(loaded.card, cfg.similarity)
-        if warning:
-            sys.stderr.write(f"warning: {warning}\n")
-    bar = _Bar(not args.quiet)
-    try:
-        summary = run_registration(
-            args.fixed, args.moving, args.output, cfg, fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
-            fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
-            fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
-            guide_fixed_landmarks=(args.guide_landmarks or (None, None))[0],
-            guide_moving_landmarks=(args.guide_landmarks or (None, None))[1],
-            overwrite=args.overwrite, write_png=not args.no_png, progress=bar, predictor=predictor,
-            predictor_mode=args.model_mode, explain=args.explain,
-            uncertainty=args.uncertainty)
-    finally:
-        bar.close()
-    print(f"outputs: {summary.out_dir}")
-    for line in summary_lines(summary.report):
-        print("  " + line)
-    return _verdict_status(summary.report, getattr(args, "fail_on", None))
-
-
-def _verdict_status(report: dict, fail_on: str | None) -> int:
-    """3 when the report's quality verdict is ``fail_on`` ('suspect' or 'failed') or worse, else 0."""
-    from ..evaluation.quality import VERDICTS
-
-    verdict = (report.get("quality") or {}).get("verdict")
-    if fail_on and verdict in VERDICTS and VERDICTS.index(verdict) >= VERDICTS.index(fail_on):
-        return 3
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deepregistration`` console script; returns the exit status."""
     parser = build_parser()
@@ -270,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in extra:
             return extra[args.command].run(args)
-        return _register(args)
+        return register_command(args)
     except DeepRegistrationError as exc:
         if isinstance(exc, Cancelled):
             print(f"deepregistration: {exc}", file=sys.stderr)

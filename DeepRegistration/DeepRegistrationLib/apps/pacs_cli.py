@@ -117,7 +117,7 @@ def _rule(args):
 
 def _register_function(args):
     """``register(fixed_dir, moving_dir, out_dir) -> report``: the ``register`` command on two folders."""
-    from .cli import _register
+    from .register_command import register_command
 
     def register(fixed_dir: Path, moving_dir: Path, out_dir: Path) -> dict:
         ns = argparse.Namespace(**vars(args))
@@ -129,7 +129,7 @@ def _register_function(args):
         stdout = sys.stdout
         sys.stdout = sys.stderr  # the register command's summary goes to stderr; stdout is ours
         try:
-            _register(ns)
+            register_command(ns)
         finally:
             sys.stdout = stdout
         return json.loads((out_dir / "report.json").read_text())

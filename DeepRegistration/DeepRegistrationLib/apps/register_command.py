@@ -1,0 +1,95 @@
+"""The ``register`` command (``deepregistration register FIXED MOVING -o OUTDIR``) run on parsed arguments: one
+public function that the command line and ``pacs register`` call (argparse and the standard library only at
+import; the engine is imported when the command runs).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+class _Bar:
+    """A text progress bar on stderr (tqdm)."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed} {postfix}",
+                            desc="registering", leave=True)
+
+    def __call__(self, fraction: float, message: str) -> bool:
+        if self.bar is not None:
+            self.bar.n = round(100 * fraction, 1)
+            self.bar.set_postfix_str(message, refresh=False)
+            self.bar.refresh()
+        return True
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def register_command(args: argparse.Namespace) -> int:
+    """Runs the ``register`` command on its parsed arguments (the namespace of
+    :func:`~DeepRegistrationLib.apps.cli.build_parser`'s ``register``; ``pacs register`` fills one per pair).
+
+    Prints the output folder and the report summary on stdout and a progress bar on stderr (unless ``quiet``).
+    Returns the exit status: 0, or 3 when ``fail_on`` is set and the quality verdict is that or worse. Raises the
+    engine's errors (:class:`~DeepRegistrationLib.core.errors.InputError`, ``Cancelled``…) for the caller to print.
+    """
+    from ..core.config import RegistrationConfig
+    from ..registration.run import check_output_dir, run_registration, summary_lines
+
+    check_output_dir(args.output, args.overwrite)
+    predictor = None
+    if args.model:
+        from ..learning import registry
+        from ..registration.predictors import check_predictor_use
+
+        check_predictor_use(args.mode, args.model_mode)  # before loading: a model needs the deformable mode
+
+        loaded = registry.load(args.model)  # InputError for unknown, corrupt or tampered models
+        predictor = loaded.predictor()
+    from ..learning.model_files import working_spacing
+
+    spacing = working_spacing(loaded if args.model else None, args.spacing)
+    cfg = RegistrationConfig(mode=args.mode, similarity=args.similarity, regularization=args.regularization,
+                             reg_weight=args.reg_weight, spacing=spacing, iterations=args.iterations,
+                             affine_iterations=args.affine_iterations, levels=args.levels,
+                             diffeomorphic=args.diffeomorphic, jacobian_weight=args.jacobian_weight,
+                             initialization=args.initialization, init_max_rotation=args.init_max_rotation,
+                             device=args.device, seed=args.seed, guide_weight=args.guide_weight,
+                             threads=args.threads).validate()
+    if args.model:
+        warning = registry.usage_warning(loaded.card, cfg.similarity)
+        if warning:
+            sys.stderr.write(f"warning: {warning}\n")
+    bar = _Bar(not args.quiet)
+    try:
+        summary = run_registration(
+            args.fixed, args.moving, args.output, cfg, fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
+            fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
+            fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
+            guide_fixed_landmarks=(args.guide_landmarks or (None, None))[0],
+            guide_moving_landmarks=(args.guide_landmarks or (None, None))[1],
+            overwrite=args.overwrite, write_png=not args.no_png, progress=bar, predictor=predictor,
+            predictor_mode=args.model_mode, explain=args.explain,
+            uncertainty=args.uncertainty)
+    finally:
+        bar.close()
+    print(f"outputs: {summary.out_dir}")
+    for line in summary_lines(summary.report):
+        print("  " + line)
+    return verdict_status(summary.report, getattr(args, "fail_on", None))
+
+
+def verdict_status(report: dict, fail_on: str | None) -> int:
+    """3 when the report's quality verdict is ``fail_on`` ('suspect' or 'failed') or worse, else 0."""
+    from ..evaluation.quality import VERDICTS
+
+    verdict = (report.get("quality") or {}).get("verdict")
+    if fail_on and verdict in VERDICTS and VERDICTS.index(verdict) >= VERDICTS.index(fail_on):
+        return 3
+    return 0
