@@ -53,7 +53,8 @@ CT_CASES = {
     "ct_part55": ("crop", ((0.12, 0.67), (0.0, 1.0), (0.0, 1.0))),
     "ct_rot30": ("rotate", (0.0, 0.0, 1.0), 30.0, (20.0, -15.0, 17.0)),
 }
-METHODS = ("deepreg", "ants", "elastix", "fireants")
+METHODS = ("deepreg", "ants", "elastix", "fireants", "fireants_m1")
+DEFAULT_METHODS = METHODS[:4]  # fireants_m1: FireANTs started from the centre of mass only (a check of its start)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,13 +193,14 @@ def commands(method: str, case: dict, run_dir: Path, args) -> tuple[list[str], l
         r = [py, str(HERE / "run_elastix.py")]
         return (r + ["register", f, m, str(run_dir), "--threads", str(args.threads)],
                 r + ["export", f, m, case["moving_labels"], str(run_dir), "--threads", str(args.threads)])
-    if method == "fireants":
-        return [py, str(HERE / "run_fireants.py"), "register", f, m, str(run_dir), "--threads", str(args.threads)], None
+    if method in ("fireants", "fireants_m1"):
+        return ([py, str(HERE / "run_fireants.py"), "register", f, m, str(run_dir), "--threads", str(args.threads)]
+                + (["--moments", "1"] if method == "fireants_m1" else []), None)
     raise ValueError(method)
 
 
 def load_transform(method: str, run_dir: Path) -> sitk.Transform:
-    if method == "fireants":
+    if method.startswith("fireants"):
         return sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(str(run_dir / "warp.nii.gz")),
                                                          sitk.sitkVectorFloat64))
     return rb.load_transform(method, run_dir)
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results-robustness")
     p.add_argument("--cache", type=Path, default=HERE.parent / ".cache")
     p.add_argument("--cases", nargs="+", default=list(BRAIN_CASES) + list(CT_CASES))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--peer-python", default=sys.executable)
