@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .options import copy_registration_options
 
@@ -133,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0:
             ok = len(summary.rows) - len(summary.failed)
             print(f"outputs: {summary.out_dir} ({ok}/{len(summary.rows)} pairs ok)")
+            print(_quality_line(summary.out_dir / "summary.json", ("quality",)))
             for r in summary.failed:
                 print(f"  {r['name']}: {r['status']}: {r.get('error')}")
         return 3 if summary.failed else 0
@@ -144,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
                                    predictor_mode=mode)
         if rank == 0:
             print(f"outputs: {result.out_dir} ({len(result.frames)} frames)")
+            print(_quality_line(Path(result.out_dir) / "sequence.json", ("quality",)))
         return 0
     from ..workflows.template import build_template
 
@@ -151,4 +154,15 @@ def run(args: argparse.Namespace) -> int:
                             labels=args.labels, write_png=not args.no_png, progress=lines)
     if rank == 0:
         print(f"outputs: {result.out_dir} (mean deformation {result.iterations[-1]['mean_displacement_mm']:.3f} mm)")
+        print(_quality_line(Path(result.out_dir) / "report.json", ("quality", "counts")))
     return 0
+
+
+def _quality_line(summary_json: Path, keys: tuple) -> str:
+    """``quality: 3 ok, 1 suspect, 0 failed`` from the verdict counts a workflow wrote into its summary JSON."""
+    import json
+
+    counts = json.loads(Path(summary_json).read_text())
+    for k in keys:
+        counts = counts.get(k) or {}
+    return "quality: " + ", ".join(f"{n} {verdict}" for verdict, n in counts.items())

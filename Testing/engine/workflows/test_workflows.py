@@ -300,7 +300,7 @@ def test_commands_exit_status_and_bad_input(tmp_path, data, capsys):
     assert main(["register-batch", str(csv_path), "-o", str(tmp_path / "b"), *FAST]) == 3  # one pair failed
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert [r["status"] for r in summary["pairs"]] == ["ok", "failed"]
-    capsys.readouterr()
+    assert "quality: " in capsys.readouterr().out  # the verdict counts follow the outputs line
     missing = _csv(tmp_path / "m.csv", ["fixed,moving", f"{data / 'fixed.nii.gz'},{tmp_path / 'gone.nii.gz'}"])
     for argv, words in ((["register-batch", str(missing)], "gone.nii.gz"),
                         (["register-sequence", str(data / "fixed.nii.gz")], "is a 3D image"),
