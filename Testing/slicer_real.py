@@ -64,7 +64,8 @@ _OWNED = ("qt", "ctk", "slicer.util", "slicer.i18n", "slicer.ScriptedLoadableMod
           "slicer.modules", "slicer.moduleNames", "SampleData")
 _QT_MRML_CLASSES = ("qMRMLNodeComboBox", "qMRMLRangeWidget", "qMRMLSliderWidget", "qMRMLSpinBox", "qMRMLUtils",
                     "qMRMLWidget", "qSlicerWidget", "qMRMLScreenShotDialog", "qMRMLSubjectHierarchyTreeView",
-                    "qMRMLSegmentSelectorWidget", "qMRMLTableView", "qSlicerFileDialog")  # Qt widgets: inert
+                    "qMRMLSegmentSelectorWidget", "qMRMLTableView", "qSlicerFileDialog",
+                    "qMRMLCheckableNodeComboBox")  # Qt widgets: inert
 _SLICER_ATTRIBUTES = _QT_MRML_CLASSES + ("util", "i18n", "ScriptedLoadableModule", "parameterNodeWrapper", "modules", "moduleNames",
                       "app", "mrmlScene", "selfTests")
 

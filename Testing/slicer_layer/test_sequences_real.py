@@ -258,9 +258,6 @@ def section(env, monkeypatch, parameterNode=None):
 
     from DeepRegistrationWidgets import WorkflowSection
 
-    # a Qt widget of Slicer's the harness does not list among its inert qMRML classes
-    monkeypatch.setattr(env.slicer, "qMRMLCheckableNodeComboBox", qt.qMRMLCheckableNodeComboBox, raising=False)
-
     return WorkflowSection(qt.QVBoxLayout(), lambda: parameterNode)
 
 

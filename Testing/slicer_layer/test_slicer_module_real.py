@@ -103,11 +103,7 @@ def inert_ui(env):
 
 
 def create_widget(env, mod, ui, monkeypatch):
-    """The module widget set up on inert ``ui``; Slicer's ``qMRMLCheckableNodeComboBox`` (used by the
-    "Sequence / template" section) is stood in for by an inert class too, for the test's duration."""
-    import qt
-
-    monkeypatch.setattr(env.slicer, "qMRMLCheckableNodeComboBox", qt.qMRMLCheckableNodeComboBox, raising=False)
+    """The module widget set up on inert ``ui``."""
     return env.createWidget(mod, ui)
 
 
