@@ -411,7 +411,8 @@ def build_report(result: RegistrationResult, fixed_path, moving_path, evaluation
     that keys users' verdicts on this result (:mod:`~DeepRegistrationLib.workflows.feedback`)."""
     return {
         "result_id": uuid.uuid4().hex,
-        "inputs": {"fixed": str(fixed_path), "moving": str(moving_path)},
+        "inputs": {"fixed": os.path.abspath(fixed_path), "moving": os.path.abspath(moving_path)},  # a result
+        # folder read later (feedback, DatasetBuilder) finds its inputs whatever the current folder is then
         "conventions": {"world": "LPS mm", "transform": "fixed -> moving (resampling direction), "
                         "ITK CompositeTransform [affine, displacement]: T(x) = A(x + u(x))",
                         "jacobian": "det of the Jacobian of T (includes the affine part)"},
