@@ -117,6 +117,7 @@ def _rule(args):
 
 def _register_function(args):
     """``register(fixed_dir, moving_dir, out_dir) -> report``: the ``register`` command on two folders."""
+    from ..core.config import RegistrationConfig
     from .register_command import register_command
 
     def register(fixed_dir: Path, moving_dir: Path, out_dir: Path) -> dict:
@@ -125,7 +126,9 @@ def _register_function(args):
         for name in ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "fixed_landmarks",
                      "moving_landmarks", "guide_landmarks"):
             setattr(ns, name, None)
-        ns.no_png = True
+        # the register options pacs does not copy: no guide landmarks, no extra maps, the report as it is
+        ns.no_png, ns.explain, ns.uncertainty, ns.fail_on = True, False, False, None
+        ns.guide_weight = RegistrationConfig().guide_weight
         stdout = sys.stdout
         sys.stdout = sys.stderr  # the register command's summary goes to stderr; stdout is ours
         try:
