@@ -189,36 +189,131 @@ def _add_node_phi(node, phi: PhiStrings) -> None:
             phi.add(stem, "storage file name")
 
 
+def _scene_phi(scene_name: str, nodes: "_SceneNodes") -> PhiStrings:
+    """Identifying strings of the whole scene: its file name, node names/attributes/files, markup labels and
+    descriptions, segment names (every case of the scene is checked against them)."""
+    phi = PhiStrings()
+    stem = scene_name.split(".")[0]
+    if not GENERIC_TEXT.match(stem):
+        phi.add(stem, "scene file name")
+    for node in nodes.volumes + nodes.labelmaps + nodes.segmentations + nodes.markups:
+        _add_node_phi(node, phi)
+    for node in nodes.markups:
+        for i in range(node.GetNumberOfControlPoints()):
+            phi.add(node.GetNthControlPointLabel(i), "markup label")
+            phi.add(node.GetNthControlPointDescription(i), "markup description")
+    for node in nodes.segmentations:
+        seg = node.GetSegmentation()
+        for i in range(seg.GetNumberOfSegments()):
+            phi.add(seg.GetNthSegment(i).GetName(), "segment name")
+    return phi
+
+
+@dataclass
+class _SceneNodes:
+    """The nodes of a scene that cases are built from."""
+
+    volumes: list
+    labelmaps: list
+    segmentations: list
+    markups: list
+
+    @classmethod
+    def of(cls, scene) -> "_SceneNodes":
+        return cls([n for n in scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+                    if not n.IsA("vtkMRMLLabelMapVolumeNode")],
+                   list(scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode")),
+                   list(scene.GetNodesByClass("vtkMRMLSegmentationNode")),
+                   list(scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode")))
+
+
+def _case_identity(attrs: dict[str, str], scene_name: str, mapping: dict[str, tuple[str, str]],
+                   subject_from_file: bool) -> tuple[str | None, str]:
+    """``(subject identity or None, session)`` of a volume: its DICOM PatientID (session = study date + UID),
+    else the mapping file's row for the scene, else (``subject_from_file``) the scene file name."""
+    identity = attrs.get("DICOM.PatientID") or None
+    session = attrs.get("DICOM.StudyDate", "") + ":" + attrs.get("DICOM.StudyInstanceUID", "")
+    if identity is None and scene_name in mapping:
+        identity, session = mapping[scene_name][0], mapping[scene_name][1] or session
+    if identity is None and subject_from_file:
+        identity = "file:" + scene_name.split(".")[0]
+    return identity, session
+
+
+def _attach_segmentation(case: SceneCase, volume, nodes: _SceneNodes, scene, used_segs: set[str]) -> None:
+    """Labels, segment names and terms from the segmentation whose reference geometry is ``volume`` (or the
+    one without a reference when the scene has a single volume); marks it used."""
+    from DeepRegistrationSlicerLib import nodes as N
+
+    same = [s for s in nodes.segmentations if s.GetNodeReference("referenceImageGeometryRef") is volume]
+    if not same and len(nodes.volumes) == 1:
+        same = [s for s in nodes.segmentations if s.GetNodeReference("referenceImageGeometryRef") is None]
+    if not same:
+        return
+    seg = same[0]
+    used_segs.add(seg.GetID())
+    ids = [seg.GetSegmentation().GetNthSegmentID(i) for i in range(seg.GetSegmentation().GetNumberOfSegments())]
+    if ids:
+        case.labels = N.labelArrayOnVolume(seg, volume, ids, "segmentation", scene)
+        segments = [seg.GetSegmentation().GetSegment(i) for i in ids]
+        case.segment_names = [s.GetName() for s in segments]
+        case.segment_terms = [parse_terminology(s.GetTerminology()) for s in segments]
+
+
+def _attach_mask_and_points(case: SceneCase, volume, nodes: _SceneNodes, scene, study_of) -> None:
+    """The first label map (mask) and the first point list of the volume's study (any, with a single volume)."""
+    from DeepRegistrationSlicerLib import nodes as N
+
+    def same_study(node) -> bool:
+        return len(nodes.volumes) == 1 or bool(study_of(node) and study_of(node) == study_of(volume))
+
+    masks = [m for m in nodes.labelmaps if same_study(m)]
+    if masks:
+        case.mask = (N.labelArrayOnVolume(masks[0], volume, what="mask", scene=scene) > 0).astype(np.uint8)
+    points = [m for m in nodes.markups if same_study(m)]
+    if points and points[0].GetNumberOfControlPoints() > 0:
+        case.points, case.point_labels = N.markupsToLpsPoints(points[0], world=True)
+
+
+def _volume_case(volume, scene_name: str, scene_phi: PhiStrings, sh, mapping: dict[str, tuple[str, str]],
+                 default_modality: str, subject_from_file: bool) -> SceneCase | Skipped:
+    """The case of one volume (image, identity, session, modality, identifying strings), or why it is skipped."""
+    from DeepRegistrationSlicerLib import nodes as N
+
+    where = f"{scene_name}:{volume.GetID()}"
+    data = volume.GetImageData()
+    if data is None or min(data.GetDimensions()) < 1 or data.GetNumberOfPoints() == 0:
+        return Skipped(where, "volume without image data (file missing or unreadable)")
+    phi = PhiStrings()
+    phi.update(scene_phi)
+    item = sh.GetItemByDataNode(volume) if sh else 0
+    attrs = _collect_sh_phi(sh, _sh_ancestors(sh, item), phi) if item else {}
+    for attr in volume.GetAttributeNames() or ():
+        attrs.setdefault(attr, volume.GetAttribute(attr))
+    identity, session = _case_identity(attrs, scene_name, mapping, subject_from_file)
+    if identity is not None:
+        phi.add(identity, "subject identity")
+    return SceneCase(where, identity, session, attrs.get("DICOM.PatientBirthDate") or None,
+                     attrs.get("DICOM.Modality") or default_modality,
+                     N.volumeToImage(volume, "image", world=True), phi=phi,
+                     study_date=attrs.get("DICOM.StudyDate") or None)
+
+
 def collect_cases(scene, source: str, mapping: dict[str, tuple[str, str]] | None = None,
                   default_modality: str = "MR", subject_from_file: bool = False
                   ) -> tuple[list[SceneCase], list[Skipped]]:
     """Cases of a scene (see module doc) and the items skipped with their reasons.
 
-    ``subject_from_file``: last resort, the scene file name (without suffix) is the subject identity.
+    One case per scalar volume with image data (:func:`_volume_case`), with the segmentation, mask and points
+    that belong to it (:func:`_attach_segmentation`, :func:`_attach_mask_and_points`); a segmentation that
+    belongs to no volume is skipped. ``subject_from_file``: last resort, the scene file name (without suffix)
+    is the subject identity.
     """
-    from DeepRegistrationSlicerLib import nodes as N
-
     mapping = mapping or {}
     sh = scene.GetSubjectHierarchyNode()
     scene_name = Path(source).name
-    scene_phi = PhiStrings()
-    stem = scene_name.split(".")[0]
-    if not GENERIC_TEXT.match(stem):
-        scene_phi.add(stem, "scene file name")
-    volumes = [n for n in scene.GetNodesByClass("vtkMRMLScalarVolumeNode") if not n.IsA("vtkMRMLLabelMapVolumeNode")]
-    labelmaps = list(scene.GetNodesByClass("vtkMRMLLabelMapVolumeNode"))
-    segmentations = list(scene.GetNodesByClass("vtkMRMLSegmentationNode"))
-    markups = list(scene.GetNodesByClass("vtkMRMLMarkupsFiducialNode"))
-    for node in volumes + labelmaps + segmentations + markups:
-        _add_node_phi(node, scene_phi)
-    for node in markups:
-        for i in range(node.GetNumberOfControlPoints()):
-            scene_phi.add(node.GetNthControlPointLabel(i), "markup label")
-            scene_phi.add(node.GetNthControlPointDescription(i), "markup description")
-    for node in segmentations:
-        seg = node.GetSegmentation()
-        for i in range(seg.GetNumberOfSegments()):
-            scene_phi.add(seg.GetNthSegment(i).GetName(), "segment name")
+    nodes = _SceneNodes.of(scene)
+    scene_phi = _scene_phi(scene_name, nodes)
 
     def study_of(node) -> int:
         item = sh.GetItemByDataNode(node) if sh else 0
@@ -227,50 +322,15 @@ def collect_cases(scene, source: str, mapping: dict[str, tuple[str, str]] | None
     cases: list[SceneCase] = []
     skipped: list[Skipped] = []
     used_segs: set[str] = set()
-    for volume in volumes:
-        where = f"{scene_name}:{volume.GetID()}"
-        data = volume.GetImageData()
-        if data is None or min(data.GetDimensions()) < 1 or data.GetNumberOfPoints() == 0:
-            skipped.append(Skipped(where, "volume without image data (file missing or unreadable)"))
+    for volume in nodes.volumes:
+        case = _volume_case(volume, scene_name, scene_phi, sh, mapping, default_modality, subject_from_file)
+        if isinstance(case, Skipped):
+            skipped.append(case)
             continue
-        phi = PhiStrings()
-        phi.update(scene_phi)
-        item = sh.GetItemByDataNode(volume) if sh else 0
-        attrs = _collect_sh_phi(sh, _sh_ancestors(sh, item), phi) if item else {}
-        for attr in volume.GetAttributeNames() or ():
-            attrs.setdefault(attr, volume.GetAttribute(attr))
-        identity = attrs.get("DICOM.PatientID") or None
-        session = attrs.get("DICOM.StudyDate", "") + ":" + attrs.get("DICOM.StudyInstanceUID", "")
-        if identity is None and scene_name in mapping:
-            identity, session = mapping[scene_name][0], mapping[scene_name][1] or session
-        if identity is None and subject_from_file:
-            identity = "file:" + scene_name.split(".")[0]
-        if identity is not None:
-            phi.add(identity, "subject identity")
-        case = SceneCase(where, identity, session, attrs.get("DICOM.PatientBirthDate") or None,
-                         attrs.get("DICOM.Modality") or default_modality,
-                         N.volumeToImage(volume, "image", world=True), phi=phi,
-                         study_date=attrs.get("DICOM.StudyDate") or None)
-        same = [s for s in segmentations if s.GetNodeReference("referenceImageGeometryRef") is volume]
-        if not same and len(volumes) == 1:
-            same = [s for s in segmentations if s.GetNodeReference("referenceImageGeometryRef") is None]
-        if same:
-            seg = same[0]
-            used_segs.add(seg.GetID())
-            ids = [seg.GetSegmentation().GetNthSegmentID(i) for i in range(seg.GetSegmentation().GetNumberOfSegments())]
-            if ids:
-                case.labels = N.labelArrayOnVolume(seg, volume, ids, "segmentation", scene)
-                segments = [seg.GetSegmentation().GetSegment(i) for i in ids]
-                case.segment_names = [s.GetName() for s in segments]
-                case.segment_terms = [parse_terminology(s.GetTerminology()) for s in segments]
-        masks = [m for m in labelmaps if len(volumes) == 1 or (study_of(m) and study_of(m) == study_of(volume))]
-        if masks:
-            case.mask = (N.labelArrayOnVolume(masks[0], volume, what="mask", scene=scene) > 0).astype(np.uint8)
-        points = [m for m in markups if len(volumes) == 1 or (study_of(m) and study_of(m) == study_of(volume))]
-        if points and points[0].GetNumberOfControlPoints() > 0:
-            case.points, case.point_labels = N.markupsToLpsPoints(points[0], world=True)
+        _attach_segmentation(case, volume, nodes, scene, used_segs)
+        _attach_mask_and_points(case, volume, nodes, scene, study_of)
         cases.append(case)
-    for seg in segmentations:
+    for seg in nodes.segmentations:
         if seg.GetID() not in used_segs:
             skipped.append(Skipped(f"{scene_name}:{seg.GetID()}", "segmentation without its reference volume"))
     return cases, skipped
