@@ -6,7 +6,9 @@
 - diffusion and bending energy of analytic fields in mm on an anisotropic grid;
 - ``CosineAdam`` against the textbook Adam update (Kingma & Ba) and against ``torch.optim.Adam`` with
   ``CosineAnnealingLR``;
-- the linear-time mutual information against a direct Parzen estimate (the same window evaluated voxel by voxel).
+- the linear-time mutual information against a direct Parzen estimate (the same window evaluated voxel by voxel);
+- the folding penalty, global NCC, masked MSE and the training soft Dice against direct formulas;
+- LNCC's cache of the fixed statistics against a fresh computation (a new tensor at a reused address).
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ import torch.nn.functional as F
 from DeepRegistrationLib.core.grid import Grid
 from DeepRegistrationLib.evaluation.metrics import jacobian_determinant as jacobian_np
 from DeepRegistrationLib.registration.optim import CosineAdam
-from DeepRegistrationLib.registration.regularizers import _Diffusion, bending_energy, diffusion, jacobian_determinant
-from DeepRegistrationLib.registration.similarity import LNCC, MutualInformation, joint_histogram
+from DeepRegistrationLib.registration.regularizers import (_Diffusion, bending_energy, diffusion, folding_penalty,
+    jacobian_determinant)
+from DeepRegistrationLib.registration.similarity import LNCC, MutualInformation, Similarity, global_ncc, joint_histogram
 from DeepRegistrationLib.spatial.filters import _BoxMean, _box_count, box_filter
 
 
@@ -197,6 +200,61 @@ def test_jacobian_determinant_of_a_linear_map_on_an_oblique_grid_torch_and_numpy
     det_t = jacobian_determinant(torch.from_numpy(u)[None], grid)
     assert det_t.shape == (1, 4, 5, 6)
     np.testing.assert_allclose(det_t.numpy(), want, rtol=1e-10)
+
+
+def test_folding_penalty_of_linear_maps_is_the_hinge_of_their_determinant():
+    grid = Grid((6, 6, 6), (1.0, 1.5, 2.0), (0.0, 0.0, 0.0))
+    pts = torch.from_numpy(grid.world_points())  # (Z, Y, X, 3)
+    for m, det in ((np.diag([0.2, -0.1, 0.0]), 1.2 * 0.9), (np.diag([-1.5, 0.0, 0.0]), -0.5),
+                   (np.diag([-0.97, 0.0, 0.0]), 0.03)):
+        u = torch.movedim(pts @ torch.from_numpy(m).T, -1, 0)[None]  # u(x) = M x, det(I + M) = det
+        want = max(0.0, 0.05 - det)
+        assert float(folding_penalty(u, grid)) == pytest.approx(want, abs=1e-12)
+        assert float(folding_penalty(u, grid, threshold=0.5)) == pytest.approx(max(0.0, 0.5 - det), abs=1e-12)
+
+
+def test_global_ncc_is_the_pearson_correlation_over_the_mask():
+    g = _gen(11)
+    fixed = torch.rand(1, 1, 5, 6, 7, generator=g)
+    warped = 0.7 * fixed + 0.3 * torch.rand(1, 1, 5, 6, 7, generator=g)
+    mask = torch.rand(1, 1, 5, 6, 7, generator=g) > 0.4
+    want = np.corrcoef(fixed.numpy().ravel(), warped.numpy().ravel())[0, 1]
+    assert global_ncc(fixed, warped) == pytest.approx(want, rel=1e-6)
+    sel = mask.numpy().ravel()
+    want_masked = np.corrcoef(fixed.numpy().ravel()[sel], warped.numpy().ravel()[sel])[0, 1]
+    assert global_ncc(fixed, warped, mask) == pytest.approx(want_masked, rel=1e-6)
+    assert global_ncc(fixed, 3.0 * fixed + 1.0) == pytest.approx(1.0, abs=1e-6)  # affine intensity invariance
+
+
+def test_masked_mse_per_sample_equals_a_direct_mean_over_the_overlap():
+    g = _gen(12)
+    fixed = torch.rand(1, 1, 4, 5, 6, dtype=torch.float64, generator=g)
+    warped = torch.rand(2, 1, 4, 5, 6, dtype=torch.float64, generator=g)
+    valid = torch.rand(2, 1, 4, 5, 6, generator=g) > 0.3
+    region = torch.rand(1, 1, 4, 5, 6, generator=g) > 0.2
+    got = Similarity("mse").per_sample(fixed, warped, valid, region)
+    for b in range(2):
+        keep = (valid[b, 0] & region[0, 0]).numpy()
+        want = ((fixed[0, 0].numpy() - warped[b, 0].numpy())[keep] ** 2).mean()
+        assert float(got[b]) == pytest.approx(want, rel=1e-12)
+
+
+def test_training_soft_dice_equals_a_direct_sum_over_present_foreground_classes():
+    from DeepRegistrationLib.learning.training import _soft_dice
+
+    g = _gen(13)
+    pred = torch.rand(2, 4, 3, 4, 5, dtype=torch.float64, generator=g).softmax(1)
+    target_idx = torch.randint(0, 3, (2, 3, 4, 5), generator=g)  # class 3 never present
+    target = F.one_hot(target_idx, 4).movedim(-1, 1).to(torch.float64)
+    values = []
+    for b in range(2):
+        for c in range(1, 4):
+            p, t = pred[b, c].numpy(), target[b, c].numpy()
+            if t.sum() > 0:
+                values.append((2 * (p * t).sum() + 1e-5) / (p.sum() + t.sum() + 1e-5))
+    assert len(values) == 4  # classes 1, 2 in both samples; background and the absent class left out
+    assert float(_soft_dice(pred, target)) == pytest.approx(np.mean(values), rel=1e-12)
+    assert float(_soft_dice(target, target)) == pytest.approx(1.0, rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------- CosineAdam
