@@ -308,11 +308,9 @@ class RegistrationJob:
             from DeepRegistrationLib.learning.model_files import working_spacing
             from DeepRegistrationLib.learning.registry import read_card, resolve
 
-            if modelMode not in ("init", "replace"):
-                raise InputError(f"modelMode must be 'init' or 'replace', not {modelMode!r}.")
-            if self.config.get("mode", "deformable") != "deformable":
-                raise InputError(f"a learned model predicts a deformation; preset '{preset}' has none. "
-                                 "Choose a Deformable preset or no model.")
+            from DeepRegistrationLib.registration.predictors import check_predictor_use
+
+            check_predictor_use(self.config.get("mode", "deformable"), modelMode)  # InputError naming the fix
             self.model = str(resolve(model))  # InputError naming the available models
             # the one rule (learning.model_files.working_spacing): an explicit spacing option, else the card's,
             # else the preset's (the engine default when the preset has none)

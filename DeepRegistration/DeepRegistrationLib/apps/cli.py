@@ -13,7 +13,7 @@ import logging
 import sys
 
 from ..core.errors import Cancelled, DeepRegistrationError
-from .register_command import register_command, verdict_status as _verdict_status  # noqa: F401
+from .register_command import register_command
 
 EPILOG = """\
 outputs (in OUTDIR, written to a temporary folder first and moved into place when complete):

@@ -79,19 +79,18 @@ def add_subparsers(sub) -> None:
 def config_from_args(args: argparse.Namespace):
     """``(RegistrationConfig, predictor | None)`` from the shared registration/model options."""
     from ..core.config import RegistrationConfig
-    from ..core.errors import InputError
 
     d = RegistrationConfig()
     predictor, spacing = None, getattr(args, "spacing", None)
     if getattr(args, "model", None):
-        if args.mode != "deformable":
-            raise InputError(f"a learned model predicts a deformation and --mode {args.mode} has none: "
-                             "use --mode deformable, or leave out --model")
         from ..learning import registry
+        from ..learning.model_files import working_spacing
+        from ..registration.predictors import check_predictor_use
 
+        check_predictor_use(args.mode, getattr(args, "model_mode", "init"))
         loaded = registry.load(args.model)
         predictor = loaded.predictor()
-        spacing = spacing if spacing is not None else loaded.working_spacing_mm
+        spacing = working_spacing(loaded, spacing)
     cfg = RegistrationConfig(
         mode=args.mode, similarity=args.similarity, regularization=args.regularization, reg_weight=args.reg_weight,
         spacing=spacing if spacing is not None else d.spacing,

@@ -34,7 +34,8 @@ from ..core.grid import Grid
 from ..core.image import Image
 from ..registration.preprocess import normalize_intensity, prepare
 from ..spatial.resampling import sample_on_grid, slab_grid, warp_image
-from ..registration.similarity import MutualInformation, box_filter, joint_histogram
+from ..registration.similarity import MutualInformation, joint_histogram
+from ..spatial.filters import box_filter
 from ..spatial.transforms import SpatialTransform
 
 logger = logging.getLogger(__name__)

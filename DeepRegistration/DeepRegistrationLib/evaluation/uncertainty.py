@@ -38,7 +38,8 @@ from ..core.image import Image
 from ..core.progress import Progress, ProgressCallback
 from ..registration.preprocess import prepare
 from ..registration.regularizers import Regularizer
-from ..registration.similarity import Similarity, box_filter
+from ..registration.similarity import Similarity
+from ..spatial.filters import box_filter
 from ..learning.synth import smooth_noise
 from ..spatial.transforms import SpatialTransform
 

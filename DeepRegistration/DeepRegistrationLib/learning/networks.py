@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..spatial import warp as W
 from ..core.grid import Grid
-from ..registration.similarity import box_filter
+from ..spatial.filters import box_filter
 from ..spatial.transforms import scaling_and_squaring
 
 BLOCKS = ("conv", "separable")

@@ -151,7 +151,8 @@ def test_uncertainty_is_larger_in_a_blank_region_than_in_the_anatomy(pair):
 
 
 def test_fail_on_sets_the_exit_status_from_the_verdict():
-    from DeepRegistrationLib.apps.cli import _verdict_status, build_parser
+    from DeepRegistrationLib.apps.cli import build_parser
+    from DeepRegistrationLib.apps.register_command import verdict_status as _verdict_status
 
     assert build_parser().parse_args(["register", "f", "m", "-o", "o", "--fail-on", "suspect"]).fail_on == "suspect"
     report = {"quality": {"verdict": "suspect", "reasons": ["local similarity low"]}}
