@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resolution levels (default: %(default)s)")
     g.add_argument("--diffeomorphic", action="store_true",
                    help="stationary velocity field + scaling and squaring (invertible; slower)")
+    g.add_argument("--symmetric", action="store_true",
+                   help="inverse-consistent: both images deformed half way (velocity field, midpoint "
+                   "similarity, symmetric affine), so B to A gives nearly the inverse of A to B; deformable "
+                   "mode only; about twice the time of --diffeomorphic")
     g.add_argument("--jacobian-weight", type=float, default=d.jacobian_weight, metavar="W",
                    help="penalty on near-folding (det J < 0.05); 0 = off (default: %(default)s)")
     g.add_argument("--init", dest="initialization", choices=("search", "moments", "geometry", "none"),

@@ -61,6 +61,7 @@ def register_command(args: argparse.Namespace) -> int:
                              diffeomorphic=args.diffeomorphic, jacobian_weight=args.jacobian_weight,
                              initialization=args.initialization, init_max_rotation=args.init_max_rotation,
                              device=args.device, seed=args.seed, guide_weight=args.guide_weight,
+                             symmetric=getattr(args, "symmetric", False),
                              threads=args.threads).validate()
     if args.model:
         warning = registry.usage_warning(loaded.card, cfg.similarity)

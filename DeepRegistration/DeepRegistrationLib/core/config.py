@@ -49,6 +49,10 @@ class RegistrationConfig:
         guide_weight: Weight per mm² of the guide-landmark term (``weight · mean |T(f_i) - m_i|²``) in the
             linear and deformable objectives, when guide landmarks are given (default
             :data:`DEFAULT_GUIDE_WEIGHT`; 0 = the points only start the registration).
+        symmetric: Inverse-consistent deformable stage (deformable mode only): a stationary velocity field
+            with both images deformed half way towards each other (SyN-style midpoint), so registering B to
+            A gives (nearly) the inverse of A to B; implies the velocity parameterization of
+            ``diffeomorphic``, about twice its time per iteration.
     """
 
     mode: str = "deformable"
@@ -70,6 +74,7 @@ class RegistrationConfig:
     seed: int = 0
     threads: int = 0
     guide_weight: float = DEFAULT_GUIDE_WEIGHT
+    symmetric: bool = False
 
     def validate(self) -> "RegistrationConfig":
         """Checks every value; raises InputError naming the bad option and its allowed values."""
@@ -96,6 +101,9 @@ class RegistrationConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or not lo <= v <= hi:
                 raise InputError(f"{name} must be an integer between {lo} and {hi}, got {v!r}")
+        if self.symmetric and self.mode != "deformable":
+            raise InputError(f"symmetric registration deforms both images half way and needs mode 'deformable', "
+                             f"not {self.mode!r}: use --mode deformable or leave out --symmetric")
         lo, hi = self.intensity_percentiles
         if not 0 <= lo < hi <= 100:
             raise InputError(f"intensity_percentiles must satisfy 0 <= low < high <= 100, got {self.intensity_percentiles}")

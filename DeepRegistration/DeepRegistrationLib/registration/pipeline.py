@@ -68,7 +68,7 @@ class RegistrationResult:
         similarity_before / similarity_after: The configured similarity loss (lower is better) on the
             working grid, for the images as given (no transform) and after registration.
         ncc_before / ncc_after: Global Pearson correlation, same voxels (a comparable summary).
-        velocity: With ``config.diffeomorphic``: the stationary velocity field ``v`` ``(3, Z, Y, X)`` float64,
+        velocity: With ``config.diffeomorphic`` or ``config.symmetric``: the stationary velocity field ``v`` ``(3, Z, Y, X)`` float64,
             LPS mm per unit time, components (x, y, z), on ``transform.field_grid`` (the working grid plus one
             voxel on every side), with ``u ≈ exp(v) - id`` (7 squarings); ``exp(-v)`` is the exact inverse's
             field (:func:`DeepRegistrationLib.spatial.inverse.invert`). None otherwise.
@@ -115,6 +115,14 @@ class _Level:
         self.moving = _pool(torch.cat(chans, 1), factor)
         self.fmask = None if fmask is None else (_pool(fmask, factor) > 0.5)
         self.pts = W.grid_points(self.fgrid, fixed.device)
+
+    def warp_fixed(self, mapped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The fixed image at fixed-space points ``(B, Z, Y, X, 3)`` (the symmetric mode's half-way warp):
+        ``(warped (B, 1, Z, Y, X), view, mask)``, ``view`` marking samples inside the fixed field of view and
+        ``mask`` the warped fixed mask (bool; None without a mask)."""
+        chans = self.fixed if self.fmask is None else torch.cat([self.fixed, self.fmask.to(self.fixed.dtype)], 1)
+        out, view = W.sample_in_view(chans, self.fgrid, mapped)
+        return out[:, :1], view, (None if self.fmask is None else out[:, 1:2].detach() > 0.5)
 
     def warp(self, mapped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The moving image at mapped points ``(B, Z, Y, X, 3)``: ``(warped, valid, view)``.
@@ -166,10 +174,14 @@ def _factors(levels: int) -> list[int]:
 
 
 def _optimize_linear(lv: _Level, a0: torch.Tensor, kind: str, center: torch.Tensor, iters: int, sim: Similarity,
-                     progress: Progress, frame: torch.Tensor, term: LandmarkTerm | None = None) -> torch.Tensor:
+                     progress: Progress, frame: torch.Tensor, term: LandmarkTerm | None = None,
+                     reverse: _Level | None = None) -> torch.Tensor:
     """Rigid/affine fit at one level; the parameters live in ``frame`` (4×4: the fixed grid's axes), so
     the result does not depend on how the image axes are stored (LPS, RAS, permuted, oblique).
-    ``term`` (guide landmarks, mm²) is added to the similarity."""
+    ``term`` (guide landmarks, mm²) is added to the similarity. With ``reverse`` (the same level with the
+    images' roles swapped: moving grid, fixed image sampled) the similarity is the mean of both directions,
+    ``A`` on the fixed grid and ``A⁻¹`` on the moving grid, which is unchanged when the images are swapped
+    (the symmetric mode)."""
     n = 6 if kind == "rigid" else 12
     local_center = frame[:3, :3].T @ center
 
@@ -181,10 +193,14 @@ def _optimize_linear(lv: _Level, a0: torch.Tensor, kind: str, center: torch.Tens
                          device=a0.device)
     raw = torch.zeros(n, device=a0.device, requires_grad=True)
     opt = CosineAdam(raw, 0.05 if lv.factor > 1 else 0.02, iters, lr_end=0.0005)
+    # a second similarity object: each caches the statistics of its own first image
+    sim_reverse = None if reverse is None else Similarity(sim.name, sim.radius)
 
     def objective(params: torch.Tensor) -> torch.Tensor:
         m = matrix(params)
         loss = lv.loss(sim, W.apply_affine(lv.pts, m))
+        if reverse is not None:
+            loss = 0.5 * (loss + reverse.loss(sim_reverse, W.apply_affine(reverse.pts, torch.linalg.inv(m))))
         return loss if term is None else loss + term.linear(m)
 
     best = _descend(raw, opt, objective, iters, progress, f"{kind} level 1/{lv.factor}")
@@ -242,6 +258,52 @@ def _optimize_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters:
     with torch.no_grad():
         velocity = _smooth(best, cfg.smoothing_passes).detach() if cfg.diffeomorphic else None
         return _field_from_param(best, lv.fgrid, cfg).detach(), velocity
+
+
+def _optimize_symmetric_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters: int,
+                              sim: Similarity, cfg: RegistrationConfig, progress: Progress,
+                              term: LandmarkTerm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symmetric (midpoint, SyN-style) deformable stage at one level.
+
+    The parameters are a stationary velocity ``v`` on ``lv.fgrid`` (mm, as :func:`_optimize_field`'s). Both
+    images move half way: the fixed image is sampled at ``exp(-v/2)(x)``, the moving one at
+    ``A exp(v/2)(x)``, and the similarity (the mean of both argument orders) compares them in the middle;
+    the smoothness penalty is on ``v``
+    (the same for ``v`` and ``-v``). Swapping the images therefore swaps the roles of ``v`` and ``-v``: the
+    registration of B to A is (up to the affine's and the grids' discretization) the inverse of A to B's.
+    The full map is ``A exp(v)``; ``exp(-v)`` inverts it exactly.
+
+    Returns:
+        ``(u, v)``: ``u = exp(v) - id`` and ``v``, both ``(1, 3, Z, Y, X)`` mm on ``lv.fgrid``.
+    """
+    reg = Regularizer(cfg.regularization)
+    param = init.detach().clone().requires_grad_(True)
+    lr = FIELD_STEP * min(lv.fgrid.spacing)
+    opt = CosineAdam(param, lr, iters, lr_end=FIELD_STEP_END * lr, vector_dim=1)
+
+    def objective(p: torch.Tensor) -> torch.Tensor:
+        v = _smooth(p, cfg.smoothing_passes)
+        forward = scaling_and_squaring(0.5 * v, lv.fgrid)
+        backward = scaling_and_squaring(-0.5 * v, lv.fgrid)
+        fixed_half, fixed_view, fixed_mask = lv.warp_fixed(lv.pts + torch.movedim(backward, 1, -1))
+        moving_half, valid, view = lv.warp(W.apply_affine(lv.pts + torch.movedim(forward, 1, -1), affine))
+        # the similarity treats its first image as constant (its local statistics are precomputed): both
+        # orders, each with the other image held, give the value and the gradient through both half-warps
+        both, seen = valid & fixed_view, view & fixed_view
+        loss = 0.5 * (sim(fixed_half.detach(), moving_half, both, fixed_mask, seen)
+                      + sim(moving_half.detach(), fixed_half, both, fixed_mask, seen))
+        loss = loss + cfg.reg_weight * reg(v, lv.fgrid)
+        if cfg.jacobian_weight > 0:
+            loss = loss + cfg.jacobian_weight * (folding_penalty(forward, lv.fgrid)
+                                                 + folding_penalty(backward, lv.fgrid))
+        if term is not None:
+            loss = loss + term.deformable(affine, W.compose_fields(forward, forward, lv.fgrid), lv.fgrid)
+        return loss
+
+    best = _descend(param, opt, objective, iters, progress, f"symmetric deformable level 1/{lv.factor}")
+    with torch.no_grad():
+        v = _smooth(best, cfg.smoothing_passes).detach()
+        return scaling_and_squaring(v, lv.fgrid).detach(), v
 
 
 def _evaluate(lv: _Level, affine: torch.Tensor, u: torch.Tensor | None, sim: Similarity) -> tuple[float, float]:
@@ -368,11 +430,14 @@ def _linear_stage(p: _Prepared, cfg: RegistrationConfig, a0: np.ndarray, device,
         iters = cfg.affine_iterations * (2 if f > lin_factors[-1] else 1)
         sub = Progress(progress, *np.interp([n / len(lin_factors), (n + 1) / len(lin_factors)], [0, 1], lin_span))
         lv = p.levels[f]
+        f_t, m_t = p.f_t, p.m_t
         if f == 1:
             # At full resolution, linear interpolation of the moving image pulls a linear fit towards
             # voxel-aligned positions (~1/12 voxel); a 3³ box smoothing of both images removes most of it.
-            lv = _Level(box_filter(p.f_t, 1), p.fw.grid, box_filter(p.m_t, 1), p.mw.grid, 1, p.fmask, p.mmask)
-        affine = _optimize_linear(lv, affine, kind, center, iters, p.sim, sub, p.frame, p.term)
+            f_t, m_t = box_filter(p.f_t, 1), box_filter(p.m_t, 1)
+            lv = _Level(f_t, p.fw.grid, m_t, p.mw.grid, 1, p.fmask, p.mmask)
+        reverse = _Level(m_t, p.mw.grid, f_t, p.fw.grid, f, p.mmask, p.fmask) if cfg.symmetric else None
+        affine = _optimize_linear(lv, affine, kind, center, iters, p.sim, sub, p.frame, p.term, reverse)
     return affine
 
 
@@ -380,7 +445,7 @@ def _deformable_stage(p: _Prepared, cfg: RegistrationConfig, affine: torch.Tenso
                       predictor: FieldPredictor | None, predictor_mode: str,
                       progress: ProgressCallback | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The dense field over the levels (coarse to fine), after ``affine``: ``(u, v)``, the displacement and
-    (``cfg.diffeomorphic``) its velocity, ``(1, 3, Z, Y, X)`` mm on the finest level's grid (``v`` None otherwise;
+    (``cfg.diffeomorphic``/``cfg.symmetric``) its velocity, ``(1, 3, Z, Y, X)`` mm on the finest level's grid (``v`` None otherwise;
     ``u`` None only when no level ran)."""
     factors, finest = p.factors, p.finest
     u = v = None
@@ -401,9 +466,10 @@ def _deformable_stage(p: _Prepared, cfg: RegistrationConfig, affine: torch.Tenso
         iters = cfg.iterations * (COARSE_ITERATION_FACTOR if f > 1 else 1)
         sub = Progress(progress, *np.interp([n / len(run_factors), (n + 1) / len(run_factors)], [0, 1],
                                              (0.3, 0.95)))
-        if cfg.diffeomorphic and n == 0 and predictor is None:
+        if (cfg.diffeomorphic or cfg.symmetric) and n == 0 and predictor is None:
             init = torch.zeros_like(init)
-        u, v = _optimize_field(lv, affine, init, iters, p.sim, cfg, sub, p.term)
+        optimize = _optimize_symmetric_field if cfg.symmetric else _optimize_field
+        u, v = optimize(lv, affine, init, iters, p.sim, cfg, sub, p.term)
         prev_grid = lv.fgrid
     if u is not None and prev_grid != finest.fgrid:
         u = W.resample_field(u, prev_grid, finest.fgrid)
