@@ -4,22 +4,22 @@
 Rows (all on the bundled Colin27 pair, 3 mm, CPU):
 
 1. **Inverse** of one registration: ``|T(T⁻¹(y)) - y|`` (mm, mean / 95th percentile) over the moving image's
-   foreground. Engine: :func:`DeepRegistrationLib.spatial.inverse.invert` of the default (fixed-point inversion) and
-   of ``--diffeomorphic`` (the fixed-point inversion too: the pipeline does not expose its velocity yet);
-   ANTs SyN: its own ``fwdtransforms`` ∘ ``invtransforms``.
+   foreground: the ``inverse.h5`` that ``register`` writes (default: fixed-point inversion; ``--diffeomorphic``
+   and ``--symmetric``: the negated velocity); ANTs SyN: its own ``fwdtransforms`` ∘ ``invtransforms``.
 2. **Swapped pair**: register A→B and B→A separately; ``|T_AB(T_BA(y)) - y|`` over B's foreground
-   (95th percentile, mm): how far two independent runs are from being each other's inverse.
+   (95th percentile, mm): how far two independent runs are from being each other's inverse; with the mean
+   Dice of both directions (AAL labels), the time of both runs and the folding (engine: % det J <= 0).
 3. **Landmark guidance**: the moving image rotated by 60° (exact: its direction and origin, no resampling);
    6 well-spread guide landmarks (farthest-point order), TRE on the 42 others. Engine default without
-   guide points, engine with the guide points' rigid least-squares fit as start
-   (:func:`DeepRegistrationLib.registration.guidance.choose_initialization`), ANTs SyN (images only), each also on the
-   unrotated pair.
+   guide points, engine with ``--guide-landmarks`` (their rigid least-squares fit as start and their term
+   in the objectives, default ``--guide-weight``), ANTs SyN (images only), each also on the unrotated pair.
 
 Each method's time is its own registration call in this process (ANTs: antspyx in the same process).
 
 Usage::
 
-    python benchmarks/inverse_guidance.py --out benchmarks/results_inverse_guidance [--threads 2]
+    python benchmarks/inverse_guidance.py --out benchmarks/results_inverse_guidance [--threads 2] [--spacing 4]
+        [--diffeomorphic] [--no-ants]
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT / "DeepRegistration"))
 
 from DeepRegistrationLib.core.config import RegistrationConfig  # noqa: E402
 from DeepRegistrationLib.core.grid import Grid  # noqa: E402
-from DeepRegistrationLib.registration.guidance import choose_initialization, point_distances, read_guide_landmarks  # noqa: E402
-from DeepRegistrationLib.spatial.inverse import consistency_error, foreground_points, invert  # noqa: E402
+from DeepRegistrationLib.registration.guidance import point_distances, read_guide_landmarks  # noqa: E402
+from DeepRegistrationLib.spatial.inverse import foreground_points  # noqa: E402
 from DeepRegistrationLib.io.images import read_image  # noqa: E402
 from DeepRegistrationLib.io.landmarks import Landmarks, match_landmarks, read_landmarks, write_landmarks_csv  # noqa: E402
 from DeepRegistrationLib.registration.run import run_registration  # noqa: E402
@@ -50,10 +50,30 @@ from DeepRegistrationLib.spatial.transforms import SpatialTransform, rotation_ma
 SAMPLE = ROOT / "DeepRegistration" / "Resources" / "SampleData"
 
 
-def engine(fixed, moving, out: Path, cfg: RegistrationConfig, initial_affine=None):
+def engine(fixed, moving, out: Path, cfg: RegistrationConfig, **kw):
     t0 = time.perf_counter()
-    summary = run_registration(fixed, moving, out, cfg, write_png=False, initial_affine=initial_affine)
+    summary = run_registration(fixed, moving, out, cfg, write_png=False, **kw)
     return summary.result.transform, time.perf_counter() - t0, summary.report["deformation"]["folding_percent"]
+
+
+def engine_run(fixed, moving, out: Path, cfg: RegistrationConfig, labels):
+    """A registration with labels: (summary, seconds)."""
+    t0 = time.perf_counter()
+    summary = run_registration(fixed, moving, out, cfg, write_png=False, fixed_labels=labels[0],
+                               moving_labels=labels[1])
+    return summary, time.perf_counter() - t0
+
+
+def ants_dice(fixed, fixed_labels, moving_labels, fwd) -> float:
+    """Mean Dice of ANTs' warped moving labels (nearest neighbour) against the fixed labels."""
+    import ants
+
+    from DeepRegistrationLib.evaluation.metrics import mean_dice
+
+    warped = ants.apply_transforms(ants.image_read(str(fixed)), ants.image_read(str(moving_labels)), fwd,
+                                   interpolator="nearestNeighbor")
+    return float(mean_dice(sitk.GetArrayFromImage(sitk.ReadImage(str(fixed_labels))),
+                           np.transpose(warped.numpy(), (2, 1, 0))))
 
 
 def ants_syn(fixed, moving):
@@ -73,6 +93,7 @@ def ants_syn(fixed, moving):
         return ants.apply_transforms_to_points(3, _points_frame(points), inv,
                                                whichtoinvert=[True, False])[["x", "y", "z"]].to_numpy()
 
+    forward.fwd = fwd
     return forward, backward, seconds
 
 
@@ -100,40 +121,48 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results_inverse_guidance")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-ants", action="store_true")
+    ap.add_argument("--spacing", type=float, default=RegistrationConfig().spacing,
+                    help="engine working spacing in mm (the bundled pair has 3 mm voxels)")
+    ap.add_argument("--diffeomorphic", action="store_true", help="also the --diffeomorphic rows")
     args = ap.parse_args(argv)
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(args.threads))
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="invguide-"))
     fixed, moving = SAMPLE / "fixed.nii.gz", SAMPLE / "moving.nii.gz"
-    cfg = RegistrationConfig(device="cpu", threads=args.threads)
+    cfg = RegistrationConfig(device="cpu", threads=args.threads, spacing=args.spacing)
     mov_img, fix_img = read_image(moving, "moving"), read_image(fixed, "fixed")
     ymov = foreground_points(mov_img.array, mov_img.grid)
     yfix = foreground_points(fix_img.array, fix_img.grid)
     rows: dict = {"inverse": {}, "swapped": {}, "guidance": {}}
 
-    # 1 + 2: inverse of one run, swapped pair
-    for name, c in (("engine default", cfg), ("engine --diffeomorphic",
-                                                RegistrationConfig(device="cpu", threads=args.threads,
-                                                                   diffeomorphic=True))):
-        t_ab, sec, fold = engine(fixed, moving, work / f"ab-{len(rows['inverse'])}", c)
-        t0 = time.perf_counter()
-        inv = invert(t_ab)
-        t_inv = time.perf_counter() - t0
-        err = consistency_error(t_ab, inv, ymov)
-        rows["inverse"][name] = {"mean_mm": round(err["mean_mm"], 4), "p95_mm": round(err["p95_mm"], 4),
-                                 "method": inv.method, "iterations": inv.iterations, "invert_s": round(t_inv, 2),
-                                 "register_s": round(sec, 1), "folding_percent": fold}
-        t_ba, sec2, fold2 = engine(moving, fixed, work / f"ba-{len(rows['swapped'])}", c)
+    # 1 + 2: inverse of one run (the inverse.h5 register writes), swapped pair
+    flab, mlab = SAMPLE / "fixed_labels.nii.gz", SAMPLE / "moving_labels.nii.gz"
+    variants = (("engine default", {}),) + ((("engine --diffeomorphic", {"diffeomorphic": True}),)
+                                            if args.diffeomorphic else ()) + (("engine --symmetric", {"symmetric": True}),)
+    for n, (name, extra) in enumerate(variants):
+        c = RegistrationConfig(device="cpu", threads=args.threads, spacing=args.spacing, **extra)
+        ab, sec = engine_run(fixed, moving, work / f"ab-{n}", c, (flab, mlab))
+        inv, t_ab = ab.report["inverse"], ab.result.transform
+        rows["inverse"][name] = {"mean_mm": round(inv["consistency_mm"]["mean_mm"], 4),
+                                 "p95_mm": round(inv["consistency_mm"]["p95_mm"], 4), "method": inv["method"],
+                                 "iterations": inv["iterations"], "register_s": round(sec, 1),
+                                 "folding_percent": ab.result.folding_percent}
+        ba, sec2 = engine_run(moving, fixed, work / f"ba-{n}", c, (mlab, flab))
+        t_ba = ba.result.transform
+        dice = [r.report["metrics"]["labels"]["after"]["dice_mean"] for r in (ab, ba)]
         # T_AB: A(fixed) -> B(moving) points; T_BA: B -> A. T_AB ∘ T_BA over B's foreground
         rows["swapped"][name] = {**stats(np.linalg.norm(t_ab.map_points(t_ba.map_points(ymov)) - ymov, axis=1)),
-                                 "register_s": round(sec + sec2, 1), "folding_percent": max(fold, fold2)}
+                                 "dice_mean": round(float(np.mean(dice)), 4), "register_s": round(sec + sec2, 1),
+                                 "folding_percent": max(ab.result.folding_percent, ba.result.folding_percent)}
     if not args.no_ants:
         fwd, bwd, sec = ants_syn(fixed, moving)
         rows["inverse"]["ANTs SyN"] = {**stats(np.linalg.norm(fwd(bwd(ymov)) - ymov, axis=1)),
                                        "method": "SyN inverse field", "register_s": round(sec, 1)}
         fwd2, _, sec2 = ants_syn(moving, fixed)
+        dice = [ants_dice(fixed, flab, mlab, fwd.fwd), ants_dice(moving, mlab, flab, fwd2.fwd)]
         rows["swapped"]["ANTs SyN"] = {**stats(np.linalg.norm(fwd(fwd2(ymov)) - ymov, axis=1)),
-                                       "register_s": round(sec + sec2, 1)}
+                                       "dice_mean": round(float(np.mean(dice)), 4),
+                                       "register_s": round(sec + sec2, 1), "folding_percent": None}
 
     # 3: landmark guidance on a 60° rotation
     f_all, m_all, labels = match_landmarks(read_landmarks(SAMPLE / "fixed_landmarks.csv"),
@@ -152,25 +181,25 @@ def main(argv=None) -> int:
     m_rot = (m_all - centre) @ rot.T + centre
     write_landmarks_csv(Landmarks([labels[n] for n in chosen], f_all[chosen]), work / "gf.csv")
     write_landmarks_csv(Landmarks([labels[n] for n in chosen], m_rot[chosen]), work / "gm.csv")
-    guide = read_guide_landmarks(work / "gf.csv", work / "gm.csv")
+    guide = read_guide_landmarks(work / "gf.csv", work / "gm.csv")  # checks the points
     for case, mov, targets in (("unrotated", moving, m_all), ("rotated 60°", rotated, m_rot)):
         t, sec, fold = engine(fixed, mov, work / f"g-plain-{case[:3]}", cfg)
         rows["guidance"][f"engine default, {case}"] = {
             "tre_mean_mm": round(float(point_distances(t.map_points, f_all[held], targets[held]).mean()), 3),
             "register_s": round(sec, 1), "folding_percent": fold}
         if case != "unrotated":
-            start, info = choose_initialization(np.eye(4), guide)
-            t, sec, fold = engine(fixed, mov, work / "g-guided", cfg, initial_affine=start)
+            t, sec, fold = engine(fixed, mov, work / "g-guided", cfg, guide_fixed_landmarks=work / "gf.csv",
+                                  guide_moving_landmarks=work / "gm.csv")
             rows["guidance"][f"engine + 6 guide landmarks, {case}"] = {
                 "tre_mean_mm": round(float(point_distances(t.map_points, f_all[held], targets[held]).mean()), 3),
-                "register_s": round(sec, 1), "folding_percent": fold, "start": info["guide_start"]}
+                "register_s": round(sec, 1), "folding_percent": fold, "guide_weight": cfg.guide_weight}
         if not args.no_ants:
             fwd, _, sec = ants_syn(fixed, mov)
             rows["guidance"][f"ANTs SyN, {case}"] = {
                 "tre_mean_mm": round(float(np.linalg.norm(fwd(f_all[held]) - targets[held], axis=1).mean()), 3),
                 "register_s": round(sec, 1)}
     rows["tre_before_rotated_mm"] = round(float(np.linalg.norm(f_all[held] - m_rot[held], axis=1).mean()), 2)
-    rows["setup"] = {"threads": args.threads, "cpu_count": os.cpu_count(), "pair": "bundled Colin27 pair, 3 mm",
+    rows["setup"] = {"engine_spacing_mm": args.spacing, "threads": args.threads, "cpu_count": os.cpu_count(), "pair": "bundled Colin27 pair, 3 mm",
                      "guide_points": len(chosen), "held_out_points": len(held)}
     (args.out / "INVERSE_GUIDANCE.json").write_text(json.dumps(rows, indent=2))
     write_markdown(rows, args.out / "INVERSE_GUIDANCE.md")
@@ -181,15 +210,18 @@ def main(argv=None) -> int:
 
 def write_markdown(rows: dict, path: Path) -> None:
     lines = ["# Inverse consistency and landmark guidance (bundled pair, CPU, one run)", "",
+             f"Engine working spacing {rows['setup']['engine_spacing_mm']} mm, {rows['setup']['threads']} threads.", "",
              "## Inverse of one registration: |T(T⁻¹(y)) − y| over the moving foreground", "",
              "| method | mean mm | p95 mm | inversion | register s |", "|---|---|---|---|---|"]
     for k, v in rows["inverse"].items():
-        how = f"{v.get('method')} ({v['iterations']} it, {v['invert_s']} s)" if "iterations" in v else v.get("method")
+        how = f"{v.get('method')} ({v['iterations']} it)" if v.get("iterations") else v.get("method")
         lines.append(f"| {k} | {v['mean_mm']} | {v['p95_mm']} | {how} | {v['register_s']} |")
     lines += ["", "## Swapped pair: |T_AB ∘ T_BA − id| over B's foreground (two independent runs)", "",
-              "| method | mean mm | p95 mm | both runs s |", "|---|---|---|---|"]
+              "| method | mean mm | p95 mm | Dice (mean of both) | folding % | both runs s |",
+              "|---|---|---|---|---|---|"]
     for k, v in rows["swapped"].items():
-        lines.append(f"| {k} | {v['mean_mm']} | {v['p95_mm']} | {v['register_s']} |")
+        fold = "n/a" if v.get("folding_percent") is None else v["folding_percent"]
+        lines.append(f"| {k} | {v['mean_mm']} | {v['p95_mm']} | {v.get('dice_mean')} | {fold} | {v['register_s']} |")
     lines += ["", f"## Landmark guidance: 60° rotation, 6 guide points, TRE on the held-out points "
               f"(before: {rows['tre_before_rotated_mm']} mm)", "",
               "| method | held-out TRE mm | s |", "|---|---|---|"]
