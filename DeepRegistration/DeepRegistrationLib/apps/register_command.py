@@ -39,34 +39,10 @@ def register_command(args: argparse.Namespace) -> int:
     Returns the exit status: 0, or 3 when ``fail_on`` is set and the quality verdict is that or worse. Raises the
     engine's errors (:class:`~DeepRegistrationLib.core.errors.InputError`, ``Cancelled``…) for the caller to print.
     """
-    from ..core.config import RegistrationConfig
     from ..registration.run import check_output_dir, run_registration, summary_lines
 
     check_output_dir(args.output, args.overwrite)
-    predictor = None
-    if args.model:
-        from ..learning import registry
-        from ..registration.predictors import check_predictor_use
-
-        check_predictor_use(args.mode, args.model_mode)  # before loading: a model needs the deformable mode
-
-        loaded = registry.load(args.model)  # InputError for unknown, corrupt or tampered models
-        predictor = loaded.predictor()
-    from ..learning.model_files import working_spacing
-
-    spacing = working_spacing(loaded if args.model else None, args.spacing)
-    cfg = RegistrationConfig(mode=args.mode, similarity=args.similarity, regularization=args.regularization,
-                             reg_weight=args.reg_weight, spacing=spacing, iterations=args.iterations,
-                             affine_iterations=args.affine_iterations, levels=args.levels,
-                             diffeomorphic=args.diffeomorphic, jacobian_weight=args.jacobian_weight,
-                             initialization=args.initialization, init_max_rotation=args.init_max_rotation,
-                             device=args.device, seed=args.seed, guide_weight=args.guide_weight,
-                             symmetric=getattr(args, "symmetric", False),
-                             threads=args.threads).validate()
-    if args.model:
-        warning = registry.usage_warning(loaded.card, cfg.similarity)
-        if warning:
-            sys.stderr.write(f"warning: {warning}\n")
+    cfg, predictor = config_from_args(args)
     bar = _Bar(not args.quiet)
     try:
         summary = run_registration(
@@ -84,6 +60,50 @@ def register_command(args: argparse.Namespace) -> int:
     for line in summary_lines(summary.report):
         print("  " + line)
     return verdict_status(summary.report, getattr(args, "fail_on", None))
+
+
+def config_from_args(args: argparse.Namespace):
+    """``(RegistrationConfig, predictor | None)`` from the registration and learned-model options that
+    ``register`` and the commands built on it share (:func:`~DeepRegistrationLib.apps.options.copy_registration_options`);
+    an option a command does not offer takes the engine default.
+
+    A model is checked against the mode before it loads
+    (:func:`~DeepRegistrationLib.registration.predictors.check_predictor_use`), and its card's working spacing
+    applies unless ``--spacing`` is given (:func:`~DeepRegistrationLib.learning.model_files.working_spacing`);
+    a warning about the model's use goes to stderr. Raises ``InputError`` for a bad combination or model.
+    """
+    from ..core.config import RegistrationConfig
+    from ..learning.model_files import working_spacing
+
+    d = RegistrationConfig()
+    loaded = predictor = None
+    if getattr(args, "model", None):
+        from ..learning import registry
+        from ..registration.predictors import check_predictor_use
+
+        check_predictor_use(args.mode, getattr(args, "model_mode", "init"))  # before loading
+        loaded = registry.load(args.model)  # InputError for unknown, corrupt or tampered models
+        predictor = loaded.predictor()
+
+    def option(name: str):
+        value = getattr(args, name, None)
+        return getattr(d, name) if value is None else value
+
+    cfg = RegistrationConfig(
+        mode=args.mode, similarity=option("similarity"), regularization=option("regularization"),
+        reg_weight=option("reg_weight"), spacing=working_spacing(loaded, getattr(args, "spacing", None)),
+        iterations=option("iterations"), affine_iterations=option("affine_iterations"), levels=option("levels"),
+        diffeomorphic=bool(getattr(args, "diffeomorphic", False)), jacobian_weight=option("jacobian_weight"),
+        initialization=option("initialization"), init_max_rotation=option("init_max_rotation"),
+        device=option("device"), seed=option("seed"), guide_weight=option("guide_weight"),
+        symmetric=bool(getattr(args, "symmetric", False)), threads=option("threads")).validate()
+    if loaded is not None:
+        from ..learning import registry
+
+        warning = registry.usage_warning(loaded.card, cfg.similarity)
+        if warning:
+            sys.stderr.write(f"warning: {warning}\n")
+    return cfg, predictor
 
 
 def verdict_status(report: dict, fail_on: str | None) -> int:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from .options import copy_registration_options
+from .register_command import config_from_args
 
 COMMANDS = ("register-batch", "register-sequence", "template")
 
@@ -74,32 +75,6 @@ def add_subparsers(sub) -> None:
     _output_options(t)
     copy_registration_options(t, register_parser, skip=("iterations",))  # --iterations: template iterations
     t.set_defaults(iterations=None)
-
-
-def config_from_args(args: argparse.Namespace):
-    """``(RegistrationConfig, predictor | None)`` from the shared registration/model options."""
-    from ..core.config import RegistrationConfig
-
-    d = RegistrationConfig()
-    predictor, spacing = None, getattr(args, "spacing", None)
-    if getattr(args, "model", None):
-        from ..learning import registry
-        from ..learning.model_files import working_spacing
-        from ..registration.predictors import check_predictor_use
-
-        check_predictor_use(args.mode, getattr(args, "model_mode", "init"))
-        loaded = registry.load(args.model)
-        predictor = loaded.predictor()
-        spacing = working_spacing(loaded, spacing)
-    cfg = RegistrationConfig(
-        mode=args.mode, similarity=args.similarity, regularization=args.regularization, reg_weight=args.reg_weight,
-        spacing=spacing if spacing is not None else d.spacing,
-        iterations=args.iterations if getattr(args, "iterations", None) is not None else d.iterations,
-        affine_iterations=args.affine_iterations, levels=args.levels, diffeomorphic=args.diffeomorphic,
-        jacobian_weight=args.jacobian_weight, initialization=args.initialization,
-        init_max_rotation=getattr(args, "init_max_rotation", d.init_max_rotation), device=args.device,
-        seed=args.seed, threads=args.threads).validate()
-    return cfg, predictor
 
 
 class _Lines:

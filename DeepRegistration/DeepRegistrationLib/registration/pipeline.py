@@ -26,6 +26,7 @@ from ..spatial import warp as W
 from ..core.config import RegistrationConfig, select_device
 from ..core.grid import Grid
 from .optim import CosineAdam
+from .predictors import PREDICTOR_MODES, check_predictor_use
 from ..core.image import Image
 from .preprocess import WorkingImage, center_of_mass, check_overlap, prepare
 from ..core.progress import Progress, ProgressCallback
@@ -526,8 +527,10 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
         Cancelled: the callback asked to stop.
     """
     cfg = (config or RegistrationConfig()).validate()
-    if predictor_mode not in ("init", "replace"):
-        raise ValueError(f"predictor_mode must be 'init' or 'replace', not {predictor_mode!r}")
+    if predictor is not None:
+        check_predictor_use(cfg.mode, predictor_mode)  # a field predictor needs the deformable mode (InputError)
+    elif predictor_mode not in PREDICTOR_MODES:
+        raise ValueError(f"predictor_mode must be one of {PREDICTOR_MODES}, not {predictor_mode!r}")
     device = select_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -249,10 +249,14 @@ def register_sequence(sequence, out_dir, config: RegistrationConfig | None = Non
                 start.affine = init_affine = start.composed_affine()
             elif prev is not None:
                 start, init_affine = TransformStart([prev], prev.affine), prev.affine
+            # the previous frame's field starts this one's in the deformable mode; a linear mode starts from its
+            # matrix alone (initial_affine): a field has no place there
+            field_start = start if cfg.mode == "deformable" else None
             run = run_registration(ref_path, frame_path, tmp / f"frame_{t:04d}", cfg, write_png=write_png,
                                    progress=sub.sub(0.5 if (chain and start is not None) else 0.0, 1.0),
-                                   predictor=start if start is not None else predictor,
-                                   predictor_mode="init" if start is not None else mode, initial_affine=init_affine)
+                                   predictor=field_start if field_start is not None else predictor,
+                                   predictor_mode="init" if field_start is not None else mode,
+                                   initial_affine=init_affine)
             local[t] = run.result.transform
             rep = run.report
             rows[t] = {"frame": t, "warm_start_from": None if start is None else nbr, "rank": rank,
