@@ -35,9 +35,16 @@ from .transforms import SpatialTransform, scaling_and_squaring
 logger = logging.getLogger(__name__)
 
 #: Fixed-point iteration limits: stop when the largest residual ``|z + w + u(z + w) - z|`` is below
-#: ``TOL_MM`` or after ``MAX_ITERATIONS``.
+#: ``TOL_MM``; or, from iteration ``SETTLED_AFTER`` on, when no more than ``SETTLED_FRACTION`` of the grid
+#: points still move by more than ``SETTLED_MM`` (a field whose steepest spot converges slowly: measured on the 1 mm ICBM152-Colin27 pair,
+#: after 20 iterations the 99.9th percentile residual was 0.0007 mm and 326 of ~1 M points moved by more
+#: than 0.01 mm, while the largest residual fell only as ~1/n: 0.61 mm after 20, 0.20 mm after 100, 17 s);
+#: or after ``MAX_ITERATIONS``. The largest residual is reported either way.
 TOL_MM = 1e-3
 MAX_ITERATIONS = 100
+SETTLED_AFTER = 20
+SETTLED_MM = 1e-2
+SETTLED_FRACTION = 1e-4
 
 
 @dataclass
@@ -102,7 +109,9 @@ def invert_field(field: np.ndarray, grid: Grid, tol_mm: float = TOL_MM, max_iter
         tol_mm: Stop when the largest residual ``|w(z) + u(z + w(z))|`` on the grid is below this (over
             the grid points whose ``z + w(z)`` lies within the grid; beyond it ITK's ``u`` is 0 and the
             iteration repeats the border values instead).
-        max_iterations: Upper bound on iterations.
+        max_iterations: Upper bound on iterations; from iteration :data:`SETTLED_AFTER` on, the iteration also
+            stops once no more than :data:`SETTLED_FRACTION` of the points still move by more than
+            :data:`SETTLED_MM`.
         device: torch device (CPU by default); computed in float64.
 
     Returns:
@@ -119,12 +128,16 @@ def invert_field(field: np.ndarray, grid: Grid, tol_mm: float = TOL_MM, max_iter
         target = z + torch.movedim(w, 1, -1)
         new = -W.sample(u, grid, target, padding_mode="border")
         inside = (W.world_to_normalized(target, grid).abs() <= 1.0).all(dim=-1)
-        step = (new - w).norm(dim=1)[inside]
-        residual = float(step.max()) if step.numel() else 0.0
+        # squared steps, square-rooted once (torch's vector norm over dim 1 of this layout took 0.24 s per
+        # call on a 1 mm brain grid; the sum of squares takes a few ms)
+        squared = (new - w).square().sum(dim=1)[inside]
+        residual = float(squared.max().sqrt()) if squared.numel() else 0.0
         w = new
         if residual < tol_mm:
             break
-    if residual >= tol_mm:
+        if n >= SETTLED_AFTER and int((squared > SETTLED_MM ** 2).sum()) <= SETTLED_FRACTION * squared.numel():
+            break
+    if residual >= tol_mm and n == max_iterations:
         logger.warning("field inversion stopped after %d iterations with a largest grid residual of %.3g mm "
                        "(the field may fold or be too steep to invert exactly)", n, residual)
     return w[0].cpu().numpy(), n, residual
