@@ -293,10 +293,10 @@ def write_outputs(out: Path, rows: list[dict], cases: list[dict], args) -> None:
         w = 0.8 / len(methods)
         for i, m in enumerate(methods):
             ax[0].bar(np.arange(len(names)) + i * w, [get.get((n, m), {}).get("dice_mean", np.nan) for n in names],
-                      w, label=m)
+                      w, label=m, color=f"C{i}")  # one colour per method in both panels
             if m != "none":
                 ax[1].bar(np.arange(len(names)) + i * w, [get.get((n, m), {}).get("cpu_s", np.nan) for n in names],
-                          w, label=m)
+                          w, label=m, color=f"C{i}")
         for a, title in zip(ax, ("mean Dice (overlap)", "whole-process CPU time (s)")):
             a.set_xticks(np.arange(len(names)) + 0.4 - w / 2)
             a.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
@@ -320,8 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-python", default=sys.executable)
     p.add_argument("--deepreg-args", default="")
     p.add_argument("--keep-runs", action="store_true")
+    p.add_argument("--tables-only", action="store_true",
+                   help="rewrite the tables and the plot from OUT/robustness.json without running anything")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.tables_only:
+        saved = json.loads((args.out / "robustness.json").read_text())
+        write_outputs(args.out, saved["rows"], saved["cases"], args)
+        return 0
     cases = brain_cases(args.out / "cases", args.cache, args.cases) + ct_cases(args.out / "cases", args.cache,
                                                                                args.cases)
     rows: list[dict] = []
