@@ -21,7 +21,7 @@ from slicer.util import VTKObservationMixin
 REQUIREMENTS_FILE = "DatasetBuilder-requirements.txt"  # per-module name: all scripted modules share Resources/
 # Paths remembered across Slicer sessions (application settings) for a new scene's empty fields
 SETTINGS_KEYS = {"outputFolder": "DatasetBuilder/OutputFolder", "keyFile": "DatasetBuilder/KeyFile"}
-PATH_PARAMETERS = ("scenesFolder", "outputFolder", "keyFile", "subjectsCsv")
+PATH_PARAMETERS = ("scenesFolder", "outputFolder", "keyFile", "subjectsCsv", "feedbackLog")
 
 
 class DatasetBuilder(ScriptedLoadableModule):
@@ -73,6 +73,8 @@ class DatasetBuilderParameterNode:
     outputFolder - The dataset folder (new, empty, or a dataset this builder made: resume, update).
     keyFile - Pseudonym key file, outside the dataset (created when missing).
     subjectsCsv - Optional CSV ``scene,subject[,session]`` for scenes without DICOM identity ("" = none).
+    feedbackLog - Optional feedback log (``deepregistration feedback``, the Accept/Reject buttons; "" = none):
+        accepted results become pairs (``dataset build --feedback``); with it the scenes are optional.
     pairing - ``intra`` (within a subject), ``inter`` (across subjects) or ``atlas`` (to a template case).
     trainShare, validationShare, testShare - Subject-grouped split shares (normalized by the builder).
     augmentPerCase - Augmented copies of each training case.
@@ -87,6 +89,7 @@ class DatasetBuilderParameterNode:
     outputFolder: str = ""
     keyFile: str = ""
     subjectsCsv: str = ""
+    feedbackLog: str = ""
     pairing: Annotated[str, Choice(["intra", "inter", "atlas"])] = "intra"
     trainShare: Annotated[float, WithinRange(0.0, 1.0)] = 0.7
     validationShare: Annotated[float, WithinRange(0.0, 1.0)] = 0.1
@@ -482,7 +485,8 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
     def buildArguments(parameterNode) -> dict:
         """``startBuild`` keyword arguments from a parameter node."""
         p = parameterNode
-        return dict(scenesFolder=None if p.useCurrentScene else (p.scenesFolder or None), outDir=p.outputFolder,
+        return dict(scenesFolder=None if p.useCurrentScene else (p.scenesFolder or None),
+                    currentScene=p.useCurrentScene, feedbackLog=p.feedbackLog or None, outDir=p.outputFolder,
                     keyFile=p.keyFile, pairing=p.pairing,
                     splitRatios=(p.trainShare, p.validationShare, p.testShare), augmentPerCase=p.augmentPerCase,
                     subjectsCsv=p.subjectsCsv or None, dates=p.studyDates, classical=p.classical)
@@ -561,31 +565,34 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
         return path
 
     def startBuild(self, scenesFolder, outDir, keyFile, pairing="intra", splitRatios=(0.7, 0.1, 0.2),
-                   augmentPerCase=0, subjectsCsv=None, dates="remove", classical="none"):
+                   augmentPerCase=0, subjectsCsv=None, dates="remove", classical="none", feedbackLog=None,
+                   currentScene=None):
         """Starts ``dataset build`` in a PythonSlicer child process; returns (BuildProcess, temporary folder or None).
 
-        The current scene (when no folder is given) is written to a temporary folder the caller removes when the
-        process has ended. ``classical``: ``none``, ``engine`` or ``ants`` (algorithmic ground truth per pair).
+        ``currentScene`` (default: when neither a folder nor a feedback log is given): the current scene is
+        written to a temporary folder the caller removes when the process has ended. ``classical``: ``none``,
+        ``engine`` or ``ants`` (algorithmic ground truth per pair). ``feedbackLog``: ``--feedback LOG``, accepted
+        results as pairs (then scenes are optional).
         """
         from DatasetBuilderLib.background import BuildProcess
         from DeepRegistrationSlicerLib.run import pythonExecutable
 
         self._checkPaths(outDir, keyFile)
+        if currentScene is None:
+            currentScene = not scenesFolder and not feedbackLog
+        inputs = [scenesFolder] if scenesFolder and not currentScene else []
+        if not inputs and not currentScene and not feedbackLog:
+            raise ValueError(_("Choose a scenes folder or a feedback log, or check 'Use the current scene'."))
         tmp = None
-        if not scenesFolder:
+        if currentScene:
             tmp = self._temporaryFolder()
             try:
-                scenesFolder = self.saveCurrentScene(tmp)
+                inputs = [self.saveCurrentScene(tmp)]
             except Exception:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        args = [scenesFolder, "-o", outDir, "--key", keyFile, "--pairing", pairing,
-                "--split", ",".join(str(r) for r in splitRatios), "--augment", str(int(augmentPerCase)),
-                "--dates", dates]
-        if subjectsCsv:
-            args += ["--subjects", subjectsCsv]
-        if classical != "none":
-            args += ["--classical", "--classical-method", classical]
+        args = self.commandArguments(inputs, outDir, keyFile, pairing, splitRatios, augmentPerCase, subjectsCsv,
+                                     dates, classical, feedbackLog)
         try:
             return BuildProcess(args, python=pythonExecutable(), log_dir=slicer.app.temporaryPath or None), tmp
         except Exception:
@@ -593,10 +600,26 @@ class DatasetBuilderLogic(ScriptedLoadableModuleLogic):
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    @staticmethod
+    def commandArguments(inputs, outDir, keyFile, pairing="intra", splitRatios=(0.7, 0.1, 0.2), augmentPerCase=0,
+                         subjectsCsv=None, dates="remove", classical="none", feedbackLog=None) -> list:
+        """The ``dataset build`` arguments (``DatasetBuilderLib.cli``) for the input paths and options."""
+        args = [*inputs, "-o", outDir, "--key", keyFile, "--pairing", pairing,
+                "--split", ",".join(str(r) for r in splitRatios), "--augment", str(int(augmentPerCase)),
+                "--dates", dates]
+        if subjectsCsv:
+            args += ["--subjects", subjectsCsv]
+        if classical != "none":
+            args += ["--classical", "--classical-method", classical]
+        if feedbackLog:
+            args += ["--feedback", feedbackLog]
+        return args
+
     def startBuildFromParameterNode(self, parameterNode):
         """:meth:`startBuild` with the parameter node's settings."""
-        if not parameterNode.useCurrentScene and not parameterNode.scenesFolder:
-            raise ValueError(_("Choose a scenes folder, or check 'Use the current scene'."))
+        p = parameterNode
+        if not p.useCurrentScene and not p.scenesFolder and not p.feedbackLog:
+            raise ValueError(_("Choose a scenes folder or a feedback log, or check 'Use the current scene'."))
         return self.startBuild(**self.buildArguments(parameterNode))
 
     @staticmethod

@@ -25,7 +25,8 @@ SAMPLE = ROOT / "DeepRegistration" / "Resources" / "SampleData"
 
 # a value different from the default for every parameter (every type and validator the node uses)
 CHANGED = {"useCurrentScene": False, "scenesFolder": "/data/scenes", "outputFolder": "/data/out dataset",
-           "keyFile": "/keys/pseudonyms.hex", "subjectsCsv": "/data/subjects.csv", "pairing": "atlas",
+           "keyFile": "/keys/pseudonyms.hex", "subjectsCsv": "/data/subjects.csv",
+           "feedbackLog": "/data/feedback log.jsonl", "pairing": "atlas",
            "trainShare": 0.55, "validationShare": 0.15, "testShare": 0.3, "augmentPerCase": 3,
            "studyDates": "shift", "classical": "engine", "modelName": "brain-model", "trainingSteps": 1234,
            "initialModel": "default"}
@@ -59,6 +60,7 @@ def test_parameter_node_round_trips_every_parameter_through_a_saved_scene(slicer
     p.subjectsCsv = ""
     assert p.subjectsCsv == ""
     p.subjectsCsv = CHANGED["subjectsCsv"]
+    assert defaults["feedbackLog"] == "" and "feedbackLog" in mod.PATH_PARAMETERS
 
     path = tmp_path / "saved.mrml"
     env.scene.SetURL(str(path))
@@ -283,6 +285,90 @@ def test_build_started_from_the_parameter_node_runs_the_command_in_a_child(tmp_p
         assert manifest["parameters"]["pairing"] == "intra" and manifest["parameters"]["dates"] == "remove"
 
 
+def test_feedback_log_becomes_the_feedback_option_and_makes_the_scenes_optional(slicerEnv, tmp_path):
+    """The feedback log field: ``--feedback LOG`` in the ``dataset build`` arguments when set, absent when empty;
+    the arguments parse with the command's own parser; with a log, neither scenes nor the current scene are
+    needed (as ``dataset build --feedback LOG`` allows)."""
+    import argparse
+
+    from DatasetBuilderLib import cli as builder_cli
+
+    mod = module(slicerEnv)
+    logic = mod.DatasetBuilderLogic()
+    p = logic.getParameterNode()
+    p.outputFolder, p.keyFile, p.classical = "/data/out", "/keys/k.hex", "engine"
+
+    def command(node):
+        options = logic.buildArguments(node)
+        folder, current = options.pop("scenesFolder"), options.pop("currentScene")
+        inputs = ["current_scene.mrb"] if current else [folder] if folder else []  # as startBuild chooses them
+        return logic.commandArguments(inputs, **options)
+
+    parser = argparse.ArgumentParser()
+    builder_cli.add_subparser(parser.add_subparsers(dest="command"))
+    args = command(p)
+    assert "--feedback" not in args and args[0] == "current_scene.mrb"
+    assert parser.parse_args(["dataset", "build", *args]).feedback is None
+    p.feedbackLog = str(tmp_path / "my feedback.jsonl")
+    args = command(p)
+    assert args[args.index("--feedback") + 1] == p.feedbackLog and args.count("--feedback") == 1
+    assert args[0] == "current_scene.mrb"  # the current scene still goes in when checked
+    p.useCurrentScene, p.scenesFolder = False, "/data/scenes"
+    parsed = parser.parse_args(["dataset", "build", *command(p)])
+    assert (parsed.inputs, parsed.feedback, parsed.classical) == (["/data/scenes"], p.feedbackLog, True)
+    p.scenesFolder = ""  # the feedback log alone
+    parsed = parser.parse_args(["dataset", "build", *command(p)])
+    assert (parsed.inputs, parsed.feedback, parsed.out) == ([], p.feedbackLog, "/data/out")
+    p.feedbackLog = ""  # nothing to build from: one error naming the choices, before anything starts
+    with pytest.raises(ValueError, match="feedback log"):
+        logic.startBuildFromParameterNode(p)
+    with pytest.raises(ValueError, match="feedback log"):
+        logic.startBuild(None, "/data/out", "/keys/k.hex", currentScene=False)
+
+
+def test_build_from_a_feedback_log_alone_through_the_module(sample_dir, tmp_path):
+    """The module's build with only a feedback log (no scene, current scene unchecked): one accepted registration
+    becomes a pair of the dataset in the child process, the rejected one is listed in the report."""
+    import shutil
+
+    import slicer_real
+    from DeepRegistrationLib.apps import cli
+    from DeepRegistrationLib.workflows import feedback
+
+    tag = "v5.10.0"
+    if slicer_real.missingReason(tag):
+        pytest.skip(slicer_real.missingReason(tag))
+    fast = ["--spacing", "8", "--levels", "1", "--iterations", "3", "--affine-iterations", "5", "--init", "moments",
+            "--no-png", "-q", "--device", "cpu", "--mode", "rigid"]
+    images = tmp_path / "images"
+    images.mkdir()
+    for side in ("fixed", "moving"):
+        shutil.copy(sample_dir / f"{side}.nii.gz", images / f"{side}.nii.gz")
+    log = tmp_path / "verdicts.jsonl"
+    good, bad = tmp_path / "accepted", tmp_path / "rejected"
+    for out in (good, bad):
+        assert cli.main(["register", str(images / "fixed.nii.gz"), str(images / "moving.nii.gz"), "-o", str(out),
+                         *fast]) == 0
+    good_id = feedback.record(good, "accepted", log=log)["result_id"]
+    bad_id = feedback.record(bad, "rejected", log=log)["result_id"]
+    with slicer_real.load(tag, tmp_path / "app") as env:
+        mod = module(env)
+        logic = mod.DatasetBuilderLogic()
+        p = logic.getParameterNode()
+        p.useCurrentScene, p.scenesFolder, p.feedbackLog = False, "", str(log)
+        p.outputFolder, p.keyFile = str(tmp_path / "dataset"), str(tmp_path / "key.hex")
+        p.trainShare, p.validationShare, p.testShare = 1.0, 0.0, 0.0
+        process, tmp = logic.startBuildFromParameterNode(p)
+        assert tmp is None  # no scene copy was written
+        assert process.wait(300) == 0, process.last_error()
+    meta = json.loads((tmp_path / "dataset" / "DREG_dataset.json").read_text())
+    assert meta["numPairedTraining"] == 1 and len(meta["training"]) == 2
+    gold = meta["training_paired_images"][0]["gold_standard"][0]
+    assert gold["source"] == "accepted by a user"
+    report = (tmp_path / "dataset" / "report.md").read_text()
+    assert bad_id in report and good_id != bad_id
+
+
 def test_dicom_input_needs_dicom_anonymizer_only_when_the_folder_holds_dicom(tmp_path, monkeypatch):
     """Scenes and training need nothing beyond the engine's packages; a DICOM folder names the package to
     install, for this Python (2.x from Python 3.10, 1.0.13.post1 on 3.9 = Slicer 5.8)."""
@@ -353,7 +439,7 @@ def test_ui_binds_every_parameter_to_a_widget_of_the_right_kind():
     kinds = {"bool": "QCheckBox", "int": "QSpinBox", "float": "QDoubleSpinBox"}
     for name, annotation in fields.items():
         cls = bound[name].get("class")
-        if name in ("scenesFolder", "outputFolder", "keyFile", "subjectsCsv"):
+        if name in ("scenesFolder", "outputFolder", "keyFile", "subjectsCsv", "feedbackLog"):
             assert cls == "ctkPathLineEdit" and bound[name].get("name") == f"{name}Edit", name
         elif "Choice(" in annotation or name == "initialModel":
             assert cls == "QComboBox", name
@@ -377,12 +463,14 @@ def test_key_file_field_can_browse_to_a_new_file():
     widgets = _ui_widgets()
     flags = set(_prop(widgets["keyFileEdit"], "filters").split("|"))
     assert {"ctkPathLineEdit::Files", "ctkPathLineEdit::Writable"} <= flags
-    assert _prop(widgets["subjectsCsvEdit"], "filters").split("|")[0] == "ctkPathLineEdit::Files"
+    for name in ("subjectsCsvEdit", "feedbackLogEdit"):
+        assert _prop(widgets[name], "filters").split("|")[0] == "ctkPathLineEdit::Files", name
     for name in ("scenesFolderEdit", "outputFolderEdit"):
         assert _prop(widgets[name], "filters") == "ctkPathLineEdit::Dirs"
     # no nameFilters on optional paths: ctkPathLineEdit emits currentPathChanged only for text its validator (made
     # from nameFilters) accepts, so a CSV filter would make a cleared field never reach the parameter node
-    assert all(_prop(widgets[n], "nameFilters") is None for n in ("subjectsCsvEdit", "keyFileEdit"))
+    # (a *.jsonl filter would also refuse a feedback log named otherwise: ``feedback --log FILE`` takes any name)
+    assert all(_prop(widgets[n], "nameFilters") is None for n in ("subjectsCsvEdit", "keyFileEdit", "feedbackLogEdit"))
 
 
 def test_widget_reacts_to_user_actions_and_handles_scene_close_and_cleanup():
