@@ -72,10 +72,23 @@ def auth_from_options(user: str | None = None, password_file: str | None = None,
 
 
 def make_session(auth: Auth, ca_bundle: str | None = None):
-    """A ``requests.Session`` with the credentials and TLS verification on (against ``ca_bundle`` if given)."""
+    """A ``requests.Session`` with the credentials and TLS verification on (against ``ca_bundle`` if given;
+    ``$REQUESTS_CA_BUNDLE`` / ``$CURL_CA_BUNDLE`` do not override a given bundle)."""
     import requests
 
-    session = requests.Session()
+    if ca_bundle and not Path(ca_bundle).is_file():
+        raise InputError(f"the CA bundle '{ca_bundle}' does not exist. Give --ca-bundle the PEM file holding the "
+                         "server's CA certificate(s).")
+
+    class _Session(requests.Session):
+        def merge_environment_settings(self, url, proxies, stream, verify, cert):
+            # requests lets $REQUESTS_CA_BUNDLE replace the session's own bundle: keep the given one
+            settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+            if verify is None and ca_bundle:
+                settings["verify"] = ca_bundle
+            return settings
+
+    session = _Session()
     session.verify = ca_bundle if ca_bundle else True
     if auth.kind == "basic":
         session.auth = (auth.user, auth.secret)
