@@ -72,8 +72,9 @@ def test_glue_imports_only_what_slicer_core_provides():
                       "DeepRegistrationLib.core.image", "DeepRegistrationLib.io.images", "DeepRegistrationLib.io.itk_transform",
                       "DeepRegistrationLib.core.config", "DeepRegistrationLib.core.frames",
                       "DeepRegistrationLib.learning.registry", "DeepRegistrationLib.learning.model_files",
-                      "DeepRegistrationLib.workflows.feedback"}  # torch-free engine modules
-    # (registry and model_files read model cards without torch, feedback writes JSON;
+                      "DeepRegistrationLib.workflows.feedback",
+                      "DeepRegistrationLib.registration.predictors"}  # torch-free engine modules
+    # (registry and model_files read model cards without torch, feedback writes JSON, predictors checks a mode;
     # test_glue_import_does_not_load_torch checks them in a fresh process)
     for path in folder.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -95,7 +96,7 @@ def test_glue_import_does_not_load_torch():
     module_dir = Path(N.__file__).parents[1]
     code = ("import sys; sys.path.insert(0, %r); import DeepRegistrationSlicerLib.nodes, DeepRegistrationSlicerLib.run; "
             "import DeepRegistrationSlicerLib.feedback, DeepRegistrationLib.learning.model_files, "
-            "DeepRegistrationLib.workflows.feedback; "
+            "DeepRegistrationLib.workflows.feedback, DeepRegistrationLib.registration.predictors; "
             "DeepRegistrationSlicerLib.run.availableModels(); "  # the module lists models when it opens
             "bad = [m for m in ('torch', 'monai') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
             % str(module_dir))

@@ -527,10 +527,10 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
         Cancelled: the callback asked to stop.
     """
     cfg = (config or RegistrationConfig()).validate()
+    if predictor_mode not in PREDICTOR_MODES:
+        raise ValueError(f"predictor_mode must be one of {PREDICTOR_MODES}, not {predictor_mode!r}")
     if predictor is not None:
         check_predictor_use(cfg.mode, predictor_mode)  # a field predictor needs the deformable mode (InputError)
-    elif predictor_mode not in PREDICTOR_MODES:
-        raise ValueError(f"predictor_mode must be one of {PREDICTOR_MODES}, not {predictor_mode!r}")
     device = select_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
