@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,6 +50,10 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--modality", metavar="CT|MR|PT", help="only series of this modality")
     g.add_argument("--body-part", metavar="NAME", help="only series of this Body Part Examined")
     g.add_argument("--no-derived-series", action="store_true", help="store the registration object only")
+    g.add_argument("--keep-results", metavar="DIR",
+                   help="keep each result (its series and registration folder) in DIR/result_NNNN, for "
+                        "'deepregistration feedback DIR/result_NNNN/registration --accept|--reject' "
+                        "(default: temporary, removed)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
 
@@ -161,16 +166,25 @@ def run(args: argparse.Namespace) -> int:
     rule = _rule(args)
     register = _register_function(args)
     if args.pacs_command == "register":
-        result = pacs.register_studies(client, args.fixed_study, args.moving_study, register, rule=rule,
-                                       allow_different_patients=args.allow_different_patients,
-                                       derived=not args.no_derived_series, store=not args.dry_run)
-        print(json.dumps({"stored": not args.dry_run, "registration_sop_class": result.registration_sop_class,
+        keep = pacs.new_result_folder(args.keep_results) if args.keep_results else None
+        try:
+            result = pacs.register_studies(client, args.fixed_study, args.moving_study, register, rule=rule,
+                                           allow_different_patients=args.allow_different_patients,
+                                           derived=not args.no_derived_series, store=not args.dry_run,
+                                           work_dir=keep, keep_failed=False)
+        except BaseException:
+            if keep is not None:  # refused before any download: nothing of it stays
+                shutil.rmtree(keep, ignore_errors=True)
+            raise
+        print(json.dumps({"stored": not args.dry_run,
+                          **({"result": str(keep / "registration")} if keep is not None else {}),
+                          "registration_sop_class": result.registration_sop_class,
                           "registration_uid": result.registration_uid,
                           "derived_series_uid": result.derived_series_uid, "instances": len(result.stored_uids),
                           "fixed_series": result.fixed_series, "moving_series": result.moving_series}, indent=1))
         return 0
     summary = pacs.watch(client, rule, args.state, register, interval_s=args.interval, max_polls=args.max_polls,
                          queue_size=max(1, args.queue_size), include_existing=args.include_existing,
-                         derived=not args.no_derived_series)
+                         derived=not args.no_derived_series, results_dir=args.keep_results)
     print(json.dumps(summary.to_dict(), indent=1))
     return 0

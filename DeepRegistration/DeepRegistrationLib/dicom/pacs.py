@@ -177,9 +177,26 @@ def method_description(report: dict) -> str:
             f"({params.get('similarity', '')})").replace("  ", " ")
 
 
+def new_result_folder(base: str | os.PathLike) -> Path:
+    """A new, empty folder ``base/result_NNNN`` (the next free number; created here). Numbered rather than
+    named by study UIDs, so the path names no study; ``deepregistration feedback`` takes its
+    ``registration/`` subfolder (a ``register`` OUTDIR)."""
+    root = Path(base)
+    root.mkdir(parents=True, exist_ok=True)
+    n = 1 + max((int(p.name[7:]) for p in root.glob("result_[0-9]*") if p.name[7:].isdigit()), default=0)
+    while True:
+        folder = root / f"result_{n:04d}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:  # another process took this number
+            n += 1
+
+
 def register_studies(client: PacsClient, fixed_study: str, moving_study: str, register: RegisterFunction, *,
                      rule: SeriesRule | None = None, allow_different_patients: bool = False, derived: bool = True,
-                     work_dir: str | os.PathLike | None = None, store: bool = True) -> PacsResult:
+                     work_dir: str | os.PathLike | None = None, store: bool = True,
+                     keep_failed: bool = True) -> PacsResult:
     """Registers the moving study onto the fixed study and stores the result on the server.
 
     Args:
@@ -189,7 +206,10 @@ def register_studies(client: PacsClient, fixed_study: str, moving_study: str, re
         rule: Series selection (default: any image series; the largest is used).
         allow_different_patients: Register studies of different patients (refused by default).
         derived: Also store the resampled moving series.
-        work_dir: Where to keep the downloaded series and outputs (default: a temporary folder, removed).
+        work_dir: Where to keep the downloaded series (``fixed/``, ``moving/``) and the registration's outputs
+            (``registration/``, a ``register`` OUTDIR) (default: a temporary folder, removed).
+        keep_failed: With ``work_dir``: keep it when the registration fails (False: remove it, e.g. a
+            folder of :func:`new_result_folder`, so nothing half-written stays).
         store: False to build everything but store nothing (dry run).
 
     Raises:
@@ -212,6 +232,7 @@ def register_studies(client: PacsClient, fixed_study: str, moving_study: str, re
     moving_item = pick_series(client, moving_study, rule, "moving study")
     own_tmp = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="deepreg-pacs-")) if own_tmp else Path(work_dir)
+    completed = False
     try:
         fixed = fetch_series(client, fixed_study, str(value(fixed_item, "SeriesInstanceUID")), work / "fixed",
                              "fixed study")
@@ -232,9 +253,10 @@ def register_studies(client: PacsClient, fixed_study: str, moving_study: str, re
             client.store(datasets)
             logger.info("stored %d instances (registration %s) in study %s", len(datasets),
                         result.registration_uid, fixed_study)
+        completed = True
         return result
     finally:
-        if own_tmp:
+        if own_tmp or (not completed and keep_failed is False):
             shutil.rmtree(work, ignore_errors=True)
 
 
@@ -305,7 +327,8 @@ class WatchSummary:
 
 def watch(client: PacsClient, rule: SeriesRule, state_file: str | os.PathLike, register: RegisterFunction, *,
           interval_s: float = 60.0, max_polls: int | None = None, queue_size: int = 10,
-          include_existing: bool = False, derived: bool = True, max_backoff_s: float = 600.0,
+          include_existing: bool = False, derived: bool = True, results_dir: str | os.PathLike | None = None,
+          max_backoff_s: float = 600.0,
           sleep: Callable[[float], None] = time.sleep, should_stop: Callable[[], bool] = lambda: False) -> WatchSummary:
     """Polls the server and registers each new study to the patient's most recent matching prior study.
 
@@ -320,6 +343,9 @@ def watch(client: PacsClient, rule: SeriesRule, state_file: str | os.PathLike, r
         include_existing: On the first run (no state file), also register the studies already on the server
             (default: they are recorded as a baseline and only later studies are registered).
         derived: Also store the resampled series.
+        results_dir: Keep each registered study's series and registration folder in a new
+            ``results_dir/result_NNNN`` (:func:`new_result_folder`; the state records it as ``result``) for
+            users' feedback; default: temporary folders, removed.
         max_backoff_s: Longest wait between attempts while the server is away.
         sleep / should_stop: Injected for tests and services.
 
@@ -335,7 +361,7 @@ def watch(client: PacsClient, rule: SeriesRule, state_file: str | os.PathLike, r
             break
         summary.polls += 1
         try:
-            _poll(client, rule, state, register, summary, queue_size, baseline, derived)
+            _poll(client, rule, state, register, summary, queue_size, baseline, derived, results_dir)
             baseline = False
             backoff = interval_s
         except ServerUnavailable as exc:
@@ -352,7 +378,7 @@ def watch(client: PacsClient, rule: SeriesRule, state_file: str | os.PathLike, r
     return summary
 
 
-def _poll(client, rule, state, register, summary, queue_size, baseline, derived) -> None:
+def _poll(client, rule, state, register, summary, queue_size, baseline, derived, results_dir=None) -> None:
     filters = {"ModalitiesInStudy": rule.modality.upper()} if rule.modality else {}
     studies = client.studies(filters, fields=STUDY_FIELDS)
     if baseline:
@@ -377,15 +403,15 @@ def _poll(client, rule, state, register, summary, queue_size, baseline, derived)
             summary.no_prior.append(uid)
             continue
         prior_uid = str(value(prior, "StudyInstanceUID"))
+        keep = new_result_folder(results_dir) if results_dir is not None else None
         try:
-            result = register_studies(client, uid, prior_uid, register, rule=rule, derived=derived, store=False)
-        except (InputError, Cancelled) as exc:
-            state.set(uid, status="failed", prior=prior_uid, error=str(exc))
-            summary.failed.append(uid)
-            continue
-        except ServerUnavailable:
-            raise
-        except PacsError as exc:
+            result = register_studies(client, uid, prior_uid, register, rule=rule, derived=derived, store=False,
+                                      work_dir=keep, keep_failed=False)
+        except BaseException as exc:
+            if keep is not None:  # nothing of a failed registration stays
+                shutil.rmtree(keep, ignore_errors=True)
+            if not isinstance(exc, (InputError, Cancelled, PacsError)) or isinstance(exc, ServerUnavailable):
+                raise  # a server that is away is retried at the next poll
             state.set(uid, status="failed", prior=prior_uid, error=str(exc))
             summary.failed.append(uid)
             continue
@@ -393,7 +419,8 @@ def _poll(client, rule, state, register, summary, queue_size, baseline, derived)
         state.set(uid, status="storing", prior=prior_uid, uids=result.stored_uids)
         client.store(result.datasets)
         state.set(uid, status="stored", prior=prior_uid, uids=result.stored_uids,
-                  registration=result.registration_uid)
+                  registration=result.registration_uid,
+                  **({"result": str(keep / "registration")} if keep is not None else {}))
         summary.registered.append(uid)
     if len(pending) > queue_size:
         logger.info("%d studies wait for the next poll (queue size %d)", len(pending) - queue_size, queue_size)

@@ -193,6 +193,32 @@ def test_pacs_register_command_stores_registration_and_derived_series(orthanc, s
     assert ncc(f.array, registered.array) > ncc(f.array, unregistered.array) + 0.1
 
 
+def test_pacs_result_kept_for_feedback(orthanc, studies, tmp_path, monkeypatch, capsys):
+    """``--keep-results DIR``: the result stays in a numbered folder (no study UID in its path) that
+    ``deepregistration feedback`` takes; a refused pair leaves no folder behind; nothing is stored with
+    ``--dry-run``."""
+    from DeepRegistrationLib.apps.cli import main
+    from DeepRegistrationLib.workflows.feedback import read_log
+
+    before = orthanc_series(orthanc, studies["current"])
+    monkeypatch.setenv("DEEPREG_PACS_PASSWORD", PASSWORD)
+    keep = tmp_path / "results"
+    base = ["pacs", "register", "--server", f"{orthanc}/dicom-web", "--user", USER, "--keep-results", str(keep),
+            "--dry-run", "--mode", "affine", *FAST, "-q"]
+    assert main([*base, "--fixed-study", studies["current"], "--moving-study", studies["prior"]]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    result = Path(printed["result"])
+    assert result == keep / "result_0001" / "registration" and (result / "report.json").is_file()
+    assert studies["current"] not in str(result) and printed["stored"] is False
+    assert orthanc_series(orthanc, studies["current"]) == before
+    log = tmp_path / "feedback.jsonl"
+    assert main(["feedback", str(result), "--accept", "--log", str(log)]) == 0
+    assert [e["verdict"] for e in read_log(log).values()] == ["accepted"]
+    # a pair refused before any download (another patient's study) leaves no result folder
+    assert main([*base, "--fixed-study", studies["other"], "--moving-study", studies["prior"]]) == 2
+    assert sorted(p.name for p in keep.iterdir()) == ["result_0001"]
+
+
 def test_pacs_register_round_trip_matches_transform(orthanc, studies, tmp_path):
     """The object stored on the server maps points like the run's transform.h5 (within 0.01 mm)."""
     result = pacs.register_studies(client(orthanc), studies["current"], studies["prior"], engine_register("affine"),
@@ -323,12 +349,15 @@ def test_pacs_watch_registers_new_study_once(orthanc, studies, tmp_path, monkeyp
     # a fresh state that includes existing studies: the current study is registered to the prior one
     state.unlink()
     s = pacs.watch(c, rule, state, engine_register("affine"), max_polls=2, interval_s=0, sleep=lambda s: None,
-                   include_existing=True)
+                   include_existing=True, results_dir=tmp_path / "results")
     registered_current = studies["current"] in s.registered
     assert registered_current, s
     assert studies["prior"] in s.no_prior
     entry = json.loads(state.read_text())["studies"][studies["current"]]
     assert entry["status"] == "stored" and entry["prior"] == studies["prior"]
+    # the kept result (for feedback) is recorded in the state
+    assert entry["result"] == str(tmp_path / "results" / "result_0001" / "registration")
+    assert (Path(entry["result"]) / "report.json").is_file()
     after = orthanc_series(orthanc, studies["current"])
     assert sorted(v[0] for k, v in after.items() if k not in before) == ["MR", "REG"]
     # restart, as the command: nothing repeated
