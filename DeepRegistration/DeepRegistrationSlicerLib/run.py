@@ -316,11 +316,7 @@ class RegistrationJob:
             # else the preset's (the engine default when the preset has none)
             self.config["spacing"] = working_spacing(read_card(self.model), options.get("spacing"),
                                                      self.config.get("spacing"))
-        self.process: jobs.Job | None = None
-        self.workDir: Path | None = None
-        self.state, self.progress, self.message = "new", 0.0, ""
-        self.report: dict | None = None
-        self._startTime = 0.0
+        self._resetJobState()
         # "world": moving-side nodes read where they are shown, result placed on top of their transforms;
         # "local": read in local coordinates moved by movingMatrix, moving volume placed directly under the result
         self.movingFrame, self.movingMatrix = N.movingFrame(movingVolume, fixedVolume, outputTransform,
@@ -521,14 +517,27 @@ class RegistrationJob:
             jobs.remove_tree(self.workDir, timeout=5.0)
 
     # ------------------------------------------------------------------------------------------- results
-    def loadResults(self) -> SceneRegistrationResult:
-        """Loads the finished worker's outputs into nodes (call after :meth:`poll` says ``done``)."""
+    def _resetJobState(self) -> None:
+        """The background-job state of a new job (shared by the sequence and template jobs)."""
+        self.process: jobs.Job | None = None
+        self.workDir: Path | None = None
+        self.state, self.progress, self.message = "new", 0.0, ""
+        self.report: dict | None = None
+        self._startTime = 0.0
+
+    def _requireDone(self, what: str = "registration") -> None:
+        """Raises unless the job has finished: ``InputError`` (its failure), ``Cancelled``, or
+        ``RuntimeError`` while it still runs. ``what`` names the job in the messages."""
         if self.state == "failed":
             raise InputError(self.message)
         if self.state == "cancelled":
-            raise Cancelled("the registration was cancelled; nothing was changed.")
+            raise Cancelled(f"the {what} was cancelled; nothing was changed.")
         if self.state != "done":
-            raise RuntimeError("the registration has not finished yet")
+            raise RuntimeError(f"the {what} has not finished yet")
+
+    def loadResults(self) -> SceneRegistrationResult:
+        """Loads the finished worker's outputs into nodes (call after :meth:`poll` says ``done``)."""
+        self._requireDone()
         from DeepRegistrationLib.io.images import read_image
 
         out = self.workDir / "result"

@@ -196,10 +196,7 @@ class SequenceJob(R.RegistrationJob):
         self.config = _prepareOptions(preset, options)
         self.preset, self.keepFiles = preset, keepFiles
         self.model, self.modelMode = None, "init"
-        self.process, self.workDir = None, None
-        self.state, self.progress, self.message = "new", 0.0, ""
-        self.report = None
-        self._startTime = 0.0
+        self._resetJobState()
 
     def _nodes(self) -> list:
         return [n for n in (self.sequence, self.browser) if n is not None]
@@ -216,12 +213,7 @@ class SequenceJob(R.RegistrationJob):
                 "config": self.config, "reference": str(self.reference), "chain": self.chain}
 
     def _checkLoadable(self) -> None:
-        if self.state == "failed":
-            raise InputError(self.message)
-        if self.state == "cancelled":
-            raise Cancelled("the sequence registration was cancelled; nothing was changed.")
-        if self.state != "done":
-            raise RuntimeError("the sequence registration has not finished yet")
+        self._requireDone("sequence registration")
 
     def loadResults(self) -> SceneSequenceResult:
         """Creates the transform and motion-corrected sequences (call after :meth:`poll` says ``done``)."""
@@ -379,10 +371,7 @@ class TemplateJob(R.RegistrationJob):
         self.config = _prepareOptions(preset, options)
         self.preset, self.keepFiles = preset, keepFiles
         self.model, self.modelMode = None, "init"
-        self.process, self.workDir = None, None
-        self.state, self.progress, self.message = "new", 0.0, ""
-        self.report = None
-        self._startTime = 0.0
+        self._resetJobState()
 
     def _nodes(self) -> list:
         return list(self.volumes) + list(self.labelMaps or [])
@@ -409,12 +398,7 @@ class TemplateJob(R.RegistrationJob):
     def loadResults(self) -> SceneTemplateResult:
         """Creates the template volume, the subjects' transforms and the fused label map (call after
         :meth:`poll` says ``done``)."""
-        if self.state == "failed":
-            raise InputError(self.message)
-        if self.state == "cancelled":
-            raise Cancelled("the template build was cancelled; nothing was changed.")
-        if self.state != "done":
-            raise RuntimeError("the template build has not finished yet")
+        self._requireDone("template build")
         from DeepRegistrationLib.io.images import read_image, read_label_image
 
         out = self.workDir / "result"
