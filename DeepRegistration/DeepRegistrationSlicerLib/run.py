@@ -664,16 +664,23 @@ def register(fixedVolume, movingVolume, preset: str = "Deformable — fast", pro
     ``progressCallback(fraction, message)`` is called while waiting; returning False cancels (raises Cancelled).
     Other keywords: see :class:`RegistrationJob`. Raises InputError with the worker's message on failure.
     """
-    job = RegistrationJob(fixedVolume, movingVolume, preset, **kwargs).start()
+    return runBlocking(RegistrationJob(fixedVolume, movingVolume, preset, **kwargs), progressCallback,
+                       "registration")
+
+
+def runBlocking(job: RegistrationJob, progressCallback=None, what: str = "registration"):
+    """Starts ``job`` (a :class:`RegistrationJob` or one of its kinds), waits for it and returns its
+    ``loadResults()``. ``progressCallback(fraction, message)`` returning False cancels (raises Cancelled); any
+    exception while waiting cancels the job too. Raises InputError with the worker's message on failure."""
+    job.start()
     try:
         while True:
             status = job.poll()
-            if progressCallback is not None and not status.finished:
-                if progressCallback(status.progress, status.message) is False:
-                    job.cancel()
-                    raise Cancelled("registration cancelled; nothing was changed.")
             if status.finished:
                 break
+            if progressCallback is not None and progressCallback(status.progress, status.message) is False:
+                job.cancel()
+                raise Cancelled(f"{what} cancelled; nothing was changed.")
             time.sleep(0.1)
     except BaseException:
         job.cancel()

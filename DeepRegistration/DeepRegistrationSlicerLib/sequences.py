@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import slicer
 
-from DeepRegistrationLib.core.errors import Cancelled, InputError
+from DeepRegistrationLib.core.errors import InputError
 
 from . import nodes as N
 from . import run as R
@@ -481,25 +481,6 @@ def resultSummary(result) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- console API
-def _runBlocking(job, progressCallback):
-    job.start()
-    try:
-        while True:
-            status = job.poll()
-            if status.finished:
-                break
-            if progressCallback is not None and progressCallback(status.progress, status.message) is False:
-                job.cancel()
-                raise Cancelled("cancelled; nothing was changed.")
-            time.sleep(0.1)
-    except BaseException:
-        job.cancel()
-        raise
-    if status.state != "done":
-        raise InputError(status.message)
-    return job.loadResults()
-
-
 def registerSequence(sequence, preset: str = "Deformable — fast", progressCallback=None,
                      **kwargs) -> SceneSequenceResult:
     """Motion-corrects a volume sequence and blocks until the results are in the scene (console API).
@@ -507,11 +488,11 @@ def registerSequence(sequence, preset: str = "Deformable — fast", progressCall
     ``progressCallback(fraction, message)`` is called while waiting; returning False cancels (raises
     Cancelled). Other keywords: see :class:`SequenceJob`.
     """
-    return _runBlocking(SequenceJob(sequence, preset, **kwargs), progressCallback)
+    return R.runBlocking(SequenceJob(sequence, preset, **kwargs), progressCallback, "sequence registration")
 
 
 def buildTemplate(volumes, preset: str = "Deformable — fast", progressCallback=None,
                   **kwargs) -> SceneTemplateResult:
     """Builds a template of volume nodes and blocks until the results are in the scene (console API); see
     :class:`TemplateJob` and :func:`registerSequence`."""
-    return _runBlocking(TemplateJob(volumes, preset, **kwargs), progressCallback)
+    return R.runBlocking(TemplateJob(volumes, preset, **kwargs), progressCallback, "template build")
