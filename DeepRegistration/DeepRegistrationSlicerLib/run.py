@@ -45,7 +45,8 @@ OPTION_NAMES = {"similarity": "similarity", "regularizationWeight": "reg_weight"
                 "iterations": "iterations", "diffeomorphic": "diffeomorphic", "device": "device",
                 "threads": "threads", "regularization": "regularization", "levels": "levels",
                 "affineIterations": "affine_iterations", "jacobianWeight": "jacobian_weight",
-                "initialization": "initialization", "seed": "seed"}
+                "initialization": "initialization", "seed": "seed", "symmetric": "symmetric",
+                "guideWeight": "guide_weight"}
 """Module option names (camelCase) → engine RegistrationConfig fields; engine names are accepted as they are."""
 
 DEVICE_NAMES = {"auto": "auto", "cpu": "cpu", "gpu": "cuda", "cuda": "cuda"}

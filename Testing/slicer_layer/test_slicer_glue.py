@@ -482,6 +482,23 @@ def test_engine_config_presets_and_overrides():
     assert set(R.PRESETS) == {"Rigid", "Affine", "Deformable — fast", "Deformable — accurate"}
 
 
+def test_symmetric_and_guide_weight_options_reach_the_worker_config(sample_dir, tmp_path):
+    """The module's ``symmetric`` and ``guideWeight`` options end up in the job's config as the engine's
+    RegistrationConfig fields, the way the worker reads them (apps.worker.make_config)."""
+    from DeepRegistrationLib.apps.worker import make_config
+
+    scene = make_scene()
+    fixed = read_node(scene, sample_dir / "fixed.nii.gz")
+    moving = read_node(scene, sample_dir / "moving.nii.gz")
+    job = R.RegistrationJob(fixed, moving, "Deformable — fast", symmetric=True, guideWeight=0.05, threads=1)
+    written = job.writeInputs(tmp_path)
+    assert written["config"]["symmetric"] is True and written["config"]["guide_weight"] == 0.05
+    config = make_config(dict(written["config"]))
+    assert config.symmetric is True and config.guide_weight == 0.05 and config.mode == "deformable"
+    default = make_config(dict(R.RegistrationJob(fixed, moving, "Deformable — fast").config))
+    assert default.symmetric is False and default.guide_weight != 0.05
+
+
 def test_learned_models_are_listed_and_used_by_the_background_job(sample_dir, tmp_path, monkeypatch):
     """A model in the user's folder appears among the module's models; a job with it loads it in the worker,
     works at the model's spacing and records it on the transform; a non-deformable preset refuses it."""
