@@ -209,11 +209,27 @@ class LandmarkTerm:
         self.weight = float(weight)
         self.fixed = W.points_to_tensor(guide.fixed, device=device, dtype=dtype)
         self.moving = torch.as_tensor(np.asarray(guide.moving), device=device, dtype=dtype)
+        self.moving_points = W.points_to_tensor(guide.moving, device=device, dtype=dtype)
 
     def __call__(self, point_map: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The term for ``point_map`` (LPS fixed points ``(1, N, 1, 1, 3)`` → moving points, same shape)."""
         mapped = point_map(self.fixed).reshape(-1, 3)
         return self.weight * ((mapped - self.moving) ** 2).sum(dim=1).mean()
+
+    def pairs(self, fixed_map: Callable[[torch.Tensor], torch.Tensor],
+              moving_map: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``weight · mean_i |fixed_map(f_i) - moving_map(m_i)|²``: both point sets mapped into a common space
+        (the symmetric mode's midpoint; each map takes and returns ``(1, N, 1, 1, 3)`` LPS mm)."""
+        diff = (fixed_map(self.fixed) - moving_map(self.moving_points)).reshape(-1, 3)
+        return self.weight * (diff ** 2).sum(dim=1).mean()
+
+    def linear_symmetric(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The mean of the term for ``A`` (fixed → moving) and for ``A⁻¹`` with the point sets' roles swapped:
+        unchanged when the images (and the points) are swapped (the symmetric mode's linear stage)."""
+        forward = self(lambda p: W.apply_affine(p, matrix))
+        inverse = torch.linalg.inv(matrix)
+        backward = self.pairs(lambda f: f, lambda m: W.apply_affine(m, inverse))
+        return 0.5 * (forward + backward)
 
     def linear(self, matrix: torch.Tensor) -> torch.Tensor:
         """The term for a 4×4 fixed → moving matrix (the linear stage)."""

@@ -31,6 +31,7 @@ from ..core.image import Image
 from .preprocess import WorkingImage, center_of_mass, check_overlap, prepare
 from ..core.progress import Progress, ProgressCallback
 from .guidance import GuideLandmarks, LandmarkTerm
+from . import symmetric
 from .regularizers import Regularizer, folding_penalty
 from .similarity import Similarity, global_ncc
 from ..spatial.filters import box_filter
@@ -202,7 +203,9 @@ def _optimize_linear(lv: _Level, a0: torch.Tensor, kind: str, center: torch.Tens
         loss = lv.loss(sim, W.apply_affine(lv.pts, m))
         if reverse is not None:
             loss = 0.5 * (loss + reverse.loss(sim_reverse, W.apply_affine(reverse.pts, torch.linalg.inv(m))))
-        return loss if term is None else loss + term.linear(m)
+        if term is None:
+            return loss
+        return loss + (term.linear(m) if reverse is None else term.linear_symmetric(m))
 
     best = _descend(raw, opt, objective, iters, progress, f"{kind} level 1/{lv.factor}")
     with torch.no_grad():
@@ -261,50 +264,93 @@ def _optimize_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters:
         return _field_from_param(best, lv.fgrid, cfg).detach(), velocity
 
 
-def _optimize_symmetric_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters: int,
-                              sim: Similarity, cfg: RegistrationConfig, progress: Progress,
-                              term: LandmarkTerm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The symmetric (midpoint, SyN-style) deformable stage at one level.
+def _optimize_symmetric_field(lv: _Level, grid: Grid, h_fixed: torch.Tensor, h_moving: torch.Tensor,
+                              init: torch.Tensor, iters: int, sim: Similarity, cfg: RegistrationConfig,
+                              progress: Progress, term: LandmarkTerm | None = None) -> torch.Tensor:
+    """The symmetric (midpoint, SyN-style) deformable stage at one level (:mod:`.symmetric`).
 
-    The parameters are a stationary velocity ``v`` on ``lv.fgrid`` (mm, as :func:`_optimize_field`'s). Both
-    images move half way: the fixed image is sampled at ``exp(-v/2)(x)``, the moving one at
-    ``A exp(v/2)(x)``, and the similarity (the mean of both argument orders) compares them in the middle;
-    the smoothness penalty is on ``v``
-    (the same for ``v`` and ``-v``). Swapping the images therefore swaps the roles of ``v`` and ``-v``: the
-    registration of B to A is (up to the affine's and the grids' discretization) the inverse of A to B's.
-    The full map is ``A exp(v)``; ``exp(-v)`` inverts it exactly.
+    The parameters are a stationary velocity ``v`` ``(1, 3, Z, Y, X)`` mm on ``grid`` (the midpoint grid at
+    this level's factor). Both images move half way: the fixed image is sampled at ``H_f⁻¹ exp(-v/2)(z)``, the
+    moving one at ``H_m exp(v/2)(z)`` (``h_fixed``/``h_moving`` 4×4, ``H_m H_f = A``), and the similarity (the
+    mean of both argument orders) compares them on ``grid``; the smoothness penalty is on ``v`` (the same for
+    ``v`` and ``-v``). Swapping the images swaps ``(H_f, H_m)`` for ``(H_m⁻¹, H_f⁻¹)`` and ``v`` for ``-v``: the
+    registration of B to A is (up to the linear stage and the discretization) the inverse of A to B's.
+    The full map is ``H_m exp(v) H_f``. Guide points meet half way: ``exp(v/2)(H_f f)`` against
+    ``exp(-v/2)(H_m⁻¹ m)``.
 
     Returns:
-        ``(u, v)``: ``u = exp(v) - id`` and ``v``, both ``(1, 3, Z, Y, X)`` mm on ``lv.fgrid``.
+        ``v`` ``(1, 3, Z, Y, X)`` mm on ``grid``.
     """
     reg = Regularizer(cfg.regularization)
     param = init.detach().clone().requires_grad_(True)
-    lr = FIELD_STEP * min(lv.fgrid.spacing)
+    lr = FIELD_STEP * min(grid.spacing)
     opt = CosineAdam(param, lr, iters, lr_end=FIELD_STEP_END * lr, vector_dim=1)
+    pts = W.grid_points(grid, init.device)
+    h_fixed_inv, h_moving_inv = torch.linalg.inv(h_fixed), torch.linalg.inv(h_moving)
+
+    def half_way(points: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
+        return points + torch.movedim(W.sample_field(disp, grid, points), 1, -1)
 
     def objective(p: torch.Tensor) -> torch.Tensor:
         v = _smooth(p, cfg.smoothing_passes)
-        forward = scaling_and_squaring(0.5 * v, lv.fgrid)
-        backward = scaling_and_squaring(-0.5 * v, lv.fgrid)
-        fixed_half, fixed_view, fixed_mask = lv.warp_fixed(lv.pts + torch.movedim(backward, 1, -1))
-        moving_half, valid, view = lv.warp(W.apply_affine(lv.pts + torch.movedim(forward, 1, -1), affine))
+        forward = scaling_and_squaring(0.5 * v, grid)
+        backward = scaling_and_squaring(-0.5 * v, grid)
+        fixed_half, fixed_view, fixed_mask = lv.warp_fixed(
+            W.apply_affine(pts + torch.movedim(backward, 1, -1), h_fixed_inv))
+        moving_half, valid, view = lv.warp(W.apply_affine(pts + torch.movedim(forward, 1, -1), h_moving))
         # the similarity treats its first image as constant (its local statistics are precomputed): both
         # orders, each with the other image held, give the value and the gradient through both half-warps
         both, seen = valid & fixed_view, view & fixed_view
         loss = 0.5 * (sim(fixed_half.detach(), moving_half, both, fixed_mask, seen)
                       + sim(moving_half.detach(), fixed_half, both, fixed_mask, seen))
-        loss = loss + cfg.reg_weight * reg(v, lv.fgrid)
+        loss = loss + cfg.reg_weight * reg(v, grid)
         if cfg.jacobian_weight > 0:
-            loss = loss + cfg.jacobian_weight * (folding_penalty(forward, lv.fgrid)
-                                                 + folding_penalty(backward, lv.fgrid))
+            loss = loss + cfg.jacobian_weight * (folding_penalty(forward, grid) + folding_penalty(backward, grid))
         if term is not None:
-            loss = loss + term.deformable(affine, W.compose_fields(forward, forward, lv.fgrid), lv.fgrid)
+            loss = loss + term.pairs(lambda f: half_way(W.apply_affine(f, h_fixed), forward),
+                                     lambda m: half_way(W.apply_affine(m, h_moving_inv), backward))
         return loss
 
     best = _descend(param, opt, objective, iters, progress, f"symmetric deformable level 1/{lv.factor}")
     with torch.no_grad():
-        v = _smooth(best, cfg.smoothing_passes).detach()
-        return scaling_and_squaring(v, lv.fgrid).detach(), v
+        return _smooth(best, cfg.smoothing_passes).detach()
+
+
+def _symmetric_stage(p: "_Prepared", cfg: RegistrationConfig, affine: torch.Tensor, device,
+                     predictor: FieldPredictor | None, predictor_mode: str,
+                     progress: ProgressCallback | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The symmetric deformable stage over the levels in the midpoint frame (:mod:`.symmetric`): ``(u, v)`` on
+    the finest fixed working grid, ``v`` the velocity pulled back into the fixed frame (``A exp(v)`` is the
+    full map, ``u = exp(v) - id``), both ``(1, 3, Z, Y, X)`` mm (``v`` None for a replacing predictor)."""
+    finest = p.finest
+    a_np = affine.double().cpu().numpy()
+    hf_np, hm_np = symmetric.half_affines(a_np)
+    mid = symmetric.midpoint_grid(p.fw.grid, p.mw.grid, hf_np, hm_np)
+    h_fixed, h_moving = (torch.as_tensor(h, dtype=torch.float32, device=device) for h in (hf_np, hm_np))
+    logger.info("symmetric: midpoint grid %s", mid)
+    run_factors = p.factors
+    init = torch.zeros((1, 3, *mid.downsampled(run_factors[0]).shape), device=device)
+    if predictor is not None:
+        with torch.no_grad():
+            moved = finest.warp(W.apply_affine(finest.pts, affine))[0]
+            pred = predictor.predict(finest.fixed, moved, finest.fgrid).to(device=device, dtype=torch.float32)
+        if predictor_mode == "replace":
+            return pred, None
+        init = symmetric.push_forward(pred, finest.fgrid, hf_np, mid)
+        run_factors = [1]
+    v, prev = init, None
+    for n, f in enumerate(run_factors):
+        grid = mid.downsampled(f)
+        if prev is not None:
+            v = W.resample_field(v, prev, grid)
+        iters = cfg.iterations * (COARSE_ITERATION_FACTOR if f > 1 else 1)
+        sub = Progress(progress, *np.interp([n / len(run_factors), (n + 1) / len(run_factors)], [0, 1],
+                                             (0.3, 0.95)))
+        v = _optimize_symmetric_field(p.levels[f], grid, h_fixed, h_moving, v, iters, p.sim, cfg, sub, p.term)
+        prev = grid
+    with torch.no_grad():
+        v_fixed = symmetric.pull_back(v, prev, hf_np, finest.fgrid)
+        return scaling_and_squaring(v_fixed, finest.fgrid), v_fixed
 
 
 def _evaluate(lv: _Level, affine: torch.Tensor, u: torch.Tensor | None, sim: Similarity) -> tuple[float, float]:
@@ -448,6 +494,8 @@ def _deformable_stage(p: _Prepared, cfg: RegistrationConfig, affine: torch.Tenso
     """The dense field over the levels (coarse to fine), after ``affine``: ``(u, v)``, the displacement and
     (``cfg.diffeomorphic``/``cfg.symmetric``) its velocity, ``(1, 3, Z, Y, X)`` mm on the finest level's grid (``v`` None otherwise;
     ``u`` None only when no level ran)."""
+    if cfg.symmetric:
+        return _symmetric_stage(p, cfg, affine, device, predictor, predictor_mode, progress)
     factors, finest = p.factors, p.finest
     u = v = None
     run_factors = factors
@@ -467,10 +515,9 @@ def _deformable_stage(p: _Prepared, cfg: RegistrationConfig, affine: torch.Tenso
         iters = cfg.iterations * (COARSE_ITERATION_FACTOR if f > 1 else 1)
         sub = Progress(progress, *np.interp([n / len(run_factors), (n + 1) / len(run_factors)], [0, 1],
                                              (0.3, 0.95)))
-        if (cfg.diffeomorphic or cfg.symmetric) and n == 0 and predictor is None:
+        if cfg.diffeomorphic and n == 0 and predictor is None:
             init = torch.zeros_like(init)
-        optimize = _optimize_symmetric_field if cfg.symmetric else _optimize_field
-        u, v = optimize(lv, affine, init, iters, p.sim, cfg, sub, p.term)
+        u, v = _optimize_field(lv, affine, init, iters, p.sim, cfg, sub, p.term)
         prev_grid = lv.fgrid
     if u is not None and prev_grid != finest.fgrid:
         u = W.resample_field(u, prev_grid, finest.fgrid)
