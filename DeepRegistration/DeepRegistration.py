@@ -157,6 +157,9 @@ class DeepRegistrationParameterNode:
     spacing: Annotated[float, WithinRange(0.5, 8.0)] = 2.0
     iterations: Annotated[int, WithinRange(0, 2000)] = 10
     diffeomorphic: bool = False
+    symmetric: bool = False  # inverse-consistent (midpoint) deformable stage; deformable presets only
+    # per mm², used with guide landmarks; the engine's default (core.config.DEFAULT_GUIDE_WEIGHT, kept equal by a test)
+    guideWeight: Annotated[float, WithinRange(0.0, 10.0)] = 0.01
     explain: bool = False  # explanation maps + uncertainty (loaded as volumes, "Show maps")
     # "Create new" makes the first class: a general transform node, which holds any result
     outputTransform: Union[vtkMRMLTransformNode, vtkMRMLLinearTransformNode, vtkMRMLGridTransformNode,
@@ -174,6 +177,12 @@ class DeepRegistrationParameterNode:
 
 def isDeformable(preset: str) -> bool:
     return preset not in LINEAR_PRESETS
+
+
+def hasGuide(parameterNode) -> bool:
+    """Both guide landmark lists are chosen (the guide weight applies)."""
+    p = parameterNode
+    return bool(p is not None and p.guideFixedLandmarks is not None and p.guideMovingLandmarks is not None)
 
 
 def modelDisabledReason(parameterNode) -> str:
@@ -219,6 +228,9 @@ def applyDisabledReason(parameterNode) -> str:
         return _("TRE needs both fixed and moving landmarks (or neither).")
     if (p.guideFixedLandmarks is None) != (p.guideMovingLandmarks is None):
         return _("Guiding with landmarks needs both a fixed and a moving guide landmark list (or neither).")
+    if p.symmetric and not isDeformable(p.preset):
+        return _("Symmetric registration deforms both images half way and needs a Deformable preset: choose one, "
+                 "or clear Symmetric (Advanced) for the {preset} preset.").format(preset=p.preset)
     return ""
 
 
@@ -409,6 +421,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.enabled = not modelReason and not running
         self.ui.modelComboBox.toolTip = modelReason or _("Optional learned model whose prediction starts the "
                                                          "deformable optimization.")
+        self.ui.guideWeightSpinBox.enabled = hasGuide(p) and not running
         hasResult = bool(p and p.outputTransform)
         self.ui.applyToMovingNodesButton.enabled = bool(
             hasResult and (p.movingSegmentation or p.movingLandmarks) and not running)
@@ -802,6 +815,8 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
             parameterNode.iterations = int(cfg.get("iterations", defaults.iterations))
             parameterNode.regularizationWeight = float(cfg.get("reg_weight", defaults.reg_weight))
             parameterNode.diffeomorphic = bool(cfg.get("diffeomorphic", defaults.diffeomorphic))
+            parameterNode.symmetric = bool(cfg.get("symmetric", defaults.symmetric))
+            parameterNode.guideWeight = float(cfg.get("guide_weight", defaults.guide_weight))
         if parameterNode.model:  # a learned model keeps its own working spacing
             try:
                 DeepRegistrationLogic.setModel(parameterNode, parameterNode.model)
@@ -825,7 +840,9 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
         model = p.model if p.model and isDeformable(p.preset) else None  # the combo box is disabled otherwise
         return dict(preset=p.preset, model=model, device=p.device, similarity=p.similarity,
                     regularizationWeight=p.regularizationWeight, spacing=p.spacing, iterations=p.iterations,
-                    diffeomorphic=p.diffeomorphic, fixedMask=p.fixedMask, movingMask=p.movingMask,
+                    diffeomorphic=p.diffeomorphic, symmetric=p.symmetric,
+                    guideWeight=p.guideWeight if hasGuide(p) else None, fixedMask=p.fixedMask,
+                    movingMask=p.movingMask,
                     initialTransform=p.initialTransform, fixedSegmentation=p.fixedSegmentation,
                     movingSegmentation=p.movingSegmentation, fixedLandmarks=p.fixedLandmarks,
                     movingLandmarks=p.movingLandmarks, guideFixedLandmarks=p.guideFixedLandmarks,

@@ -176,7 +176,8 @@ def test_values_survive_a_saved_and_reloaded_scene(slicerEnv, tmp_path):
         nodes[name] = scene.AddNewNodeByClass(classes[-1] if name.endswith("Transform") else classes[0], name)
         setattr(p, name, nodes[name])
     values = dict(preset="Affine", model="default", device="CPU", similarity="mi", regularizationWeight=7.5,
-                  spacing=3.0, iterations=33, diffeomorphic=True, applyToMoving=False, useCurrentAlignment=False)
+                  spacing=3.0, iterations=33, diffeomorphic=True, applyToMoving=False, useCurrentAlignment=False,
+                  symmetric=True, guideWeight=0.125)
     for name, value in values.items():
         setattr(p, name, value)
     scene.SetURL(str(tmp_path / "scene.mrml"))
@@ -248,6 +249,54 @@ def test_apply_is_disabled_with_the_reason(slicerEnv):
     assert mod.DeepRegistrationLogic.jobArguments(p)["model"] is None
     p.preset = "Deformable — accurate"
     assert mod.modelDisabledReason(p) == "" and mod.DeepRegistrationLogic.jobArguments(p)["model"] == "default"
+
+
+def test_symmetric_and_guide_weight_controls(slicerEnv, monkeypatch):
+    """Advanced "Symmetric (inverse-consistent)" and "Guide weight": engine defaults, the guide weight enabled only
+    with both guide landmark lists, both reach the job's engine config, a preset resets them, and symmetric with
+    a linear preset is the one reason Apply is disabled."""
+    import numpy as np
+
+    from DeepRegistrationLib.core.config import RegistrationConfig
+    from DeepRegistrationSlicerLib.run import RegistrationJob
+
+    mod = load_module(slicerEnv)
+    slicer, scene = slicerEnv.slicer, slicerEnv.scene
+    ui = inert_ui(slicerEnv)
+    widget = create_widget(slicerEnv, mod, ui, monkeypatch)
+    p = widget._parameterNode
+    defaults = RegistrationConfig()
+    assert p.symmetric is defaults.symmetric is False and p.guideWeight == defaults.guide_weight
+    assert ui.guideWeightSpinBox.enabled is False  # no guide landmarks chosen
+    volumes = []
+    for name in ("fixed", "moving"):
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        slicer.util.updateVolumeFromArray(node, np.zeros((4, 5, 6), np.float32))
+        volumes.append(node)
+    p.fixedVolume, p.movingVolume = volumes
+    p.symmetric, p.guideWeight = True, 0.05
+    args = mod.DeepRegistrationLogic.jobArguments(p)
+    assert args["symmetric"] is True and args["guideWeight"] is None  # the weight needs guide points
+    p.guideFixedLandmarks = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "gf")
+    assert ui.guideWeightSpinBox.enabled is False  # one list only (and Apply says why)
+    p.guideMovingLandmarks = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "gm")
+    assert ui.guideWeightSpinBox.enabled is True and ui.applyButton.enabled is True
+    args = mod.DeepRegistrationLogic.jobArguments(p)
+    assert args["guideWeight"] == 0.05
+    config = RegistrationJob(p.fixedVolume, p.movingVolume, **args).config
+    assert config["symmetric"] is True and config["guide_weight"] == 0.05 and config["mode"] == "deformable"
+    RegistrationConfig(**config).validate()
+    # a linear preset with Symmetric checked: Apply disabled with the one reason
+    p.preset = "Affine"
+    reason = mod.applyDisabledReason(p)
+    assert "Symmetric registration" in reason and "Deformable preset" in reason and "Affine" in reason
+    assert ui.applyButton.enabled is False and ui.applyButton.toolTip == reason
+    # picking a preset takes its values: Symmetric off, the engine's guide weight
+    ui.presetComboBox.currentText = "Affine"
+    act(ui.presetComboBox, "activated(int)", 1)
+    assert p.symmetric is False and p.guideWeight == defaults.guide_weight
+    assert mod.applyDisabledReason(p) == "" and ui.applyButton.enabled is True
+    widget.cleanup()
 
 
 def test_default_inputs_are_two_different_plain_volumes(slicerEnv):
