@@ -434,6 +434,10 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
           resume: bool = True) -> TrainResult:
     """Trains a field predictor; see the module docstring.
 
+    Stages: :func:`_set_up` (processes, device, model; the data and the validation set; optimizer, resume),
+    then per step :func:`_train_step` and :func:`_after_step` (validation, checkpoint, cancel), and
+    :func:`_finish` (last checkpoint, final and best model).
+
     Args:
         cfg: The recipe. With ``cfg.output_dir`` set, checkpoints and models (``<model_name>.json`` /
             ``.safetensors``, best as ``<model_name>-best``) are written there.
@@ -444,77 +448,150 @@ def train(cfg: TrainConfig, data: PairSource | None = None, progress: ProgressCa
     Raises:
         Cancelled: the callback asked to stop.
     """
-    import torch.distributed as dist
+    run = _set_up(cfg, data, progress, resume)
+    while run.result.step < run.cfg.steps:
+        _train_step(run)
+        _after_step(run)
+    return _finish(run)
 
-    # set-up: processes, device, model, data (nothing is written before they all work)
+
+@dataclass
+class _Run:
+    """What the stages of one :func:`train` call share (made by :func:`_set_up`)."""
+
+    cfg: TrainConfig  # the recipe, with the fine-tuned model's input features
+    rank: int
+    world: int
+    device: torch.device
+    out: Path | None  # output folder, None: nothing is written
+    net: UNetFieldPredictor  # the network (``model`` wraps it in DistributedDataParallel on several processes)
+    data: PairSource
+    val_set: list[SynthBatch]  # fixed validation batches (rank 0 with ``val_every``), else empty
+    model: torch.nn.Module = None
+    opt: torch.optim.Optimizer = None
+    scaler: object = None  # the AMP GradScaler (CUDA with ``amp``), else None
+    use_amp: bool = False
+    mi: MutualInformation | None = None
+    ckpt: Path | None = None
+    result: TrainResult = None
+    board: object = None  # TensorBoard SummaryWriter or None
+    prog: Progress = None
+    start: float = 0.0  # perf_counter at step 0 (earlier when resumed: the seconds already spent)
+
+
+def _set_up(cfg: TrainConfig, data: PairSource | None, progress: ProgressCallback | None, resume: bool) -> _Run:
+    """Set-up: processes, device and model (:func:`_set_up_model`), data and validation set
+    (:func:`_set_up_data`), then the output folder, optimizer, AMP scaler, resumed state, TensorBoard and
+    progress (:func:`_set_up_optimization`). Nothing is written before the model and the data are known to work."""
+    cfg, rank, world, device, net = _set_up_model(cfg)
+    data, val_set = _set_up_data(cfg, net, data, rank)
+    run = _Run(cfg, rank, world, device, Path(cfg.output_dir) if cfg.output_dir else None, net, data, val_set)
+    _set_up_optimization(run, progress, resume)
+    return run
+
+
+def _set_up_model(cfg: TrainConfig) -> tuple[TrainConfig, int, int, torch.device, UNetFieldPredictor]:
+    """The processes (torchrun), the device and the network on it: ``(cfg, rank, world, device, net)``; a
+    fine-tuned model keeps its input features, and the returned recipe says so."""
     rank, world = _distributed()
     device = _device(cfg, rank)
-    out = Path(cfg.output_dir) if cfg.output_dir else None
     net = build_model(cfg).to(device)
     if net.input_features != cfg.input_features:  # fine-tuning keeps the model's inputs; the card says so
         logger.info("fine-tuning %s: the network sees %s", cfg.init_model, net.input_features)
         cfg = replace(cfg, input_features=net.input_features)
+    return cfg, rank, world, device, net
+
+
+def _set_up_data(cfg: TrainConfig, net: UNetFieldPredictor, data: PairSource | None, rank: int
+                 ) -> tuple[PairSource, list[SynthBatch]]:
+    """The training data (``data``, else the dataset or synthetic pairs of ``cfg`` seeded per rank) and the
+    validation set (rank 0 with ``cfg.val_every``); InputError when the labels outnumber the segmentation head."""
     if data is None:
         data = (dataset_source if cfg.dataset else synth_pairs)(cfg, cfg.seed + 1000 * rank)
     if cfg.mode == "multi-task" and getattr(data, "num_labels", 0) > net.seg_classes:
         raise InputError(f"the training data have labels up to {data.num_labels - 1} but the segmentation head has "
                          f"{net.seg_classes} classes: set num_labels (--num-labels) to at least {data.num_labels}")
     val_set = validation_set(cfg) if cfg.val_every > 0 and rank == 0 else []
-    if out is not None and rank == 0:  # only once the model and the data are known to work
+    return data, val_set
+
+
+def _set_up_optimization(run: _Run, progress: ProgressCallback | None, resume: bool) -> None:
+    """The output folder (rank 0), Adam, the AMP scaler (CUDA), MI, the state resumed from the checkpoint (or
+    a new :class:`TrainResult`), TensorBoard, DistributedDataParallel and the progress reporter (rank 0)."""
+    cfg, out = run.cfg, run.out
+    if out is not None and run.rank == 0:  # only once the model and the data are known to work
         out.mkdir(parents=True, exist_ok=True)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    mi = MutualInformation() if cfg.similarity == "mi" else None
-    ckpt = out / CHECKPOINT if out is not None else None
-    if resume and ckpt is not None and ckpt.is_file():
-        result = _resume(ckpt, net, opt, scaler, data, rank, world, device)
+    run.opt = torch.optim.Adam(run.net.parameters(), lr=cfg.lr)
+    run.use_amp = cfg.amp and run.device.type == "cuda"
+    run.scaler = torch.amp.GradScaler("cuda") if run.use_amp else None
+    run.mi = MutualInformation() if cfg.similarity == "mi" else None
+    run.ckpt = out / CHECKPOINT if out is not None else None
+    if resume and run.ckpt is not None and run.ckpt.is_file():
+        run.result = _resume(run.ckpt, run.net, run.opt, run.scaler, run.data, run.rank, run.world, run.device)
     else:
-        result = TrainResult(step=0, losses=[])
-    board = _tensorboard(cfg, out) if rank == 0 else None
-    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    prog = Progress(progress if rank == 0 else None)
-    start = time.perf_counter() - result.seconds
+        run.result = TrainResult(step=0, losses=[])
+    run.board = _tensorboard(cfg, out) if run.rank == 0 else None
+    run.model = torch.nn.parallel.DistributedDataParallel(run.net) if run.world > 1 else run.net
+    run.prog = Progress(progress if run.rank == 0 else None)
+    run.start = time.perf_counter() - run.result.seconds
 
-    def checkpoint() -> None:
-        states = [data.state()]
-        if world > 1:
-            states = [torch.empty_like(states[0]) for _ in range(world)]
-            dist.all_gather(states, data.state())
-        result.seconds = time.perf_counter() - start
-        if rank == 0 and ckpt is not None:
-            _save_checkpoint(ckpt, net, opt, scaler, states, result, cfg)
 
-    # the steps
-    while result.step < cfg.steps:
-        batch = _to(data.sample(cfg.batch_size), device)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-            loss = training_loss(cfg, model, batch, mi,
-                                 pseudo_labels=0 < cfg.pseudo_labels_after <= result.step)
-        _optimizer_step(loss, net, opt, scaler)
-        result.step += 1
-        result.losses.append(float(loss.detach()))
-        if board is not None:
-            board.add_scalar("train/loss", result.losses[-1], result.step)
-        if val_set and result.step % cfg.val_every == 0:
-            _validate_and_keep_best(cfg, net, val_set, result, board, out, start, world, device)
-        if cfg.checkpoint_every > 0 and result.step % cfg.checkpoint_every == 0:
-            checkpoint()
-        if _cancel_requested(prog, result, cfg, world):
-            checkpoint()
-            raise Cancelled(f"Training cancelled at step {result.step}; resume from the checkpoint to continue.")
+def _train_step(run: _Run) -> None:
+    """One step: a batch, its loss (autocast on CUDA; pseudo-labels from ``cfg.pseudo_labels_after``), the
+    optimizer step; the loss goes into ``run.result.losses`` and TensorBoard."""
+    cfg, result = run.cfg, run.result
+    batch = _to(run.data.sample(cfg.batch_size), run.device)
+    with torch.autocast(run.device.type, dtype=torch.float16, enabled=run.use_amp):
+        loss = training_loss(cfg, run.model, batch, run.mi, pseudo_labels=0 < cfg.pseudo_labels_after <= result.step)
+    _optimizer_step(loss, run.net, run.opt, run.scaler)
+    result.step += 1
+    result.losses.append(float(loss.detach()))
+    if run.board is not None:
+        run.board.add_scalar("train/loss", result.losses[-1], result.step)
 
-    # the end: last checkpoint, final model, best model
-    result.seconds = time.perf_counter() - start
-    if board is not None:
-        board.close()
+
+def _after_step(run: _Run) -> None:
+    """Validation every ``val_every`` steps (best model kept), a checkpoint every ``checkpoint_every`` steps,
+    progress; a cancel writes a checkpoint and raises Cancelled."""
+    cfg, result = run.cfg, run.result
+    if run.val_set and result.step % cfg.val_every == 0:
+        _validate_and_keep_best(cfg, run.net, run.val_set, result, run.board, run.out, run.start, run.world,
+                                run.device)
+    if cfg.checkpoint_every > 0 and result.step % cfg.checkpoint_every == 0:
+        _checkpoint(run)
+    if _cancel_requested(run.prog, result, cfg, run.world):
+        _checkpoint(run)
+        raise Cancelled(f"Training cancelled at step {result.step}; resume from the checkpoint to continue.")
+
+
+def _checkpoint(run: _Run) -> None:
+    """Gathers every rank's data-generator state and writes ``checkpoint.pt`` (rank 0, with an output folder)."""
+    import torch.distributed as dist
+
+    states = [run.data.state()]
+    if run.world > 1:
+        states = [torch.empty_like(states[0]) for _ in range(run.world)]
+        dist.all_gather(states, run.data.state())
+    run.result.seconds = time.perf_counter() - run.start
+    if run.rank == 0 and run.ckpt is not None:
+        _save_checkpoint(run.ckpt, run.net, run.opt, run.scaler, states, run.result, run.cfg)
+
+
+def _finish(run: _Run) -> TrainResult:
+    """The end: TensorBoard closed, the last checkpoint, the final model and its card (rank 0), the best
+    model's path (when a validation saved one); the network in eval mode on the result."""
+    result, out = run.result, run.out
+    result.seconds = time.perf_counter() - run.start
+    if run.board is not None:
+        run.board.close()
     if out is not None:
-        checkpoint()
-        result.checkpoint_path = ckpt
-        if rank == 0:
+        _checkpoint(run)
+        result.checkpoint_path = run.ckpt
+        if run.rank == 0:
             metrics = result.validation[-1] if result.validation else {}
-            result.model_path = model_files.save_model(net, out / cfg.model_name, _card(cfg, result, world, device, metrics))
-            best = out / f"{cfg.model_name}-best.json"
+            result.model_path = model_files.save_model(run.net, out / run.cfg.model_name,
+                                                       _card(run.cfg, result, run.world, run.device, metrics))
+            best = out / f"{run.cfg.model_name}-best.json"
             result.best_model_path = best if result.best_step > 0 and best.is_file() else None
-    result.model = net.eval()
+    result.model = run.net.eval()
     return result
