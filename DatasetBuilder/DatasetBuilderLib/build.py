@@ -4,12 +4,16 @@ An update mirrors the inputs: new cases are added, earlier ones are kept byte fo
 pseudonyms and splits), and the files of cases whose inputs are not given again are deleted (a subject who
 withdrew consent leaves the dataset by being left out of the next build).
 
-Steps: check the output folder (:func:`writer.prepare_output`), read every scene and collect cases and PHI
-strings, skip what cannot be used (reason in the report), pseudonymise subjects (keyed HMAC), number cases
-stably (pseudonymous case registry in ``meta/state.json``), build the label table, assign splits (existing
-subjects keep theirs), write each case atomically (a case whose sidecar exists is done and kept), augment
-training cases, make pairs within splits, write the dataset JSON and report, scan every output byte for
-PHI (a hit raises :class:`PhiFoundError` naming the files) and write the manifest.
+Stages of :func:`build_dataset`, each a function here: :func:`_open` checks the options and the output folder
+(:func:`writer.prepare_output`) and loads the key and the state; :func:`_read_all_inputs` reads every scene (and
+the accepted feedback results) and collects cases and PHI strings, skipping what cannot be used (reason in the
+report); :func:`_deidentify` pseudonymises subjects (keyed HMAC) and cases and builds the label table;
+:func:`_number_and_split` assigns splits (existing subjects keep theirs) and numbers cases stably (pseudonymous
+case registry in ``meta/state.json``); :func:`_write_cases` writes each case atomically (a case whose sidecar
+exists is done and kept), augments training cases and prunes cases no longer among the inputs;
+:func:`_make_all_pairs` makes pairs within splits; :func:`_write_index_and_scan` writes the dataset JSON and
+report, scans every output byte for PHI (a hit raises :class:`PhiFoundError` naming the files) and writes the
+manifest.
 """
 from __future__ import annotations
 
@@ -256,6 +260,10 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
                   progress: Progress | None = None) -> BuildResult:
     """Builds (or resumes / extends) a de-identified Learn2Reg dataset from Slicer scenes.
 
+    Stages (the module docstring says what each does): :func:`_open` (options, output folder, key, state),
+    :func:`_read_all_inputs`, :func:`_deidentify`, :func:`_number_and_split`, :func:`_write_cases`,
+    :func:`_make_all_pairs`, and :func:`_write_index_and_scan` (dataset JSON, report, PHI scan, manifest).
+
     Args:
         inputs: Scene files (``.mrb``, ``.mrml``) and folders of them or of DICOM series (may be empty with
             ``options.feedback_log``).
@@ -267,6 +275,75 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
         NotOurDatasetError, Cancelled (``DeepRegistrationLib.core.errors``), PhiFoundError, ValueError (bad options
         or inputs).
     """
+    b = _open(inputs, out_dir, options, progress)
+    _read_all_inputs(b, inputs)
+    _deidentify(b)
+    _number_and_split(b)
+    _write_cases(b)
+    _make_all_pairs(b)
+    _write_index_and_scan(b.out, options, b.result, b.table, b.modalities, b.entries, b.pairs, b.originals, b.phi,
+                          len(b.scenes) + b.result.feedback_pairs, progress, b.selection)
+    _tick(progress, 1.0, "done")
+    return b.result
+
+
+@dataclass
+class _Build:
+    """What the stages of one :func:`build_dataset` call share (made by :func:`_open`)."""
+
+    out: Path
+    options: BuildOptions
+    progress: Progress | None
+    selection: object  # the feedback log's selection (:func:`feedback.read_selection`) or None
+    key: bytes  # the pseudonym key
+    state: dict  # ``meta/state.json``: case numbers, splits, labels, modalities, groups of the dataset so far
+    result: BuildResult
+    mapping: object = None  # the subject mapping (scene → subject, session) or None
+    scenes: list[Path] = field(default_factory=list)
+    raw: list = field(default_factory=list)  # every case read that has a subject identity
+    phi: PhiStrings = None  # the identifying strings met while reading
+    fb: object = None  # the accepted feedback results' cases (:func:`feedback.read_cases`) or None
+    originals: list = field(default_factory=list)  # one case per UID, pseudonymised, in UID order
+    feedback_only: set = field(default_factory=set)  # UIDs of cases that come from the feedback log only
+    table: LabelTable = None
+    splits: dict = field(default_factory=dict)  # subject pseudonym → split
+    modalities: dict = field(default_factory=dict)  # "index" → modality
+    mod_index: dict = field(default_factory=dict)  # modality → index
+    numbers: "_CaseNumbers" = None
+    entries: dict = field(default_factory=dict)  # case UID → dataset entry
+    aug_pairs: list = field(default_factory=list)  # pairs of augmented cases with their originals
+    pairs: dict = field(default_factory=dict)  # split → pair entries
+
+
+class _CaseNumbers:
+    """Stable case numbers (the pseudonymous case registry of ``meta/state.json``): a case keeps its number
+    across builds; images of one session in different modalities share one (Learn2Reg's ``<case>_0000`` /
+    ``<case>_0001``)."""
+
+    def __init__(self, state: dict):
+        self.numbers = dict(state["cases"])
+        self.groups, self.case_mods = dict(state.get("groups", {})), dict(state.get("case_modalities", {}))
+        self.used = {(self.numbers[u], self.case_mods[u]) for u in self.numbers if u in self.case_mods}
+
+    def __getitem__(self, uid: str) -> int:
+        return self.numbers[uid]
+
+    def number_of(self, uid: str, group: str | None = None, mod: int | None = None) -> int:
+        """Stable case number: the first free one of its group (same session, another modality), else a new one."""
+        numbers = self.numbers
+        if uid not in numbers:
+            mates = sorted({numbers[u] for u, g in self.groups.items()
+                            if group is not None and g == group and u in numbers})
+            numbers[uid] = next((n for n in mates if (n, mod) not in self.used), max(numbers.values(), default=0) + 1)
+            if group is not None:
+                self.groups[uid], self.case_mods[uid] = group, mod
+                self.used.add((numbers[uid], mod))
+        return numbers[uid]
+
+
+def _open(inputs: list, out_dir, options: BuildOptions, progress: Progress | None) -> _Build:
+    """Set-up: the options checked (key outside the output, classical method available, something to build
+    from), the feedback selection read, the output folder checked or made, the key and the state loaded."""
     out = Path(out_dir).resolve()
     key_path = Path(options.key_file).resolve()
     if out == key_path.parent or out in key_path.parents:
@@ -279,108 +356,114 @@ def build_dataset(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, o
     writer.prepare_output(out, options.task)
     key = load_or_create_key(key_path)
     state = writer.load_state(out)
-    result = BuildResult(out)
-    mapping = read_subject_mapping(options.subject_mapping)
-    scenes = find_scene_files(inputs)
-    raw, phi = _read_inputs(scenes, key, mapping, options, progress, result)
-    fb = None
-    if selection is not None:
-        _tick(progress, 0.3, f"reading {len(selection.accepted)} accepted result(s)")
-        fb = F.read_cases(selection, mapping, options.modality)
-        raw += fb.cases
-        phi.update(fb.phi)
-    raw = _without_conflicting_birth_dates(raw, key, result)
-    originals = _unique_cases(raw, key)
-    fb_objects = {id(c) for c in fb.cases} if fb else set()
-    feedback_only = {c.uid for c in raw if id(c) in fb_objects} - {c.uid for c in raw if id(c) not in fb_objects}
-    table = _label_table(originals, options, state, phi, result)
-    # splits, modalities, case numbers
-    splits = assign_splits([c.subject for c in originals], options.split_ratios, options.seed, state["splits"])
-    modalities = dict(state.get("modalities", {}))
-    for c in originals:
-        if c.modality not in modalities.values():
-            modalities[str(len(modalities))] = c.modality
-    mod_index = {m: int(i) for i, m in modalities.items()}
-    numbers = dict(state["cases"])
-    groups, case_mods = dict(state.get("groups", {})), dict(state.get("case_modalities", {}))
-    used = {(numbers[u], case_mods[u]) for u in numbers if u in case_mods}
+    return _Build(out, options, progress, selection, key, state, BuildResult(out))
 
-    def number_of(uid: str, group: str | None = None, mod: int | None = None) -> int:
-        """Stable case number; images of one session in different modalities share it (Learn2Reg's
-        ``<case>_0000`` / ``<case>_0001``), the first free one of its group, else a new number."""
-        if uid not in numbers:
-            mates = sorted({numbers[u] for u, g in groups.items() if group is not None and g == group and u in numbers})
-            numbers[uid] = next((n for n in mates if (n, mod) not in used), max(numbers.values(), default=0) + 1)
-            if group is not None:
-                groups[uid], case_mods[uid] = group, mod
-                used.add((numbers[uid], mod))
-        return numbers[uid]
 
-    for c in originals:
+def _read_all_inputs(b: _Build, inputs: list) -> None:
+    """Read inputs: the subject mapping, every scene / DICOM folder (:func:`_read_inputs`) and the accepted
+    feedback results' images; sets ``b.raw``, ``b.phi``, ``b.fb``."""
+    b.mapping = read_subject_mapping(b.options.subject_mapping)
+    b.scenes = find_scene_files(inputs)
+    b.raw, b.phi = _read_inputs(b.scenes, b.key, b.mapping, b.options, b.progress, b.result)
+    if b.selection is not None:
+        _tick(b.progress, 0.3, f"reading {len(b.selection.accepted)} accepted result(s)")
+        b.fb = F.read_cases(b.selection, b.mapping, b.options.modality)
+        b.raw += b.fb.cases
+        b.phi.update(b.fb.phi)
+
+
+def _deidentify(b: _Build) -> None:
+    """De-identify: subjects with conflicting birth dates skipped, subject pseudonyms and case UIDs (one case
+    per UID), the feedback-only cases, the label table (label names are not PHI)."""
+    b.raw = _without_conflicting_birth_dates(b.raw, b.key, b.result)
+    b.originals = _unique_cases(b.raw, b.key)
+    fb_objects = {id(c) for c in b.fb.cases} if b.fb else set()
+    b.feedback_only = ({c.uid for c in b.raw if id(c) in fb_objects} -
+                       {c.uid for c in b.raw if id(c) not in fb_objects})
+    b.table = _label_table(b.originals, b.options, b.state, b.phi, b.result)
+
+
+def _number_and_split(b: _Build) -> None:
+    """Splits (existing subjects keep theirs), modality indices and stable case numbers, saved in the state."""
+    options, state = b.options, b.state
+    b.splits = assign_splits([c.subject for c in b.originals], options.split_ratios, options.seed, state["splits"])
+    b.modalities = dict(state.get("modalities", {}))
+    for c in b.originals:
+        if c.modality not in b.modalities.values():
+            b.modalities[str(len(b.modalities))] = c.modality
+    b.mod_index = {m: int(i) for i, m in b.modalities.items()}
+    b.numbers = _CaseNumbers(state)
+    for c in b.originals:
         known_session = c.session.strip(":") != ""  # same study (date + UID): one time point
-        number_of(c.uid, pseudonym(key, f"group:{c.identity}:{c.session}", "G", 16) if known_session else None,
-                  mod_index[c.modality])
-    state.update(cases=numbers, splits=splits, labels=table.ids, modalities=modalities, groups=groups,
-                 case_modalities=case_mods)
-    writer.atomic_write_json(out / writer.STATE, state)
-    result.cases_total = len(originals)
-    # cases
-    entries: dict[str, dict] = {}
-    aug_pairs: list[dict] = []
-    todo = sorted(originals, key=lambda c: numbers[c.uid])
-    needles = phi.needles()  # the PHI strings as the scan searches them, for the header summaries
+        b.numbers.number_of(c.uid, pseudonym(b.key, f"group:{c.identity}:{c.session}", "G", 16) if known_session
+                            else None, b.mod_index[c.modality])
+    state.update(cases=b.numbers.numbers, splits=b.splits, labels=b.table.ids, modalities=b.modalities,
+                 groups=b.numbers.groups, case_modalities=b.numbers.case_mods)
+    writer.atomic_write_json(b.out / writer.STATE, state)
+    b.result.cases_total = len(b.originals)
+
+
+def _write_cases(b: _Build) -> None:
+    """Write cases: each case (atomically; a case whose sidecar exists is kept) with its shifted date and
+    de-identified header summary, the augmented copies of training cases, the state; then the files of cases
+    no longer among the inputs are deleted (:func:`_prune`)."""
+    options, key, numbers = b.options, b.key, b.numbers
+    todo = sorted(b.originals, key=lambda c: numbers[c.uid])
+    needles = b.phi.needles()  # the PHI strings as the scan searches them, for the header summaries
     for n, c in enumerate(todo):
-        _tick(progress, 0.3 + 0.6 * n / max(len(todo), 1), f"writing case {n + 1}/{len(todo)}")
-        split = splits[c.subject]
+        _tick(b.progress, 0.3 + 0.6 * n / max(len(todo), 1), f"writing case {n + 1}/{len(todo)}")
+        split = b.splits[c.subject]
         extra = {}
         if options.dates == "shift" and _parse_date(c.study_date) is not None:
             extra["study_date"] = shifted_date(key, c.identity, c.study_date)
         if c.header:
             extra["dicom_header"] = {k: v for k, v in c.header.items()
                                      if not occurs_in(v if isinstance(v, str) else " ".join(map(str, v)), needles)}
-        entry, wrote = _write_case(out, options.task, numbers[c.uid], mod_index[c.modality], c.subject, split,
-                                   c.modality, c.image, _remap(c, table), c.mask, c.points,
+        entry, wrote = _write_case(b.out, options.task, numbers[c.uid], b.mod_index[c.modality], c.subject, split,
+                                   c.modality, c.image, _remap(c, b.table), c.mask, c.points,
                                    [pseudonym(key, f"kp:{x}", "K", 8) for x in c.point_labels], extra)
-        entries[c.uid] = entry
-        result.cases_written += wrote
+        b.entries[c.uid] = entry
+        b.result.cases_written += wrote
         if split != "train":
             continue
         for k in range(options.augment_per_case):
             aug_uid = pseudonym(key, f"aug:{c.uid}:{k}:{options.seed}", "C", 16)
-            aug_number = number_of(aug_uid)
-            pair = _augment(out, options, aug_uid, aug_number, c, entry, _remap(c, table), key, mod_index, result)
+            aug_number = numbers.number_of(aug_uid)
+            pair = _augment(b.out, options, aug_uid, aug_number, c, entry, _remap(c, b.table), key, b.mod_index,
+                            b.result)
             if pair is not None:
-                entries[aug_uid] = pair[0]
-                aug_pairs.append(pair[1])
-    state["cases"] = numbers
-    writer.atomic_write_json(out / writer.STATE, state)
-    result.removed = _prune(out, entries)
-    # pairs within splits
-    refs = [CaseRef(c.uid, c.subject, splits[c.subject], "", c.modality) for c in originals
-            if c.uid not in feedback_only]  # feedback cases are paired with each other only
+                b.entries[aug_uid] = pair[0]
+                b.aug_pairs.append(pair[1])
+    b.state["cases"] = numbers.numbers
+    writer.atomic_write_json(b.out / writer.STATE, b.state)
+    b.result.removed = _prune(b.out, b.entries)
+
+
+def _make_all_pairs(b: _Build) -> None:
+    """Pairs within splits (``options.pairing``; feedback cases only with each other), their algorithmic
+    ground truth with ``options.classical``, the accepted results' pairs, and the sampling weights."""
+    options, numbers, entries = b.options, b.numbers, b.entries
+    refs = [CaseRef(c.uid, c.subject, b.splits[c.subject], "", c.modality) for c in b.originals
+            if c.uid not in b.feedback_only]  # feedback cases are paired with each other only
     atlas = None
     if options.pairing == "atlas":
         inverse: dict[int, str] = {}
-        for r in sorted(refs, key=lambda r: mod_index[r.modality]):  # a shared number: its first modality
+        for r in sorted(refs, key=lambda r: b.mod_index[r.modality]):  # a shared number: its first modality
             inverse.setdefault(numbers[r.key], r.key)
         atlas = inverse.get(options.atlas_case) if options.atlas_case else \
             min((r.key for r in refs if r.split == "train"), key=lambda u: numbers[u], default=None)
     pair_list = make_pairs(refs, options.pairing, options.max_pairs_per_split, options.seed, atlas)
-    pairs = {"train": list(aug_pairs), "val": [], "test": []}
+    b.pairs = pairs = {"train": list(b.aug_pairs), "val": [], "test": []}
     for n, (f, m) in enumerate(pair_list):
         pair = _pair_entry(entries[f], entries[m])
         if options.classical:
-            _tick(progress, 0.9 + 0.05 * n / len(pair_list), f"classical registration {n + 1}/{len(pair_list)}")
-            pair["gold_standard"].append(_classical(out, entries[f], entries[m], options.classical_options))
+            _tick(b.progress, 0.9 + 0.05 * n / len(pair_list), f"classical registration {n + 1}/{len(pair_list)}")
+            pair["gold_standard"].append(_classical(b.out, entries[f], entries[m], options.classical_options))
         pairs[entries[f]["split"]].append(pair)
-    if fb is not None:
-        _feedback_pairs(out, fb, selection, entries, pairs, result, progress)
-    result.pairs = {k: len(v) for k, v in pairs.items()}
+    if b.fb is not None:
+        _feedback_pairs(b.out, b.fb, b.selection, entries, pairs, b.result, b.progress)
+    b.result.pairs = {k: len(v) for k, v in pairs.items()}
     _weights([e for e in entries.values() if e["split"] in ("train", "val")])
-    _write_index_and_scan(out, options, result, table, modalities, entries, pairs, originals, phi,
-                          len(scenes) + result.feedback_pairs, progress, selection)
-    _tick(progress, 1.0, "done")
-    return result
 
 
 def _feedback_pairs(out: Path, fb, selection, entries: dict[str, dict], pairs: dict[str, list[dict]],
