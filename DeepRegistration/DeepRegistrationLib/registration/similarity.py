@@ -173,6 +173,28 @@ def joint_histogram(fixed: torch.Tensor, warped: torch.Tensor, bins: int, weight
     return hist.view(bins, bins)
 
 
+def joint_histograms(fixed: torch.Tensor, warped: torch.Tensor, bins: int, weight: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """:func:`joint_histogram` of each of ``B`` pairs at once: ``fixed``/``warped``/``weight`` ``(B, ...)`` (same
+    shape), histograms ``(B, bins, bins)``. Each pair's bins get the same additions in the same order as from
+    :func:`joint_histogram` alone (one ``index_add`` over all pairs, the pair index offsetting the bins)."""
+    b = warped.shape[0]
+    cf = fixed.reshape(b, -1).clamp(0, 1) * (bins - 1)
+    cw = warped.reshape(b, -1).clamp(0, 1) * (bins - 1)
+    i_f = cf.detach().floor().clamp(0, bins - 2)
+    i_w = cw.detach().floor().clamp(0, bins - 2)
+    t_f, t_w = cf - i_f, cw - i_w
+    offset = torch.arange(b, device=warped.device)[:, None] * (bins * bins)
+    base = ((i_f * bins + i_w).long() + offset).reshape(-1)
+    w = None if weight is None else weight.reshape(b, -1).to(cw.dtype)
+    hist = cw.new_zeros(b * bins * bins)
+    for df, wf in ((0, 1 - t_f), (1, t_f)):
+        for dw, ww in ((0, 1 - t_w), (1, t_w)):
+            values = wf * ww if w is None else wf * ww * w
+            hist = hist.index_add(0, base + (df * bins + dw), values.reshape(-1))
+    return hist.view(b, bins, bins)
+
+
 class MutualInformation:
     """Negative global mutual information (nats) of fixed and warped intensities in [0, 1], optionally masked.
 
@@ -198,6 +220,21 @@ class MutualInformation:
         h = F.conv2d(hist[None, None], k.view(1, 1, -1, 1), padding=(r, 0))
         return F.conv2d(h, k.view(1, 1, 1, -1), padding=(0, r))[0, 0]
 
+    def _smooth_batch(self, hist: torch.Tensor) -> torch.Tensor:
+        """:meth:`_smooth` of each of ``(B, bins, bins)`` histograms."""
+        k = self.kernel.to(hist)
+        r = (k.numel() - 1) // 2
+        h = F.conv2d(hist[:, None], k.view(1, 1, -1, 1), padding=(r, 0))
+        return F.conv2d(h, k.view(1, 1, 1, -1), padding=(0, r))[:, 0]
+
+    @staticmethod
+    def _mi(p: torch.Tensor) -> torch.Tensor:
+        """``-MI`` of smoothed joint histograms ``(..., bins, bins)``: shape ``(...)``."""
+        p = p / p.sum((-2, -1), keepdim=True).clamp_min(1e-12)
+        pf, pw = p.sum(-1, keepdim=True), p.sum(-2, keepdim=True)
+        eps = 1e-10
+        return -(p * (torch.log(p + eps) - torch.log(pf * pw + eps))).sum((-2, -1))
+
     def _single(self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         p = self._smooth(joint_histogram(fixed, warped, self.num_bins, mask))
         p = p / p.sum().clamp_min(1e-12)
@@ -205,12 +242,21 @@ class MutualInformation:
         eps = 1e-10
         return -(p * (torch.log(p + eps) - torch.log(pf * pw + eps))).sum()
 
+    def per_sample(self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """``-MI`` of each of ``B`` pairs ``(B or 1, 1, Z, Y, X)`` (``mask`` bool, broadcastable), ``(B,)``, in one
+        batch: the same values as :meth:`_single` per pair."""
+        b = max(fixed.shape[0], warped.shape[0])
+        fixed, warped = fixed.expand(b, *fixed.shape[1:]), warped.expand(b, *warped.shape[1:])
+        if mask is not None:
+            mask = mask.expand_as(warped)
+        return self._mi(self._smooth_batch(joint_histograms(fixed, warped, self.num_bins, mask)))
+
     def __call__(self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``-MI`` for ``(B, 1, Z, Y, X)`` images (mean over the batch); ``mask`` bool, broadcastable."""
-        if mask is not None:
-            mask = mask.expand_as(fixed)
-        losses = [self._single(fixed[b], warped[b], None if mask is None else mask[b]) for b in range(fixed.shape[0])]
-        return torch.stack(losses).mean()
+        if fixed.shape[0] == 1 and warped.shape[0] == 1:
+            return self._single(fixed[0], warped[0], None if mask is None else mask.expand_as(warped)[0])
+        return self.per_sample(fixed, warped, mask).mean()
 
 
 class Similarity:
@@ -242,11 +288,7 @@ class Similarity:
                 return ((fixed - warped) ** 2).mean((1, 2, 3, 4))
             m = mask.to(warped.dtype).expand_as(warped)
             return (((fixed - warped) ** 2) * m).sum((1, 2, 3, 4)) / m.sum((1, 2, 3, 4)).clamp_min(1.0)
-        fixed_b = fixed.expand_as(warped)
-        if mask is not None:
-            mask = mask.expand_as(warped)
-        return torch.stack([self._mi._single(fixed_b[b], warped[b], None if mask is None else mask[b])
-                            for b in range(warped.shape[0])])
+        return self._mi.per_sample(fixed, warped, mask)
 
     def __call__(self, fixed: torch.Tensor, warped: torch.Tensor, valid: torch.Tensor | None = None,
                  region: torch.Tensor | None = None, view: torch.Tensor | None = None) -> torch.Tensor:
