@@ -104,3 +104,23 @@ def test_model_files_never_unpickle_code(tmp_path):
     with pytest.raises(InputError, match="not safetensors"):
         load_model(card).model
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_nonfinite_voxels_are_counted_in_chunks_and_integer_files_skipped(tmp_path, suffix):
+    """The raw NaN/Inf count (ITK's reader turns NaN into 0) reads a float file's voxels in chunks; an integer
+    file is recognized from its header and not read again."""
+    from DeepRegistrationLib.io.images import _nifti_nonfinite_count
+
+    arr = np.random.default_rng(0).normal(size=(9, 10, 11)).astype(np.float32)
+    arr[1, 2, 3] = arr[8, 9, 10] = np.nan
+    arr[0, 0, 0] = np.inf
+    path = tmp_path / f"bad{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+    assert _nifti_nonfinite_count(path, chunk_bytes=64) == 3
+    assert _nifti_nonfinite_count(path) == 3
+    with pytest.raises(InputError, match="3 NaN or infinite"):
+        read_image(path, "fixed image")
+    ints = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray((arr * 0 + 5).astype(np.int16)), str(ints))
+    assert _nifti_nonfinite_count(ints) == 0
