@@ -7,7 +7,9 @@ with :meth:`~RegistrationJob.loadResults`. Nothing is added to the scene before 
 :meth:`~RegistrationJob.cancel` (which returns at once and stops the worker for real, through the
 ``PythonSlicer`` launcher too: see :mod:`DeepRegistrationLib.core.jobs`) leaves the scene as it was.
 
-:func:`register` does all of it and blocks: the console API.
+The background mechanics (job folder, worker process, polling, cancel, job state) are :class:`BackgroundJob`'s,
+shared by :class:`RegistrationJob` and the sequence and template jobs of :mod:`.sequences`.
+:func:`register` does all of it and blocks: the console API (:func:`runBlocking` for every job kind).
 """
 from __future__ import annotations
 
@@ -233,168 +235,63 @@ class SceneRegistrationResult:
     seconds: float = 0.0
 
 
-class RegistrationJob:
-    """One background registration of MRML nodes.
+class BackgroundJob:
+    """A job of the engine's worker (``python -m DeepRegistrationLib.apps.worker JOB.json``) in a background
+    process that can be killed: the part every Slicer job shares.
+
+    :meth:`start` makes the job folder (in Slicer's temporary folder), has :meth:`writeInputs` fill it, and starts
+    the worker (or hands the job to the one started ahead); :meth:`poll` reads its progress without blocking;
+    :meth:`wait` blocks; :meth:`cancel` stops it for real and returns at once; the folder is removed when the
+    job ends (:meth:`stopped` tells when). Nothing is added to the scene before :meth:`loadResults`.
+
+    Subclasses (:class:`RegistrationJob`, :class:`~.sequences.SequenceJob`, :class:`~.sequences.TemplateJob`)
+    check their inputs, call ``BackgroundJob.__init__`` and define :meth:`writeInputs` (the job dict),
+    :meth:`loadResults` (the scene changes; starts with :meth:`_requireDone`, ends with :meth:`_cleanup`) and
+    :meth:`_nodes`.
 
     Args:
-        fixedVolume / movingVolume: Scalar volume nodes.
-        preset: One of :data:`PRESETS`.
-        fixedMask / movingMask: Optional segmentation or labelmap nodes (all segments / non-zero = inside).
-        initialTransform: Optional linear transform node that roughly aligns the moving nodes (its ToParent
-            is applied to them); the output transform includes it.
-        fixedSegmentation / movingSegmentation: Optional segmentations or labelmaps: adds Dice and HD95
-            (segments paired by name).
-        fixedLandmarks / movingLandmarks: Optional fiducial markups nodes: adds TRE (paired by label or order).
-        guideFixedLandmarks / guideMovingLandmarks: Optional fiducial markups nodes of corresponding points that
-            guide the registration (a least-squares point fit starts the registration; paired by label as for TRE;
-            at least 3 pairs), separate from the evaluation landmarks.
-        createInverse: Also create a transform node holding the inverse (moving → fixed) of a deformable result.
-        outputTransform: Transform node to fill, or None for a new one.
-        outputVolume: Volume node to fill, True for a new one, False/None for none.
-        jacobianVolume: Same, for the Jacobian determinant.
-        metricsTable: Table node to fill, True (default) for a new one, False/None for none.
-        applyToMoving: Make the moving volume follow the output transform when done.
-        useParentTransform: Start from the moving volume's current (linear) parent transforms and keep them: the
-            result goes on top of them (the volume ends under ``result ∘ parent``) instead of replacing them
-            (see :func:`~DeepRegistrationSlicerLib.nodes.movingFrame`). Ignored with an ``initialTransform``.
-        scene: The MRML scene (default ``slicer.mrmlScene``).
+        scene: The MRML scene the results go into.
+        config: Engine options (RegistrationConfig fields), e.g. from :func:`engineConfig`.
+        preset: The preset's name (recorded on the results).
         keepFiles: Keep the temporary folder (for debugging).
-        explain: Also ask the engine for the explanation maps (residual, local similarity, displacement
-            magnitude) and, unless ``uncertainty`` is False, the restart-spread uncertainty (mm); they are
-            loaded as volumes on the fixed grid (:attr:`SceneRegistrationResult.mapVolumeNodes`).
-        uncertainty: Ask for the uncertainty map (default: as ``explain``).
-        model: Optional learned model (registry name or card path, see :func:`availableModels`) whose
-            prediction starts the deformable optimization (``modelMode="init"``) or replaces it
-            (``"replace"``); without an explicit ``spacing`` option the model's working spacing is used.
-        **options: Engine options overriding the preset (see :data:`OPTION_NAMES`).
+
+    Attributes:
+        state: ``"new"``, ``"running"``, ``"done"``, ``"failed"`` or ``"cancelled"``.
+        progress, message: The worker's last report (fraction 0..1, text).
+        report: The worker's result (the engine's report) once it succeeded, else None.
+        process: The worker (:class:`DeepRegistrationLib.core.jobs.Job`) once started.
+        workDir: The job folder once started.
     """
 
-    def __init__(self, fixedVolume, movingVolume, preset: str = "Deformable — fast", *, fixedMask=None,
-                 movingMask=None, initialTransform=None, fixedSegmentation=None, movingSegmentation=None,
-                 fixedLandmarks=None, movingLandmarks=None, guideFixedLandmarks=None, guideMovingLandmarks=None,
-                 createInverse: bool = False, outputTransform=None, outputVolume=None,
-                 jacobianVolume=None, metricsTable=True, applyToMoving: bool = True, scene=None,
-                 keepFiles: bool = False, model: str | None = None, modelMode: str = "init",
-                 useParentTransform: bool = True, explain: bool = False, uncertainty: bool | None = None,
-                 **options):
-        if fixedVolume is None or movingVolume is None:
-            raise InputError("select a fixed volume and a moving volume.")
-        if fixedVolume == movingVolume:
-            raise InputError("the fixed and moving volumes are the same node; select two different volumes.")
-        for node in (outputVolume, jacobianVolume):
-            if node not in (None, True, False) and node in (fixedVolume, movingVolume):
-                raise InputError("an output volume must differ from the fixed and moving volumes.")
-        if (fixedSegmentation is None) != (movingSegmentation is None):
-            raise InputError("Dice needs both a fixed and a moving segmentation (or neither).")
-        if (fixedLandmarks is None) != (movingLandmarks is None):
-            raise InputError("TRE needs both fixed and moving landmarks (or neither).")
-        if (guideFixedLandmarks is None) != (guideMovingLandmarks is None):
-            raise InputError("guiding with landmarks needs both a fixed and a moving landmark list (or neither).")
-        self.scene = scene or fixedVolume.GetScene() or slicer.mrmlScene
-        self.fixedVolume, self.movingVolume = fixedVolume, movingVolume
-        self.inputs = dict(fixedMask=fixedMask, movingMask=movingMask, fixedSegmentation=fixedSegmentation,
-                           movingSegmentation=movingSegmentation, fixedLandmarks=fixedLandmarks,
-                           movingLandmarks=movingLandmarks, guideFixedLandmarks=guideFixedLandmarks,
-                           guideMovingLandmarks=guideMovingLandmarks)
-        self.createInverse = bool(createInverse)
-        self.initialTransform = initialTransform
-        self.outputTransform, self.outputVolume, self.jacobianVolume = outputTransform, outputVolume, jacobianVolume
-        self.metricsTable, self.applyToMoving, self.keepFiles = metricsTable, applyToMoving, keepFiles
-        self.explain = bool(explain)
-        self.uncertainty = self.explain if uncertainty is None else bool(uncertainty)
-        self.config = engineConfig(preset, **options)
-        self.preset = preset
-        self.model, self.modelMode = None, modelMode
-        if model:
-            from DeepRegistrationLib.learning.model_files import working_spacing
-            from DeepRegistrationLib.learning.registry import read_card, resolve
+    what = "job"
+    """The job's name in messages ("the ... was cancelled")."""
 
-            from DeepRegistrationLib.registration.predictors import check_predictor_use
-
-            check_predictor_use(self.config.get("mode", "deformable"), modelMode)  # InputError naming the fix
-            self.model = str(resolve(model))  # InputError naming the available models
-            # the one rule (learning.model_files.working_spacing): an explicit spacing option, else the card's,
-            # else the preset's (the engine default when the preset has none)
-            self.config["spacing"] = working_spacing(read_card(self.model), options.get("spacing"),
-                                                     self.config.get("spacing"))
+    def __init__(self, scene, config: dict, preset: str, keepFiles: bool = False):
+        self.scene = scene
+        self.config, self.preset, self.keepFiles = config, preset, keepFiles
         self._resetJobState()
-        # "world": moving-side nodes read where they are shown, result placed on top of their transforms;
-        # "local": read in local coordinates moved by movingMatrix, moving volume placed directly under the result
-        self.movingFrame, self.movingMatrix = N.movingFrame(movingVolume, fixedVolume, outputTransform,
-                                                            initialTransform, useParentTransform)
-        if outputTransform is not None and outputTransform.IsA("vtkMRMLLinearTransformNode") and \
-                self.config.get("mode") == "deformable":
-            raise InputError(f"the output transform '{outputTransform.GetName()}' is a linear transform node and "
-                             "cannot hold a deformable result. Select a transform node or create a new one.")
 
     def _nodes(self) -> list:
         """Every node the job reads or fills."""
-        nodes = [self.fixedVolume, self.movingVolume, self.initialTransform, self.outputTransform,
-                 self.outputVolume, self.jacobianVolume, self.metricsTable] + list(self.inputs.values())
-        return [n for n in nodes if n is not None and not isinstance(n, bool)]
+        raise NotImplementedError
+
+    def writeInputs(self, folder: Path) -> dict:
+        """Writes the job's inputs into ``folder`` and returns the worker's job dict."""
+        raise NotImplementedError
+
+    def loadResults(self):
+        """Puts the finished worker's outputs into the scene (call after :meth:`poll` says ``done``)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------- start
-    def writeInputs(self, folder: Path) -> dict:
-        """Writes volumes, masks, labels and landmarks (engine frame: LPS) and returns the job dict."""
-        from DeepRegistrationLib.io.images import write_image
-
-        fixed = N.volumeToImage(self.fixedVolume, "fixed volume", world=True)
-        movingWorld = self.movingFrame == "world"
-        moving = N.volumeToImage(self.movingVolume, "moving volume", world=movingWorld, extraMatrix=self.movingMatrix)
-        write_image(fixed, folder / "fixed.nii.gz", compress=False)
-        write_image(moving, folder / "moving.nii.gz", compress=False)
-        self._registered = (fixed, moving)  # kept for a user's verdict (feedback.PendingResult)
-        job = {"fixed": str(folder / "fixed.nii.gz"), "moving": str(folder / "moving.nii.gz"),
-               "out_dir": str(folder / "result"), "config": self.config}
-        if self.model:
-            job.update(model=self.model, model_mode=self.modelMode)
-        if self.explain:
-            job["explain"] = True
-        if self.uncertainty:
-            job["uncertainty"] = True
-        grids = {"fixed": (self.fixedVolume, fixed.grid), "moving": (self.movingVolume, moving.grid)}
-        for side in ("fixed", "moving"):
-            mask = self.inputs[f"{side}Mask"]
-            if mask is not None:
-                array = N.labelArrayOnVolume(mask, grids[side][0], what=f"{side} mask", scene=self.scene) > 0
-                if not array.any():
-                    raise InputError(f"the {side} mask '{mask.GetName()}' is empty on the {side} volume's grid.")
-                N.writeLabelImage(array, grids[side][1], str(folder / f"{side}_mask.nii.gz"))
-                job[f"{side}_mask"] = str(folder / f"{side}_mask.nii.gz")
-        fseg, mseg = self.inputs["fixedSegmentation"], self.inputs["movingSegmentation"]
-        if fseg is not None:
-            ids = (None, None)
-            if fseg.IsA("vtkMRMLSegmentationNode") and mseg.IsA("vtkMRMLSegmentationNode"):
-                ids = N.matchSegments(fseg, mseg)
-            for side, node, segIds in (("fixed", fseg, ids[0]), ("moving", mseg, ids[1])):
-                array = N.labelArrayOnVolume(node, grids[side][0], segIds, what=f"{side} segmentation",
-                                             scene=self.scene)
-                N.writeLabelImage(array, grids[side][1], str(folder / f"{side}_labels.nii.gz"))
-                job[f"{side}_labels"] = str(folder / f"{side}_labels.nii.gz")
-        fl, ml = self.inputs["fixedLandmarks"], self.inputs["movingLandmarks"]
-        if fl is not None:
-            for side, node, world, extra in (("fixed", fl, True, None),
-                                             ("moving", ml, movingWorld, self.movingMatrix)):
-                points, labels = N.markupsToLpsPoints(node, world=world, extraMatrix=extra)
-                N.writeLandmarksCsv(points, labels, str(folder / f"{side}_landmarks.csv"))
-                job[f"{side}_landmarks"] = str(folder / f"{side}_landmarks.csv")
-        gf, gm = self.inputs["guideFixedLandmarks"], self.inputs["guideMovingLandmarks"]
-        if gf is not None:
-            for side, node, world, extra in (("fixed", gf, True, None),
-                                             ("moving", gm, movingWorld, self.movingMatrix)):
-                points, labels = N.markupsToLpsPoints(node, world=world, extraMatrix=extra)
-                N.writeLandmarksCsv(points, labels, str(folder / f"guide_{side}_landmarks.csv"))
-                job[f"guide_{side}_landmarks"] = str(folder / f"guide_{side}_landmarks.csv")
-        return job
-
-    def start(self) -> "RegistrationJob":
+    def start(self) -> "BackgroundJob":
         """Exports the inputs and starts the worker process (returns at once).
 
         The inputs go to a new folder in Slicer's temporary folder (Application settings), the worker's log
         next to it; both are removed when the job ends, except the log of a failed run (:attr:`logPath`).
         """
         if self.state != "new":
-            raise RuntimeError("a RegistrationJob runs once; create a new one")
+            raise RuntimeError(f"a {type(self).__name__} runs once; create a new one")
         self._startTime = time.perf_counter()
         base = _temporaryFolder()
         jobs.sweep_stale("DeepRegistration-", base)  # folders (patient images) of a Slicer that crashed
@@ -517,24 +414,180 @@ class RegistrationJob:
         elif self.process is None and self.workDir is not None and not self.keepFiles:
             jobs.remove_tree(self.workDir, timeout=5.0)
 
-    # ------------------------------------------------------------------------------------------- results
+    # ------------------------------------------------------------------------------------------- state
     def _resetJobState(self) -> None:
-        """The background-job state of a new job (shared by the sequence and template jobs)."""
+        """The state of a new job: no worker, no folder, nothing reported."""
         self.process: jobs.Job | None = None
         self.workDir: Path | None = None
         self.state, self.progress, self.message = "new", 0.0, ""
         self.report: dict | None = None
         self._startTime = 0.0
 
-    def _requireDone(self, what: str = "registration") -> None:
+    def _requireDone(self, what: str | None = None) -> None:
         """Raises unless the job has finished: ``InputError`` (its failure), ``Cancelled``, or
-        ``RuntimeError`` while it still runs. ``what`` names the job in the messages."""
+        ``RuntimeError`` while it still runs. ``what`` names the job in the messages (default :attr:`what`)."""
+        what = what or self.what
         if self.state == "failed":
             raise InputError(self.message)
         if self.state == "cancelled":
             raise Cancelled(f"the {what} was cancelled; nothing was changed.")
         if self.state != "done":
             raise RuntimeError(f"the {what} has not finished yet")
+
+
+class RegistrationJob(BackgroundJob):
+    """One background registration of MRML nodes (a :class:`BackgroundJob`).
+
+    Args:
+        fixedVolume / movingVolume: Scalar volume nodes.
+        preset: One of :data:`PRESETS`.
+        fixedMask / movingMask: Optional segmentation or labelmap nodes (all segments / non-zero = inside).
+        initialTransform: Optional linear transform node that roughly aligns the moving nodes (its ToParent
+            is applied to them); the output transform includes it.
+        fixedSegmentation / movingSegmentation: Optional segmentations or labelmaps: adds Dice and HD95
+            (segments paired by name).
+        fixedLandmarks / movingLandmarks: Optional fiducial markups nodes: adds TRE (paired by label or order).
+        guideFixedLandmarks / guideMovingLandmarks: Optional fiducial markups nodes of corresponding points that
+            guide the registration (a least-squares point fit starts the registration; paired by label as for TRE;
+            at least 3 pairs), separate from the evaluation landmarks.
+        createInverse: Also create a transform node holding the inverse (moving → fixed) of a deformable result.
+        outputTransform: Transform node to fill, or None for a new one.
+        outputVolume: Volume node to fill, True for a new one, False/None for none.
+        jacobianVolume: Same, for the Jacobian determinant.
+        metricsTable: Table node to fill, True (default) for a new one, False/None for none.
+        applyToMoving: Make the moving volume follow the output transform when done.
+        useParentTransform: Start from the moving volume's current (linear) parent transforms and keep them: the
+            result goes on top of them (the volume ends under ``result ∘ parent``) instead of replacing them
+            (see :func:`~DeepRegistrationSlicerLib.nodes.movingFrame`). Ignored with an ``initialTransform``.
+        scene: The MRML scene (default ``slicer.mrmlScene``).
+        keepFiles: Keep the temporary folder (for debugging).
+        explain: Also ask the engine for the explanation maps (residual, local similarity, displacement
+            magnitude) and, unless ``uncertainty`` is False, the restart-spread uncertainty (mm); they are
+            loaded as volumes on the fixed grid (:attr:`SceneRegistrationResult.mapVolumeNodes`).
+        uncertainty: Ask for the uncertainty map (default: as ``explain``).
+        model: Optional learned model (registry name or card path, see :func:`availableModels`) whose
+            prediction starts the deformable optimization (``modelMode="init"``) or replaces it
+            (``"replace"``); without an explicit ``spacing`` option the model's working spacing is used.
+        **options: Engine options overriding the preset (see :data:`OPTION_NAMES`).
+    """
+
+    what = "registration"
+
+    def __init__(self, fixedVolume, movingVolume, preset: str = "Deformable — fast", *, fixedMask=None,
+                 movingMask=None, initialTransform=None, fixedSegmentation=None, movingSegmentation=None,
+                 fixedLandmarks=None, movingLandmarks=None, guideFixedLandmarks=None, guideMovingLandmarks=None,
+                 createInverse: bool = False, outputTransform=None, outputVolume=None,
+                 jacobianVolume=None, metricsTable=True, applyToMoving: bool = True, scene=None,
+                 keepFiles: bool = False, model: str | None = None, modelMode: str = "init",
+                 useParentTransform: bool = True, explain: bool = False, uncertainty: bool | None = None,
+                 **options):
+        if fixedVolume is None or movingVolume is None:
+            raise InputError("select a fixed volume and a moving volume.")
+        if fixedVolume == movingVolume:
+            raise InputError("the fixed and moving volumes are the same node; select two different volumes.")
+        for node in (outputVolume, jacobianVolume):
+            if node not in (None, True, False) and node in (fixedVolume, movingVolume):
+                raise InputError("an output volume must differ from the fixed and moving volumes.")
+        if (fixedSegmentation is None) != (movingSegmentation is None):
+            raise InputError("Dice needs both a fixed and a moving segmentation (or neither).")
+        if (fixedLandmarks is None) != (movingLandmarks is None):
+            raise InputError("TRE needs both fixed and moving landmarks (or neither).")
+        if (guideFixedLandmarks is None) != (guideMovingLandmarks is None):
+            raise InputError("guiding with landmarks needs both a fixed and a moving landmark list (or neither).")
+        BackgroundJob.__init__(self, scene or fixedVolume.GetScene() or slicer.mrmlScene,
+                               engineConfig(preset, **options), preset, keepFiles)
+        self.fixedVolume, self.movingVolume = fixedVolume, movingVolume
+        self.inputs = dict(fixedMask=fixedMask, movingMask=movingMask, fixedSegmentation=fixedSegmentation,
+                           movingSegmentation=movingSegmentation, fixedLandmarks=fixedLandmarks,
+                           movingLandmarks=movingLandmarks, guideFixedLandmarks=guideFixedLandmarks,
+                           guideMovingLandmarks=guideMovingLandmarks)
+        self.createInverse = bool(createInverse)
+        self.initialTransform = initialTransform
+        self.outputTransform, self.outputVolume, self.jacobianVolume = outputTransform, outputVolume, jacobianVolume
+        self.metricsTable, self.applyToMoving = metricsTable, applyToMoving
+        self.explain = bool(explain)
+        self.uncertainty = self.explain if uncertainty is None else bool(uncertainty)
+        self.model, self.modelMode = None, modelMode
+        if model:
+            from DeepRegistrationLib.learning.model_files import working_spacing
+            from DeepRegistrationLib.learning.registry import read_card, resolve
+
+            from DeepRegistrationLib.registration.predictors import check_predictor_use
+
+            check_predictor_use(self.config.get("mode", "deformable"), modelMode)  # InputError naming the fix
+            self.model = str(resolve(model))  # InputError naming the available models
+            # the one rule (learning.model_files.working_spacing): an explicit spacing option, else the card's,
+            # else the preset's (the engine default when the preset has none)
+            self.config["spacing"] = working_spacing(read_card(self.model), options.get("spacing"),
+                                                     self.config.get("spacing"))
+        # "world": moving-side nodes read where they are shown, result placed on top of their transforms;
+        # "local": read in local coordinates moved by movingMatrix, moving volume placed directly under the result
+        self.movingFrame, self.movingMatrix = N.movingFrame(movingVolume, fixedVolume, outputTransform,
+                                                            initialTransform, useParentTransform)
+        if outputTransform is not None and outputTransform.IsA("vtkMRMLLinearTransformNode") and \
+                self.config.get("mode") == "deformable":
+            raise InputError(f"the output transform '{outputTransform.GetName()}' is a linear transform node and "
+                             "cannot hold a deformable result. Select a transform node or create a new one.")
+
+    def _nodes(self) -> list:
+        """Every node the job reads or fills."""
+        nodes = [self.fixedVolume, self.movingVolume, self.initialTransform, self.outputTransform,
+                 self.outputVolume, self.jacobianVolume, self.metricsTable] + list(self.inputs.values())
+        return [n for n in nodes if n is not None and not isinstance(n, bool)]
+
+    # ------------------------------------------------------------------------------------------- start
+    def writeInputs(self, folder: Path) -> dict:
+        """Writes volumes, masks, labels and landmarks (engine frame: LPS) and returns the job dict."""
+        from DeepRegistrationLib.io.images import write_image
+
+        fixed = N.volumeToImage(self.fixedVolume, "fixed volume", world=True)
+        movingWorld = self.movingFrame == "world"
+        moving = N.volumeToImage(self.movingVolume, "moving volume", world=movingWorld, extraMatrix=self.movingMatrix)
+        write_image(fixed, folder / "fixed.nii.gz", compress=False)
+        write_image(moving, folder / "moving.nii.gz", compress=False)
+        self._registered = (fixed, moving)  # kept for a user's verdict (feedback.PendingResult)
+        job = {"fixed": str(folder / "fixed.nii.gz"), "moving": str(folder / "moving.nii.gz"),
+               "out_dir": str(folder / "result"), "config": self.config}
+        if self.model:
+            job.update(model=self.model, model_mode=self.modelMode)
+        if self.explain:
+            job["explain"] = True
+        if self.uncertainty:
+            job["uncertainty"] = True
+        grids = {"fixed": (self.fixedVolume, fixed.grid), "moving": (self.movingVolume, moving.grid)}
+        for side in ("fixed", "moving"):
+            mask = self.inputs[f"{side}Mask"]
+            if mask is not None:
+                array = N.labelArrayOnVolume(mask, grids[side][0], what=f"{side} mask", scene=self.scene) > 0
+                if not array.any():
+                    raise InputError(f"the {side} mask '{mask.GetName()}' is empty on the {side} volume's grid.")
+                N.writeLabelImage(array, grids[side][1], str(folder / f"{side}_mask.nii.gz"))
+                job[f"{side}_mask"] = str(folder / f"{side}_mask.nii.gz")
+        fseg, mseg = self.inputs["fixedSegmentation"], self.inputs["movingSegmentation"]
+        if fseg is not None:
+            ids = (None, None)
+            if fseg.IsA("vtkMRMLSegmentationNode") and mseg.IsA("vtkMRMLSegmentationNode"):
+                ids = N.matchSegments(fseg, mseg)
+            for side, node, segIds in (("fixed", fseg, ids[0]), ("moving", mseg, ids[1])):
+                array = N.labelArrayOnVolume(node, grids[side][0], segIds, what=f"{side} segmentation",
+                                             scene=self.scene)
+                N.writeLabelImage(array, grids[side][1], str(folder / f"{side}_labels.nii.gz"))
+                job[f"{side}_labels"] = str(folder / f"{side}_labels.nii.gz")
+        fl, ml = self.inputs["fixedLandmarks"], self.inputs["movingLandmarks"]
+        if fl is not None:
+            for side, node, world, extra in (("fixed", fl, True, None),
+                                             ("moving", ml, movingWorld, self.movingMatrix)):
+                points, labels = N.markupsToLpsPoints(node, world=world, extraMatrix=extra)
+                N.writeLandmarksCsv(points, labels, str(folder / f"{side}_landmarks.csv"))
+                job[f"{side}_landmarks"] = str(folder / f"{side}_landmarks.csv")
+        gf, gm = self.inputs["guideFixedLandmarks"], self.inputs["guideMovingLandmarks"]
+        if gf is not None:
+            for side, node, world, extra in (("fixed", gf, True, None),
+                                             ("moving", gm, movingWorld, self.movingMatrix)):
+                points, labels = N.markupsToLpsPoints(node, world=world, extraMatrix=extra)
+                N.writeLandmarksCsv(points, labels, str(folder / f"guide_{side}_landmarks.csv"))
+                job[f"guide_{side}_landmarks"] = str(folder / f"guide_{side}_landmarks.csv")
+        return job
 
     def loadResults(self) -> SceneRegistrationResult:
         """Loads the finished worker's outputs into nodes (call after :meth:`poll` says ``done``)."""
@@ -669,8 +722,8 @@ def register(fixedVolume, movingVolume, preset: str = "Deformable — fast", pro
                        "registration")
 
 
-def runBlocking(job: RegistrationJob, progressCallback=None, what: str = "registration"):
-    """Starts ``job`` (a :class:`RegistrationJob` or one of its kinds), waits for it and returns its
+def runBlocking(job: BackgroundJob, progressCallback=None, what: str = "registration"):
+    """Starts ``job`` (a :class:`BackgroundJob`: registration, sequence or template), waits for it and returns its
     ``loadResults()``. ``progressCallback(fraction, message)`` returning False cancels (raises Cancelled); any
     exception while waiting cancels the job too. Raises InputError with the worker's message on failure."""
     job.start()

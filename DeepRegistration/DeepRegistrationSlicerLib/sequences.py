@@ -1,6 +1,6 @@
 """Volume sequences (4D) and groupwise templates of MRML nodes, in the background.
 
-Both jobs are :class:`~.run.RegistrationJob` runs with another input and another result: they write their
+Both jobs are :class:`~.run.BackgroundJob` runs, as the pairwise :class:`~.run.RegistrationJob`: they write their
 inputs to a temporary folder, start the same worker (``python -m DeepRegistrationLib.apps.worker JOB.json``, job
 kinds ``sequence`` and ``template``), report progress through :meth:`poll`, stop for real on :meth:`cancel`
 (nothing is added to the scene before :meth:`loadResults`), and remove their temporary files.
@@ -153,7 +153,7 @@ def _prepareOptions(preset: str, options: dict) -> dict:
     return R.engineConfig(preset, **options)
 
 
-class SequenceJob(R.RegistrationJob):
+class SequenceJob(R.BackgroundJob):
     """One background motion correction of a volume sequence (see the module docstring).
 
     Args:
@@ -174,10 +174,12 @@ class SequenceJob(R.RegistrationJob):
             frames, or a reference outside the sequence.
     """
 
+    what = "sequence registration"
+
     def __init__(self, sequence, preset: str = "Deformable — fast", *, reference=0, chain: bool = False,
                  browser=None, scene=None, keepFiles: bool = False, **options):
-        self.scene = scene or (sequence.GetScene() if sequence is not None else None) or slicer.mrmlScene
-        self.sequence, found = resolveSequence(sequence, self.scene)
+        scene = scene or (sequence.GetScene() if sequence is not None else None) or slicer.mrmlScene
+        self.sequence, found = resolveSequence(sequence, scene)
         self.browser = browser or found
         self.frames = sequenceFrames(self.sequence)
         n = len(self.frames)
@@ -193,10 +195,7 @@ class SequenceJob(R.RegistrationJob):
                 raise InputError(f"the reference item {self.reference} is outside the sequence's {n} items "
                                  f"(0..{n - 1}).")
         self.chain = bool(chain)
-        self.config = _prepareOptions(preset, options)
-        self.preset, self.keepFiles = preset, keepFiles
-        self.model, self.modelMode = None, "init"
-        self._resetJobState()
+        R.BackgroundJob.__init__(self, scene, _prepareOptions(preset, options), preset, keepFiles)
 
     def _nodes(self) -> list:
         return [n for n in (self.sequence, self.browser) if n is not None]
@@ -212,12 +211,9 @@ class SequenceJob(R.RegistrationJob):
         return {"kind": "sequence", "sequence": str(folder / "frames"), "out_dir": str(folder / "result"),
                 "config": self.config, "reference": str(self.reference), "chain": self.chain}
 
-    def _checkLoadable(self) -> None:
-        self._requireDone("sequence registration")
-
     def loadResults(self) -> SceneSequenceResult:
         """Creates the transform and motion-corrected sequences (call after :meth:`poll` says ``done``)."""
-        self._checkLoadable()
+        self._requireDone()
         from DeepRegistrationLib.io.images import read_image
 
         out = self.workDir / "result"
@@ -328,7 +324,7 @@ class SceneTemplateResult:
     seconds: float = 0.0
 
 
-class TemplateJob(R.RegistrationJob):
+class TemplateJob(R.BackgroundJob):
     """One background template build from volume nodes (see the module docstring).
 
     Args:
@@ -342,6 +338,8 @@ class TemplateJob(R.RegistrationJob):
         keepFiles: Keep the temporary folder (for debugging).
         **options: Engine options overriding the preset (see :data:`~.run.OPTION_NAMES`).
     """
+
+    what = "template build"
 
     def __init__(self, volumes, preset: str = "Deformable — fast", *, templateIterations: int = 3, labelMaps=None,
                  applyToSubjects: bool = True, scene=None, keepFiles: bool = False, **options):
@@ -366,12 +364,9 @@ class TemplateJob(R.RegistrationJob):
                 raise InputError(f"label fusion needs one label map per volume: {len(volumes)} volumes, "
                                  f"{len([m for m in labelMaps if m is not None])} label maps.")
         self.volumes, self.labelMaps = volumes, labelMaps
-        self.scene = scene or volumes[0].GetScene() or slicer.mrmlScene
         self.templateIterations, self.applyToSubjects = templateIterations, bool(applyToSubjects)
-        self.config = _prepareOptions(preset, options)
-        self.preset, self.keepFiles = preset, keepFiles
-        self.model, self.modelMode = None, "init"
-        self._resetJobState()
+        R.BackgroundJob.__init__(self, scene or volumes[0].GetScene() or slicer.mrmlScene,
+                                 _prepareOptions(preset, options), preset, keepFiles)
 
     def _nodes(self) -> list:
         return list(self.volumes) + list(self.labelMaps or [])
@@ -398,7 +393,7 @@ class TemplateJob(R.RegistrationJob):
     def loadResults(self) -> SceneTemplateResult:
         """Creates the template volume, the subjects' transforms and the fused label map (call after
         :meth:`poll` says ``done``)."""
-        self._requireDone("template build")
+        self._requireDone()
         from DeepRegistrationLib.io.images import read_image, read_label_image
 
         out = self.workDir / "result"

@@ -482,6 +482,36 @@ def test_engine_config_presets_and_overrides():
     assert set(R.PRESETS) == {"Rigid", "Affine", "Deformable — fast", "Deformable — accurate"}
 
 
+def test_every_job_kind_is_a_background_job_and_a_failed_start_leaves_nothing(sample_dir, tmp_path, monkeypatch):
+    """Registration, sequence and template jobs share BackgroundJob (folder, worker, poll, cancel, state); a job
+    whose inputs cannot be written leaves no folder and can be inspected as new."""
+    from DeepRegistrationLib.core.errors import InputError
+    from DeepRegistrationSlicerLib import sequences as S
+
+    for kind in (R.RegistrationJob, S.SequenceJob, S.TemplateJob):
+        assert issubclass(kind, R.BackgroundJob) and kind.what != R.BackgroundJob.what
+    assert not issubclass(S.SequenceJob, R.RegistrationJob) and not issubclass(S.TemplateJob, R.RegistrationJob)
+    scene = make_scene()
+    fixed = read_node(scene, sample_dir / "fixed.nii.gz")
+    moving = read_node(scene, sample_dir / "moving.nii.gz")
+    job = S.TemplateJob([fixed, moving], threads=1)
+    assert (job.state, job.process, job.workDir, job.report) == ("new", None, None, None)
+    with pytest.raises(RuntimeError, match="template build has not finished"):
+        job.loadResults()
+
+    class Unwritable(R.BackgroundJob):
+        def writeInputs(self, folder):
+            raise InputError("cannot write")
+
+    monkeypatch.setattr(R, "_temporaryFolder", lambda: str(tmp_path))
+    broken = Unwritable(scene, {"mode": "affine"}, "Affine")
+    with pytest.raises(InputError, match="cannot write"):
+        broken.start()
+    assert broken.state == "new" and list(tmp_path.iterdir()) == []
+    broken.cancel()
+    assert broken.poll().state == "cancelled" and broken.stopped()
+
+
 def test_symmetric_and_guide_weight_options_reach_the_worker_config(sample_dir, tmp_path):
     """The module's ``symmetric`` and ``guideWeight`` options end up in the job's config as the engine's
     RegistrationConfig fields, the way the worker reads them (apps.worker.make_config)."""
