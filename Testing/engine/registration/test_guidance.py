@@ -59,6 +59,27 @@ def test_landmark_term_is_differentiable_in_mm():
     assert term.deformable(torch.eye(4, dtype=torch.float64), field, grid).item() == pytest.approx(0.0, abs=1e-12)
 
 
+def test_symmetric_terms_do_not_change_when_the_points_are_swapped():
+    """The symmetric mode's guide terms: the linear one is the same for (f, m, A) and (m, f, A⁻¹), and zero at the
+    points' own affine; ``pairs`` compares both point sets mapped into a common space."""
+    rng = np.random.default_rng(3)
+    f = _points(rng, 6)
+    a = np.eye(4)
+    a[:3, :3] = _rotation(25.0) * 1.1
+    a[:3, 3] = (4.0, -7.0, 2.0)
+    m = f @ a[:3, :3].T + a[:3, 3] + rng.normal(scale=2.0, size=f.shape)
+    forward = LandmarkTerm(GuideLandmarks(f, m, list("abcdef")), weight=0.5, dtype=torch.float64)
+    backward = LandmarkTerm(GuideLandmarks(m, f, list("abcdef")), weight=0.5, dtype=torch.float64)
+    at = torch.as_tensor(a)
+    value = float(forward.linear_symmetric(at))
+    assert value > 0 and value == pytest.approx(float(backward.linear_symmetric(torch.linalg.inv(at))), rel=1e-9)
+    exact = LandmarkTerm(GuideLandmarks(f, f @ a[:3, :3].T + a[:3, 3], list("abcdef")), dtype=torch.float64)
+    assert float(exact.linear_symmetric(at)) == pytest.approx(0.0, abs=1e-12)
+    shift = torch.as_tensor([1.0, 2.0, 2.0], dtype=torch.float64)  # |f + s - m| against |m - s - f|
+    assert float(forward.pairs(lambda p: p + shift, lambda q: q)) == pytest.approx(
+        float(backward.pairs(lambda q: q - shift, lambda p: p)), rel=1e-12)
+
+
 def test_choose_initialization_keeps_a_good_image_start():
     rng = np.random.default_rng(2)
     f = _points(rng)
