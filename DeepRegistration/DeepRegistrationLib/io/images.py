@@ -162,6 +162,42 @@ def image_to_sitk(image: Image) -> sitk.Image:
     return out
 
 
+#: Stored integer pixel types whose images are written back in that type (``warped.nii.gz``): 16 bits and more
+#: (CT's int16: a linear interpolation rounded to whole HU). 8-bit images keep float32 (a rounding to 1/255 of
+#: their range would be visible).
+_INTEGER_TYPES = {"int16": np.int16, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32}
+
+
+def stored_integer_type(path: str | os.PathLike) -> type | None:
+    """The numpy integer type an image file stores its voxels in, for types of 16 bits or more; else None.
+
+    Reads only the header (SimpleITK's image information); None for DICOM folders, float or 8-bit files and
+    anything unreadable."""
+    p = Path(path)
+    if p.is_dir():
+        return None
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        reader.ReadImageInformation()
+        if reader.GetNumberOfComponents() != 1:
+            return None
+        name = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    except RuntimeError:
+        return None
+    kind = {"16-bit signed integer": "int16", "16-bit unsigned integer": "uint16",
+            "32-bit signed integer": "int32", "32-bit unsigned integer": "uint32"}.get(name)
+    return None if kind is None else _INTEGER_TYPES[kind]
+
+
+def as_stored_type(array: np.ndarray, dtype: type | None) -> np.ndarray:
+    """``array`` rounded and clipped into the integer ``dtype`` (unchanged when ``dtype`` is None)."""
+    if dtype is None:
+        return array
+    info = np.iinfo(dtype)
+    return np.clip(np.rint(array), info.min, info.max).astype(dtype)
+
+
 def read_image(path: str | os.PathLike, name: str = "image") -> Image:
     """Reads an intensity image as float32 and checks that it can be registered.
 

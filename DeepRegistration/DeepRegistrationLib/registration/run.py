@@ -5,7 +5,8 @@ evaluates (Dice/HD95 with label maps, TRE with landmarks) and writes, inside a t
 to OUTDIR that is renamed into place only when everything succeeded:
 
 - ``transform.h5``: ITK composite transform [affine, displacement field], fixed → moving, LPS.
-- ``warped.nii.gz``: the moving image resampled onto the fixed image's full-resolution grid.
+- ``warped.nii.gz``: the moving image resampled onto the fixed image's full-resolution grid (float32; in the moving
+  file's integer type, rounded, when that has 16 bits or more, e.g. a CT's int16).
 - ``inverse.h5`` (deformable mode): the inverse, moving → fixed (ITK composite [displacement, affine⁻¹],
   LPS; see :mod:`~DeepRegistrationLib.spatial.inverse`); ``report.json`` gives its inverse-consistency error.
 - ``jacobian.nii.gz``: det of the Jacobian of the full transform, on the fixed grid (on the working grid, where it
@@ -38,7 +39,8 @@ from ..evaluation import metrics
 from ..core.config import RegistrationConfig
 from ..core.errors import InputError
 from ..core.image import Image
-from ..io.images import read_image, read_label_image, read_mask, write_image
+from ..io.images import (as_stored_type, read_image, read_label_image, read_mask, stored_integer_type,
+                         write_image)
 from ..io.landmarks import match_landmarks, read_landmarks
 from .pipeline import RegistrationResult, register
 from ..core.progress import Progress, ProgressCallback
@@ -135,6 +137,7 @@ class _Inputs:
     guide_info: dict | None
     initial_affine: np.ndarray | None
     seconds: float
+    moving_type: type | None = None  # the moving file's integer pixel type (16 bits or more), else None
 
 
 @dataclass
@@ -266,7 +269,7 @@ def _read_inputs(fixed_path, moving_path, cfg: RegistrationConfig, fixed_mask, m
             initial_affine = fit_linear(guide.fixed, guide.moving, "rigid")
             guide_info["start"] = "rigid least-squares fit of the guide landmarks"
     return _Inputs(fixed, moving, fmask, mmask, flab, mlab, lms, guide, guide_info, initial_affine,
-                   time.perf_counter() - t0)
+                   time.perf_counter() - t0, stored_integer_type(moving_path))
 
 
 def _write_outputs(tmp: Path, inputs: _Inputs, result: RegistrationResult, prog: Progress) -> _Outputs:
@@ -286,7 +289,11 @@ def _write_outputs(tmp: Path, inputs: _Inputs, result: RegistrationResult, prog:
                           "moving foreground (> 10 % of the 99th percentile)",
                           "consistency_mm": consistency_error(result.transform, inverse, pts)}
     warped = warp_image(moving, fixed.grid, result.transform, "linear")
-    write_image(warped, tmp / "warped.nii.gz")
+    if inputs.moving_type is not None:  # an int16 CT: written as int16 (half the bytes to compress)
+        write_image(Image(as_stored_type(warped.array, inputs.moving_type), warped.grid, warped.name),
+                    tmp / "warped.nii.gz")
+    else:
+        write_image(warped, tmp / "warped.nii.gz")
     jac = jacobian_image(result, fixed.grid)
     write_image(jac, tmp / "jacobian.nii.gz")
     return _Outputs(warped, jac, inverse_report)

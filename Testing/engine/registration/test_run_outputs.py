@@ -111,3 +111,25 @@ def test_a_large_fixed_grid_gets_the_jacobian_on_the_working_grid(tmp_path, samp
     assert (res.out_dir / "report.png").stat().st_size > 0
     fixed = read_image(sample_dir / "fixed.nii.gz", "fixed")
     assert read_image(res.out_dir / "warped.nii.gz", "warped").grid.same_as(fixed.grid, tol=1e-4)
+
+
+def test_an_int16_moving_image_is_warped_into_int16(tmp_path, sample_dir):
+    """A CT-like int16 moving file: ``warped.nii.gz`` is int16, the float warp rounded (within half a unit)."""
+    from DeepRegistrationLib.io.images import stored_integer_type
+    from DeepRegistrationLib.spatial.resampling import warp_image
+
+    src = sitk.ReadImage(str(sample_dir / "moving.nii.gz"))
+    ct = sitk.Cast(sitk.RescaleIntensity(src, -1000.0, 1500.0), sitk.sitkInt16)
+    sitk.WriteImage(ct, str(tmp_path / "moving_ct.nii.gz"))
+    sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(src, 0, 255), sitk.sitkUInt8), str(tmp_path / "m8.nii.gz"))
+    assert stored_integer_type(tmp_path / "moving_ct.nii.gz") is np.int16
+    assert stored_integer_type(tmp_path / "m8.nii.gz") is None and stored_integer_type(sample_dir) is None
+    assert stored_integer_type(sample_dir / "moving.nii.gz") is None  # float32
+    res = run_module.run_registration(sample_dir / "fixed.nii.gz", tmp_path / "moving_ct.nii.gz", tmp_path / "o",
+                                      RegistrationConfig(**CFG), write_png=False)
+    written = sitk.ReadImage(str(res.out_dir / "warped.nii.gz"))
+    assert written.GetPixelID() == sitk.sitkInt16
+    want = warp_image(read_image(tmp_path / "moving_ct.nii.gz", "moving"), read_image(
+        sample_dir / "fixed.nii.gz", "fixed").grid, res.result.transform, "linear").array
+    got = sitk.GetArrayFromImage(written).astype(np.float64)
+    assert np.abs(got - want).max() <= 0.5 + 1e-3 and np.abs(want).max() > 500
