@@ -272,7 +272,7 @@ def _optimize_symmetric_field(lv: _Level, grid: Grid, h_fixed: torch.Tensor, h_m
     The parameters are a stationary velocity ``v`` ``(1, 3, Z, Y, X)`` mm on ``grid`` (the midpoint grid at
     this level's factor). Both images move half way: the fixed image is sampled at ``H_f⁻¹ exp(-v/2)(z)``, the
     moving one at ``H_m exp(v/2)(z)`` (``h_fixed``/``h_moving`` 4×4, ``H_m H_f = A``), and the similarity (the
-    mean of both argument orders) compares them on ``grid``; the smoothness penalty is on ``v`` (the same for
+    sum of both argument orders) compares them on ``grid``; the smoothness penalty is on ``v`` (the same for
     ``v`` and ``-v``). Swapping the images swaps ``(H_f, H_m)`` for ``(H_m⁻¹, H_f⁻¹)`` and ``v`` for ``-v``: the
     registration of B to A is (up to the linear stage and the discretization) the inverse of A to B's.
     The full map is ``H_m exp(v) H_f``. Guide points meet half way: ``exp(v/2)(H_f f)`` against
@@ -299,10 +299,13 @@ def _optimize_symmetric_field(lv: _Level, grid: Grid, h_fixed: torch.Tensor, h_m
             W.apply_affine(pts + torch.movedim(backward, 1, -1), h_fixed_inv))
         moving_half, valid, view = lv.warp(W.apply_affine(pts + torch.movedim(forward, 1, -1), h_moving))
         # the similarity treats its first image as constant (its local statistics are precomputed): both
-        # orders, each with the other image held, give the value and the gradient through both half-warps
+        # orders, each with the other image held, give the gradient through both half-warps. Their sum, not
+        # their mean: each order moves only its own image, half way, so each carries about half of the
+        # similarity's gradient for the full map (with the mean the smoothness weight acted twice as strong:
+        # Dice 0.838 against 0.841 for the default at 4 mm on the bundled pair)
         both, seen = valid & fixed_view, view & fixed_view
-        loss = 0.5 * (sim(fixed_half.detach(), moving_half, both, fixed_mask, seen)
-                      + sim(moving_half.detach(), fixed_half, both, fixed_mask, seen))
+        loss = (sim(fixed_half.detach(), moving_half, both, fixed_mask, seen)
+                + sim(moving_half.detach(), fixed_half, both, fixed_mask, seen))
         loss = loss + cfg.reg_weight * reg(v, grid)
         if cfg.jacobian_weight > 0:
             loss = loss + cfg.jacobian_weight * (folding_penalty(forward, grid) + folding_penalty(backward, grid))
