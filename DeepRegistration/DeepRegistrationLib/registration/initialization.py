@@ -52,6 +52,12 @@ REFINE_STEP = 0.3
 MIN_OVERLAP = 0.5
 #: The search level's voxel size is at least this many mm (the working grid pooled by a power of 2).
 SEARCH_SPACING_MM = 16.0
+#: Pre-screen: the rotations and the shifts are first scored on the search level pooled once more (2×
+#: coarser, 8× fewer voxels); only this many of each step's best (plus the centre-of-mass and principal-axes
+#: starts) are scored on the search level. None scores every start there.
+PRESCREEN_KEEP: int | None = 64
+#: The pre-screen runs only when the coarser level has at least this many voxels along every axis.
+PRESCREEN_MIN_SIZE = 4
 
 
 @dataclass
@@ -171,6 +177,35 @@ class _Scorer:
         return torch.cat(losses), torch.cat(overlaps)
 
 
+def _coarser(level):
+    """The search level average-pooled once more (a level of the same class: same warp, same masks)."""
+    fmask = None if level.fmask is None else level.fmask.to(level.fixed.dtype)
+    mmask = level.moving[:, 1:] if level.moving.shape[1] > 1 else None
+    return type(level)(level.fixed, level.fgrid, level.moving[:, :1], level.mgrid, 2, fmask, mmask)
+
+
+class _Screened:
+    """Scores starts on the search level after a pre-screen on a coarser level: every start is scored coarsely,
+    the best ``keep`` (and the ``always`` indices) are scored on the search level; the others get an infinite
+    loss and no overlap, so they rank last."""
+
+    def __init__(self, fine: _Scorer, coarse: _Scorer | None, keep: int | None):
+        self.fine, self.coarse, self.keep = fine, coarse, keep
+
+    def __call__(self, mats: torch.Tensor, always: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.coarse is None or self.keep is None or mats.shape[0] <= self.keep + len(always):
+            return self.fine(mats)
+        order = _rank(*self.coarse(mats))
+        chosen = torch.zeros(mats.shape[0], dtype=torch.bool, device=mats.device)
+        chosen[order[:self.keep]] = True
+        chosen[list(always)] = True
+        idx = torch.nonzero(chosen)[:, 0]
+        loss = torch.full((mats.shape[0],), float("inf"), device=mats.device)
+        overlap = torch.zeros(mats.shape[0], device=mats.device)
+        loss[idx], overlap[idx] = self.fine(mats[idx])
+        return loss, overlap
+
+
 def _rank(loss: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
     """Indices by increasing loss, starts overlapping less than MIN_OVERLAP of the best overlap last."""
     ok = overlap >= MIN_OVERLAP * overlap.max().clamp_min(1.0)
@@ -260,8 +295,13 @@ def search(search_level, coarse_level, sim: Similarity, fixed_moments: tuple[np.
                                                     ",".join("%.2f" % v for v in rv / np.linalg.norm(rv))))
         rots.append(_rotvec_matrix(rv))
     mats = to_t(np.stack([_about(r, cf, cm) for r in rots]))
-    scorer = _Scorer(search_level, coarse_sim)
-    loss, overlap = scorer(mats)
+    pre = _coarser(search_level) if PRESCREEN_KEEP else None
+    if pre is not None and min(pre.fgrid.shape) < PRESCREEN_MIN_SIZE:
+        pre = None
+    scorer = _Screened(_Scorer(search_level, coarse_sim), None if pre is None else _Scorer(pre, coarse_sim),
+                       PRESCREEN_KEEP)
+    n_principal = len(names)  # the centre-of-mass and principal-axes starts are always scored in full
+    loss, overlap = scorer(mats, tuple(range(n_principal)))
     n_scored = mats.shape[0]
     if progress is not None:
         progress(0.4, "initialization: rotations")
