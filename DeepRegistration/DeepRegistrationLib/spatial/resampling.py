@@ -46,16 +46,84 @@ def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpol
     affine = torch.as_tensor(transform.affine, dtype=torch.float32, device=device)
     out = np.empty(target.shape, dtype=image.array.dtype if image.array.dtype != bool else np.uint8)
     step = max(1, slab_voxels // max(1, target.shape[1] * target.shape[2]))
+    separable = _SeparablePoints.make(transform, target, device)
     with torch.no_grad():
         for k0 in range(0, target.shape[0], step):
             k1 = min(target.shape[0], k0 + step)
-            sub = slab_grid(target, k0, k1)
-            pts = W.map_points(W.grid_points(sub, device), affine, field, transform.field_grid)
+            if separable is not None:
+                pts = separable.points(k0, k1)
+            else:
+                sub = slab_grid(target, k0, k1)
+                pts = W.map_points(W.grid_points(sub, device), affine, field, transform.field_grid)
             vals = W.sample(vol, image.grid, pts.to(vol.dtype), mode=mode, padding_mode="itk")[0, 0]
             if np.issubdtype(out.dtype, np.integer):
                 vals = torch.round(vals)
             out[k0:k1] = vals.cpu().numpy().astype(out.dtype)
     return Image(out, target, image.name)
+
+
+class _SeparablePoints:
+    """``T(x)`` at the voxel centres of a target grid whose axes are parallel to the field grid's (the fixed grid
+    and its working grid): the field's trilinear interpolation is then separable, three 1D interpolations (one
+    per axis) instead of a 3D ``grid_sample`` per target voxel, and the target's points are sums of per-axis
+    terms instead of a mesh. The same values as :func:`~DeepRegistrationLib.spatial.warp.map_points` (ITK's
+    border rule: border values up to half a voxel outside the field grid, 0 beyond), about twice as fast."""
+
+    def __init__(self, transform: SpatialTransform, target: Grid, m: np.ndarray | None, device=None):
+        a = np.asarray(transform.affine, dtype=np.float64)
+        base = a @ target.index_to_world  # index (i, j, k, 1) -> A x
+        self.dev = device
+        as_t = lambda v: torch.as_tensor(np.asarray(v), dtype=torch.float32, device=device)
+        ar = lambda n: torch.arange(n, dtype=torch.float64, device=device)
+        nz, ny, nx = target.shape
+        self.bx = as_t((ar(nx)[:, None] * torch.as_tensor(base[:3, 0], device=device)).cpu().numpy())
+        self.by = as_t((ar(ny)[:, None] * torch.as_tensor(base[:3, 1], device=device)).cpu().numpy())
+        self.bz = (ar(nz)[:, None] * torch.as_tensor(base[:3, 2], device=device)
+                   + torch.as_tensor(base[:3, 3], device=device)).to(torch.float32)
+        self.field = None
+        if m is not None:
+            self.lin = as_t(a[:3, :3])
+            self.field = torch.as_tensor(transform.field, dtype=torch.float32, device=device)  # (3, Z, Y, X)
+            gz, gy, gx = transform.field_grid.shape
+            self.wx = self._axis(m[0, 0], m[0, 3], nx, gx)
+            self.wy = self._axis(m[1, 1], m[1, 3], ny, gy)
+            self.wz = self._axis(m[2, 2], m[2, 3], nz, gz)
+
+    @classmethod
+    def make(cls, transform: SpatialTransform, target: Grid, device=None) -> "_SeparablePoints | None":
+        if transform.field is None:
+            return cls(transform, target, None, device)
+        m = transform.field_grid.world_to_index @ target.index_to_world  # target index -> field index
+        off = m[:3, :3] - np.diag(np.diag(m[:3, :3]))
+        if np.abs(off).max() > 1e-6 * np.abs(np.diag(m[:3, :3])).max():
+            return None
+        return cls(transform, target, m, device)
+
+    def _axis(self, scale: float, offset: float, n: int, n_field: int):
+        c = offset + scale * torch.arange(n, dtype=torch.float64, device=self.dev)
+        inside = ((c >= -0.5 - 1e-6) & (c <= n_field - 0.5 + 1e-6)).to(torch.float32)
+        if n_field == 1:
+            i0 = torch.zeros(n, dtype=torch.long, device=self.dev)
+            return i0, i0, inside, torch.zeros_like(inside)
+        i0 = c.floor().clamp(0, n_field - 2)
+        t = (c - i0).clamp(0, 1).to(torch.float32)
+        i0 = i0.long()
+        return i0, i0 + 1, (1 - t) * inside, t * inside
+
+    def points(self, k0: int, k1: int) -> torch.Tensor:
+        """``T(x)`` ``(1, k1 - k0, Y, X, 3)`` (LPS mm, float32) for target slices ``k0 <= k < k1``."""
+        pts = self.bz[k0:k1, None, None, :] + self.by[None, :, None, :] + self.bx[None, None, :, :]
+        if self.field is None:
+            return pts[None]
+        z0, z1, wz0, wz1 = (v[k0:k1] for v in self.wz)
+        lo, hi = int(z0.min()), int(z1.max()) + 1
+        u = self.field[:, lo:hi]
+        x0, x1, wx0, wx1 = self.wx
+        u = u.index_select(3, x0) * wx0 + u.index_select(3, x1) * wx1
+        y0, y1, wy0, wy1 = self.wy
+        u = u.index_select(2, y0) * wy0[:, None] + u.index_select(2, y1) * wy1[:, None]
+        u = u.index_select(1, z0 - lo) * wz0[:, None, None] + u.index_select(1, z1 - lo) * wz1[:, None, None]
+        return (pts + torch.einsum("cd,dzyx->zyxc", self.lin, u))[None]
 
 
 def sample_on_grid(values: np.ndarray, source: Grid, target: Grid) -> np.ndarray:

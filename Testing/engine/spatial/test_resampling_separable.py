@@ -1,0 +1,66 @@
+"""warp_image's separable path (target axes parallel to the field grid's): the same points as the general
+``warp.map_points`` (ITK's border rule included: a target reaching beyond half a voxel outside the field grid
+gets no displacement there), and the general path where the axes are not parallel."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from conftest import random_smooth_field
+from DeepRegistrationLib.core.grid import Grid
+from DeepRegistrationLib.core.image import Image
+from DeepRegistrationLib.spatial import resampling as R
+from DeepRegistrationLib.spatial import warp as W
+from DeepRegistrationLib.spatial.transforms import SpatialTransform
+
+
+def _transform(rng, grid: Grid) -> SpatialTransform:
+    a = np.eye(4)
+    a[:3, :3] += rng.normal(scale=0.03, size=(3, 3))
+    a[:3, 3] = rng.normal(scale=3.0, size=3)
+    return SpatialTransform(a, random_smooth_field(grid.shape, rng, max_mm=4.0), grid)
+
+
+def _general(transform: SpatialTransform, target: Grid, k0: int, k1: int) -> torch.Tensor:
+    return W.map_points(W.grid_points(R.slab_grid(target, k0, k1)),
+                        torch.as_tensor(transform.affine, dtype=torch.float32),
+                        torch.as_tensor(transform.field, dtype=torch.float32)[None], transform.field_grid)
+
+
+def test_separable_points_equal_the_general_map_also_beyond_the_field_grid():
+    rng = np.random.default_rng(0)
+    flip = (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
+    field_grid = Grid((12, 14, 16), (3.0, 3.0, 3.0), (40.0, 30.0, -20.0), flip)
+    t = _transform(rng, field_grid)
+    # finer, shifted, and reaching 4 mm (more than half a field voxel) past the field grid on every side
+    target = Grid((46, 54, 62), (0.9, 0.95, 1.0), (44.0, 34.0, -24.0), flip)
+    sep = R._SeparablePoints.make(t, target)
+    assert sep is not None
+    for k0, k1 in ((0, 7), (20, 46)):
+        np.testing.assert_allclose(sep.points(k0, k1).numpy(), _general(t, target, k0, k1).numpy(), atol=2e-4)
+    # an affine-only transform takes the same path
+    lin = SpatialTransform(t.affine)
+    pts = R._SeparablePoints.make(lin, target).points(3, 9)
+    want = W.apply_affine(W.grid_points(R.slab_grid(target, 3, 9)), torch.as_tensor(t.affine, dtype=torch.float32))
+    np.testing.assert_allclose(pts.numpy(), want.numpy(), atol=2e-4)
+
+
+def test_warp_image_agrees_with_the_general_path_and_falls_back_for_oblique_targets():
+    rng = np.random.default_rng(1)
+    field_grid = Grid((10, 12, 11), (4.0, 4.0, 4.0), (-20.0, -24.0, -22.0))
+    t = _transform(rng, field_grid)
+    moving = Image(rng.normal(size=(30, 32, 31)).astype(np.float32), Grid((30, 32, 31), (1.5, 1.5, 1.5),
+                                                                          (-22.0, -24.0, -23.0)), "m")
+    target = Grid((25, 27, 26), (1.7, 1.7, 1.7), (-19.0, -22.0, -21.0))
+    got = R.warp_image(moving, target, t, "linear", slab_voxels=5000).array
+    pts = _general(t, target, 0, target.shape[0])
+    want = W.sample(torch.as_tensor(moving.array)[None, None], moving.grid, pts, padding_mode="itk")[0, 0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    c, s = np.cos(0.3), np.sin(0.3)
+    oblique = Grid(target.shape, target.spacing, target.origin, (c, -s, 0, s, c, 0, 0, 0, 1))
+    assert R._SeparablePoints.make(t, oblique) is None
+    got = R.warp_image(moving, oblique, t, "nearest").array
+    pts = _general(t, oblique, 0, oblique.shape[0])
+    want = W.sample(torch.as_tensor(moving.array, dtype=torch.float64)[None, None], moving.grid, pts.double(),
+                    mode="nearest", padding_mode="itk")[0, 0].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
