@@ -21,9 +21,10 @@ Each method runs as one measured process (``run_benchmark.run_measured``): the e
 preprocess, initialization, linear, deformable, write_and_evaluate) come from its ``report.json``. Writes
 ``large_fov.json``, ``large_fov.md`` and ``large_fov.png`` into ``--out``.
 
-Runtime (2 threads, an idle 2-core Xeon): the data for 2 mm and 0.75 mm take about 1 min to build (cached in
-``--out/cases``), the engine about 0.3 min at 2 mm and 1.5 min at 0.75 mm, ANTs SyN about 0.5 min at 2 mm:
-about 4 min in all. ``--quick`` (4 mm and 3 mm, ANTs at 4 mm) checks the whole path in about 1 min.
+Runtime (2 threads): measured on a 2-core Xeon shared with other jobs (load ~6), building the 2 mm and 0.75 mm
+data took 4.6 min wall (83 s CPU; cached in ``--out/cases`` for later runs), the engine at 0.75 mm 7 min wall
+(196 s CPU, before the separable warp), ``--quick`` (4 mm and 3 mm, ANTs at 4 mm) 4.4 min wall in all. An idle
+machine should need well under half of that (not measured); give ``--timeout`` (s per process) room either way.
 """
 from __future__ import annotations
 
