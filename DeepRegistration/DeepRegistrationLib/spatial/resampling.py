@@ -82,8 +82,9 @@ class _SeparablePoints:
                    + torch.as_tensor(base[:3, 3], device=device)).to(torch.float32)
         self.field = None
         if m is not None:
-            self.lin = as_t(a[:3, :3])
-            self.field = torch.as_tensor(transform.field, dtype=torch.float32, device=device)  # (3, Z, Y, X)
+            # A u, channels last (Z, Y, X, 3): interpolating it is interpolating u then applying A (linear)
+            u = torch.as_tensor(transform.field, dtype=torch.float32, device=device)
+            self.field = torch.einsum("cd,dzyx->zyxc", as_t(a[:3, :3]), u).contiguous()
             gz, gy, gx = transform.field_grid.shape
             self.wx = self._axis(m[0, 0], m[0, 3], nx, gx)
             self.wy = self._axis(m[1, 1], m[1, 3], ny, gy)
@@ -117,13 +118,14 @@ class _SeparablePoints:
             return pts[None]
         z0, z1, wz0, wz1 = (v[k0:k1] for v in self.wz)
         lo, hi = int(z0.min()), int(z1.max()) + 1
-        u = self.field[:, lo:hi]
+        u = self.field[lo:hi]  # (z, Y, X, 3) field rows this slab needs
         x0, x1, wx0, wx1 = self.wx
-        u = u.index_select(3, x0) * wx0 + u.index_select(3, x1) * wx1
+        u = u.index_select(2, x0) * wx0[:, None] + u.index_select(2, x1) * wx1[:, None]
         y0, y1, wy0, wy1 = self.wy
-        u = u.index_select(2, y0) * wy0[:, None] + u.index_select(2, y1) * wy1[:, None]
-        u = u.index_select(1, z0 - lo) * wz0[:, None, None] + u.index_select(1, z1 - lo) * wz1[:, None, None]
-        return (pts + torch.einsum("cd,dzyx->zyxc", self.lin, u))[None]
+        u = u.index_select(1, y0) * wy0[:, None, None] + u.index_select(1, y1) * wy1[:, None, None]
+        for n, (a, b, wa, wb) in enumerate(zip(z0.tolist(), z1.tolist(), wz0.tolist(), wz1.tolist())):
+            pts[n].add_(u[a - lo], alpha=wa).add_(u[b - lo], alpha=wb)  # in place, slice by slice
+        return pts[None]
 
 
 def sample_on_grid(values: np.ndarray, source: Grid, target: Grid) -> np.ndarray:
