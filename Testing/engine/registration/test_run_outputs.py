@@ -133,3 +133,20 @@ def test_an_int16_moving_image_is_warped_into_int16(tmp_path, sample_dir):
         sample_dir / "fixed.nii.gz", "fixed").grid, res.result.transform, "linear").array
     got = sitk.GetArrayFromImage(written).astype(np.float64)
     assert np.abs(got - want).max() <= 0.5 + 1e-3 and np.abs(want).max() > 500
+
+
+def test_the_working_pair_from_the_registrations_prepared_images_is_the_same(run, sample_dir):
+    """Handing the registration's own prepared images to working_pair gives the pair prepared from scratch."""
+    from DeepRegistrationLib.evaluation.explain import working_pair
+    from DeepRegistrationLib.registration.preprocess import prepare
+
+    cfg = RegistrationConfig(**CFG)
+    fixed = read_image(sample_dir / "fixed.nii.gz", "fixed")
+    moving = read_image(sample_dir / "moving.nii.gz", "moving")
+    fresh = working_pair(fixed, moving, run.result.transform, cfg)
+    given = (prepare(fixed, cfg.spacing, None, cfg.intensity_percentiles),
+             prepare(moving, cfg.spacing, None, cfg.intensity_percentiles))
+    reused = working_pair(fixed, moving, run.result.transform, cfg, prepared=given)
+    for a, b in ((fresh.fixed, reused.fixed), (fresh.warped, reused.warped), (fresh.view, reused.view)):
+        assert torch.equal(a, b)
+    assert reused.grid.same_as(fresh.grid, tol=1e-9)
