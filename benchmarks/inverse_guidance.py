@@ -17,8 +17,8 @@ Rows (all on the bundled Colin27 pair, 3 mm voxels, CPU), the engine at each ``-
    (images only), each without guide points also on the unrotated pair.
 
 Each method's time is its own registration call in this process (ANTs: antspyx in the same process), wall
-and CPU seconds. Runtime unattended with the defaults (1 thread): about 15 minutes on a quiet machine
-(most of it the two ``--symmetric`` runs at 2 mm and the writing of outputs).
+and CPU seconds. Runtime unattended with the defaults (1 thread): about 3.5 minutes of CPU time (4-5 minutes
+on a quiet machine; 12-21 minutes on a loaded 2-core one), half of it the ``--symmetric`` runs.
 
 Usage::
 
