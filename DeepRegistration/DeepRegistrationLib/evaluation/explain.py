@@ -73,7 +73,7 @@ def working_pair(fixed: Image, moving: Image, transform: SpatialTransform, confi
 
     ``prepared``: the registration's own ``(fixed, moving)``
     :class:`~DeepRegistrationLib.registration.preprocess.WorkingImage` pair, when it kept them (preparing a 0.75 mm
-    CT again, its anti-aliasing included, took a fifth of the writing and evaluating stage); else both are
+    CT again, its anti-aliasing included, took a sixth of the writing and evaluating stage); else both are
     prepared here."""
     if prepared is not None:
         fw, mw = prepared
