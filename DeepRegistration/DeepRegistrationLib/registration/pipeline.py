@@ -82,6 +82,9 @@ class RegistrationResult:
         timings: Seconds per stage.
         device: Where it ran.
         config: The settings used.
+        working_images: The ``(fixed, moving)``
+            :class:`~DeepRegistrationLib.registration.preprocess.WorkingImage` pair the registration prepared
+            (working spacing, normalized intensities, masks), so that the evaluation does not prepare them again.
     """
 
     transform: SpatialTransform
@@ -98,6 +101,7 @@ class RegistrationResult:
     device: str = "cpu"
     config: RegistrationConfig | None = None
     velocity: np.ndarray | None = None
+    working_images: tuple | None = field(default=None, repr=False)
 
 
 def _pool(t: torch.Tensor, f: int) -> torch.Tensor:
@@ -545,7 +549,8 @@ def _finish(p: _Prepared, cfg: RegistrationConfig, affine: torch.Tensor, u: torc
         ncc_before=p.ncc_before, ncc_after=ncc_after, jacobian=detj.astype(np.float32),
         folding_percent=float(metrics.folding_percent(detj)), sdlogj=metrics.sdlogj(detj),
         initialization=init_info, timings=timings, device=str(device), config=cfg,
-        velocity=None if v is None else _padded_field(v[0].double().cpu().numpy(), fw.grid)[0])
+        velocity=None if v is None else _padded_field(v[0].double().cpu().numpy(), fw.grid)[0],
+        working_images=(p.fw, p.mw))
 
 
 def register(fixed: Image, moving: Image, config: RegistrationConfig | None = None, *,
