@@ -11,6 +11,8 @@ then differ by the missing part). :func:`search` therefore scores, in one tensor
    vectors (step :data:`ROTATION_STEP_DEG`, all rotations up to 180° about any axis);
 2. **translations**: for the best :data:`TOP_ROTATIONS` rotations, a 5×5×5 grid of offsets along the
    fixed image's axes (steps of 1/8 of the larger field-of-view extent);
+   steps 1 and 2 are pre-screened on the search level pooled once more: only the best
+   :data:`PRESCREEN_KEEP` of each (and the centre-of-mass and principal-axes starts) are scored on the search level;
 3. **refinement**: the best :data:`TOP_STARTS` starts, the plain centre-of-mass start and the
    field-of-view-centre start run a short rigid optimization together (one batch), and the lowest loss at
    the coarsest registration level wins.
