@@ -573,20 +573,17 @@ class RegistrationJob(BackgroundJob):
                                              scene=self.scene)
                 N.writeLabelImage(array, grids[side][1], str(folder / f"{side}_labels.nii.gz"))
                 job[f"{side}_labels"] = str(folder / f"{side}_labels.nii.gz")
-        fl, ml = self.inputs["fixedLandmarks"], self.inputs["movingLandmarks"]
-        if fl is not None:
-            for side, node, world, extra in (("fixed", fl, True, None),
-                                             ("moving", ml, movingWorld, self.movingMatrix)):
+        # evaluation landmarks and guide landmarks: both point lists as LPS CSV (the moving one in its own frame)
+        for prefix, fixedKey, movingKey in (("", "fixedLandmarks", "movingLandmarks"),
+                                            ("guide_", "guideFixedLandmarks", "guideMovingLandmarks")):
+            if self.inputs[fixedKey] is None:
+                continue
+            for side, node, world, extra in (("fixed", self.inputs[fixedKey], True, None),
+                                             ("moving", self.inputs[movingKey], movingWorld, self.movingMatrix)):
                 points, labels = N.markupsToLpsPoints(node, world=world, extraMatrix=extra)
-                N.writeLandmarksCsv(points, labels, str(folder / f"{side}_landmarks.csv"))
-                job[f"{side}_landmarks"] = str(folder / f"{side}_landmarks.csv")
-        gf, gm = self.inputs["guideFixedLandmarks"], self.inputs["guideMovingLandmarks"]
-        if gf is not None:
-            for side, node, world, extra in (("fixed", gf, True, None),
-                                             ("moving", gm, movingWorld, self.movingMatrix)):
-                points, labels = N.markupsToLpsPoints(node, world=world, extraMatrix=extra)
-                N.writeLandmarksCsv(points, labels, str(folder / f"guide_{side}_landmarks.csv"))
-                job[f"guide_{side}_landmarks"] = str(folder / f"guide_{side}_landmarks.csv")
+                name = f"{prefix}{side}_landmarks"
+                N.writeLandmarksCsv(points, labels, str(folder / f"{name}.csv"))
+                job[name] = str(folder / f"{name}.csv")
         return job
 
     def loadResults(self) -> SceneRegistrationResult:

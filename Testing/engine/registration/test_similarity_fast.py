@@ -13,6 +13,7 @@ import torch
 
 from DeepRegistrationLib.registration.similarity import MutualInformation, Similarity
 from DeepRegistrationLib.spatial.filters import box_filter
+from test_numerics import _box_direct  # window means by explicit slices
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -21,16 +22,6 @@ def _gen(seed: int) -> torch.Generator:
     return g
 
 
-def _box_direct(x: np.ndarray, r: int) -> np.ndarray:
-    """Window means (shrunk at the borders) by explicit slices."""
-    out = np.empty_like(x)
-    _, _, nz, ny, nx = x.shape
-    for z in range(nz):
-        for y in range(ny):
-            for xx in range(nx):
-                win = x[:, :, max(z - r, 0):z + r + 1, max(y - r, 0):y + r + 1, max(xx - r, 0):xx + r + 1]
-                out[:, :, z, y, xx] = win.mean(axis=(2, 3, 4))
-    return out
 
 
 @pytest.mark.parametrize("radius", [0, 1, 2, 4])
