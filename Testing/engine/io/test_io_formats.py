@@ -122,5 +122,5 @@ def test_nonfinite_voxels_are_counted_in_chunks_and_integer_files_skipped(tmp_pa
     with pytest.raises(InputError, match="3 NaN or infinite"):
         read_image(path, "fixed image")
     ints = tmp_path / f"ct{suffix}"
-    sitk.WriteImage(sitk.GetImageFromArray((arr * 0 + 5).astype(np.int16)), str(ints))
+    sitk.WriteImage(sitk.GetImageFromArray(np.full(arr.shape, 5, np.int16)), str(ints))
     assert _nifti_nonfinite_count(ints) == 0
