@@ -279,10 +279,12 @@ def _write_outputs(tmp: Path, inputs: _Inputs, result: RegistrationResult, prog:
     sitk.WriteTransform(result.transform.to_sitk(), str(tmp / "transform.h5"))
     inverse_report = None
     if result.transform.field is not None:
-        from ..spatial.inverse import WRITE_TOL_MM, consistency_error, foreground_points, invert
+        from ..spatial.inverse import (WRITE_SETTLED_AFTER, WRITE_SETTLED_FRACTION, WRITE_TOL_MM, consistency_error,
+                                       foreground_points, invert)
 
         prog(0.5, "inverting the transform")
-        inverse = invert(result.transform, velocity=getattr(result, "velocity", None), tol_mm=WRITE_TOL_MM)
+        inverse = invert(result.transform, velocity=getattr(result, "velocity", None), tol_mm=WRITE_TOL_MM,
+                         settled_after=WRITE_SETTLED_AFTER, settled_fraction=WRITE_SETTLED_FRACTION)
         sitk.WriteTransform(inverse.to_sitk(), str(tmp / "inverse.h5"))
         pts = foreground_points(moving.array, moving.grid, None if mmask is None else mmask.array > 0)
         inverse_report = {**inverse.summary(), "points": "moving mask" if mmask is not None else
