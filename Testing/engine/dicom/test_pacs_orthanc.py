@@ -51,6 +51,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_orthanc(root: Path, config: dict, name: str):
+    """Orthanc started on ``root/<name>.json`` (written from ``config``), its output in ``root/<name>.log``:
+    ``(process, open log file)``."""
+    (root / f"{name}.json").write_text(json.dumps(config))
+    log = open(root / f"{name}.log", "w")
+    proc = subprocess.Popen([ORTHANC, str(root / f"{name}.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    return proc, log
+
+
+def stop_orthanc(proc, log) -> None:
+    """Stops a server of :func:`start_orthanc` (terminate, then kill after 10 s) and closes its log."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    log.close()
+
+
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     root = tmp_path_factory.mktemp("orthanc")
@@ -59,9 +79,7 @@ def orthanc(tmp_path_factory):
               "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
               "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD}, "Plugins": [PLUGIN],
               "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}, "HttpTimeout": 60}
-    (root / "orthanc.json").write_text(json.dumps(config))
-    log = open(root / "orthanc.log", "w")
-    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    proc, log = start_orthanc(root, config, "orthanc")
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -76,13 +94,7 @@ def orthanc(tmp_path_factory):
             time.sleep(0.2)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
+        stop_orthanc(proc, log)
 
 
 def upload(base: str, folder: Path) -> None:

@@ -11,7 +11,6 @@ does not exist is one input error; the HTTP basic credentials never appear in lo
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import select
 import shutil
@@ -33,10 +32,8 @@ from dicom_series_data import make_series  # noqa: E402
 from DeepRegistrationLib.dicom import pacs  # noqa: E402
 from DeepRegistrationLib.dicom.dicomweb import Auth, PacsClient, PacsError, ServerUnavailable  # noqa: E402
 from DeepRegistrationLib.dicom.series import new_uid  # noqa: E402
+from test_pacs_orthanc import ORTHANC, PLUGIN, free_port, start_orthanc, stop_orthanc  # noqa: E402
 
-ORTHANC = shutil.which("Orthanc") or next((p for p in ("/usr/sbin/Orthanc",) if Path(p).exists()), None)
-PLUGIN = next((p for p in ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/lib/orthanc/libOrthancDicomWeb.so")
-               if Path(p).exists()), None)
 OPENSSL = shutil.which("openssl")
 USER, PASSWORD = "deepreg", "tls-test-password-7c1f"
 SECRETS = (PASSWORD, base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode())
@@ -47,12 +44,6 @@ pytestmark = [
     pytest.mark.skipif(not OPENSSL, reason="openssl is not installed (Debian package openssl): it makes the "
                        "server's self-signed certificate"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
@@ -118,23 +109,6 @@ class TlsForwarder:
         self.server.close()
 
 
-def _start_orthanc(root: Path, config: dict, name: str):
-    (root / f"{name}.json").write_text(json.dumps(config))
-    log = open(root / f"{name}.log", "w")
-    proc = subprocess.Popen([ORTHANC, str(root / f"{name}.json")], stdout=log, stderr=subprocess.STDOUT, cwd=root)
-    return proc, log
-
-
-def _stop_orthanc(proc, log):
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    log.close()
-
-
 def _wait_ready(url: str, verify, proc) -> bool:
     """True once ``url`` answers; False if the server process ended first (or after 30 s)."""
     deadline = time.monotonic() + 30
@@ -164,16 +138,16 @@ def tls_orthanc(tmp_path_factory):
               "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
               "SslEnabled": True, "SslCertificate": str(pem), "Plugins": [PLUGIN],
               "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}, "HttpTimeout": 60}
-    proc, log = _start_orthanc(root, config, "orthanc-https")
+    proc, log = start_orthanc(root, config, "orthanc-https")
     forwarder = None
     try:
         base = f"https://127.0.0.1:{port}"
         if not _wait_ready(f"{base}/system", str(cert), proc):
             if proc.poll() is None or proc.returncode >= 0:  # not ended by a signal: a real failure
                 pytest.fail(f"Orthanc did not start with TLS: {(root / 'orthanc-https.log').read_text()[-2000:]}")
-            _stop_orthanc(proc, log)
+            stop_orthanc(proc, log)
             config["SslEnabled"] = False
-            proc, log = _start_orthanc(root, config, "orthanc-http")
+            proc, log = start_orthanc(root, config, "orthanc-http")
             forwarder = TlsForwarder(pem, port)
             base = f"https://127.0.0.1:{forwarder.port}"
             if not _wait_ready(f"{base}/system", str(cert), proc):
@@ -187,7 +161,7 @@ def tls_orthanc(tmp_path_factory):
     finally:
         if forwarder is not None:
             forwarder.stop()
-        _stop_orthanc(proc, log)
+        stop_orthanc(proc, log)
 
 
 def series_on_server(base: str, cert: Path) -> int:
