@@ -323,6 +323,25 @@ def _optimize_symmetric_field(lv: _Level, grid: Grid, h_fixed: torch.Tensor, h_m
         return _smooth(best, cfg.smoothing_passes).detach()
 
 
+def _predict(p: "_Prepared", affine: torch.Tensor, predictor: FieldPredictor, device) -> torch.Tensor:
+    """The predictor's displacement ``(1, 3, Z, Y, X)`` mm on the finest fixed working grid, for the moving image
+    after ``affine``."""
+    finest = p.finest
+    with torch.no_grad():
+        moved = finest.warp(W.apply_affine(finest.pts, affine))[0]
+        return predictor.predict(finest.fixed, moved, finest.fgrid).to(device=device, dtype=torch.float32)
+
+
+def _level_plan(run_factors: list[int], cfg: RegistrationConfig, progress: ProgressCallback | None):
+    """For each deformable level (coarse to fine): ``(n, factor, iterations, progress)``, the coarser levels
+    with ``COARSE_ITERATION_FACTOR`` times ``cfg.iterations``, the levels sharing 0.3–0.95 of ``progress``."""
+    for n, f in enumerate(run_factors):
+        iters = cfg.iterations * (COARSE_ITERATION_FACTOR if f > 1 else 1)
+        sub = Progress(progress, *np.interp([n / len(run_factors), (n + 1) / len(run_factors)], [0, 1],
+                                             (0.3, 0.95)))
+        yield n, f, iters, sub
+
+
 def _symmetric_stage(p: "_Prepared", cfg: RegistrationConfig, affine: torch.Tensor, device,
                      predictor: FieldPredictor | None, predictor_mode: str,
                      progress: ProgressCallback | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -338,21 +357,16 @@ def _symmetric_stage(p: "_Prepared", cfg: RegistrationConfig, affine: torch.Tens
     run_factors = p.factors
     init = torch.zeros((1, 3, *mid.downsampled(run_factors[0]).shape), device=device)
     if predictor is not None:
-        with torch.no_grad():
-            moved = finest.warp(W.apply_affine(finest.pts, affine))[0]
-            pred = predictor.predict(finest.fixed, moved, finest.fgrid).to(device=device, dtype=torch.float32)
+        pred = _predict(p, affine, predictor, device)
         if predictor_mode == "replace":
             return pred, None
         init = symmetric.push_forward(pred, finest.fgrid, hf_np, mid)
         run_factors = [1]
     v, prev = init, None
-    for n, f in enumerate(run_factors):
+    for _, f, iters, sub in _level_plan(run_factors, cfg, progress):
         grid = mid.downsampled(f)
         if prev is not None:
             v = W.resample_field(v, prev, grid)
-        iters = cfg.iterations * (COARSE_ITERATION_FACTOR if f > 1 else 1)
-        sub = Progress(progress, *np.interp([n / len(run_factors), (n + 1) / len(run_factors)], [0, 1],
-                                             (0.3, 0.95)))
         v = _optimize_symmetric_field(p.levels[f], grid, h_fixed, h_moving, v, iters, p.sim, cfg, sub, p.term)
         prev = grid
     with torch.no_grad():
@@ -508,20 +522,15 @@ def _deformable_stage(p: _Prepared, cfg: RegistrationConfig, affine: torch.Tenso
     run_factors = factors
     init = torch.zeros((1, 3, *p.levels[factors[0]].fgrid.shape), device=device)
     if predictor is not None:
-        with torch.no_grad():
-            moved = finest.warp(W.apply_affine(finest.pts, affine))[0]
-            init = predictor.predict(finest.fixed, moved, finest.fgrid).to(device=device, dtype=torch.float32)
+        init = _predict(p, affine, predictor, device)
         run_factors = [] if predictor_mode == "replace" else [1]
         u = init
     prev_grid = p.levels[factors[0]].fgrid if predictor is None else finest.fgrid
-    for n, f in enumerate(run_factors):
+    for n, f, iters, sub in _level_plan(run_factors, cfg, progress):
         lv = p.levels[f]
         if n > 0 or predictor is not None:
             # the diffeomorphic parameters are the velocity (the displacement only for a prediction)
             init = W.resample_field(u if v is None else v, prev_grid, lv.fgrid)
-        iters = cfg.iterations * (COARSE_ITERATION_FACTOR if f > 1 else 1)
-        sub = Progress(progress, *np.interp([n / len(run_factors), (n + 1) / len(run_factors)], [0, 1],
-                                             (0.3, 0.95)))
         if cfg.diffeomorphic and n == 0 and predictor is None:
             init = torch.zeros_like(init)
         u, v = _optimize_field(lv, affine, init, iters, p.sim, cfg, sub, p.term)

@@ -84,20 +84,23 @@ def _apply_np(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return pts @ m[:3, :3].T + m[:3, 3]
 
 
+def _transport(field: torch.Tensor, grid: Grid, points: torch.Tensor, linear: torch.Tensor,
+               target: Grid) -> torch.Tensor:
+    """``linear · field(points · x)`` at the voxel centres ``x`` of ``target`` (``points`` 4×4, ``linear`` 3×3)."""
+    pts = W.apply_affine(W.grid_points(target, field.device, field.dtype), points)
+    return torch.einsum("ij,bj...->bi...", linear, W.sample_field(field, grid, pts))
+
+
 def pull_back(field: torch.Tensor, grid: Grid, h: np.ndarray, target: Grid) -> torch.Tensor:
     """``L⁻¹ field(h x)`` at the voxel centres ``x`` of ``target``: a velocity on the midpoint grid expressed in
     the frame ``h`` maps into (``field`` ``(B, 3, Z, Y, X)`` on ``grid``; the result ``(B, 3, Z', Y', X')`` on
     ``target``; ``L`` is ``h``'s linear part)."""
     ht = torch.as_tensor(h, dtype=field.dtype, device=field.device)
-    pts = W.apply_affine(W.grid_points(target, field.device, field.dtype), ht)
-    sampled = W.sample_field(field, grid, pts)
-    linv = torch.linalg.inv(ht[:3, :3])
-    return torch.einsum("ij,bj...->bi...", linv, sampled)
+    return _transport(field, grid, ht, torch.linalg.inv(ht[:3, :3]), target)
 
 
 def push_forward(field: torch.Tensor, grid: Grid, h: np.ndarray, target: Grid) -> torch.Tensor:
     """The inverse of :func:`pull_back`: ``L field(h⁻¹ z)`` at the voxel centres ``z`` of ``target`` (a fixed-frame
     velocity or displacement, on ``grid``, expressed on the midpoint grid ``target``)."""
     ht = torch.as_tensor(h, dtype=field.dtype, device=field.device)
-    pts = W.apply_affine(W.grid_points(target, field.device, field.dtype), torch.linalg.inv(ht))
-    return torch.einsum("ij,bj...->bi...", ht[:3, :3], W.sample_field(field, grid, pts))
+    return _transport(field, grid, torch.linalg.inv(ht), ht[:3, :3], target)
