@@ -322,9 +322,9 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
     from ..evaluation.quality import assess, signals_from_result, uncertainty_signals
 
     fixed, moving, fmask, mmask = inputs.fixed, inputs.moving, inputs.fixed_mask, inputs.moving_mask
-    # the registration's prepared working images, where the result keeps them (else prepared again)
+    # the registration's own prepared working images (prepared again only for a result without them)
     pair = explaining.working_pair(fixed, moving, result.transform, cfg, fmask, mmask,
-                                   prepared=getattr(result, "working_images", None))
+                                   prepared=result.working_images)
     maps: dict[str, Image] = {}
     explain_info = None
     if explain:

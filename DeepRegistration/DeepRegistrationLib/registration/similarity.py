@@ -215,13 +215,11 @@ class MutualInformation:
         self.kernel = kernel / kernel.sum()
 
     def _smooth(self, hist: torch.Tensor) -> torch.Tensor:
-        k = self.kernel.to(hist)
-        r = (k.numel() - 1) // 2
-        h = F.conv2d(hist[None, None], k.view(1, 1, -1, 1), padding=(r, 0))
-        return F.conv2d(h, k.view(1, 1, 1, -1), padding=(0, r))[0, 0]
+        """The Parzen-smoothed ``(bins, bins)`` histogram (:meth:`_smooth_batch` of one)."""
+        return self._smooth_batch(hist[None])[0]
 
     def _smooth_batch(self, hist: torch.Tensor) -> torch.Tensor:
-        """:meth:`_smooth` of each of ``(B, bins, bins)`` histograms."""
+        """Each of ``(B, bins, bins)`` histograms smoothed by the separable Parzen kernel."""
         k = self.kernel.to(hist)
         r = (k.numel() - 1) // 2
         h = F.conv2d(hist[:, None], k.view(1, 1, -1, 1), padding=(r, 0))
@@ -236,11 +234,7 @@ class MutualInformation:
         return -(p * (torch.log(p + eps) - torch.log(pf * pw + eps))).sum((-2, -1))
 
     def _single(self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        p = self._smooth(joint_histogram(fixed, warped, self.num_bins, mask))
-        p = p / p.sum().clamp_min(1e-12)
-        pf, pw = p.sum(1, keepdim=True), p.sum(0, keepdim=True)
-        eps = 1e-10
-        return -(p * (torch.log(p + eps) - torch.log(pf * pw + eps))).sum()
+        return self._mi(self._smooth(joint_histogram(fixed, warped, self.num_bins, mask)))
 
     def per_sample(self, fixed: torch.Tensor, warped: torch.Tensor, mask: torch.Tensor | None = None
                    ) -> torch.Tensor:
