@@ -45,6 +45,15 @@ MAX_ITERATIONS = 100
 SETTLED_AFTER = 20
 SETTLED_MM = 1e-2
 SETTLED_FRACTION = 1e-4
+#: A grid point whose fixed-point step fell below ``FROZEN_MM`` (or a tenth of the tolerance, if smaller) stops
+#: iterating: every point's iteration ``w(z) ← -u(z + w(z))`` is independent of the others', and after the
+#: first three iterations a quarter of the points (2 mm trunk CT) or half (2 mm synthetic brain) still move by
+#: more than this, after four 3 % / 19 %: the whole inversion samples ~3 instead of 8 grids' worth of points.
+#: Its error there is at most ~the step (contraction where ``|∇u| < 1/2``), 100× below :data:`WRITE_TOL_MM`.
+#: Measured (1 thread, CPU s, loaded machine) with the written inverse's rule: 2 mm trunk CT 7.7 → 4.8 s, 2 mm
+#: synthetic pair 0.68 → 0.64 s, bundled pair 0.2 s either way; the written field changed by at most 0.00006 mm
+#: and the consistency error (mean / p95 / max) not in its 5th decimal on any of them.
+FROZEN_MM = 1e-4
 #: The tolerance the written ``inverse.h5`` is iterated to (:func:`DeepRegistrationLib.registration.run.run_registration`).
 #: The consistency error over the moving foreground stops changing long before: on the 2 mm synthetic Colin27
 #: pair (seed 0) its mean and p95 were 0.0160 / 0.0397 mm after 5 iterations (largest grid residual 0.027 mm),
@@ -138,30 +147,49 @@ def invert_field(field: np.ndarray, grid: Grid, tol_mm: float = TOL_MM, max_iter
         ``(w (3, Z, Y, X) float64 mm, iterations, largest residual in mm)``.
     """
     u = torch.as_tensor(np.asarray(field), dtype=torch.float32, device=device)[None]
-    z = W.grid_points(grid, u.device, torch.float32)
-    w = -torch.movedim(u, 1, -1).contiguous()  # (1, Z, Y, X, 3), channels last like the sampling points
+    zt = W.grid_points(grid, u.device, torch.float32).reshape(-1, 3)
+    wt = -torch.movedim(u[0], 0, -1).reshape(-1, 3)  # (N, 3), channels last like the sampling points
+    # the points still iterated: their positions zt, current w and indices into the grid (all at first)
+    index = torch.arange(zt.shape[0], device=u.device)
+    w = torch.empty_like(wt)
+    frozen_sq = min(FROZEN_MM, tol_mm / 10.0) ** 2
+    frozen_inside = 0  # frozen points whose image z + w lies within the grid
     residual = float("inf")
     n = 0
     for n in range(1, max_iterations + 1):
         # border values repeat while iterating (a smooth map to invert); the residual counts only points
         # whose image z + w lies within the grid, where u is what ITK applies
-        target = z + w
-        new = torch.movedim(W.sample(u, grid, target, padding_mode="border"), 1, -1).neg_()
+        target = zt + wt
+        m = target.shape[0]
+        new = W.sample(u, grid, target.view(1, m, 1, 1, 3), padding_mode="border").view(3, m).t().neg()
         inside = W.world_to_normalized(target, grid).abs_().amax(dim=-1) <= 1.0
         # squared steps, square-rooted once (torch's vector norm over the component axis took 0.24 s per call
         # on a 1 mm brain grid; the sum of squares takes a few ms)
-        squared = torch.where(inside, (new - w).square_().sum(dim=-1), 0.0)
+        step_sq = (new - wt).square_().sum(dim=-1)
+        squared = torch.where(inside, step_sq, 0.0)
         residual = float(squared.max().sqrt()) if squared.numel() else 0.0
-        w = new
+        wt = new
         if residual < tol_mm:
             break
         if n >= settled_after and (int((squared > SETTLED_MM ** 2).sum())
-                                   <= settled_fraction * int(inside.sum())):
+                                   <= settled_fraction * (frozen_inside + int(inside.sum()))):
             break
+        # a point whose step fell below FROZEN_MM has converged: it leaves the iteration (each point's
+        # iteration is independent of the others'), once that halves the points iterated (copying the
+        # others out costs about a tenth of an iteration per point; until then converged points go on)
+        still = step_sq > frozen_sq
+        if 2 * int(still.sum()) <= m:
+            done = torch.nonzero(~still).squeeze(1)
+            w.index_copy_(0, index.index_select(0, done), wt.index_select(0, done))
+            frozen_inside += int(inside.index_select(0, done).sum())
+            keep = torch.nonzero(still).squeeze(1)
+            zt, wt, index = zt.index_select(0, keep), wt.index_select(0, keep), index.index_select(0, keep)
+    w.index_copy_(0, index, wt.contiguous())
     if residual >= tol_mm and n == max_iterations:
         logger.warning("field inversion stopped after %d iterations with a largest grid residual of %.3g mm "
                        "(the field may fold or be too steep to invert exactly)", n, residual)
-    return torch.movedim(w[0], -1, 0).cpu().double().numpy(), n, residual
+    w = w.reshape(*grid.shape, 3)
+    return torch.movedim(w, -1, 0).cpu().double().numpy(), n, residual
 
 
 def invert(transform: SpatialTransform, velocity: np.ndarray | None = None, velocity_steps: int = 7,
