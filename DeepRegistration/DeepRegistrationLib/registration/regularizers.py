@@ -17,7 +17,7 @@ class _Diffusion(torch.autograd.Function):
     """``sum_d mean((Δ_d u / h_d)²)`` with a hand-written backward (a discrete Laplacian).
 
     Autograd through the slicing would allocate a dozen full-size temporaries; the explicit
-    gradient costs two in-place updates per axis.
+    gradient costs two in-place updates per axis. The differences of the three axes share one buffer.
     """
 
     @staticmethod
@@ -25,25 +25,37 @@ class _Diffusion(torch.autograd.Function):
         ctx.save_for_backward(field)
         ctx.weights = weights
         total = field.new_zeros(())
+        buf = field.new_empty(field.numel())  # the three axes' differences, one after the other
         for axis, w in zip((2, 3, 4), weights):
             n = field.shape[axis]
             if n > 1:
-                diff = field.narrow(axis, 1, n - 1) - field.narrow(axis, 0, n - 1)
-                total = total + diff.square().mean() * w
+                diff = _difference(field, axis, buf)
+                total = total + diff.square_().mean() * w
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
         (field,) = ctx.saved_tensors
         grad = torch.zeros_like(field)
+        buf = field.new_empty(field.numel())
         for axis, w in zip((2, 3, 4), ctx.weights):
             n = field.shape[axis]
             if n > 1:
-                diff = field.narrow(axis, 1, n - 1) - field.narrow(axis, 0, n - 1)
+                diff = _difference(field, axis, buf)
                 diff.mul_(2.0 * w / diff.numel())
                 grad.narrow(axis, 0, n - 1).sub_(diff)
                 grad.narrow(axis, 1, n - 1).add_(diff)
-        return grad * grad_output, None
+        return grad.mul_(grad_output), None
+
+
+def _difference(field: torch.Tensor, axis: int, buf: torch.Tensor | None) -> torch.Tensor:
+    """``field[i + 1] - field[i]`` along ``axis``; for a contiguous ``field`` written into the flat buffer ``buf``
+    (``field.numel()`` elements, shared by the axes; None: a new one), contiguous as a new tensor would be."""
+    n = field.shape[axis]
+    hi, lo = field.narrow(axis, 1, n - 1), field.narrow(axis, 0, n - 1)
+    if buf is None or not field.is_contiguous():
+        return hi - lo
+    return torch.sub(hi, lo, out=buf[:lo.numel()].view(lo.shape))
 
 
 def diffusion(field: torch.Tensor, grid: Grid) -> torch.Tensor:

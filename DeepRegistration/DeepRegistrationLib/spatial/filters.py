@@ -6,36 +6,44 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["box_filter"]
+__all__ = ["box_filter", "box_sum", "box_count"]
 
 
 def _box_sum(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Sum over a ``(2r+1)³`` window (zeros outside) of ``(B, C, Z, Y, X)``.
+    """Sum over a ``(2r+1)³`` window (zeros outside) of ``(B, C, Z, Y, X)``; a new tensor (``x`` is not changed).
 
-    Along each axis: for ``r <= 1`` shifted in-place adds, else a running sum (``cumsum``) whose differences
-    are written into the window sums directly (the borders from the clamped ends), without padded copies.
-    Both give the same bits as summing a zero-padded line (same operations in the same order), at about
-    0.75x (running sums) and 0.4x (shifted adds) of the time of the padded version (one thread, 2 mm brain grid).
+    Along each axis: for ``r <= 1`` shifted adds, else a running sum (``cumsum``) whose differences are written
+    into the window sums directly (the borders from the clamped ends), without padded copies. Both give the same
+    bits as summing a zero-padded line (same operations in the same order), at about 0.75x (running sums) and
+    0.4x (shifted adds) of the time of the padded version (one thread, 2 mm brain grid). The axes alternate
+    between two buffers (the input's own memory is never written), so a call allocates two tensors of
+    ``x``'s size, not one or two per axis.
     """
     k = 2 * radius + 1
     if radius <= 0:
         return x.clone()
+    spare = None  # a buffer of x's shape that is free to overwrite
+    owned = False  # whether x is a buffer of this call (else it is the caller's input)
     if radius == 1:
         for d in (2, 3, 4):
             n = x.shape[d]
-            out = x.clone()
-            if n > 1:
-                # out[i] = (x[i] + x[i-1]) + x[i+1]: the order of a padded x[i-1] + x[i] + x[i+1]
-                out.narrow(d, 1, n - 1).add_(x.narrow(d, 0, n - 1))
-                out.narrow(d, 0, n - 1).add_(x.narrow(d, 1, n - 1))
-            x = out
-        return x
+            if n == 1:
+                continue
+            out = torch.empty_like(x) if spare is None else spare
+            # out[i] = (x[i] + x[i-1]) + x[i+1]: the order of a padded x[i-1] + x[i] + x[i+1]
+            out.narrow(d, 0, 1).copy_(x.narrow(d, 0, 1))
+            torch.add(x.narrow(d, 1, n - 1), x.narrow(d, 0, n - 1), out=out.narrow(d, 1, n - 1))
+            out.narrow(d, 0, n - 1).add_(x.narrow(d, 1, n - 1))
+            spare = x if owned else None
+            x, owned = out, True
+        return x if owned else x.clone()
     for d in (2, 3, 4):
         n = x.shape[d]
-        c = torch.cumsum(x, dim=d)
+        c = torch.cumsum(x, dim=d) if spare is None else torch.cumsum(x, dim=d, out=spare)
+        free = x if owned else None  # consumed by the cumsum: its memory can take the window sums
         if n > k:
             # S[i] = c[min(i + r, n - 1)] - c[i - r - 1], with c[j < 0] = 0
-            out = torch.empty_like(c)
+            out = torch.empty_like(c) if free is None else free
             out.narrow(d, 0, radius + 1).copy_(c.narrow(d, radius, radius + 1))
             torch.sub(c.narrow(d, k, n - k), c.narrow(d, 0, n - k), out=out.narrow(d, radius + 1, n - k))
             torch.sub(c.narrow(d, n - 1, 1), c.narrow(d, n - k, radius), out=out.narrow(d, n - radius, radius))
@@ -45,7 +53,8 @@ def _box_sum(x: torch.Tensor, radius: int) -> torch.Tensor:
             m = n - radius - 1
             if m > 0:
                 out.narrow(d, radius + 1, m).sub_(c.narrow(d, 0, m))
-        x = out
+        spare = c
+        x, owned = out, True
     return x
 
 
@@ -68,7 +77,7 @@ class _BoxMean(torch.autograd.Function):
     def forward(ctx, x, radius, count):
         ctx.radius = radius
         ctx.save_for_backward(count)
-        return _box_sum(x, radius) / count
+        return _box_sum(x, radius).div_(count)  # a new tensor: divided in place
 
     @staticmethod
     def backward(ctx, grad):
@@ -84,3 +93,15 @@ def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
     """
     count = _box_count(x.shape, radius, x.dtype, x.device)
     return _BoxMean.apply(x, radius, count)
+
+
+def box_sum(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Sum over a ``(2r+1)³`` window (zeros outside the grid) of ``(B, C, Z, Y, X)``, a new tensor, not
+    differentiable (its adjoint is itself: for a hand-written backward pass). ``box_sum(x, r) / box_count(...)``
+    has the bits of :func:`box_filter`."""
+    return _box_sum(x, radius)
+
+
+def box_count(shape, radius: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Number of in-grid voxels of each ``(2r+1)³`` window of a ``(B, C, Z, Y, X)`` ``shape``, ``(1, 1, Z, Y, X)``."""
+    return _box_count(shape, radius, dtype, device)

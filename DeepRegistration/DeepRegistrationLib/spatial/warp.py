@@ -49,7 +49,7 @@ def world_to_normalized(points: torch.Tensor, grid: Grid) -> torch.Tensor:
     b = scale * w2i[:3, 3] - np.where(size > 1, 1.0, 0.0)
     a_t = torch.as_tensor(a, device=points.device, dtype=points.dtype)
     b_t = torch.as_tensor(b, device=points.device, dtype=points.dtype)
-    return points @ a_t.T + b_t
+    return (points @ a_t.T).add_(b_t)  # in place into the product: the bits of ``points @ a.T + b``
 
 
 def sample(volume: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str = "bilinear",
@@ -93,7 +93,7 @@ def sample_in_view(volume: torch.Tensor, grid: Grid, points: torch.Tensor) -> tu
     if volume.shape[0] != norm.shape[0]:
         volume = volume.expand(norm.shape[0], *volume.shape[1:])
     vals = F.grid_sample(volume, norm, mode="bilinear", padding_mode="zeros", align_corners=True)
-    inside = (norm.detach().abs() <= 1.0 + 1e-6).all(dim=-1).unsqueeze(1)
+    inside = (norm.detach().abs().amax(dim=-1) <= 1.0 + 1e-6).unsqueeze(1)  # all three axes within ±1
     return vals, inside
 
 
@@ -124,7 +124,7 @@ def sample_field(field: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch
 
 def apply_affine(points: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """Applies a 4×4 LPS affine to points ``(..., 3)``."""
-    return points @ matrix[:3, :3].T + matrix[:3, 3]
+    return (points @ matrix[:3, :3].T).add_(matrix[:3, 3])  # the bits of ``points @ M.T + t``, one temporary less
 
 
 def map_points(points: torch.Tensor, affine: torch.Tensor | None, field: torch.Tensor | None,

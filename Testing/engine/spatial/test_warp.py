@@ -1,0 +1,45 @@
+"""``spatial.warp``'s point maps and field-of-view test against their plain formulas (bits and gradients)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from DeepRegistrationLib.core.grid import Grid
+from DeepRegistrationLib.spatial import warp as W
+
+
+def _points(seed=0, shape=(1, 6, 5, 7, 3)):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 40.0
+
+
+def test_world_to_normalized_and_apply_affine_have_the_bits_of_product_plus_offset():
+    grid = Grid((7, 5, 6), (1.5, 2.0, 0.8), (-10.0, 4.0, 3.0), tuple(np.eye(3)[[1, 0, 2]].ravel()))
+    pts = _points()
+    w2i = grid.world_to_index
+    size = np.asarray(grid.size, dtype=np.float64)
+    a = torch.as_tensor((2.0 / (size - 1))[:, None] * w2i[:3, :3], dtype=torch.float32)
+    b = torch.as_tensor(2.0 / (size - 1) * w2i[:3, 3] - 1.0, dtype=torch.float32)
+    assert torch.equal(W.world_to_normalized(pts, grid), pts @ a.T + b)
+    m = torch.eye(4)
+    m[:3, :3] += 0.05 * torch.randn(3, 3, generator=torch.Generator().manual_seed(1))
+    m[:3, 3] = torch.tensor([3.0, -2.0, 7.5])
+    m1, m2 = m.clone().requires_grad_(), m.clone().requires_grad_()
+    p1, p2 = pts.clone().requires_grad_(), pts.clone().requires_grad_()
+    got, want = W.apply_affine(p1, m1), p2 @ m2[:3, :3].T + m2[:3, 3]
+    assert torch.equal(got, want)
+    weights = torch.rand(got.shape, generator=torch.Generator().manual_seed(2))
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    assert torch.equal(m1.grad, m2.grad) and torch.equal(p1.grad, p2.grad)
+
+
+def test_sample_in_view_marks_points_within_the_outer_voxel_centres():
+    grid = Grid((5, 4, 3), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    vol = torch.rand(1, 1, 3, 4, 5, generator=torch.Generator().manual_seed(3))
+    pts = torch.stack(torch.meshgrid(torch.linspace(-1.5, 9.5, 12), torch.linspace(-1.0, 7.0, 9),
+                                     torch.linspace(-0.5, 4.5, 6), indexing="ij"), -1)[None]  # (1, 12, 9, 6, 3)
+    vals, inside = W.sample_in_view(vol, grid, pts)
+    norm = W.world_to_normalized(pts, grid)
+    assert torch.equal(inside, (norm.abs() <= 1.0 + 1e-6).all(dim=-1).unsqueeze(1))
+    assert 0 < int(inside.sum()) < inside.numel()
+    assert vals.shape == (1, 1, 12, 9, 6)
