@@ -190,14 +190,6 @@ def stored_integer_type(path: str | os.PathLike) -> type | None:
     return None if kind is None else _INTEGER_TYPES[kind]
 
 
-def as_stored_type(array: np.ndarray, dtype: type | None) -> np.ndarray:
-    """``array`` rounded and clipped into the integer ``dtype`` (unchanged when ``dtype`` is None)."""
-    if dtype is None:
-        return array
-    info = np.iinfo(dtype)
-    return np.clip(np.rint(array), info.min, info.max).astype(dtype)
-
-
 def read_image(path: str | os.PathLike, name: str = "image") -> Image:
     """Reads an intensity image as float32 and checks that it can be registered.
 

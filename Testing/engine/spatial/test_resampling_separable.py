@@ -64,3 +64,24 @@ def test_warp_image_agrees_with_the_general_path_and_falls_back_for_oblique_targ
     want = W.sample(torch.as_tensor(moving.array, dtype=torch.float64)[None, None], moving.grid, pts.double(),
                     mode="nearest", padding_mode="itk")[0, 0].numpy()
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_slabs_beyond_a_partial_view_are_zero_and_integer_output_is_the_rounded_float_result():
+    """A moving image covering the middle of the fixed range: slabs that map wholly beyond it are 0 without
+    being sampled, the same as sampling them (one slab of the whole grid); an integer ``dtype`` gives the
+    float result rounded and clipped."""
+    rng = np.random.default_rng(5)
+    fixed = Grid((40, 20, 22), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    moving = Image((rng.normal(size=(14, 20, 22)) * 30000).astype(np.float32),
+                   Grid((14, 20, 22), (2.0, 2.0, 2.0), (0.0, 0.0, 26.0)))
+    t = _transform(rng, fixed)
+    one_slab = R.warp_image(moving, fixed, t, slab_voxels=10 ** 9).array
+    slabs = R.warp_image(moving, fixed, t, slab_voxels=2 * 20 * 22).array
+    np.testing.assert_array_equal(slabs, one_slab)
+    assert (slabs[:8] == 0).all() and (slabs[-8:] == 0).all() and (slabs[18] != 0).any()
+    assert R._beyond(W.grid_points(R.slab_grid(fixed, 0, 2)), moving.grid)
+    assert not R._beyond(W.grid_points(R.slab_grid(fixed, 12, 14)), moving.grid)
+    as_int = R.warp_image(moving, fixed, t, dtype=np.int16, slab_voxels=2 * 20 * 22).array
+    assert as_int.dtype == np.int16
+    np.testing.assert_array_equal(as_int, np.clip(np.rint(one_slab), -32768, 32767).astype(np.int16))
+    assert as_int.max() == 32767  # some values clipped
