@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ..core.errors import Cancelled, DeepRegistrationError
@@ -82,7 +83,9 @@ def _add_extra_commands(sub) -> None:
         modules["feedback"].add_subparser(sub)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with ``command="register"`` only ``register``'s (the same options, help and
+    errors), without importing the other commands' modules (``train``'s defaults load torch and the training code)."""
     from ..core.config import RegistrationConfig
 
     d = RegistrationConfig()
@@ -173,13 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--fail-on", choices=("suspect", "failed"),
                    help="exit with status 3 when the quality verdict in report.json is this or worse "
                         "(for pipelines; the outputs are written either way)")
-    _add_extra_commands(sub)
+    if command != "register":
+        _add_extra_commands(sub)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named on a command line (the top level has no option taking a value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``deepregistration`` console script; returns the exit status."""
-    parser = build_parser()
+    """Runs one ``deepregistration`` command line (``argv``, default ``sys.argv[1:]``); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser("register" if _command(argv) == "register" else None)
     args = parser.parse_args(argv)
     if args.version:
         from .. import __version__
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    extra = _extra_command_modules()
+    extra = {} if args.command == "register" else _extra_command_modules()
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -217,5 +227,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console_main() -> None:
+    """The ``deepregistration`` console script: :func:`main` on ``sys.argv``, then the process exits.
+
+    After a ``register`` command, whose outputs are all written and closed by then, the process ends without
+    Python's teardown of its modules: with torch loaded that teardown costs about 0.5 s of CPU and up to a second
+    of wall time at every exit (measured: ``python -c "import torch"`` 2.16 s CPU median, 1.61 s when ending with
+    ``os._exit``). Logging is shut down (flushed) and stdout/stderr are flushed first; other commands, which may
+    leave background work to Python's exit (workers, ``torchrun`` ranks), exit the ordinary way.
+    """
+    rc = main()
+    if _command(sys.argv[1:]) == "register":
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()
