@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-split", action="store_true", help="skip the per-kernel profile")
     p.add_argument("--current-tree", type=Path, default=REPO, help="the checkout measured as 'current' (default: "
                    "this one)")
+    p.add_argument("--extra", nargs="*", default=[], metavar="NAME=DIR", help="more checkouts to measure side by side")
     p.add_argument("--cases-dir", type=Path, default=REPO / ".cache" / "large_fov" / "cases")
     p.add_argument("--out", type=Path, default=HERE / "results-iteration-cost")
     p.add_argument("--child", metavar="CASE", help=argparse.SUPPRESS)
@@ -152,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                        capture_output=True)
         try:
             trees = {"baseline": base, "current": args.current_tree.resolve()}
+            trees.update({e.split("=", 1)[0]: Path(e.split("=", 1)[1]).resolve() for e in args.extra})
+            variants = list(trees)
             for rep in range(args.repeats):
                 for case in args.cases:
-                    order = ("baseline", "current") if rep % 2 == 0 else ("current", "baseline")
+                    order = variants if rep % 2 == 0 else variants[::-1]
                     for variant in order:
                         env = dict(os.environ, PYTHONPATH=f"{trees[variant] / 'DeepRegistration'}{os.pathsep}{HERE}",
                                    OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -172,21 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     (out / "iteration_cost.json").write_text(json.dumps({"baseline": rev, "rows": rows}, indent=1))
     lines = [f"# Iteration cost, 1 thread, CPU s per iteration (min of {args.repeats} processes; baseline "
              f"{rev[:10]} vs {args.current_tree})", "", "| case | voxels | variant | n | " + " | ".join(STAGES) +
-             " | same results |", "|---" * (len(STAGES) + 5) + "|"]
+             " | same results as baseline |", "|---" * (len(STAGES) + 5) + "|"]
     for case in args.cases:
         sums = {}
-        for variant in ("baseline", "current"):
+        names = list(dict.fromkeys(r["variant"] for r in rows))
+        for variant in names:
             rs = [r for r in rows if r["case"] == case and r["variant"] == variant and r["ok"]]
             if rs:
                 sums[variant] = rs[0]["checksums"]
-        for variant in ("baseline", "current"):
+        for variant in names:
             rs = [r for r in rows if r["case"] == case and r["variant"] == variant and r["ok"]]
             if not rs:
                 continue
-            same = "–" if len(sums) < 2 else ("yes" if sums["baseline"] == sums["current"] else "NO")
+            same = "–" if "baseline" not in sums or variant == "baseline" else \
+                ("yes" if sums["baseline"] == sums.get(variant) else "no")
             lines.append(f"| {case} | {rs[0]['voxels']} | {variant} | {len(rs)} | " +
                          " | ".join(f"{min(r[k] for r in rs):.3f}" for k in STAGES) + f" | {same} |")
-        for variant in ("baseline", "current"):
+        for variant in names:
             rs = [r for r in rows if r["case"] == case and r["variant"] == variant and r["ok"] and
                   "deformable_f1_kernels" in r]
             if rs:
