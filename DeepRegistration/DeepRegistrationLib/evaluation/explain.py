@@ -84,17 +84,22 @@ def working_pair(fixed: Image, moving: Image, transform: SpatialTransform, confi
     f_t, m_t = to_t(fw.array), to_t(mw.array)
     with torch.no_grad():
         pts = W.grid_points(fw.grid, device)
-        mapped = _map(transform, pts, device)
+        mapped = _map(transform, pts, device, fw.grid)
         warped, view = W.sample_in_view(m_t, mw.grid, mapped)
     fmask = None if fw.mask is None else to_t(fw.mask) > 0.5
     return WorkingPair(f_t, warped, view, fw.grid, fmask)
 
 
-def _map(transform: SpatialTransform, pts: torch.Tensor, device=None) -> torch.Tensor:
+def _map(transform: SpatialTransform, pts: torch.Tensor, device=None, grid: Grid | None = None) -> torch.Tensor:
+    """``T(x)`` at ``pts``; when ``pts`` are the voxel centres of ``grid`` and that is the field's own grid, the
+    field's values are used as they are (interpolating a field at its own nodes returns them: one trilinear
+    sampling of the whole field less, ~0.6 CPU s on a 4.7 M-voxel working grid)."""
     field = None if transform.field is None else torch.as_tensor(transform.field, dtype=torch.float32,
                                                                  device=device)[None]
-    return W.map_points(pts, torch.as_tensor(transform.affine, dtype=torch.float32, device=device), field,
-                        transform.field_grid)
+    affine = torch.as_tensor(transform.affine, dtype=torch.float32, device=device)
+    if field is not None and grid is not None and grid.same_as(transform.field_grid, tol=1e-6):
+        return W.apply_affine(pts + torch.movedim(field, 1, -1), affine)
+    return W.map_points(pts, affine, field, transform.field_grid)
 
 
 def local_cc2(fixed: torch.Tensor, warped: torch.Tensor, radius: int,

@@ -30,7 +30,8 @@ def to_itk(affine: np.ndarray, field: np.ndarray | None = None, grid: Grid | Non
     composite = sitk.CompositeTransform(3)
     composite.AddTransform(aff)
     if field is not None:
-        vec = sitk.GetImageFromArray(np.moveaxis(np.asarray(field), 0, -1).astype(np.float64), isVector=True)
+        vec = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(np.asarray(field), 0, -1), dtype=np.float64),
+                                     isVector=True)  # no copy for a channels-last float64 field
         grid.apply_to_sitk(vec)
         composite.AddTransform(sitk.DisplacementFieldTransform(vec))
     return composite

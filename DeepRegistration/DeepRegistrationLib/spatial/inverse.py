@@ -108,7 +108,8 @@ class InverseTransform:
         """ITK ``CompositeTransform([DisplacementFieldTransform(w), AffineTransform(A⁻¹)])`` (A⁻¹ first)."""
         composite = sitk.CompositeTransform(3)
         if self.field is not None:
-            vec = sitk.GetImageFromArray(np.moveaxis(np.asarray(self.field), 0, -1).astype(np.float64), isVector=True)
+            vec = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(np.asarray(self.field), 0, -1),
+                                                              dtype=np.float64), isVector=True)  # w is channels-last
             self.field_grid.apply_to_sitk(vec)
             composite.AddTransform(sitk.DisplacementFieldTransform(vec))
         aff = sitk.AffineTransform(3)
@@ -188,8 +189,9 @@ def invert_field(field: np.ndarray, grid: Grid, tol_mm: float = TOL_MM, max_iter
     if residual >= tol_mm and n == max_iterations:
         logger.warning("field inversion stopped after %d iterations with a largest grid residual of %.3g mm "
                        "(the field may fold or be too steep to invert exactly)", n, residual)
-    w = w.reshape(*grid.shape, 3)
-    return torch.movedim(w, -1, 0).cpu().double().numpy(), n, residual
+    # float64, channels last in memory: the (3, Z, Y, X) array is a view that ITK's vector image takes as it is
+    w = w.reshape(*grid.shape, 3).double().cpu().numpy()
+    return np.moveaxis(w, -1, 0), n, residual
 
 
 def invert(transform: SpatialTransform, velocity: np.ndarray | None = None, velocity_steps: int = 7,
