@@ -37,6 +37,7 @@ class CosineAdam:
         self.m = torch.zeros_like(param)
         self.vector_dim = vector_dim
         self.v = torch.zeros_like(param if vector_dim is None else param.narrow(vector_dim, 0, 1))
+        self._square = self._denom = None  # work buffers reused by every step (no allocation per step)
 
     def current_lr(self) -> float:
         """Step size of the next update (cosine annealing as ``torch.optim.lr_scheduler.CosineAnnealingLR``)."""
@@ -58,6 +59,13 @@ class CosineAdam:
         if self.vector_dim is None:
             self.v.mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
         else:
-            self.v.mul_(self.b2).add_(grad.square().mean(self.vector_dim, keepdim=True), alpha=1 - self.b2)
-        denom = (self.v / (1 - self.b2 ** self.t)).sqrt_().add_(self.eps)
+            # the squared gradient in a buffer kept between steps (the bits of grad.square())
+            sq = self._square
+            if sq is None or sq.shape != grad.shape or sq.dtype != grad.dtype or sq.stride() != grad.stride():
+                self._square = torch.empty_like(grad)  # grad's layout: the reduction below sums in the same order
+            torch.mul(grad, grad, out=self._square)
+            self.v.mul_(self.b2).add_(self._square.mean(self.vector_dim, keepdim=True), alpha=1 - self.b2)
+        if self._denom is None:
+            self._denom = torch.empty_like(self.v)
+        denom = torch.div(self.v, 1 - self.b2 ** self.t, out=self._denom).sqrt_().add_(self.eps)
         self.param.addcdiv_(self.m, denom, value=-lr / (1 - self.b1 ** self.t))
