@@ -140,3 +140,31 @@ def test_wrong_guide_landmarks_fail_the_verdict(tmp_path, data):
     assert q["signals"]["landmark_residual_mm"] == pytest.approx(run.report["guidance"]["distance_after_mm"]["mean"])
     assert q["signals"]["landmark_residual_mm"] > 15
     assert q["verdict"] == "failed" and any("landmark residual" in r for r in q["reasons"])
+
+
+def test_working_pair_maps_the_field_nodes_with_the_field_values():
+    """The quality signals' working grid lies on the field grid's nodes (one voxel inside it): T there is the
+    field's values, the same points as sampling the field (float32 rounding); a grid off the nodes samples."""
+    import torch
+
+    from conftest import random_smooth_field
+    from DeepRegistrationLib.core.grid import Grid
+    from DeepRegistrationLib.evaluation import explain as E
+    from DeepRegistrationLib.spatial import warp as W
+    from DeepRegistrationLib.spatial.transforms import SpatialTransform
+
+    rng = np.random.default_rng(7)
+    flip = (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
+    field_grid = Grid((12, 14, 16), (2.0, 2.0, 2.0), (40.0, 30.0, -20.0), flip)
+    working = Grid((10, 12, 14), (2.0, 2.0, 2.0), (38.0, 28.0, -18.0), flip)
+    a = np.eye(4)
+    a[:3, 3] = (3.0, -2.0, 1.0)
+    t = SpatialTransform(a, random_smooth_field(field_grid.shape, rng, max_mm=4.0), field_grid)
+    assert E._node_slices(working, field_grid) == (slice(1, 11), slice(1, 13), slice(1, 15))
+    pts = W.grid_points(working)
+    sampled = W.map_points(pts, torch.as_tensor(a, dtype=torch.float32),
+                           torch.as_tensor(t.field, dtype=torch.float32)[None], field_grid)
+    np.testing.assert_allclose(E._map(t, pts, grid=working).numpy(), sampled.numpy(), atol=1e-4)
+    half = Grid(working.shape, working.spacing, (37.0, 28.0, -18.0), flip)
+    beyond = Grid((12, 14, 16), (2.0, 2.0, 2.0), (38.0, 28.0, -18.0), flip)
+    assert E._node_slices(half, field_grid) is None and E._node_slices(beyond, field_grid) is None
