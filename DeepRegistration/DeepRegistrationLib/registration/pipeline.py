@@ -12,6 +12,7 @@ optimization (``"replace"``).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -79,6 +80,10 @@ class RegistrationResult:
         sdlogj: Both SDlogJ variants (see :func:`DeepRegistrationLib.evaluation.metrics.sdlogj`).
         initialization: How the linear stage started (``mode``; for ``"search"`` also the winning
             ``start``, its ``score`` and the centre-of-mass start's ``moments_score``).
+        plan: The iterations each level ran, in order: one dict per level with ``stage`` (``"linear"`` or
+            ``"deformable"``), ``factor`` (pooling factor), ``voxels`` (the level's fixed-grid voxels; for
+            ``symmetric`` the midpoint grid's), ``planned`` (from ``iterations``/``affine_iterations``) and
+            ``iterations`` (after ``config.large_grid_voxels``).
         timings: Seconds per stage.
         device: Where it ran.
         config: The settings used.
@@ -102,6 +107,7 @@ class RegistrationResult:
     config: RegistrationConfig | None = None
     velocity: np.ndarray | None = None
     working_images: tuple | None = field(default=None, repr=False)
+    plan: list = field(default_factory=list)
 
 
 def _pool(t: torch.Tensor, f: int) -> torch.Tensor:
@@ -332,14 +338,56 @@ def _predict(p: "_Prepared", affine: torch.Tensor, predictor: FieldPredictor, de
         return predictor.predict(finest.fixed, moved, finest.fgrid).to(device=device, dtype=torch.float32)
 
 
-def _level_plan(run_factors: list[int], cfg: RegistrationConfig, progress: ProgressCallback | None):
+def _stage_plan(stage: str, planned: dict, voxels: dict, finest_voxels: int, cfg: RegistrationConfig) -> dict:
+    """The iterations each level of one stage runs: ``{factor: iterations}``, coarse to fine as ``planned``.
+
+    ``planned`` maps each level's pooling factor to its iterations from ``cfg.iterations``/``cfg.affine_iterations``,
+    ``voxels`` to the level's fixed-grid voxel count; ``finest_voxels`` is the working grid's. On a working grid
+    larger than ``cfg.large_grid_voxels`` (millions; 0 = no limit) the stage's work (voxel-iterations over its
+    levels) is capped at what the same plan costs on a grid of that size, ``Σ planned·voxels ·
+    large_grid_voxels / finest_voxels``; the levels take it coarse to fine, each ``min(planned, ⌊left /
+    voxels⌋)`` (the coarsest at least one), so the finest levels give way first: a level left with 0 is not
+    optimized (the coarser field or matrix carries over). Grids up to ``large_grid_voxels`` run ``planned``
+    exactly. ``stage`` (``"linear"``/``"deformable"``) only names the stage in the log."""
+    cap = cfg.large_grid_voxels * 1e6
+    if cap <= 0 or finest_voxels <= cap:
+        return dict(planned)
+    left = cap / finest_voxels * sum(planned[f] * voxels[f] for f in planned)
+    out = {}
+    for n, f in enumerate(planned):
+        iters = min(planned[f], math.floor(left / voxels[f]))
+        if n == 0:
+            iters = max(iters, min(planned[f], 1))
+        out[f] = iters
+        left -= iters * voxels[f]
+    if out != planned:
+        logger.info("%s stage on %.2f M working voxels (large_grid_voxels %g M): iterations per level %s "
+                    "instead of %s", stage, finest_voxels / 1e6, cfg.large_grid_voxels, out, planned)
+    return out
+
+
+def _run_plan(stage: str, planned: dict, voxels: dict, finest_voxels: int, cfg: RegistrationConfig,
+              record: list) -> dict:
+    """:func:`_stage_plan`, with each level's entry appended to ``record`` (``RegistrationResult.plan``)."""
+    iters = _stage_plan(stage, planned, voxels, finest_voxels, cfg)
+    record.extend({"stage": stage, "factor": int(f), "voxels": int(voxels[f]), "planned": int(planned[f]),
+                   "iterations": int(iters[f])} for f in planned)
+    return iters
+
+
+def _level_plan(run_factors: list[int], cfg: RegistrationConfig, progress: ProgressCallback | None,
+                shapes: dict, finest_shape: tuple, record: list):
     """For each deformable level (coarse to fine): ``(n, factor, iterations, progress)``, the coarser levels
-    with ``COARSE_ITERATION_FACTOR`` times ``cfg.iterations``, the levels sharing 0.3–0.95 of ``progress``."""
+    with ``COARSE_ITERATION_FACTOR`` times ``cfg.iterations``, within ``cfg.large_grid_voxels``
+    (:func:`_stage_plan`; ``shapes`` maps the factor to the level's grid shape, ``finest_shape`` is the
+    working grid's), the levels sharing 0.3–0.95 of ``progress``; each level's entry goes to ``record``."""
+    planned = {f: cfg.iterations * (COARSE_ITERATION_FACTOR if f > 1 else 1) for f in run_factors}
+    voxels = {f: int(np.prod(shapes[f])) for f in run_factors}
+    plan = _run_plan("deformable", planned, voxels, int(np.prod(finest_shape)), cfg, record)
     for n, f in enumerate(run_factors):
-        iters = cfg.iterations * (COARSE_ITERATION_FACTOR if f > 1 else 1)
         sub = Progress(progress, *np.interp([n / len(run_factors), (n + 1) / len(run_factors)], [0, 1],
                                              (0.3, 0.95)))
-        yield n, f, iters, sub
+        yield n, f, plan[f], sub
 
 
 def _symmetric_stage(p: "_Prepared", cfg: RegistrationConfig, affine: torch.Tensor, device,
@@ -363,7 +411,10 @@ def _symmetric_stage(p: "_Prepared", cfg: RegistrationConfig, affine: torch.Tens
         init = symmetric.push_forward(pred, finest.fgrid, hf_np, mid)
         run_factors = [1]
     v, prev = init, None
-    for _, f, iters, sub in _level_plan(run_factors, cfg, progress):
+    shapes = {f: mid.downsampled(f).shape for f in run_factors}
+    for _, f, iters, sub in _level_plan(run_factors, cfg, progress, shapes, mid.shape, p.plan):
+        if iters == 0 < cfg.iterations and prev is not None:
+            continue  # a level the plan leaves out: the coarser level's field is pulled back as it is
         grid = mid.downsampled(f)
         if prev is not None:
             v = W.resample_field(v, prev, grid)
@@ -438,6 +489,7 @@ class _Prepared:
     term: LandmarkTerm | None
     sim_before: float
     ncc_before: float
+    plan: list = field(default_factory=list)
 
     @property
     def finest(self) -> _Level:
@@ -494,10 +546,15 @@ def _linear_stage(p: _Prepared, cfg: RegistrationConfig, a0: np.ndarray, device,
     lin_factors = ([f for f in factors if f >= 2] or [1]) if cfg.mode == "deformable" else factors
     # 0.08-0.12 is the initialization search's share of the progress range
     lin_span = (0.12, 0.3 if cfg.mode == "deformable" else 0.95)
+    planned = {f: cfg.affine_iterations * (2 if f > lin_factors[-1] else 1) for f in lin_factors}
+    voxels = {f: int(np.prod(p.levels[f].fgrid.shape)) for f in lin_factors}
+    plan = _run_plan("linear", planned, voxels, int(np.prod(p.fw.grid.shape)), cfg, p.plan)
     for n, f in enumerate(lin_factors):
-        iters = cfg.affine_iterations * (2 if f > lin_factors[-1] else 1)
-        sub = Progress(progress, *np.interp([n / len(lin_factors), (n + 1) / len(lin_factors)], [0, 1], lin_span))
+        iters = plan[f]
+        if iters == 0 < planned[f]:
+            continue  # a level the plan leaves out on a large grid: the coarser level's matrix carries over
         lv = p.levels[f]
+        sub = Progress(progress, *np.interp([n / len(lin_factors), (n + 1) / len(lin_factors)], [0, 1], lin_span))
         f_t, m_t = p.f_t, p.m_t
         if f == 1:
             # At full resolution, linear interpolation of the moving image pulls a linear fit towards
@@ -526,7 +583,10 @@ def _deformable_stage(p: _Prepared, cfg: RegistrationConfig, affine: torch.Tenso
         run_factors = [] if predictor_mode == "replace" else [1]
         u = init
     prev_grid = p.levels[factors[0]].fgrid if predictor is None else finest.fgrid
-    for n, f, iters, sub in _level_plan(run_factors, cfg, progress):
+    shapes = {f: p.levels[f].fgrid.shape for f in run_factors}
+    for n, f, iters, sub in _level_plan(run_factors, cfg, progress, shapes, finest.fgrid.shape, p.plan):
+        if iters == 0 < cfg.iterations and u is not None:
+            continue  # a level the plan leaves out: the coarser level's field, upsampled below
         lv = p.levels[f]
         if n > 0 or predictor is not None:
             # the diffeomorphic parameters are the velocity (the displacement only for a prediction)
@@ -559,7 +619,7 @@ def _finish(p: _Prepared, cfg: RegistrationConfig, affine: torch.Tensor, u: torc
         folding_percent=float(metrics.folding_percent(detj)), sdlogj=metrics.sdlogj(detj),
         initialization=init_info, timings=timings, device=str(device), config=cfg,
         velocity=None if v is None else _padded_field(v[0].double().cpu().numpy(), fw.grid)[0],
-        working_images=(p.fw, p.mw))
+        working_images=(p.fw, p.mw), plan=list(p.plan))
 
 
 def register(fixed: Image, moving: Image, config: RegistrationConfig | None = None, *,

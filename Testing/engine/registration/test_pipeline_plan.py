@@ -1,0 +1,82 @@
+"""The per-level iteration plan (``RegistrationConfig.large_grid_voxels``): above the cap each stage's work is
+limited, the finest levels give way first, the plan reports what ran, and grids below the cap are as they were."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from DeepRegistrationLib.core.config import DEFAULT_LARGE_GRID_VOXELS, RegistrationConfig
+from DeepRegistrationLib.core.errors import InputError
+from DeepRegistrationLib.registration import pipeline
+
+
+def cfg(**kw) -> RegistrationConfig:
+    return RegistrationConfig(**{"spacing": 4.0, "threads": 2, **kw})
+
+
+@pytest.fixture()
+def counted_steps(monkeypatch):
+    """The optimizer steps each level really took, in order (the pipeline's own optimizer, counted)."""
+    runs: list[list] = []
+
+    class Counting(pipeline.CosineAdam):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            runs.append([0])
+
+        def step(self):
+            runs[-1][0] += 1
+            return super().step()
+
+    monkeypatch.setattr(pipeline, "CosineAdam", Counting)
+    return runs
+
+
+def test_a_small_cap_cuts_the_finest_levels_first(sample_pair, counted_steps):
+    fixed, moving, _, _ = sample_pair
+    cap = 0.02  # M voxels: the 4 mm working grid (~85 k voxels) is "large"
+    res = pipeline.register(fixed, moving, cfg(large_grid_voxels=cap, initialization="moments"))
+    plan = res.plan
+    assert [(e["stage"], e["factor"]) for e in plan] == [("linear", 4), ("linear", 2), ("deformable", 4),
+                                                         ("deformable", 2), ("deformable", 1)]
+    assert [e["planned"] for e in plan] == [60, 30, 20, 20, 10]
+    finest = int(np.prod(res.working_grid.shape))
+    assert finest == plan[-1]["voxels"] > cap * 1e6
+    for stage in ("linear", "deformable"):
+        levels = [e for e in plan if e["stage"] == stage]
+        budget = cap * 1e6 / finest * sum(e["planned"] * e["voxels"] for e in levels)
+        work = [e["iterations"] * e["voxels"] for e in levels]
+        assert sum(work) <= budget
+        assert levels[0]["iterations"] >= 1
+        # coarse to fine: a level is cut only once the coarser ones have taken what they planned
+        cut = [e["iterations"] < e["planned"] for e in levels]
+        assert cut[-1] and cut == sorted(cut)
+        for e, w_before in zip(levels, np.cumsum([0] + work[:-1])):
+            assert e["iterations"] == min(e["planned"], math.floor((budget - w_before) / e["voxels"]))
+    # the steps the optimizers took are the reported plan (levels left with 0 iterations do not run)
+    assert [n for (n,) in counted_steps] == [e["iterations"] for e in plan if e["iterations"] > 0]
+    assert res.similarity_after < res.similarity_before
+
+
+def test_no_limit_and_the_default_leave_a_small_pair_as_it_was(sample_pair):
+    fixed, moving, _, _ = sample_pair
+    unlimited = pipeline.register(fixed, moving, cfg(large_grid_voxels=0))
+    default = pipeline.register(fixed, moving, cfg())
+    assert RegistrationConfig().large_grid_voxels == DEFAULT_LARGE_GRID_VOXELS > 0
+    for res in (unlimited, default):
+        assert all(e["iterations"] == e["planned"] for e in res.plan)
+    np.testing.assert_array_equal(default.transform.affine, unlimited.transform.affine)
+    np.testing.assert_array_equal(default.transform.field, unlimited.transform.field)
+    assert default.similarity_after == unlimited.similarity_after
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "10"])
+def test_bad_caps_name_the_option(bad):
+    with pytest.raises(InputError, match="large_grid_voxels"):
+        RegistrationConfig(large_grid_voxels=bad).validate()
+
+
+def test_the_cap_is_a_reported_setting():
+    assert RegistrationConfig(large_grid_voxels=8).validate().to_dict()["large_grid_voxels"] == 8
