@@ -224,7 +224,7 @@ def jacobian_determinant(displacement: np.ndarray, grid: Grid, affine: np.ndarra
     Returns:
         ``det(dT/dx)``, shape ``(Z, Y, X)``, float64 (1 for identity, ≤ 0 where the map folds).
     """
-    u = np.asarray(displacement, dtype=np.float64)
+    u = np.asarray(displacement)  # converted to float64 one slab at a time
     if u.ndim != 4 or u.shape[0] != 3 or tuple(u.shape[1:]) != tuple(grid.shape):
         raise ValueError(f"displacement must have shape (3, {', '.join(map(str, grid.shape))}), got {u.shape}")
     det_a = 1.0 if affine is None else float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))
@@ -235,16 +235,40 @@ def jacobian_determinant(displacement: np.ndarray, grid: Grid, affine: np.ndarra
     for z0 in range(0, nz, slab):
         z1 = min(z0 + slab, nz)
         e0, e1 = max(z0 - 1, 0), min(z1 + 1, nz)  # one overlapping slice keeps central differences exact
-        part = u[:, e0:e1]
-        # g[c][a]: du_c / d index_a, index axes a = (i, j, k) = array axes (3, 2, 1) of part.
+        part = np.asarray(u[:, e0:e1], dtype=np.float64)
+        # g[a][c]: du_c / d index_a, index axes a = (i, j, k) = array axes (3, 2, 1) of part.
         g = [_index_derivatives(part, ax)[:, z0 - e0:z1 - e0] for ax in (3, 2, 1)]
-        # world Jacobian of u: J[c][d] = sum_a g[a][c] * inv[a, d]; then add the identity.
-        jac = [[sum(g[a][c] * inv[a, d] for a in range(3)) + (1.0 if c == d else 0.0) for d in range(3)]
-               for c in range(3)]
-        out[z0:z1] = (jac[0][0] * (jac[1][1] * jac[2][2] - jac[1][2] * jac[2][1])
-                      - jac[0][1] * (jac[1][0] * jac[2][2] - jac[1][2] * jac[2][0])
-                      + jac[0][2] * (jac[1][0] * jac[2][1] - jac[1][1] * jac[2][0]))
-    return out * det_a
+        # world Jacobian of u: J[c][d] = sum_a g[a][c] * inv[a, d] (terms of a zero inv[a, d], all of them on an
+        # axis-aligned grid but three, skipped); then add the identity.
+        jac = [[None] * 3 for _ in range(3)]
+        for c in range(3):
+            for d in range(3):
+                acc = None
+                for a in range(3):
+                    if inv[a, d] != 0.0:
+                        term = g[a][c] * inv[a, d]
+                        acc = term if acc is None else np.add(acc, term, out=acc)
+                if acc is None:
+                    acc = np.zeros(g[0][c].shape)
+                if c == d:
+                    acc += 1.0
+                jac[c][d] = acc
+        # det by the first row, as jac00 (jac11 jac22 - jac12 jac21) - jac01 (...) + jac02 (...), in place
+        det = jac[1][1] * jac[2][2]
+        det -= jac[1][2] * jac[2][1]
+        det *= jac[0][0]
+        minor = jac[1][0] * jac[2][2]
+        minor -= jac[1][2] * jac[2][0]
+        minor *= jac[0][1]
+        det -= minor
+        minor = jac[1][0] * jac[2][1]
+        minor -= jac[1][1] * jac[2][0]
+        minor *= jac[0][2]
+        det += minor
+        out[z0:z1] = det
+    if det_a != 1.0:
+        out *= det_a
+    return out
 
 
 def folding_percent(detj: np.ndarray) -> float:

@@ -156,6 +156,23 @@ def test_jacobian_of_linear_field_on_oblique_anisotropic_grid():
     np.testing.assert_allclose(jacobian_determinant(u, grid, affine=a, slab=2), det, rtol=1e-12)
 
 
+@pytest.mark.parametrize("direction", ["identity", "flipped", "oblique"])
+def test_jacobian_of_a_nonlinear_float32_field_equals_the_whole_volume_definition(direction):
+    d = {"identity": np.eye(3), "flipped": np.diag([-1.0, 1.0, -1.0]),
+         "oblique": _rotation([1, 2, 3], 0.4)}[direction]
+    grid = Grid(shape=(9, 11, 13), spacing=(1.5, 2.0, 2.5), origin=(3.0, -4.0, 5.0), direction=tuple(d.ravel()))
+    rng = np.random.default_rng(3)
+    u = rng.normal(scale=0.8, size=(3, *grid.shape)).astype(np.float32)  # rough: folds in places
+    # reference: J = I + (du/d index) @ inv(D diag(spacing)) on the whole volume, det by numpy
+    g = np.stack([np.gradient(u.astype(np.float64), axis=ax) for ax in (3, 2, 1)], axis=-1)  # (3, Z, Y, X, a)
+    jac = np.moveaxis(g, 0, -2) @ np.linalg.inv(grid.voxel_to_mm) + np.eye(3)  # (Z, Y, X, c, d)
+    a = np.diag([1.1, 0.9, -1.2, 1.0])
+    expected = np.linalg.det(jac) * np.linalg.det(a[:3, :3])
+    det = jacobian_determinant(u, grid, affine=a, slab=4)
+    np.testing.assert_allclose(det, expected, rtol=1e-9, atol=1e-12)
+    assert 0 < folding_percent(det) < 100
+
+
 def test_jacobian_of_identity_and_of_affine_only():
     grid = _oblique_grid()
     zero = np.zeros((3, *grid.shape))
