@@ -16,9 +16,11 @@ INITIALIZATIONS = ("search", "moments", "geometry", "none")
 #: whole range and a 1 mm one 0.01, so the points pull hard while far off and the images decide below a
 #: voxel or two (where hand-placed points are no more accurate than the images).
 DEFAULT_GUIDE_WEIGHT = 0.01
-#: Default ``large_grid_voxels`` (millions of working voxels): brains at 2 mm (0.7–1.1 M) and the 3 mm trunk CTs
-#: of the robustness benchmark (1.4 M) are below it and run as planned; measured on a 2 mm trunk CT (4.6 M
-#: voxels) in docs/ENGINE.md (*Work on large grids*).
+#: Default working voxel size (mm).
+DEFAULT_SPACING = 2.0
+#: Default ``large_grid_voxels`` (millions of working voxels at :data:`DEFAULT_SPACING` or coarser): brains at 2 mm
+#: (0.7–1.1 M) and the 3 mm trunk CTs of the robustness benchmark (1.4 M) are below it and run as planned;
+#: measured on a 2 mm trunk CT (4.6 M voxels) in docs/ENGINE.md (*Work on large grids*).
 DEFAULT_LARGE_GRID_VOXELS = 1.5
 
 
@@ -42,8 +44,10 @@ class RegistrationConfig:
             larger grid each stage (linear, deformable) does at most the voxel-iterations its plan would cost on
             a grid of this size, the coarse levels first, so the finest levels run fewer iterations or none (the
             coarser field, upsampled); grids up to this size run the planned iterations exactly
-            (default :data:`DEFAULT_LARGE_GRID_VOXELS`; 0 = no limit). ``RegistrationResult.plan`` reports what
-            ran.
+            (default :data:`DEFAULT_LARGE_GRID_VOXELS`; 0 = no limit). With a ``spacing`` finer than
+            :data:`DEFAULT_SPACING` the size grows by ``(DEFAULT_SPACING / spacing)³`` (the same field of view:
+            the finer detail asked for keeps its iterations), see :meth:`large_grid_cap`.
+            ``RegistrationResult.plan`` reports what ran.
         levels: Number of resolution levels (each halves the resolution of the next finer one).
         diffeomorphic: Parameterize the field as a stationary velocity field integrated by scaling
             and squaring (invertible by construction; slower).
@@ -71,7 +75,7 @@ class RegistrationConfig:
     similarity: str = "lncc"
     regularization: str = "diffusion"
     reg_weight: float = 3.0
-    spacing: float = 2.0
+    spacing: float = DEFAULT_SPACING
     iterations: int = 10
     affine_iterations: int = 30
     large_grid_voxels: float = DEFAULT_LARGE_GRID_VOXELS
@@ -122,6 +126,13 @@ class RegistrationConfig:
         if not 0 <= lo < hi <= 100:
             raise InputError(f"intensity_percentiles must satisfy 0 <= low < high <= 100, got {self.intensity_percentiles}")
         return self
+
+    def large_grid_cap(self) -> float:
+        """Working voxels above which the stages' work stops growing (``inf`` without a limit): ``large_grid_voxels``
+        millions, times ``(DEFAULT_SPACING / spacing)³`` for a spacing finer than :data:`DEFAULT_SPACING`."""
+        if self.large_grid_voxels <= 0:
+            return math.inf
+        return self.large_grid_voxels * 1e6 * max(1.0, DEFAULT_SPACING / self.spacing) ** 3
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -343,14 +343,14 @@ def _stage_plan(stage: str, planned: dict, voxels: dict, finest_voxels: int, cfg
 
     ``planned`` maps each level's pooling factor to its iterations from ``cfg.iterations``/``cfg.affine_iterations``,
     ``voxels`` to the level's fixed-grid voxel count; ``finest_voxels`` is the working grid's. On a working grid
-    larger than ``cfg.large_grid_voxels`` (millions; 0 = no limit) the stage's work (voxel-iterations over its
-    levels) is capped at what the same plan costs on a grid of that size, ``Σ planned·voxels ·
-    large_grid_voxels / finest_voxels``; the levels take it coarse to fine, each ``min(planned, ⌊left /
-    voxels⌋)`` (the coarsest at least one), so the finest levels give way first: a level left with 0 is not
-    optimized (the coarser field or matrix carries over). Grids up to ``large_grid_voxels`` run ``planned``
-    exactly. ``stage`` (``"linear"``/``"deformable"``) only names the stage in the log."""
-    cap = cfg.large_grid_voxels * 1e6
-    if cap <= 0 or finest_voxels <= cap:
+    larger than ``cap = cfg.large_grid_cap()`` (``large_grid_voxels`` millions, more for a spacing finer than the
+    default; no limit for 0) the stage's work (voxel-iterations over its levels) is capped at what the same plan
+    costs on a grid of ``cap`` voxels, ``Σ planned·voxels · cap / finest_voxels``; the levels take it coarse to
+    fine, each ``min(planned, ⌊left / voxels⌋)`` (the coarsest at least one), so the finest levels give way
+    first: a level left with 0 is not optimized (the coarser field or matrix carries over). Grids up to ``cap``
+    run ``planned`` exactly. ``stage`` (``"linear"``/``"deformable"``) only names the stage in the log."""
+    cap = cfg.large_grid_cap()
+    if finest_voxels <= cap:
         return dict(planned)
     left = cap / finest_voxels * sum(planned[f] * voxels[f] for f in planned)
     out = {}
@@ -361,8 +361,8 @@ def _stage_plan(stage: str, planned: dict, voxels: dict, finest_voxels: int, cfg
         out[f] = iters
         left -= iters * voxels[f]
     if out != planned:
-        logger.info("%s stage on %.2f M working voxels (large_grid_voxels %g M): iterations per level %s "
-                    "instead of %s", stage, finest_voxels / 1e6, cfg.large_grid_voxels, out, planned)
+        logger.info("%s stage on %.2f M working voxels (cap %.2f M, large_grid_voxels): iterations per level %s "
+                    "instead of %s", stage, finest_voxels / 1e6, cap / 1e6, out, planned)
     return out
 
 

@@ -80,3 +80,18 @@ def test_bad_caps_name_the_option(bad):
 
 def test_the_cap_is_a_reported_setting():
     assert RegistrationConfig(large_grid_voxels=8).validate().to_dict()["large_grid_voxels"] == 8
+
+
+def test_a_finer_spacing_keeps_its_iterations_over_the_same_field_of_view():
+    planned = {4: 20, 2: 20, 1: 10}
+    n = 2_500_000  # a brain at 1.5 mm
+    voxels = {4: n // 64, 2: n // 8, 1: n}
+    at_default = pipeline._stage_plan("deformable", planned, voxels, n, RegistrationConfig())
+    assert at_default[4] == 20 and at_default[1] < 10
+    assert pipeline._stage_plan("deformable", planned, voxels, n, RegistrationConfig(spacing=1.5)) == planned
+    assert RegistrationConfig(spacing=1.5).large_grid_cap() == pytest.approx(1.5e6 * (2 / 1.5) ** 3)
+    assert RegistrationConfig(spacing=3.0).large_grid_cap() == 1.5e6  # coarser: the default cap
+    assert RegistrationConfig(large_grid_voxels=0).large_grid_cap() == math.inf
+    big = 40 * n  # a grid so large that the coarse levels alone exceed the cap: the coarsest still runs once
+    few = pipeline._stage_plan("deformable", planned, {f: big // f ** 3 for f in planned}, big, RegistrationConfig())
+    assert few[4] >= 1 and few[1] == 0
