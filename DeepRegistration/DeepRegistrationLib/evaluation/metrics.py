@@ -117,13 +117,23 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+#: Distance maps of up to this many voxels run on one thread (same values; measured on the bundled pair's 116
+#: labels: 0.55-0.59 s CPU instead of 0.74-0.84 s, and no thread start-up per label on a busy machine).
+_ONE_THREAD_VOXELS = 1_000_000
+
+
 def _distance_to(surface: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """Distance in mm from every voxel to the nearest voxel of ``surface`` (shape ``(Z, Y, X)``)."""
     img = sitk.GetImageFromArray(surface.astype(np.uint8))
     img.SetSpacing(tuple(float(s) for s in spacing))  # (x, y, z), matching the (Z, Y, X) array
     # Every voxel of a surface mask lies on that mask's own contour, where Maurer's map is exactly 0.
-    dist = sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=False,
-                                        useImageSpacing=True)
+    f = sitk.SignedMaurerDistanceMapImageFilter()
+    f.SetInsideIsPositive(False)
+    f.SetSquaredDistance(False)
+    f.SetUseImageSpacing(True)
+    if surface.size <= _ONE_THREAD_VOXELS:  # a label's bounding box: threads cost more than they share
+        f.SetNumberOfThreads(1)
+    dist = f.Execute(img)
     out = np.abs(sitk.GetArrayFromImage(dist)).astype(np.float64)
     out[out < 1e-4 * min(spacing)] = 0.0  # float32 round-off of sqrt on anisotropic grids (~1e-6 mm)
     return out
