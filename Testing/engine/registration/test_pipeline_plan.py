@@ -95,3 +95,14 @@ def test_a_finer_spacing_keeps_its_iterations_over_the_same_field_of_view():
     big = 40 * n  # a grid so large that the coarse levels alone exceed the cap: the coarsest still runs once
     few = pipeline._stage_plan("deformable", planned, {f: big // f ** 3 for f in planned}, big, RegistrationConfig())
     assert few[4] >= 1 and few[1] == 0
+
+
+@pytest.mark.parametrize("kind", ["diffeomorphic", "symmetric"])
+def test_a_left_out_finest_level_carries_the_coarser_velocity(sample_pair, counted_steps, kind):
+    fixed, moving, _, _ = sample_pair
+    res = pipeline.register(fixed, moving, cfg(large_grid_voxels=0.02, initialization="moments", **{kind: True}))
+    finest = [e for e in res.plan if e["stage"] == "deformable"][-1]
+    assert finest["factor"] == 1 and finest["iterations"] == 0 < finest["planned"]
+    assert [n for (n,) in counted_steps] == [e["iterations"] for e in res.plan if e["iterations"] > 0]
+    assert res.velocity is not None and res.velocity.shape == res.transform.field.shape
+    assert res.similarity_after < res.similarity_before and res.folding_percent == 0.0
