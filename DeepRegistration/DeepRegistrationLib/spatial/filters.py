@@ -9,21 +9,22 @@ import torch.nn.functional as F
 __all__ = ["box_filter", "box_sum", "box_count"]
 
 
-def _box_sum(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Sum over a ``(2r+1)³`` window (zeros outside) of ``(B, C, Z, Y, X)``; a new tensor (``x`` is not changed).
+def _box_sum(x: torch.Tensor, radius: int, consume: bool = False) -> torch.Tensor:
+    """Sum over a ``(2r+1)³`` window (zeros outside) of ``(B, C, Z, Y, X)``; a new tensor (``x`` is not changed,
+    unless ``consume``: then ``x`` is a temporary of the caller's whose memory may be reused as a buffer).
 
     Along each axis: for ``r <= 1`` shifted adds, else a running sum (``cumsum``) whose differences are written
     into the window sums directly (the borders from the clamped ends), without padded copies. Both give the same
     bits as summing a zero-padded line (same operations in the same order), at about 0.75x (running sums) and
     0.4x (shifted adds) of the time of the padded version (one thread, 2 mm brain grid). The axes alternate
     between two buffers (the input's own memory is never written), so a call allocates two tensors of
-    ``x``'s size, not one or two per axis.
+    ``x``'s size, not one or two per axis (one with ``consume``).
     """
     k = 2 * radius + 1
     if radius <= 0:
         return x.clone()
     spare = None  # a buffer of x's shape that is free to overwrite
-    owned = False  # whether x is a buffer of this call (else it is the caller's input)
+    owned = consume  # whether x's memory may be overwritten (a buffer of this call or a consumed temporary)
     if radius == 1:
         for d in (2, 3, 4):
             n = x.shape[d]
@@ -82,7 +83,7 @@ class _BoxMean(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (count,) = ctx.saved_tensors
-        return _box_sum(grad / count, ctx.radius), None, None
+        return _box_sum(grad / count, ctx.radius, consume=True), None, None  # grad / count is ours to reuse
 
 
 def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:

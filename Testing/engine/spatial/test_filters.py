@@ -61,3 +61,11 @@ def test_box_filter_backward_is_the_window_sum_of_grad_over_count(radius):
     (y * w).sum().backward()
     assert torch.equal(x.grad, _padded_reference(w / count, radius))
     assert torch.equal(box_count(x.shape, radius), count)
+
+
+@pytest.mark.parametrize("radius", [1, 3])
+def test_box_sum_consuming_its_input_gives_the_same_bits(radius):
+    for x in _inputs((1, 3, 8, 1, 11), 9):
+        want = _box_sum(x, radius)
+        got = _box_sum(x.clone(), radius, consume=True)
+        assert torch.equal(got, want)
