@@ -315,10 +315,16 @@ def sdlogj(detj: np.ndarray, crop: int = 2) -> dict:
         NaN where no voxel qualifies.
     """
     d = _crop(np.asarray(detj, dtype=np.float64), int(crop)).ravel()
-    d = d[np.isfinite(d)]
-    l2r = float(np.std(np.log(np.clip(d + 3.0, 1e-9, 1e9)))) if d.size else float("nan")
+    finite = np.isfinite(d)
+    if not finite.all():
+        d = d[finite]
+    l2r = float("nan")
+    if d.size:  # log(clip(d + 3)) in one buffer
+        t = d + 3.0
+        np.clip(t, 1e-9, 1e9, out=t)
+        l2r = float(np.std(np.log(t, out=t)))
     pos = d[d > 0]
-    plain = float(np.std(np.log(pos))) if pos.size else float("nan")
+    plain = float(np.std(np.log(pos, out=pos))) if pos.size else float("nan")
     return {"sdlogj_l2r": l2r, "sdlogj": plain}
 
 
