@@ -21,8 +21,9 @@ Cases: ``demo``: the bundled pair (``DeepRegistration/Resources/SampleData``, 2 
 cached under ``--cases-dir`` on first use, which downloads TotalSegmentator's example CT).
 
 Every case runs in a fresh process per variant and repeat, alternating baseline / current (ABAB); the minimum over
-repeats is reported. Runtime: about 1 min per repeat for ``syn2`` and 4 min for ``ct2mm`` (both variants, one
-core). Writes ``iteration_cost.json`` and ``iteration_cost.md``; prints one JSON line per run.
+repeats is reported. Runtime (one core, a loaded machine): about 0.5 min per process for ``syn2`` and 2–3 min for
+``ct2mm`` (half that with ``--no-split``), so the default run (2 repeats, 2 variants) takes about 12 min.
+Writes ``iteration_cost.json`` and ``iteration_cost.md``; prints one JSON line per run.
 """
 from __future__ import annotations
 
