@@ -85,3 +85,26 @@ def test_slabs_beyond_a_partial_view_are_zero_and_integer_output_is_the_rounded_
     assert as_int.dtype == np.int16
     np.testing.assert_array_equal(as_int, np.clip(np.rint(one_slab), -32768, 32767).astype(np.int16))
     assert as_int.max() == 32767  # some values clipped
+
+
+def test_sample_on_grid_separable_equals_grid_sample_beyond_the_source_and_with_a_flipped_axis():
+    """A scalar map resampled onto a finer grid with parallel axes (one of them reversed), reaching past the
+    source on every side (border values repeat): the separable path gives grid_sample's values; an oblique
+    target takes grid_sample itself."""
+    rng = np.random.default_rng(8)
+    source = Grid((9, 11, 13), (3.0, 3.0, 3.0), (40.0, 30.0, -20.0), (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+    values = rng.normal(size=source.shape).astype(np.float32)
+    target = Grid((31, 37, 45), (1.0, 1.0, 1.0), (-6.0, 34.0, -24.0), (1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+
+    def general(tgt):
+        vol = torch.as_tensor(values)[None, None]
+        return W.sample(vol, source, W.grid_points(tgt), padding_mode="border")[0, 0].numpy()
+
+    out = R.sample_on_grid(values, source, target)
+    assert out.dtype == np.float32 and out.shape == target.shape
+    np.testing.assert_allclose(out, general(target), atol=1e-5)
+    assert np.isclose(out[0, 0, 0], values[0, 0, -1], atol=1e-5)  # beyond a corner: the border voxel's value
+    angle = np.deg2rad(20.0)
+    oblique = Grid((12, 12, 12), (2.0, 2.0, 2.0), (0.0, 30.0, -20.0),
+                   (np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0, 0, 0, 1.0))
+    np.testing.assert_allclose(R.sample_on_grid(values, source, oblique), general(oblique), atol=1e-6)
