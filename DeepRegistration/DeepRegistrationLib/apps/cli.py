@@ -69,23 +69,28 @@ def _extra_command_modules() -> dict:
     return out
 
 
-def _add_extra_commands(sub) -> None:
+def _add_extra_commands(sub, command: str | None = None) -> None:
+    """Adds the other modules' commands; for a known ``command``, only those of its module (building ``train``'s
+    parsers imports torch for their defaults, which ``feedback`` or ``dataset`` do not need)."""
     modules = _extra_command_modules()
-    if "train" in modules:
+    wanted = modules.get(command) if command is not None else None
+    add = lambda key: key in modules and (wanted is None or modules[key] is wanted)
+    if add("train"):
         modules["train"].add_subparsers(sub)
-    if "dataset" in modules:
+    if add("dataset"):
         modules["dataset"].add_subparser(sub)
-    if "pacs" in modules:
+    if add("pacs"):
         modules["pacs"].add_subparser(sub)  # after "register": it shares its registration options
-    if "register-batch" in modules:
+    if add("register-batch"):
         modules["register-batch"].add_subparsers(sub)  # register-batch, register-sequence, template
-    if "feedback" in modules:
+    if add("feedback"):
         modules["feedback"].add_subparser(sub)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser of every command; with ``command="register"`` only ``register``'s (the same options, help and
-    errors), without importing the other commands' modules (``train``'s defaults load torch and the training code)."""
+    """The parser of every command; with a ``command`` named, only ``register``'s and that command's module's (the
+    same options, help and errors for that command): ``register`` imports no other command's module, and only the
+    ``train``/``models``/``evaluate`` parsers import torch and the training code (for their defaults)."""
     from ..core.config import RegistrationConfig
 
     d = RegistrationConfig()
@@ -177,7 +182,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="exit with status 3 when the quality verdict in report.json is this or worse "
                         "(for pipelines; the outputs are written either way)")
     if command != "register":
-        _add_extra_commands(sub)
+        _add_extra_commands(sub, command)
     return parser
 
 
@@ -189,7 +194,7 @@ def _command(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Runs one ``deepregistration`` command line (``argv``, default ``sys.argv[1:]``); returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser("register" if _command(argv) == "register" else None)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if args.version:
         from .. import __version__

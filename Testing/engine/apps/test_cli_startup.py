@@ -20,24 +20,34 @@ def test_register_parser_is_the_full_parsers_register(tmp_path):
             "suspect", "--guide-landmarks", "a.csv", "b.csv", "--explain"]
     assert vars(cli.build_parser("register").parse_args(argv)) == vars(cli.build_parser().parse_args(argv))
     assert cli._command(["--version"]) is None and cli._command(["register", "x"]) == "register"
+    for argv in (["feedback", str(tmp_path), "--accept", "--note", "fine"], ["models", "list"],
+                 ["register-batch", "pairs.csv", "-o", "out", "--mode", "affine", "--similarity", "mi"]):
+        assert vars(cli.build_parser(argv[0]).parse_args(argv)) == vars(cli.build_parser().parse_args(argv)), argv
 
 
-def test_parsing_a_register_command_loads_neither_torch_nor_the_other_commands():
+def _modules_after_parsing(argv: list[str]) -> set[str]:
     code = f"""
 import json, sys
 sys.path.insert(0, {str(LIB_PARENT)!r})
 from DeepRegistrationLib.apps.cli import build_parser, _command
-argv = ["register", "f", "m", "-o", "out"]
-build_parser("register" if _command(argv) == "register" else None).parse_args(argv)
+argv = {argv!r}
+build_parser(_command(argv)).parse_args(argv)
 print(json.dumps(sorted(sys.modules)))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    modules = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return set(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_parsing_a_register_command_loads_neither_torch_nor_the_other_commands():
+    modules = _modules_after_parsing(["register", "f", "m", "-o", "out"])
     assert "torch" not in modules and "SimpleITK" not in modules
     assert not {m for m in modules if m.startswith(("DeepRegistrationLib.learning.training",
                                                      "DeepRegistrationLib.apps.train_cli",
                                                      "DeepRegistrationLib.apps.pacs_cli", "DatasetBuilderLib"))}
+    # another command builds its own module's parsers only: feedback needs no torch (train's defaults do)
+    assert "torch" not in _modules_after_parsing(["feedback", "out", "--accept"])
+    assert "torch" in _modules_after_parsing(["models", "list"])
 
 
 def _console(*args, cwd=None):
