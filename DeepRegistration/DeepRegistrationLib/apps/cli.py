@@ -125,6 +125,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="deformable iterations at the finest level, coarser levels run 2N (default: %(default)s)")
     g.add_argument("--affine-iterations", type=int, default=d.affine_iterations, metavar="N",
                    help="rigid/affine iterations at the finest linear level (default: %(default)s)")
+    g.add_argument("--large-grid-voxels", type=float, default=d.large_grid_voxels, metavar="M",
+                   help="working-grid size in millions of voxels above which the work stops growing: larger grids "
+                        "run fewer iterations at their finest levels (0 = no limit; default: %(default)s)")
     g.add_argument("--levels", type=int, default=d.levels, metavar="N",
                    help="resolution levels (default: %(default)s)")
     g.add_argument("--diffeomorphic", action="store_true",

@@ -93,6 +93,7 @@ def config_from_args(args: argparse.Namespace):
         mode=args.mode, similarity=option("similarity"), regularization=option("regularization"),
         reg_weight=option("reg_weight"), spacing=working_spacing(loaded, getattr(args, "spacing", None)),
         iterations=option("iterations"), affine_iterations=option("affine_iterations"), levels=option("levels"),
+        large_grid_voxels=option("large_grid_voxels"),
         diffeomorphic=bool(getattr(args, "diffeomorphic", False)), jacobian_weight=option("jacobian_weight"),
         initialization=option("initialization"), init_max_rotation=option("init_max_rotation"),
         device=option("device"), seed=option("seed"), guide_weight=option("guide_weight"),

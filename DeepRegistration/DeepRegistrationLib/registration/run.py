@@ -453,6 +453,7 @@ def build_report(result: RegistrationResult, fixed_path, moving_path, evaluation
                         "jacobian_min": float(result.jacobian.min()), "jacobian_max": float(result.jacobian.max()),
                         "affine_lps": np.round(result.transform.affine, 6).tolist()},
         "initialization": result.initialization,
+        "plan": result.plan,
         "metrics": evaluation,
         "timings_s": {k: round(float(v), 3) for k, v in timings.items()},
         "parameters": result.config.to_dict(),
