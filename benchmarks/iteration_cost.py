@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import revisions  # noqa: E402
 STAGES = ("deformable_f1", "deformable_f2", "linear_f2", "linear_f1")
 
 
@@ -145,34 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", args.baseline], check=True, capture_output=True,
-                         text=True).stdout.strip()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="iteration-cost-") as tmp:
-        base = Path(tmp) / "baseline"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base), rev], check=True,
-                       capture_output=True)
-        try:
-            trees = {"baseline": base, "current": args.current_tree.resolve()}
-            trees.update({e.split("=", 1)[0]: Path(e.split("=", 1)[1]).resolve() for e in args.extra})
-            variants = list(trees)
-            for rep in range(args.repeats):
-                for case in args.cases:
-                    order = variants if rep % 2 == 0 else variants[::-1]
-                    for variant in order:
-                        env = dict(os.environ, PYTHONPATH=f"{trees[variant] / 'DeepRegistration'}{os.pathsep}{HERE}",
-                                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-                        cmd = [sys.executable, str(Path(__file__).resolve()), "--iters", str(args.iters),
-                               "--cases-dir", str(args.cases_dir), "--child", case]
-                        proc = subprocess.run(cmd + (["--no-split"] if args.no_split or rep else []), env=env,
-                                              capture_output=True, text=True)
-                        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-                        row = {"case": case, "variant": variant, "repeat": rep, "ok": bool(line)}
-                        row.update(json.loads(line[-1][4:]) if line else {"error": proc.stderr[-800:]})
-                        print(json.dumps(row), flush=True)
-                        rows.append(row)
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], capture_output=True)
+    rev = revisions.resolve(args.baseline)
+    with revisions.baseline_worktree(rev) as base:
+        trees = {"baseline": base, "current": args.current_tree.resolve()}
+        trees.update({e.split("=", 1)[0]: Path(e.split("=", 1)[1]).resolve() for e in args.extra})
+        rows = revisions.run_rows(trees, args.cases, args.repeats, lambda case, rep: [
+            str(Path(__file__).resolve()), "--iters", str(args.iters), "--cases-dir", str(args.cases_dir),
+            "--child", case] + (["--no-split"] if args.no_split or rep else []))
     (out / "iteration_cost.json").write_text(json.dumps({"baseline": rev, "rows": rows}, indent=1))
     lines = [f"# Iteration cost, 1 thread, CPU s per iteration (min of {args.repeats} processes; baseline "
              f"{rev[:10]} vs {args.current_tree})", "", "| case | voxels | variant | n | " + " | ".join(STAGES) +

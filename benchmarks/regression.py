@@ -39,6 +39,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import real_pair  # noqa: E402
 import run_benchmark as rb  # noqa: E402
+import revisions  # noqa: E402
 import synthetic_pairs as sp  # noqa: E402
 
 VARIANTS = ("baseline", "current")
@@ -64,13 +65,6 @@ def cases(out: Path, sets: list[str]) -> list[dict]:
         found.append({"name": "icbm_colin_1mm", "set": "real ICBM vs Colin27 1 mm", "pair": pair, "args": [],
                       "score": "real"})
     return found
-
-
-def worktree(rev: str, parent: Path) -> Path:
-    path = parent / f"baseline-{rev[:10]}"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev], check=True,
-                   capture_output=True)
-    return path
 
 
 def run_one(case: dict, variant: str, tree: Path, run_dir: Path, args) -> dict:
@@ -176,19 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", args.baseline], check=True, capture_output=True,
-                         text=True).stdout.strip()
-    current = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], check=True, capture_output=True,
-                             text=True).stdout.strip()
+    rev, current = revisions.resolve(args.baseline), revisions.resolve("HEAD")
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "DeepRegistration"],
                            capture_output=True, text=True).stdout.strip()
     if dirty:
         current += "+uncommitted"
     todo = cases(out, args.sets)
     rows: list[dict] = []
-    tmp = Path(tempfile.mkdtemp(prefix="regression-"))
-    try:
-        base_tree = worktree(rev, tmp)
+    with tempfile.TemporaryDirectory(prefix="regression-") as tmp, \
+            revisions.baseline_worktree(rev, Path(tmp)) as base_tree:
         trees = {"baseline": base_tree, "current": REPO}
         for rep in range(args.repeats):
             for case in todo:
@@ -206,10 +196,6 @@ def main(argv: list[str] | None = None) -> int:
                     for big in run_dir.glob("*.nii.gz"):
                         big.unlink()
                     write(out, rows, args, rev, current)
-    finally:
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / f"baseline-{rev[:10]}")],
-                       capture_output=True)
-        shutil.rmtree(tmp, ignore_errors=True)
     print((out / "regression.md").read_text())
     return 0 if all(r["ok"] for r in rows) else 1
 

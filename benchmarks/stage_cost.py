@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+import revisions  # noqa: E402
 STAGES = ("prepare", "init", "linear", "deformable", "total")
 
 
@@ -145,31 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", args.baseline], check=True, capture_output=True,
-                         text=True).stdout.strip()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="stage-cost-") as tmp:
-        base = Path(tmp) / "baseline"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(base), rev], check=True,
-                       capture_output=True)
-        try:
-            trees = {"baseline": base, "current": REPO}
-            for rep in range(args.repeats):
-                for case in args.cases:
-                    order = ("baseline", "current") if rep % 2 == 0 else ("current", "baseline")
-                    for variant in order:
-                        env = dict(os.environ, PYTHONPATH=f"{trees[variant] / 'DeepRegistration'}{os.pathsep}{HERE}",
-                                   OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-                        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--inner",
-                                               str(args.inner), "--child", case, str(Path(tmp) / "pairs")],
-                                              env=env, capture_output=True, text=True)
-                        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-                        row = {"case": case, "variant": variant, "repeat": rep, "ok": bool(line)}
-                        row.update(json.loads(line[-1][4:]) if line else {"error": proc.stderr[-800:]})
-                        print(json.dumps(row), flush=True)
-                        rows.append(row)
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base)], capture_output=True)
+    rev = revisions.resolve(args.baseline)
+    with tempfile.TemporaryDirectory(prefix="stage-cost-") as tmp, revisions.baseline_worktree(rev, Path(tmp)) as base:
+        rows = revisions.run_rows({"baseline": base, "current": REPO}, args.cases, args.repeats, lambda case, rep: [
+            str(Path(__file__).resolve()), "--inner", str(args.inner), "--child", case, str(Path(tmp) / "pairs")])
     (out / "stage_cost.json").write_text(json.dumps({"baseline": rev, "rows": rows}, indent=1))
     lines = [f"# Stage cost, 1 thread, CPU s (min of {args.inner} runs per process; baseline {rev[:10]})", "",
              "| case | variant | n | " + " | ".join(STAGES) + " | Dice | similarity after |", "|---" * (len(STAGES) + 5) + "|"]
