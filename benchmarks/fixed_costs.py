@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SAMPLE = REPO / "DeepRegistration" / "Resources" / "SampleData"
+sys.path.insert(0, str(HERE))
+import run_benchmark as rb  # noqa: E402
+
 PARTS = ("prepare", "figure", "jacobian")
 
 # One part in a child process: prints {"cpu_s": ..., "check": ...} as its last line.
@@ -88,13 +90,6 @@ print(json.dumps({"cpu_s": cpu, "check": check}))
 '''
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    for key in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[key] = "1"
-    return env
-
-
 def _baseline_tree(rev: str, dest: Path) -> Path:
     """The engine package of ``rev`` extracted under ``dest``; returns the folder to put on ``sys.path``."""
     archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "DeepRegistration/DeepRegistrationLib"],
@@ -113,7 +108,7 @@ def _case_files(name: str, large_fov: Path) -> tuple[Path, Path] | None:
 
 def _part(lib: Path, part: str, files, scratch: Path) -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD, str(lib), part, str(files[0]), str(files[1]), str(scratch)],
-                          capture_output=True, text=True, env=_env(), timeout=1800)
+                          capture_output=True, text=True, env=rb.thread_env(1), timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"{part} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -130,12 +125,12 @@ def _process(lib: Path, scratch: Path) -> float:
     args = ["register", s / "fixed.nii.gz", s / "moving.nii.gz", "-o", out, "--overwrite", "--threads", "1", "-q",
             "--fixed-labels", s / "fixed_labels.nii.gz", "--moving-labels", s / "moving_labels.nii.gz",
             "--fixed-landmarks", s / "fixed_landmarks.csv", "--moving-landmarks", s / "moving_landmarks.csv"]
-    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=_env(), cwd=scratch,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"register failed: {proc.stderr.read().decode()[-2000:]}")
-    return ru.ru_utime + ru.ru_stime
+    # the log in ``scratch``: the child runs there (its working folder), as before
+    res = rb.run_measured([sys.executable, "-c", code, *map(str, args)], scratch / "register.log", rb.thread_env(1),
+                          timeout_s=1800)
+    if res.returncode != 0:
+        raise RuntimeError(f"register failed: {res.log[-2000:]}")
+    return res.cpu_s
 
 
 def main() -> int:
