@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SAMPLE = REPO / "DeepRegistration" / "Resources" / "SampleData"
 sys.path.insert(0, str(HERE))
+import revisions  # noqa: E402
 import run_benchmark as rb  # noqa: E402
 
 PARTS = ("prepare", "figure", "jacobian")
@@ -92,10 +93,7 @@ print(json.dumps({"cpu_s": cpu, "check": check}))
 
 def _baseline_tree(rev: str, dest: Path) -> Path:
     """The engine package of ``rev`` extracted under ``dest``; returns the folder to put on ``sys.path``."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "DeepRegistration/DeepRegistrationLib"],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest / "DeepRegistration"
+    return revisions.baseline_archive(rev, dest, "DeepRegistration/DeepRegistrationLib") / "DeepRegistration"
 
 
 def _case_files(name: str, large_fov: Path) -> tuple[Path, Path] | None:

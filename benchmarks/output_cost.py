@@ -38,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SAMPLE = REPO / "DeepRegistration" / "Resources" / "SampleData"
 PARTS = ("write", "evaluate", "report", "total")
+sys.path.insert(0, str(HERE))
+import revisions  # noqa: E402
 
 
 def _case_paths(case: str, args) -> tuple[str, str, str | None, str | None] | None:
@@ -160,18 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=HERE / "results-output-cost")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", args.baseline], check=True, capture_output=True,
-                         text=True).stdout.strip()
+    rev = revisions.resolve(args.baseline)
     pickles = {c: pk for c in args.cases if (pk := _register(c, args)) is not None}
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "baseline"
-        base.mkdir()
         # the baseline's sources only (no worktree: nothing of this checkout's git state changes)
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "DeepRegistration"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
-        trees = {"baseline": base, "current": REPO}
+        trees = {"baseline": revisions.baseline_archive(rev, Path(tmp) / "baseline"), "current": REPO}
         for case, pkl in pickles.items():
             for rep in range(args.repeats):
                 order = ("baseline", "current") if rep % 2 == 0 else ("current", "baseline")

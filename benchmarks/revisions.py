@@ -2,7 +2,7 @@
 processes run alternately (ABAB) per case, each printing one ``ROW {json}`` line.
 
 Used by ``stage_cost.py`` and ``iteration_cost.py`` (per-stage / per-iteration CPU seconds) and, for its worktree,
-by ``regression.py``.
+by ``regression.py``; ``baseline_archive`` (the baseline's sources only) by ``fixed_costs.py`` and ``output_cost.py``.
 """
 from __future__ import annotations
 
@@ -38,6 +38,15 @@ def baseline_worktree(rev: str, parent: Path | None = None) -> Iterator[Path]:
             yield path
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)], capture_output=True)
+
+
+def baseline_archive(rev: str, dest: Path, path: str = "DeepRegistration") -> Path:
+    """The files under ``path`` of ``rev`` extracted into ``dest`` (``git archive | tar -x``: no worktree, nothing of
+    this checkout's git state changes); returns ``dest``, the root of that partial tree."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, path], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
 
 
 def alternating(variants: list[str], rep: int) -> list[str]:
