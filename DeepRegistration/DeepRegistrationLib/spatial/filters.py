@@ -4,9 +4,8 @@ sums (or shifted adds for 3³ windows) with an exact backward pass. Units: voxel
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["box_filter", "box_sum", "box_count"]
+__all__ = ["box_filter"]
 
 
 def _box_sum(x: torch.Tensor, radius: int, consume: bool = False) -> torch.Tensor:
@@ -101,14 +100,3 @@ def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
     count = _box_count(x.shape, radius, x.dtype, x.device)
     return _BoxMean.apply(x, radius, count)
 
-
-def box_sum(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Sum over a ``(2r+1)³`` window (zeros outside the grid) of ``(B, C, Z, Y, X)``, a new tensor, not
-    differentiable (its adjoint is itself: for a hand-written backward pass). ``box_sum(x, r) / box_count(...)``
-    has the bits of :func:`box_filter`."""
-    return _box_sum(x, radius)
-
-
-def box_count(shape, radius: int, dtype=torch.float32, device=None) -> torch.Tensor:
-    """Number of in-grid voxels of each ``(2r+1)³`` window of a ``(B, C, Z, Y, X)`` ``shape``, ``(1, 1, Z, Y, X)``."""
-    return _box_count(shape, radius, dtype, device)

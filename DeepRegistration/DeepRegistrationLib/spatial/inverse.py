@@ -163,8 +163,9 @@ def invert_field(field: np.ndarray, grid: Grid, tol_mm: float = TOL_MM, max_iter
         # whose image z + w lies within the grid, where u is what ITK applies
         target = zt + wt
         m = target.shape[0]
-        new = W.sample(u, grid, target.view(1, m, 1, 1, 3), padding_mode="border").view(3, m).t().neg()
-        inside = W.world_to_normalized(target, grid).abs_().amax(dim=-1) <= 1.0
+        norm = W.world_to_normalized(target, grid)  # once: for the sampling and for the in-grid test
+        new = W.sample_normalized(u, grid, norm.view(1, m, 1, 1, 3), padding_mode="border").view(3, m).t().neg()
+        inside = norm.abs_().amax(dim=-1) <= 1.0
         # squared steps, square-rooted once (torch's vector norm over the component axis took 0.24 s per call
         # on a 1 mm brain grid; the sum of squares takes a few ms)
         step_sq = (new - wt).square_().sum(dim=-1)
