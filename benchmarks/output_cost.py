@@ -95,7 +95,7 @@ def _register_child(pkl: str, fixed: str, moving: str, fixed_labels: str, moving
 
 
 def _measure_child(pkl: str) -> None:
-    """Writes the outputs of the pickled result into a temporary folder; prints one JSON line."""
+    """Writes the outputs of the pickled result into a temporary folder; prints one ``ROW {json}`` line."""
     import resource
     import shutil
     import time
@@ -122,7 +122,7 @@ def _measure_child(pkl: str) -> None:
         sizes = {p.name: round(p.stat().st_size / 1e6, 2) for p in sorted(tmp.iterdir()) if p.is_file()}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(json.dumps({"cpu_s": dict(zip(PARTS, (c1 - c0, c2 - c1, c3 - c2, c3 - c0))),
+    print("ROW " + json.dumps({"cpu_s": dict(zip(PARTS, (c1 - c0, c2 - c1, c3 - c2, c3 - c0))),
                       "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "sizes_mb": sizes,
                       "inverse": report.get("inverse"), "quality_signals": report["quality"]["signals"]}))
 
@@ -164,24 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rev = revisions.resolve(args.baseline)
     pickles = {c: pk for c in args.cases if (pk := _register(c, args)) is not None}
-    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         # the baseline's sources only (no worktree: nothing of this checkout's git state changes)
         trees = {"baseline": revisions.baseline_archive(rev, Path(tmp) / "baseline"), "current": REPO}
-        for case, pkl in pickles.items():
-            for rep in range(args.repeats):
-                order = ("baseline", "current") if rep % 2 == 0 else ("current", "baseline")
-                for variant in order:
-                    proc = subprocess.run([sys.executable, __file__, "--_measure", str(pkl)], capture_output=True,
-                                          text=True, env=_env(trees[variant]))
-                    row = {"case": case, "variant": variant, "repeat": rep}
-                    try:
-                        row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-                    except (IndexError, json.JSONDecodeError):
-                        row["error"] = proc.stderr[-800:]
-                    rows.append(row)
-                    print(json.dumps({k: row.get(k) for k in ("case", "variant", "repeat", "cpu_s", "peak_mb")}),
-                          flush=True)
+        rows = revisions.run_rows(trees, list(pickles), args.repeats,
+                                  lambda case, rep: [__file__, "--_measure", str(pickles[case])])
     env = {"baseline": rev, "current": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
                                                       capture_output=True, text=True).stdout.strip(),
            "threads": 1, "cpu": os.uname().machine}
