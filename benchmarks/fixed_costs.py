@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SAMPLE = REPO / "DeepRegistration" / "Resources" / "SampleData"
 sys.path.insert(0, str(HERE))
+import large_fov  # noqa: E402
 import revisions  # noqa: E402
 import run_benchmark as rb  # noqa: E402
 
@@ -137,7 +138,7 @@ def main() -> int:
                    "before the fixed-cost work)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cases", nargs="+", default=["demo", "ct_2mm", "ct_0.75mm"])
-    p.add_argument("--large-fov-cases", type=Path, default=HERE / "results-large-fov" / "cases")
+    p.add_argument("--large-fov-cases", type=Path, default=large_fov.CASES)
     p.add_argument("--out", type=Path, default=HERE / "results-fixed-costs")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ and the linear stage, one thread, for the engine at a baseline revision and the 
 split by kernel (``torch.profiler``, self CPU time per operator).
 
     python benchmarks/iteration_cost.py [--baseline HEAD] [--current-tree DIR] [--cases syn2 ct2mm demo]
-        [--repeats 2] [--iters 4] [--cases-dir .cache/large_fov/cases] [--out benchmarks/results-iteration-cost]
+        [--repeats 2] [--iters 4] [--cases-dir benchmarks/results-large-fov/cases] [--out benchmarks/results-iteration-cost]
 
 The iterations are the pipeline's own: ``pipeline._optimize_field`` (deformable, default settings: LNCC radius
 4, two 3³ smoothing passes, diffusion regularizer, CosineAdam) and ``pipeline._optimize_linear`` (affine) called
@@ -135,10 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--current-tree", type=Path, default=REPO, help="the checkout measured as 'current' (default: "
                    "this one)")
     p.add_argument("--extra", nargs="*", default=[], metavar="NAME=DIR", help="more checkouts to measure side by side")
-    p.add_argument("--cases-dir", type=Path, default=REPO / ".cache" / "large_fov" / "cases")
+    p.add_argument("--cases-dir", type=Path, help="the CT cases' folder (default: large_fov.py's, "
+                   "benchmarks/results-large-fov/cases)")
     p.add_argument("--out", type=Path, default=HERE / "results-iteration-cost")
     p.add_argument("--child", metavar="CASE", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.cases_dir is None:  # (a child always gets it: large_fov is imported only where needed)
+        import large_fov
+
+        args.cases_dir = large_fov.CASES
     if args.child:
         print("ROW " + json.dumps(child(args.child, args.iters, args.cases_dir, not args.no_split)))
         return 0

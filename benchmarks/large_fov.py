@@ -44,6 +44,9 @@ import robustness  # noqa: E402
 import run_benchmark as rb  # noqa: E402
 import synthetic_pairs as sp  # noqa: E402
 
+#: The default ``--out``, and its case folder: the default case folder of every benchmark using these CT pairs.
+OUT = HERE / "results-large-fov"
+CASES = OUT / "cases"
 STAGES = ("read", "preprocess", "initialization", "linear", "deformable", "evaluate", "write_and_evaluate")
 #: The moving image's map (moving -> source/fixed space): rigid part, then a smooth displacement.
 ROTATION_DEG = (2.0, -2.5, 4.0)
@@ -268,7 +271,7 @@ def write(out: Path, rows: list[dict], cases: list[dict], args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=HERE / "results-large-fov")
+    p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--cache", type=Path, default=HERE.parent / ".cache")
     p.add_argument("--spacings", nargs="+", type=float, default=[2.0, 0.75])
     p.add_argument("--ants-spacing", type=float, default=2.0)

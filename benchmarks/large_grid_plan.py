@@ -18,7 +18,7 @@ Variants (``--variants``; default ``lgv0 default``, the engine without and with 
   as planned (60), everything else the default configuration.
 
 The case is built (and cached) by ``large_fov.py``: ``--case`` is its ``cases/ct_2mm`` folder (default
-``/work/benchout/large_fov/cases/ct_2mm``, else ``benchmarks/results-large-fov/cases/ct_2mm``). Runtime: about
+``benchmarks/results-large-fov/cases/ct_2mm``, ``large_fov.CASES``). Runtime: about
 20-50 CPU s per variant and repeat on one thread. Writes ``large_grid_plan.json`` and ``large_grid_plan.md``.
 """
 from __future__ import annotations
@@ -36,7 +36,6 @@ sys.path.insert(0, str(REPO / "DeepRegistration"))
 sys.path.insert(0, str(HERE))
 
 STAGES = ("preprocess", "initialization", "linear", "deformable", "evaluate")
-CASE_DIRS = (Path("/work/benchout/large_fov/cases/ct_2mm"), HERE / "results-large-fov" / "cases" / "ct_2mm")
 
 
 def _explicit(name: str):
@@ -101,9 +100,10 @@ def run_variant(name: str, fixed, moving, case: dict, threads: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import large_fov
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--case", type=Path, default=next((d for d in CASE_DIRS if (d / "case.json").exists()),
-                                                     CASE_DIRS[-1]))
+    p.add_argument("--case", type=Path, default=large_fov.CASES / "ct_2mm")
     p.add_argument("--variants", nargs="+", default=["lgv0", "default"])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)

@@ -153,12 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--_measure":
         _measure_child(argv[1])
         return 0
+    import large_fov  # here, not at the top: the measuring children need none of it
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline", default="cb5da47^", metavar="REV",
                    help="baseline revision (default: the outputs before the cheaper inversion and warp)")
     p.add_argument("--cases", nargs="+", default=["demo", "syn2", "ct_2mm", "ct_0.75mm"])
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--large-fov-cases", type=Path, default=HERE / "results-large-fov" / "cases")
+    p.add_argument("--large-fov-cases", type=Path, default=large_fov.CASES)
     p.add_argument("--out", type=Path, default=HERE / "results-output-cost")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
