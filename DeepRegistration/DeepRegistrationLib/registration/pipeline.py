@@ -366,28 +366,31 @@ def _stage_plan(stage: str, planned: dict, voxels: dict, finest_voxels: int, cfg
     return out
 
 
-def _run_plan(stage: str, planned: dict, voxels: dict, finest_voxels: int, cfg: RegistrationConfig,
-              record: list) -> dict:
-    """:func:`_stage_plan`, with each level's entry appended to ``record`` (``RegistrationResult.plan``)."""
-    iters = _stage_plan(stage, planned, voxels, finest_voxels, cfg)
+def _stage_levels(stage: str, planned: dict, grids: dict, finest: Grid, cfg: RegistrationConfig, span: tuple,
+                  progress: ProgressCallback | None, record: list):
+    """The levels one stage runs, coarse to fine as ``planned`` (pooling factor → iterations from
+    ``cfg.iterations``/``cfg.affine_iterations``; ``grids`` maps the factor to the level's grid, ``finest`` is
+    the stage's full-size grid): ``(n, factor, iterations, progress)`` per level, the iterations within
+    ``cfg.large_grid_voxels`` (:func:`_stage_plan`), the levels sharing ``span`` of ``progress`` (``n`` counts
+    every planned level). A level the plan leaves out (0 of a planned > 0) is not yielded: the coarser level's
+    matrix or field carries over. Each level's entry goes to ``record`` (``RegistrationResult.plan``)."""
+    voxels = {f: grids[f].num_voxels for f in planned}
+    plan = _stage_plan(stage, planned, voxels, finest.num_voxels, cfg)
     record.extend({"stage": stage, "factor": int(f), "voxels": int(voxels[f]), "planned": int(planned[f]),
-                   "iterations": int(iters[f])} for f in planned)
-    return iters
+                   "iterations": int(plan[f])} for f in planned)
+    k = len(planned)
+    for n, f in enumerate(planned):
+        if plan[f] == 0 < planned[f]:
+            continue
+        yield n, f, plan[f], Progress(progress, *np.interp([n / k, (n + 1) / k], [0, 1], span))
 
 
-def _level_plan(run_factors: list[int], cfg: RegistrationConfig, progress: ProgressCallback | None,
-                shapes: dict, finest_shape: tuple, record: list):
-    """For each deformable level (coarse to fine): ``(n, factor, iterations, progress)``, the coarser levels
-    with ``COARSE_ITERATION_FACTOR`` times ``cfg.iterations``, within ``cfg.large_grid_voxels``
-    (:func:`_stage_plan`; ``shapes`` maps the factor to the level's grid shape, ``finest_shape`` is the
-    working grid's), the levels sharing 0.3–0.95 of ``progress``; each level's entry goes to ``record``."""
+def _level_plan(run_factors: list[int], grids: dict, finest: Grid, cfg: RegistrationConfig,
+                progress: ProgressCallback | None, record: list):
+    """:func:`_stage_levels` of the deformable stage: the coarser levels with ``COARSE_ITERATION_FACTOR`` times
+    ``cfg.iterations``, the levels sharing 0.3–0.95 of ``progress``."""
     planned = {f: cfg.iterations * (COARSE_ITERATION_FACTOR if f > 1 else 1) for f in run_factors}
-    voxels = {f: int(np.prod(shapes[f])) for f in run_factors}
-    plan = _run_plan("deformable", planned, voxels, int(np.prod(finest_shape)), cfg, record)
-    for n, f in enumerate(run_factors):
-        sub = Progress(progress, *np.interp([n / len(run_factors), (n + 1) / len(run_factors)], [0, 1],
-                                             (0.3, 0.95)))
-        yield n, f, plan[f], sub
+    return _stage_levels("deformable", planned, grids, finest, cfg, (0.3, 0.95), progress, record)
 
 
 def _symmetric_stage(p: "_Prepared", cfg: RegistrationConfig, affine: torch.Tensor, device,
@@ -411,10 +414,8 @@ def _symmetric_stage(p: "_Prepared", cfg: RegistrationConfig, affine: torch.Tens
         init = symmetric.push_forward(pred, finest.fgrid, hf_np, mid)
         run_factors = [1]
     v, prev = init, None
-    shapes = {f: mid.downsampled(f).shape for f in run_factors}
-    for _, f, iters, sub in _level_plan(run_factors, cfg, progress, shapes, mid.shape, p.plan):
-        if iters == 0 < cfg.iterations and prev is not None:
-            continue  # a level the plan leaves out: the coarser level's field is pulled back as it is
+    for _, f, iters, sub in _level_plan(run_factors, {f: mid.downsampled(f) for f in run_factors}, mid, cfg,
+                                        progress, p.plan):
         grid = mid.downsampled(f)
         if prev is not None:
             v = W.resample_field(v, prev, grid)
@@ -547,14 +548,9 @@ def _linear_stage(p: _Prepared, cfg: RegistrationConfig, a0: np.ndarray, device,
     # 0.08-0.12 is the initialization search's share of the progress range
     lin_span = (0.12, 0.3 if cfg.mode == "deformable" else 0.95)
     planned = {f: cfg.affine_iterations * (2 if f > lin_factors[-1] else 1) for f in lin_factors}
-    voxels = {f: int(np.prod(p.levels[f].fgrid.shape)) for f in lin_factors}
-    plan = _run_plan("linear", planned, voxels, int(np.prod(p.fw.grid.shape)), cfg, p.plan)
-    for n, f in enumerate(lin_factors):
-        iters = plan[f]
-        if iters == 0 < planned[f]:
-            continue  # a level the plan leaves out on a large grid: the coarser level's matrix carries over
+    for _, f, iters, sub in _stage_levels("linear", planned, {f: p.levels[f].fgrid for f in lin_factors}, p.fw.grid,
+                                          cfg, lin_span, progress, p.plan):
         lv = p.levels[f]
-        sub = Progress(progress, *np.interp([n / len(lin_factors), (n + 1) / len(lin_factors)], [0, 1], lin_span))
         f_t, m_t = p.f_t, p.m_t
         if f == 1:
             # At full resolution, linear interpolation of the moving image pulls a linear fit towards
@@ -583,10 +579,8 @@ def _deformable_stage(p: _Prepared, cfg: RegistrationConfig, affine: torch.Tenso
         run_factors = [] if predictor_mode == "replace" else [1]
         u = init
     prev_grid = p.levels[factors[0]].fgrid if predictor is None else finest.fgrid
-    shapes = {f: p.levels[f].fgrid.shape for f in run_factors}
-    for n, f, iters, sub in _level_plan(run_factors, cfg, progress, shapes, finest.fgrid.shape, p.plan):
-        if iters == 0 < cfg.iterations and u is not None:
-            continue  # a level the plan leaves out: the coarser level's field, upsampled below
+    for n, f, iters, sub in _level_plan(run_factors, {f: p.levels[f].fgrid for f in run_factors}, finest.fgrid, cfg,
+                                        progress, p.plan):
         lv = p.levels[f]
         if n > 0 or predictor is not None:
             # the diffeomorphic parameters are the velocity (the displacement only for a prediction)
