@@ -15,14 +15,9 @@ from PIL import Image as PILImage
 from DeepRegistrationLib.core.grid import Grid
 from DeepRegistrationLib.core.image import Image
 from DeepRegistrationLib.evaluation import figures
+from test_metrics import _rotation  # radians
 
 LIB_PARENT = Path(figures.__file__).resolve().parents[2]
-
-
-def _rotation(axis, angle: float) -> np.ndarray:
-    axis = np.asarray(axis, dtype=float) / np.linalg.norm(axis)
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
 
 
 def _dicom_orient_slices(arr: np.ndarray, grid: Grid) -> list[tuple[np.ndarray, float]]:

@@ -12,13 +12,7 @@ from DeepRegistrationLib.core.grid import Grid
 from DeepRegistrationLib.core.image import Image
 from DeepRegistrationLib.registration import initialization as init_search
 from DeepRegistrationLib.registration import pipeline
-
-
-def _rotation(axis, degrees: float) -> np.ndarray:
-    k = np.asarray(axis, float) / np.linalg.norm(axis)
-    t = np.radians(degrees)
-    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + np.sin(t) * kx + (1 - np.cos(t)) * kx @ kx
+from dicom_series_data import rotation as _rotation  # degrees, as here
 
 
 def _turned(image: Image, rot: np.ndarray, shift_mm) -> Image:
