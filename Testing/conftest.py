@@ -1,7 +1,9 @@
 """Shared pytest set-up: import path, the bundled sample pair, small real test images."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +20,15 @@ _TEST_FOLDERS = [Path(__file__).parent, *sorted(p for p in Path(__file__).parent
 for _folder in (MODULE_DIR, ROOT / "DatasetBuilder", *_TEST_FOLDERS):
     if str(_folder) not in sys.path:
         sys.path.insert(0, str(_folder))
+
+
+def fresh_python(code: str, timeout: float = 300):
+    """Runs ``code`` in a fresh Python process (the package folder first on ``sys.path``); asserts that it exits 0 and
+    returns its last stdout line read as JSON."""
+    proc = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(MODULE_DIR)!r})\n" + code],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,10 @@ functions count too (``ast`` walks the whole file), and so do ``TYPE_CHECKING`` 
 from __future__ import annotations
 
 import ast
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import fresh_python
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "DeepRegistration"
@@ -182,13 +180,6 @@ def test_no_import_cycles_in_the_slicer_libraries(folder, package):
     assert not cycles, f"import cycles in {package} (imports inside functions count): {cycles}"
 
 
-def _fresh(code: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(MODULE_DIR)!r})\n" + code],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_torch_free_layers_import_without_torch():
     names = [n for n in MODULES if any(n == f"{PKG}.{t}" or n.startswith(f"{PKG}.{t}.") for t in TORCH_FREE)]
     assert len(names) >= 10
@@ -196,7 +187,7 @@ def test_torch_free_layers_import_without_torch():
             f"for n in {names!r}: importlib.import_module(n)\n"
             "print(json.dumps({'file': sys.modules['DeepRegistrationLib'].__file__, "
             "'heavy': sorted(m for m in ('torch', 'monai', 'slicer', 'qt') if m in sys.modules)}))\n")
-    result = _fresh(code)
+    result = fresh_python(code)
     assert Path(result["file"]).resolve().parent == LIB.resolve()
     assert result["heavy"] == [], f"torch-free layers loaded {result['heavy']}"
 
@@ -207,7 +198,7 @@ def test_public_api_is_lazy_and_complete():
     code = ("import json, sys, DeepRegistrationLib as dr\n"
             "before = sorted(m for m in sys.modules if m.startswith('DeepRegistrationLib.') or m in ('torch', 'numpy', 'SimpleITK'))\n"
             "print(json.dumps({'before': before, 'all': dr.__all__}))\n")
-    result = _fresh(code)
+    result = fresh_python(code)
     assert result["before"] == [], f"import DeepRegistrationLib loaded {result['before']}"
     for name in result["all"]:
         assert getattr(dr, name) is not None, name

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import fresh_python
 from DeepRegistrationLib.apps import cli
 
 LIB_PARENT = Path(cli.__file__).resolve().parents[2]
@@ -34,9 +35,7 @@ argv = {argv!r}
 build_parser(_command(argv)).parse_args(argv)
 print(json.dumps(sorted(sys.modules)))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return set(fresh_python(code, timeout=120))
 
 
 def test_parsing_a_register_command_loads_neither_torch_nor_the_other_commands():
