@@ -167,10 +167,10 @@ def normalize_intensity(array: np.ndarray, mask: np.ndarray | None = None,
     values = array[mask] if mask is not None else array
     if values.size == 0:
         raise InputError("the mask selects no voxel of the image; give a mask that overlaps the image.")
-    # a masked selection is already a copy: the percentiles may partition it in place (same values)
+    # a masked selection is already a copy: the percentiles may partition it in place (same values, same
+    # minimum and maximum)
     lo, hi = np.percentile(values, percentiles, overwrite_input=mask is not None)
     if hi - lo <= 1e-8 * max(1.0, abs(hi)):
-        values = array[mask] if mask is not None else array
         lo, hi = float(values.min()), float(values.max())
     if hi - lo <= 0:
         raise InputError("the image is constant inside its mask; nothing to register.")

@@ -48,12 +48,12 @@ class _Diffusion(torch.autograd.Function):
         return grad.mul_(grad_output), None
 
 
-def _difference(field: torch.Tensor, axis: int, buf: torch.Tensor | None) -> torch.Tensor:
+def _difference(field: torch.Tensor, axis: int, buf: torch.Tensor) -> torch.Tensor:
     """``field[i + 1] - field[i]`` along ``axis``; for a contiguous ``field`` written into the flat buffer ``buf``
-    (``field.numel()`` elements, shared by the axes; None: a new one), contiguous as a new tensor would be."""
+    (``field.numel()`` elements, shared by the axes), contiguous as a new tensor would be (else a new tensor)."""
     n = field.shape[axis]
     hi, lo = field.narrow(axis, 1, n - 1), field.narrow(axis, 0, n - 1)
-    if buf is None or not field.is_contiguous():
+    if not field.is_contiguous():
         return hi - lo
     return torch.sub(hi, lo, out=buf[:lo.numel()].view(lo.shape))
 
