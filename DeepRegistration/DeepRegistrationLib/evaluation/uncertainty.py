@@ -96,7 +96,8 @@ class Uncertainty:
 def restart_spread(fixed: Image, moving: Image, transform: SpatialTransform, config: RegistrationConfig, *,
                    fixed_mask: Image | None = None, moving_mask: Image | None = None, restarts: int = RESTARTS,
                    iterations: int = ITERATIONS, perturbation_mm: float | None = None, seed: int = 0,
-                   device=None, progress: ProgressCallback | None = None) -> Uncertainty:
+                   device=None, progress: ProgressCallback | None = None,
+                   prepared: tuple | None = None) -> Uncertainty:
     """Spread (mm) of ``restarts`` perturbed, batched re-optimizations of ``transform``'s displacement.
 
     Args:
@@ -110,14 +111,20 @@ def restart_spread(fixed: Image, moving: Image, transform: SpatialTransform, con
         seed: Seed of the perturbations (reproducible maps).
         device: Torch device of the batched optimization (None = CPU).
         progress: ``callback(fraction, message)`` once per step; returning False cancels (raises Cancelled).
+        prepared: The registration's own working images ``(fixed, moving)``
+            (``RegistrationResult.working_images``), as ``prepare`` made them from these images and masks; None:
+            prepared here.
 
     Returns:
         :class:`Uncertainty` on the fixed working grid.
     """
     if restarts < 2:
         raise ValueError(f"restarts must be at least 2, got {restarts}")
-    fw = prepare(fixed, config.spacing, fixed_mask, config.intensity_percentiles)
-    mw = prepare(moving, config.spacing, moving_mask, config.intensity_percentiles)
+    if prepared is not None:
+        fw, mw = prepared
+    else:
+        fw = prepare(fixed, config.spacing, fixed_mask, config.intensity_percentiles)
+        mw = prepare(moving, config.spacing, moving_mask, config.intensity_percentiles)
     to_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)[None, None]
     f_t = to_t(fw.array)
     chans = [to_t(mw.array)] + ([to_t(mw.mask)] if mw.mask is not None else [])

@@ -336,7 +336,8 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
 
         t0 = time.perf_counter()
         unc = restart_spread(fixed, moving, result.transform, cfg, fixed_mask=fmask, moving_mask=mmask,
-                             seed=cfg.seed, device=result.device, progress=prog.sub(start + 0.01, 0.92))
+                             seed=cfg.seed, device=result.device, progress=prog.sub(start + 0.01, 0.92),
+                             prepared=result.working_images)
         maps["uncertainty"] = unc.on_grid(fixed.grid)
         write_image(maps["uncertainty"], tmp / "uncertainty.nii.gz")
         unc_info = {**unc.summary(), "file": "uncertainty.nii.gz", "restarts": RESTARTS, "iterations": ITERATIONS,
