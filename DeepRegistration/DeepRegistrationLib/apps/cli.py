@@ -73,17 +73,17 @@ def _add_extra_commands(sub, command: str | None = None) -> None:
     """Adds the other modules' commands; for a known ``command``, only those of its module (building ``train``'s
     parsers imports torch for their defaults, which ``feedback`` or ``dataset`` do not need)."""
     modules = _extra_command_modules()
-    wanted = modules.get(command) if command is not None else None
-    add = lambda key: key in modules and (wanted is None or modules[key] is wanted)
-    if add("train"):
+    if command in modules:  # only the commands of that command's module
+        modules = {key: m for key, m in modules.items() if m is modules[command]}
+    if "train" in modules:
         modules["train"].add_subparsers(sub)
-    if add("dataset"):
+    if "dataset" in modules:
         modules["dataset"].add_subparser(sub)
-    if add("pacs"):
+    if "pacs" in modules:
         modules["pacs"].add_subparser(sub)  # after "register": it shares its registration options
-    if add("register-batch"):
+    if "register-batch" in modules:
         modules["register-batch"].add_subparsers(sub)  # register-batch, register-sequence, template
-    if add("feedback"):
+    if "feedback" in modules:
         modules["feedback"].add_subparser(sub)
 
 
