@@ -102,7 +102,7 @@ def _correlate_axis(x: np.ndarray, kernel: np.ndarray, axis: int, threads: int =
 
 
 def smooth_like_sitk(array: np.ndarray, spacing: tuple[float, float, float],
-                     variance: list[float]) -> np.ndarray:
+                     variance: list[float], keep: list[np.ndarray] | None = None) -> np.ndarray:
     """SimpleITK's ``DiscreteGaussian(img, variance, GAUSSIAN_MAX_WIDTH, GAUSSIAN_MAX_ERROR, useImageSpacing=True)``
     of a float32 image, bit for bit, in about half its CPU time: the same kernels (:func:`gaussian_kernel`) applied
     in the same order (z, then y, then x) with the same arithmetic (float64 sums, float32 between the passes).
@@ -111,16 +111,132 @@ def smooth_like_sitk(array: np.ndarray, spacing: tuple[float, float, float],
         array: ``(Z, Y, X)`` float32.
         spacing: voxel size (mm) along ``(x, y, z)``.
         variance: Gaussian variance (mm²) along ``(x, y, z)``; 0 leaves that axis alone.
+        keep: Sorted indices along ``(x, y, z)`` to return (all when None): the result is the full smoothing's
+            ``[np.ix_(keep[2], keep[1], keep[0])]``, same bits, with less work: an axis is cut to its kept indices
+            as soon as its own pass is done (or at once when it has none), so the later passes run on fewer rows.
 
     Returns:
-        ``(Z, Y, X)`` float32.
+        ``(Z, Y, X)`` float32 (``(len(keep[2]), len(keep[1]), len(keep[0]))`` with ``keep``).
     """
     x = np.asarray(array, dtype=np.float32)
     threads = max(1, int(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))  # what the SimpleITK filter uses
+
+    def cut(x: np.ndarray, d: int) -> np.ndarray:
+        if keep is None or keep[d].size == x.shape[2 - d]:
+            return x
+        return np.take(x, keep[d], axis=2 - d)  # a contiguous copy; passes along the other axes are pointwise here
+
+    for d in (2, 1, 0):
+        if not variance[d] > 0:
+            x = cut(x, d)
     for d in (2, 1, 0):  # ITK index axis k, j, i = array axis 0, 1, 2
         if variance[d] > 0:
-            x = _correlate_axis(x, gaussian_kernel(variance[d], spacing[d]), 2 - d, threads)
+            x = cut(_correlate_axis(x, gaussian_kernel(variance[d], spacing[d]), 2 - d, threads), d)
     return x
+
+
+def _itk_floor(x: np.ndarray) -> np.ndarray:
+    """``itk::Math::Floor<int64>`` of float64 values as ITK's SSE2 build computes it: the nearest integer (ties to
+    even) of ``2 x - 0.5``, shifted right by one (``2 x - 0.5`` is exact below 2^51, so this is ``floor`` there)."""
+    return np.right_shift(np.rint(2.0 * x - 0.5).astype(np.int64), 1)
+
+
+@dataclass
+class _AxisPlan:
+    """One axis of :func:`_linear_plan`: per target index its source base index, distance and flags."""
+
+    base: np.ndarray  # int64, the source index ITK's interpolator starts from (>= 0)
+    dist: np.ndarray  # float64, continuous index - base
+    lerp: np.ndarray  # bool, interpolated with base + 1 (else base's value alone)
+    inside: np.ndarray  # bool, inside the source's buffer (else the target voxel is 0)
+
+    def needed(self) -> np.ndarray:
+        """Sorted source indices this axis reads."""
+        return np.union1d(self.base[self.inside], self.base[self.inside & self.lerp] + 1)
+
+
+def _linear_plan(source: Grid, target: Grid) -> list[_AxisPlan] | None:
+    """What SimpleITK's linear ``Resample`` (identity transform) of an image on ``source`` onto ``target`` reads and
+    weighs, per axis ``(x, y, z)``, when that is separable to the last bit: every target voxel's continuous source
+    index computed with ITK's arithmetic (``ResampleImageFilter``'s scan lines interpolated between the index of a
+    line's first voxel and of the voxel one past its end; ``TransformIndexToPhysicalPoint``, the source's
+    physical-to-index matrix read from SimpleITK, ``Math::Floor``), and its x component depending on ``i`` only, its y
+    component on ``j`` only and its z component on ``k`` only. None when it is not (e.g. oblique grids, whose last
+    bits mix the axes): the caller keeps SimpleITK's path."""
+    zero = (0.0, 0.0, 0.0)
+    probe = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+    probe.SetSpacing(target.spacing)
+    probe.SetDirection(target.direction)
+    probe.SetOrigin(zero)
+    to_point = np.array([probe.TransformIndexToPhysicalPoint(tuple(int(c == r) for c in range(3)))
+                         for r in range(3)]).T  # column c: target index step c in mm (ITK's IndexToPhysicalPoint)
+    probe.SetSpacing(source.spacing)
+    probe.SetDirection(source.direction)
+    to_index = np.array([probe.TransformPhysicalPointToContinuousIndex(tuple(float(c == r) for c in range(3)))
+                         for r in range(3)]).T  # ITK's PhysicalPointToIndex (its own inverse, to the last bit)
+    nz, ny, nx = target.shape
+    o_t, o_s = np.asarray(target.origin), np.asarray(source.origin)
+    j = np.arange(ny, dtype=np.float64)[None, :]
+    k = np.arange(nz, dtype=np.float64)[:, None]
+
+    def line_index(i: float) -> list[np.ndarray]:
+        """Continuous source index (x, y, z), each ``(Z, Y)``, of target voxel ``(i, j, k)`` for every line."""
+        p = [((o_t[r] + to_point[r, 0] * i) + to_point[r, 1] * j) + to_point[r, 2] * k - o_s[r] for r in range(3)]
+        return [((0.0 + to_index[r, 0] * p[0]) + to_index[r, 1] * p[1]) + to_index[r, 2] * p[2] for r in range(3)]
+
+    start, end = line_index(0.0), line_index(float(nx))
+    step = [e - s for s, e in zip(start, end)]
+    if (np.any(step[1] != 0) or np.any(step[2] != 0) or np.any(start[0] != start[0][0, 0])
+            or np.any(step[0] != step[0][0, 0]) or np.any(start[1] != start[1][:1]) or np.any(start[2] != start[2][:, :1])):
+        return None
+    alpha = np.arange(nx, dtype=np.float64) / float(nx)
+    cont = [start[0][0, 0] + alpha * step[0][0, 0], start[1][0] + 0.0, start[2][:, 0] + 0.0]
+    plans = []
+    for c, n in zip(cont, source.size):
+        base = np.maximum(_itk_floor(c), 0)
+        dist = c - base
+        plans.append(_AxisPlan(base, dist, (dist > 0) & (base + 1 <= n - 1), (c >= -0.5) & (c < n - 1 + 0.5)))
+    return plans
+
+
+def _interpolate_separable(values: np.ndarray, plans: list[_AxisPlan], kept: list[np.ndarray]) -> np.ndarray:
+    """ITK's ``LinearInterpolateImageFunction`` (3-D) at every target voxel of separable ``plans``, as
+    ``Resample`` stores it (float32, 0 outside): along x, then y, then z, ``a + (b - a) * distance`` in float64 where
+    an axis interpolates (the value at the base index alone where not), which is ITK's per-voxel arithmetic with the
+    x and y steps shared by the voxels that read the same source rows.
+
+    Args:
+        values: ``(Z', Y', X')`` float32, the source at the indices ``kept`` (x, y, z) only.
+        plans: :func:`_linear_plan` of the source and target grids.
+        kept: Sorted source indices along (x, y, z) that ``values`` holds (each axis plan's ``needed`` among them).
+
+    Returns:
+        ``(Z, Y, X)`` float32 on the target grid.
+    """
+    v = values
+    for axis, (plan, have) in enumerate(zip(plans, kept)):  # x (array axis 2), y (1), z (0)
+        along = 2 - axis
+        lo = np.searchsorted(have, np.where(plan.inside, plan.base, have[0]))
+        hi = np.searchsorted(have, np.where(plan.inside & plan.lerp, plan.base + 1, have[0]))
+        a = np.take(v, lo, axis=along).astype(np.float64, copy=False)
+        if plan.lerp.any():
+            cols = np.flatnonzero(plan.lerp & plan.inside)
+            shape = [1, 1, 1]
+            shape[along] = cols.size
+            d = plan.dist[cols].reshape(shape)
+            pa = np.take(a, cols, axis=along)
+            pb = np.take(v, hi[cols], axis=along).astype(np.float64)
+            sel = [slice(None)] * 3
+            sel[along] = cols
+            a[tuple(sel)] = pa + (pb - pa) * d
+        v = a
+    out = v.astype(np.float32)
+    for axis, plan in enumerate(plans):
+        if not plan.inside.all():
+            sel = [slice(None)] * 3
+            sel[2 - axis] = ~plan.inside
+            out[tuple(sel)] = 0.0
+    return out
 
 
 def resample(image: Image, grid: Grid, interpolator: str = "linear", antialias: bool = True) -> Image:
@@ -138,11 +254,22 @@ def resample(image: Image, grid: Grid, interpolator: str = "linear", antialias: 
     """
     if interpolator == "linear":
         arr = np.asarray(image.array, dtype=np.float32)
+        var = [0.0, 0.0, 0.0]
         if antialias:
             target = min(grid.spacing)
             var = [max(target ** 2 - s ** 2, 0.0) / 4.0 for s in image.grid.spacing]
+        plans = _linear_plan(image.grid, grid)
+        if plans is not None:  # parallel axes: smooth and interpolate only what the resampling reads (same bits)
+            kept = [p.needed() for p in plans]
+            if min(k.size for k in kept) == 0:  # no target voxel inside the source
+                return Image(np.zeros(grid.shape, np.float32), grid, image.name)
             if max(var) > 0:
-                arr = smooth_like_sitk(arr, image.grid.spacing, var)
+                arr = smooth_like_sitk(arr, image.grid.spacing, var, kept)
+            else:
+                arr = arr[np.ix_(kept[2], kept[1], kept[0])]
+            return Image(_interpolate_separable(arr, plans, kept), grid, image.name)
+        if max(var) > 0:
+            arr = smooth_like_sitk(arr, image.grid.spacing, var)
         src = image_to_sitk(Image(arr, image.grid, image.name))
         interp = sitk.sitkLinear
     elif interpolator == "nearest":

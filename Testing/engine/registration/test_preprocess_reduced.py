@@ -1,0 +1,112 @@
+"""Preprocessing of parallel grids reads only what SimpleITK's linear resampling reads: the anti-aliasing passes run
+on the kept rows and the interpolation is ITK's, and the working image is SimpleITK's (cast, DiscreteGaussian,
+linear Resample) bit for bit, for odd shapes, anisotropic voxels, flipped, permuted and oblique directions,
+origins off the grid and working voxels of 2 and 3 mm."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from DeepRegistrationLib.core.grid import Grid
+from DeepRegistrationLib.core.image import Image
+from DeepRegistrationLib.registration import preprocess as P
+
+
+def _sitk_resample(image: Image, grid: Grid) -> np.ndarray:
+    """The plain SimpleITK pipeline: float32 cast, DiscreteGaussian (sigma² = (s_new² − s_old²) / 4), Resample."""
+    src = sitk.GetImageFromArray(np.ascontiguousarray(image.array))
+    image.grid.apply_to_sitk(src)
+    src = sitk.Cast(src, sitk.sitkFloat32)
+    target = min(grid.spacing)
+    var = [max(target ** 2 - s ** 2, 0.0) / 4.0 for s in image.grid.spacing]
+    if max(var) > 0:
+        src = sitk.DiscreteGaussian(src, var, P.GAUSSIAN_MAX_WIDTH, P.GAUSSIAN_MAX_ERROR, True)
+    ref = sitk.Image(grid.size, sitk.sitkUInt8)
+    grid.apply_to_sitk(ref)
+    return sitk.GetArrayFromImage(sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+
+
+def _rotation(angles) -> np.ndarray:
+    a, b, c = angles
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+DIRECTIONS = {"identity": np.eye(3), "flipped": np.diag([-1.0, -1.0, 1.0]),
+              "permuted": np.array([[0, 1, 0], [1, 0, 0], [0, 0, -1.0]]), "oblique": _rotation((0.3, -0.2, 0.5))}
+CASES = [((23, 37, 41), (0.7, 0.9, 3.0), 2.0), ((31, 29, 17), (0.75, 0.75, 0.75), 2.0),
+         ((19, 43, 26), (1.0, 0.6, 1.3), 3.0), ((12, 25, 33), (2.5, 3.2, 0.8), 2.0), ((9, 14, 50), (1.1, 1.1, 0.5), 3.0)]
+
+
+@pytest.mark.parametrize("direction", sorted(DIRECTIONS))
+@pytest.mark.parametrize("shape, spacing, working", CASES)
+def test_working_image_is_simpleitks_bit_for_bit(shape, spacing, working, direction):
+    rng = np.random.default_rng(sum(shape) + len(direction))
+    arr = (rng.normal(size=shape) * 300 + 40).astype(np.float32)
+    arr[:3, :4] = -0.0  # negative zeros: their sums are +0.0 in ITK
+    origin = tuple(rng.uniform(-80, 80, 3))  # off any grid
+    grid = Grid(shape, spacing, origin, tuple(DIRECTIONS[direction].ravel()))
+    image = Image(arr, grid, "image")
+    target = P.working_grid(grid, working)
+    if direction != "oblique":
+        assert P._linear_plan(grid, target) is not None  # these take the reduced path
+    out = P.resample(image, target)
+    ref = _sitk_resample(image, target)
+    assert out.grid == target and out.array.dtype == np.float32
+    assert np.array_equal(out.array.view(np.uint32), ref.view(np.uint32))
+    w = P.prepare(image, working)
+    lo, hi = np.percentile(ref, (0.5, 99.5))
+    assert np.array_equal(w.array, np.clip((ref - lo) / (hi - lo), 0.0, 1.0).astype(np.float32))
+
+
+@pytest.mark.parametrize("shift", [(0.0, 0.0, 0.0), (13.3, -7.1, 4.4), (200.0, 0.0, 0.0)])
+def test_other_parallel_grids_and_the_border(shift):
+    """A target that overhangs the source (0 outside, the edge half-voxel inside), one shifted by whole source voxels
+    (distances exactly 0) and one outside it entirely."""
+    rng = np.random.default_rng(3)
+    src = Grid((21, 18, 27), (0.8, 0.9, 1.1), (-3.2, 5.5, 1.25), tuple(np.diag([1.0, -1.0, -1.0]).ravel()))
+    arr = rng.uniform(-1000, 1000, src.shape).astype(np.int16)
+    image = Image(arr, src, "image")
+    d = src.direction_matrix
+    for target in (Grid((9, 11, 13), (2.0, 2.0, 2.0), tuple(np.asarray(src.origin) + d @ np.array(shift) - 4.0),
+                        src.direction),
+                   Grid((7, 8, 9), (1.6, 1.8, 2.2), tuple(np.asarray(src.origin) + d @ np.array([0.8, 1.8, 3.3])),
+                        src.direction)):
+        assert P._linear_plan(src, target) is not None
+        for antialias in (True, False):
+            out = P.resample(image, target, antialias=antialias).array
+            ref = _sitk_resample(image, target) if antialias else sitk.GetArrayFromImage(sitk.Resample(
+                sitk.Cast(_to_sitk(image), sitk.sitkFloat32), _ref(target), sitk.Transform(), sitk.sitkLinear, 0.0,
+                sitk.sitkFloat32))
+            assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
+
+
+def _to_sitk(image: Image) -> sitk.Image:
+    img = sitk.GetImageFromArray(np.ascontiguousarray(image.array))
+    image.grid.apply_to_sitk(img)
+    return img
+
+
+def _ref(grid: Grid) -> sitk.Image:
+    ref = sitk.Image(grid.size, sitk.sitkUInt8)
+    grid.apply_to_sitk(ref)
+    return ref
+
+
+def test_kept_smoothing_is_the_full_smoothing_cut():
+    rng = np.random.default_rng(5)
+    arr = (rng.normal(size=(15, 22, 19)) * 100).astype(np.float32)
+    spacing, var = (0.7, 1.9, 0.8), [0.8, 0.0, 0.6]
+    keep = [np.array([0, 2, 3, 7, 18]), np.array([1, 5, 21]), np.array([0, 14])]
+    full = P.smooth_like_sitk(arr, spacing, var)
+    cut = P.smooth_like_sitk(arr, spacing, var, keep)
+    assert np.array_equal(cut.view(np.uint32), full[np.ix_(keep[2], keep[1], keep[0])].view(np.uint32))
+
+
+def test_itk_floor_is_floor():
+    x = np.array([-0.5, -0.25, 0.0, 0.999, 1.0, 2.5, np.nextafter(3.0, 0.0), np.nextafter(1024.0, 0.0), 7.75])
+    x = np.concatenate([x, np.random.default_rng(0).uniform(-600, 600, 1000)])
+    assert np.array_equal(P._itk_floor(x), np.floor(x).astype(np.int64))
