@@ -195,7 +195,8 @@ def sample_on_grid(values: np.ndarray, source: Grid, target: Grid) -> np.ndarray
 
     Where the target's axes are parallel to the source's (a working grid and its fixed grid) the trilinear
     interpolation is done as three 1D interpolations (float32, the same values as ``grid_sample`` to float32
-    rounding; 7 M target voxels: ~2× faster); otherwise by ``grid_sample`` at every target voxel."""
+    rounding; 7 M target voxels: ~2× faster; onto a coarser grid only the source slices and rows it uses are
+    interpolated); otherwise by ``grid_sample`` at every target voxel."""
     m = _parallel_index_map(source, target)  # target index -> source index
     if m is not None:
         return _sample_separable(values, source.shape, target.shape, m)
@@ -221,14 +222,32 @@ def _sample_separable(values: np.ndarray, source_shape, target_shape, m: np.ndar
         return torch.as_tensor(i0), torch.as_tensor(i1), torch.as_tensor(1.0 - t, dtype=torch.float32), \
             torch.as_tensor(t, dtype=torch.float32)
 
+    def used(i0, i1, n_source):
+        """The source indices the target uses (sorted) and ``i0``, ``i1`` as positions among them; None when
+        the target uses every source index."""
+        keep = torch.unique(torch.cat([i0, i1]))
+        if len(keep) == n_source:
+            return None, i0, i1
+        pos = torch.full((n_source,), -1, dtype=torch.int64)
+        pos[keep] = torch.arange(len(keep))
+        return keep, pos[i0], pos[i1]
+
     nz, ny, nx = target_shape
     gz, gy, gx = source_shape
     v = torch.as_tensor(np.ascontiguousarray(values), dtype=torch.float32)
     x0, x1, wx0, wx1 = axis(m[0, 0], m[0, 3], nx, gx)
-    v = v.index_select(2, x0) * wx0 + v.index_select(2, x1) * wx1  # (gz, gy, nx)
     y0, y1, wy0, wy1 = axis(m[1, 1], m[1, 3], ny, gy)
-    v = v.index_select(1, y0) * wy0[:, None] + v.index_select(1, y1) * wy1[:, None]  # (gz, ny, nx)
     z0, z1, wz0, wz1 = axis(m[2, 2], m[2, 3], nz, gz)
+    # only the source slices and rows the target uses are interpolated (a coarser target: about 3/4 of each at
+    # 0.75 -> 2 mm); every value is computed as from the whole source
+    zs, z0, z1 = used(z0, z1, gz)
+    ys, y0, y1 = used(y0, y1, gy)
+    if zs is not None:
+        v = v.index_select(0, zs)
+    if ys is not None:
+        v = v.index_select(1, ys)
+    v = v.index_select(2, x0) * wx0 + v.index_select(2, x1) * wx1  # (z used, y used, nx)
+    v = v.index_select(1, y0) * wy0[:, None] + v.index_select(1, y1) * wy1[:, None]  # (z used, ny, nx)
     out = np.empty(target_shape, dtype=np.float32)
     step = max(1, 2_000_000 // max(1, ny * nx))
     with torch.no_grad():

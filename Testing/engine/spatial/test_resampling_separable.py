@@ -138,3 +138,29 @@ def test_slabs_within_the_image_skip_the_itk_mask_with_the_same_bits_and_field_r
             want = np.zeros_like(want)
         np.testing.assert_array_equal(got[k0:k1], want)
     assert {(False, True), (False, False)} <= positions  # both sampling paths were taken
+
+
+def test_sample_on_grid_onto_a_coarser_grid_interpolates_only_the_used_source_slices_with_the_same_bits():
+    """A coarser target (every source slice and row is not used): the values are those of interpolating the whole
+    source along x, then y, then z (the same float32 steps), bit for bit, and grid_sample's to rounding."""
+    rng = np.random.default_rng(12)
+    source = Grid((40, 36, 34), (0.75, 0.75, 0.75), (10.0, -5.0, 3.0), (1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+    values = rng.normal(size=source.shape).astype(np.float32)
+    target = Grid((13, 12, 11), (2.0, 2.0, 2.0), (11.0, -5.5, 4.0), (1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0))
+    m = source.world_to_index @ target.index_to_world
+    v = torch.as_tensor(values)
+    steps = []
+    for a, n, g in ((0, 11, 34), (1, 12, 36), (2, 13, 40)):
+        c = np.clip(m[a, 3] + m[a, a] * np.arange(n, dtype=np.float64), 0.0, g - 1.0)
+        i0 = np.clip(np.floor(c), 0, g - 2).astype(np.int64)
+        t = torch.as_tensor(np.clip(c - i0, 0.0, 1.0))
+        steps.append((torch.as_tensor(i0), torch.as_tensor(i0 + 1), (1.0 - t).float(), t.float()))
+    (x0, x1, wx0, wx1), (y0, y1, wy0, wy1), (z0, z1, wz0, wz1) = steps
+    assert len(torch.unique(torch.cat([z0, z1]))) < 40 and len(torch.unique(torch.cat([y0, y1]))) < 36
+    v = v.index_select(2, x0) * wx0 + v.index_select(2, x1) * wx1
+    v = v.index_select(1, y0) * wy0[:, None] + v.index_select(1, y1) * wy1[:, None]
+    want = (v.index_select(0, z0) * wz0[:, None, None] + v.index_select(0, z1) * wz1[:, None, None]).numpy()
+    got = R.sample_on_grid(values, source, target)
+    np.testing.assert_array_equal(got, want)
+    general = W.sample(torch.as_tensor(values)[None, None], source, W.grid_points(target), padding_mode="border")
+    np.testing.assert_allclose(got, general[0, 0].numpy(), atol=5e-5)
