@@ -74,7 +74,15 @@ def working_pair(fixed: Image, moving: Image, transform: SpatialTransform, confi
     ``prepared``: the registration's own ``(fixed, moving)``
     :class:`~DeepRegistrationLib.registration.preprocess.WorkingImage` pair, when it kept them (preparing a 0.75 mm
     CT again, its anti-aliasing included, took a sixth of the writing and evaluating stage); else both are
-    prepared here."""
+    prepared here. When it is the registration's
+    :class:`~DeepRegistrationLib.registration.pipeline.WorkingImages` and ``transform`` its very result (on
+    ``device``), the moving image it warped for the similarity after is taken as it is (the same computation:
+    the same bits, ~0.3 s less on a 4.6 M-voxel working grid)."""
+    handed = getattr(prepared, "warped_for", None)
+    handed = None if handed is None else handed(transform, device)
+    if handed is not None:
+        f_t, fmask, warped, view = handed
+        return WorkingPair(f_t, warped, view, prepared.fixed.grid, fmask)
     if prepared is not None:
         fw, mw = prepared
     else:

@@ -87,9 +87,10 @@ class RegistrationResult:
         timings: Seconds per stage.
         device: Where it ran.
         config: The settings used.
-        working_images: The ``(fixed, moving)``
-            :class:`~DeepRegistrationLib.registration.preprocess.WorkingImage` pair the registration prepared
-            (working spacing, normalized intensities, masks), so that the evaluation does not prepare them again.
+        working_images: The registration's own :class:`WorkingImages`: the ``(fixed, moving)``
+            :class:`~DeepRegistrationLib.registration.preprocess.WorkingImage` pair it prepared (working spacing,
+            normalized intensities, masks; it unpacks as that pair) and the moving one warped by ``transform`` onto
+            the working grid for the similarity after, so that the evaluation neither prepares nor warps them again.
     """
 
     transform: SpatialTransform
@@ -106,8 +107,51 @@ class RegistrationResult:
     device: str = "cpu"
     config: RegistrationConfig | None = None
     velocity: np.ndarray | None = None
-    working_images: tuple | None = field(default=None, repr=False)
+    working_images: "WorkingImages | None" = field(default=None, repr=False)
     plan: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class WorkingImages:
+    """The working images of one registration (:attr:`RegistrationResult.working_images`).
+
+    Unpacks as the ``(fixed, moving)`` :class:`~DeepRegistrationLib.registration.preprocess.WorkingImage` pair.
+    ``fixed_tensor`` is the fixed working image ``(1, 1, Z, Y, X)`` float32 in [0, 1], ``fixed_mask`` its mask
+    ``(1, 1, Z, Y, X)`` bool (None without one); ``warped`` ``(1, 1, Z, Y, X)`` float32 is the moving working image
+    sampled (trilinear, 0 outside) at ``transform`` of the working grid's voxel centres and ``view`` ``(1, 1, Z, Y,
+    X)`` bool where those points lie inside the moving field of view, as the similarity after saw them; all on
+    ``device``. They hold for that very ``transform`` object only (:meth:`warped_for`). Pickled, it is the plain
+    ``(fixed, moving)`` tuple (what earlier versions kept; the warped image is computed again where it is needed).
+    """
+
+    fixed: WorkingImage
+    moving: WorkingImage
+    fixed_tensor: torch.Tensor | None = None
+    fixed_mask: torch.Tensor | None = None
+    warped: torch.Tensor | None = None
+    view: torch.Tensor | None = None
+    transform: SpatialTransform | None = None
+
+    def __iter__(self):
+        return iter((self.fixed, self.moving))
+
+    def __len__(self) -> int:
+        return 2
+
+    def __reduce__(self):
+        return tuple, ((self.fixed, self.moving),)
+
+    def __getitem__(self, i):
+        return (self.fixed, self.moving)[i]
+
+    def warped_for(self, transform: SpatialTransform, device=None) -> tuple | None:
+        """``(fixed_tensor, fixed_mask, warped, view)`` when they were computed for ``transform`` (the same object)
+        on ``device`` (None: the CPU), else None."""
+        if self.warped is None or transform is not self.transform:
+            return None
+        if self.warped.device != torch.device("cpu" if device is None else device):
+            return None
+        return self.fixed_tensor, self.fixed_mask, self.warped, self.view
 
 
 def _pool(t: torch.Tensor, f: int) -> torch.Tensor:
@@ -426,12 +470,15 @@ def _symmetric_stage(p: "_Prepared", cfg: RegistrationConfig, affine: torch.Tens
         return scaling_and_squaring(v_fixed, finest.fgrid), v_fixed
 
 
-def _evaluate(lv: _Level, affine: torch.Tensor, u: torch.Tensor | None, sim: Similarity) -> tuple[float, float]:
+def _evaluate(lv: _Level, affine: torch.Tensor, u: torch.Tensor | None, sim: Similarity
+              ) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """``sim`` and the global NCC of ``lv``'s images after ``affine`` and ``u`` (None: no field), and the warped
+    moving image ``(1, 1, Z, Y, X)`` with its field of view (bool, same shape) they were computed on."""
     with torch.no_grad():
         pts = lv.pts if u is None else lv.pts + torch.movedim(u, 1, -1)
         warped, valid, view = lv.warp(W.apply_affine(pts, affine))
         loss = float(sim(lv.fixed, warped, valid, lv.fmask, view))
-        return loss, global_ncc(lv.fixed, warped, valid if lv.fmask is None else valid & lv.fmask)
+        return loss, global_ncc(lv.fixed, warped, valid if lv.fmask is None else valid & lv.fmask), warped, view
 
 
 def _level_moments(lv: _Level) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -511,7 +558,7 @@ def _prepare_levels(fixed: Image, moving: Image, cfg: RegistrationConfig, fixed_
     sim = Similarity(cfg.similarity, cfg.lncc_radius)
     identity = torch.eye(4, device=device)
     term = None if guide is None or cfg.guide_weight == 0 else LandmarkTerm(guide, cfg.guide_weight, device)
-    sim_before, ncc_before = _evaluate(levels[1], identity, None, sim)
+    sim_before, ncc_before, _, _ = _evaluate(levels[1], identity, None, sim)
     frame = torch.eye(4, device=device)
     frame[:3, :3] = torch.as_tensor(fw.grid.direction_matrix, dtype=torch.float32, device=device)
     return _Prepared(fw, mw, f_t, m_t, fmask, mmask, factors, levels, sim, frame, term, sim_before, ncc_before)
@@ -599,21 +646,24 @@ def _finish(p: _Prepared, cfg: RegistrationConfig, affine: torch.Tensor, u: torc
             v: torch.Tensor | None, init_info: dict, timings: dict, device) -> RegistrationResult:
     """Similarity after, the Jacobian and its summaries, and the exported transform (field padded by a voxel)."""
     fw = p.fw
-    sim_after, ncc_after = _evaluate(p.finest, affine, u, p.sim)
+    sim_after, ncc_after, warped, view = _evaluate(p.finest, affine, u, p.sim)
     a_np = affine.double().cpu().numpy()
     u_np = None if u is None else u[0].double().cpu().numpy()
     if u_np is not None:
         detj = metrics.jacobian_determinant(u_np, fw.grid, affine=a_np)
     else:
         detj = np.full(fw.grid.shape, float(np.linalg.det(a_np[:3, :3])))
+    transform = SpatialTransform(a_np, *_padded_field(u_np, fw.grid))
+    # the warped image is a channel of the moving image and mask sampled together: its own copy
+    images = WorkingImages(p.fw, p.mw, p.finest.fixed, p.finest.fmask, warped.contiguous(), view, transform)
     return RegistrationResult(
-        transform=SpatialTransform(a_np, *_padded_field(u_np, fw.grid)),
+        transform=transform,
         working_grid=fw.grid, similarity_before=p.sim_before, similarity_after=sim_after,
         ncc_before=p.ncc_before, ncc_after=ncc_after, jacobian=detj.astype(np.float32),
         folding_percent=float(metrics.folding_percent(detj)), sdlogj=metrics.sdlogj(detj),
         initialization=init_info, timings=timings, device=str(device), config=cfg,
         velocity=None if v is None else _padded_field(v[0].double().cpu().numpy(), fw.grid)[0],
-        working_images=(p.fw, p.mw), plan=list(p.plan))
+        working_images=images, plan=list(p.plan))
 
 
 def register(fixed: Image, moving: Image, config: RegistrationConfig | None = None, *,
