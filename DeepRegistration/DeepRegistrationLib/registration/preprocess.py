@@ -53,8 +53,10 @@ def gaussian_kernel(variance_mm2: float, spacing_mm: float) -> np.ndarray:
     return out[nz[0]:nz[-1] + 1].copy()
 
 
-def _correlate_block(src: np.ndarray, dst: np.ndarray, kernel: np.ndarray, idx: np.ndarray, along: int) -> None:
-    """One block of :func:`_correlate_axis`: ``src``/``dst`` 2-D float32, correlated along axis ``along``."""
+def _correlate_block(src: np.ndarray, dst: np.ndarray, kernel: np.ndarray, idx: np.ndarray, along: int,
+                     keep: np.ndarray | None = None) -> None:
+    """One block of :func:`_correlate_axis`: ``src``/``dst`` 2-D float32, correlated along axis ``along`` (``dst``
+    receives the indices ``keep`` of the result along it, when given)."""
     n = src.shape[along]
     padded = np.take(src, idx, axis=along).astype(np.float64)
     acc = tmp = None
@@ -67,29 +69,34 @@ def _correlate_block(src: np.ndarray, dst: np.ndarray, kernel: np.ndarray, idx: 
         np.multiply(part, c, out=tmp)
         acc += tmp
     acc += 0.0  # ITK's sum starts at +0.0: a sum of -0.0 terms is +0.0 there
-    dst[...] = acc
+    dst[...] = acc if keep is None else np.take(acc, keep, axis=along)
 
 
-def _correlate_axis(x: np.ndarray, kernel: np.ndarray, axis: int, threads: int = 1) -> np.ndarray:
+def _correlate_axis(x: np.ndarray, kernel: np.ndarray, axis: int, threads: int = 1,
+                    keep: np.ndarray | None = None) -> np.ndarray:
     """``out[i] = float32(sum_k kernel[k] * x[i - r + k])`` along ``axis`` of a C-contiguous float32 ``(Z, Y, X)``
     array, edges repeated, the sum in float64 accumulated from ``k = 0``: what ITK's
     ``NeighborhoodOperatorImageFilter`` computes (zero-flux Neumann boundary). Computed in small 2-D blocks, on
-    ``threads`` threads (NumPy releases the GIL; every block is computed the same way whatever the threads)."""
+    ``threads`` threads (NumPy releases the GIL; every block is computed the same way whatever the threads). With
+    ``keep`` (sorted indices along ``axis``) the result is ``out`` taken at those indices, cut block by block."""
     r, n = len(kernel) // 2, x.shape[axis]
     x = np.ascontiguousarray(x)
-    out = np.empty_like(x)
+    shape = list(x.shape)
+    shape[axis] = n if keep is None else len(keep)
+    out = np.empty(shape, np.float32)
+    m = shape[axis]
     idx = np.clip(np.arange(-r, n + r), 0, n - 1)
     blocks = []
     if axis == 2:  # rows of the last axis
-        src, dst = x.reshape(-1, n), out.reshape(-1, n)
+        src, dst = x.reshape(-1, n), out.reshape(-1, m)
         step = max(1, _BLOCK // n)
         blocks = [(src[a:a + step], dst[a:a + step], 1) for a in range(0, src.shape[0], step)]
     else:  # columns of 2-D (n, m) views: the whole volume (axis 0) or each z slice (axis 1)
-        views = [(x.reshape(n, -1), out.reshape(n, -1))] if axis == 0 else list(zip(x, out))
+        views = [(x.reshape(n, -1), out.reshape(m, -1))] if axis == 0 else list(zip(x, out))
         step = max(1, _BLOCK // n)
         for src, dst in views:
             blocks += [(src[:, a:a + step], dst[:, a:a + step], 0) for a in range(0, src.shape[1], step)]
-    run = lambda b: _correlate_block(b[0], b[1], kernel, idx, b[2])
+    run = lambda b: _correlate_block(b[0], b[1], kernel, idx, b[2], keep)
     if threads > 1 and x.size > 4 * _BLOCK:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -99,6 +106,48 @@ def _correlate_axis(x: np.ndarray, kernel: np.ndarray, axis: int, threads: int =
         for b in blocks:
             run(b)
     return out
+
+
+def _correlate_slices(x: np.ndarray, kernel: np.ndarray, rows: np.ndarray, threads: int = 1) -> np.ndarray:
+    """:func:`_correlate_axis` along axis 0 evaluated at the slices ``rows`` only (same arithmetic per value, so the
+    same bits as its ``[rows]``): ``(len(rows), Y, X)`` float32. Each output slice sums its ``len(kernel)`` input
+    slices in column blocks of ``_BLOCK`` (the input slices a block reads stay in the CPU caches from one output
+    slice to the next, converted to float64 once)."""
+    r, n = len(kernel) // 2, x.shape[0]
+    src = np.ascontiguousarray(x).reshape(n, -1)
+    out = np.empty((len(rows), src.shape[1]), np.float32)
+    taps = [np.clip(np.asarray(rows) - r + k, 0, n - 1) for k in range(len(kernel))]
+
+    def run(a: int) -> None:
+        b = min(src.shape[1], a + _BLOCK)
+        acc, tmp = np.empty(b - a), np.empty(b - a)
+        rows64: dict[int, np.ndarray] = {}  # the input slices' block in float64, each converted once
+
+        def row(i: int) -> np.ndarray:
+            if i not in rows64:
+                rows64[i] = src[i, a:b].astype(np.float64)
+            return rows64[i]
+
+        for o in range(len(rows)):
+            for i in [i for i in rows64 if i < taps[0][o]]:
+                del rows64[i]
+            np.multiply(row(taps[0][o]), kernel[0], out=acc)
+            for k in range(1, len(kernel)):
+                np.multiply(row(taps[k][o]), kernel[k], out=tmp)
+                acc += tmp
+            acc += 0.0  # as _correlate_block
+            out[o, a:b] = acc
+
+    starts = range(0, src.shape[1], _BLOCK)
+    if threads > 1 and len(starts) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(run, starts))
+    else:
+        for a in starts:
+            run(a)
+    return out.reshape((len(rows),) + x.shape[1:])
 
 
 def smooth_like_sitk(array: np.ndarray, spacing: tuple[float, float, float],
@@ -131,7 +180,11 @@ def smooth_like_sitk(array: np.ndarray, spacing: tuple[float, float, float],
             x = cut(x, d)
     for d in (2, 1, 0):  # ITK index axis k, j, i = array axis 0, 1, 2
         if variance[d] > 0:
-            x = cut(_correlate_axis(x, gaussian_kernel(variance[d], spacing[d]), 2 - d, threads), d)
+            kernel = gaussian_kernel(variance[d], spacing[d])
+            if d == 2 and keep is not None:  # the first pass: only the kept slices are computed
+                x = _correlate_slices(x, kernel, keep[2], threads)
+            else:
+                x = _correlate_axis(x, kernel, 2 - d, threads, None if keep is None else keep[d])
     return x
 
 
@@ -199,11 +252,42 @@ def _linear_plan(source: Grid, target: Grid) -> list[_AxisPlan] | None:
     return plans
 
 
+def _axis_weights(plan: _AxisPlan, have: np.ndarray) -> tuple:
+    """Positions in ``have`` of each target index's base and upper source index, its distance (0 where it does not
+    interpolate) and the target indices that take the base value alone (None when none does)."""
+    lerp = plan.inside & plan.lerp
+    lo = np.searchsorted(have, np.where(plan.inside, plan.base, have[0]))
+    hi = np.where(lerp, np.searchsorted(have, np.where(lerp, plan.base + 1, have[0])), lo)
+    alone = None if lerp.all() else np.flatnonzero(~lerp)
+    return lo, hi, np.where(lerp, plan.dist, 0.0), alone, bool(lerp.any())
+
+
+def _lerp(v: np.ndarray, w: tuple, along: int) -> np.ndarray:
+    """One axis of ITK's interpolation on a 2-D array: ``a + (b - a) * distance`` in float64 along ``along``
+    (the base value itself, bit for bit, where the axis does not interpolate: ``a + 0`` would turn -0.0 into
+    +0.0)."""
+    lo, hi, dist, alone, any_lerp = w
+    a = np.take(v, lo, axis=along)
+    if not any_lerp:
+        return a
+    res = np.take(v, hi, axis=along).astype(np.float64)
+    res -= a
+    res *= dist if along == 1 else dist[:, None]
+    res += a
+    if alone is not None:
+        if along == 1:
+            res[:, alone] = a[:, alone]
+        else:
+            res[alone] = a[alone]
+    return res
+
+
 def _interpolate_separable(values: np.ndarray, plans: list[_AxisPlan], kept: list[np.ndarray]) -> np.ndarray:
     """ITK's ``LinearInterpolateImageFunction`` (3-D) at every target voxel of separable ``plans``, as
     ``Resample`` stores it (float32, 0 outside): along x, then y, then z, ``a + (b - a) * distance`` in float64 where
     an axis interpolates (the value at the base index alone where not), which is ITK's per-voxel arithmetic with the
-    x and y steps shared by the voxels that read the same source rows.
+    x and y steps shared by the voxels that read the same source rows. Slice by slice (each source slice's x and y
+    steps once, kept while the next target slices read it), so everything stays in the CPU caches.
 
     Args:
         values: ``(Z', Y', X')`` float32, the source at the indices ``kept`` (x, y, z) only.
@@ -213,24 +297,28 @@ def _interpolate_separable(values: np.ndarray, plans: list[_AxisPlan], kept: lis
     Returns:
         ``(Z, Y, X)`` float32 on the target grid.
     """
-    v = values
-    for axis, (plan, have) in enumerate(zip(plans, kept)):  # x (array axis 2), y (1), z (0)
-        along = 2 - axis
-        lo = np.searchsorted(have, np.where(plan.inside, plan.base, have[0]))
-        hi = np.searchsorted(have, np.where(plan.inside & plan.lerp, plan.base + 1, have[0]))
-        a = np.take(v, lo, axis=along).astype(np.float64, copy=False)
-        if plan.lerp.any():
-            cols = np.flatnonzero(plan.lerp & plan.inside)
-            shape = [1, 1, 1]
-            shape[along] = cols.size
-            d = plan.dist[cols].reshape(shape)
-            pa = np.take(a, cols, axis=along)
-            pb = np.take(v, hi[cols], axis=along).astype(np.float64)
-            sel = [slice(None)] * 3
-            sel[along] = cols
-            a[tuple(sel)] = pa + (pb - pa) * d
-        v = a
-    out = v.astype(np.float32)
+    wx, wy, wz = (_axis_weights(p, h) for p, h in zip(plans, kept))
+    out = np.empty((len(plans[2].base), len(plans[1].base), len(plans[0].base)), np.float32)
+    rows: dict[int, np.ndarray] = {}
+
+    def row(z: int) -> np.ndarray:  # source slice z (a position in kept[2]) after the x and y steps
+        if z not in rows:
+            rows.clear() if len(rows) > 3 else None
+            rows[z] = _lerp(_lerp(values[z], wx, 1), wy, 0)
+        return rows[z]
+
+    lo, hi, dist, alone, _ = wz
+    skip = np.zeros(len(lo), bool) if alone is None else np.isin(np.arange(len(lo)), alone)
+    for k in range(len(lo)):
+        a = row(int(lo[k]))
+        if skip[k]:
+            out[k] = a
+            continue
+        res = row(int(hi[k])).astype(np.float64)
+        res -= a
+        res *= dist[k]
+        res += a
+        out[k] = res
     for axis, plan in enumerate(plans):
         if not plan.inside.all():
             sel = [slice(None)] * 3

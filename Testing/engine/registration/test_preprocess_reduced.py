@@ -96,10 +96,11 @@ def _ref(grid: Grid) -> sitk.Image:
     return ref
 
 
-def test_kept_smoothing_is_the_full_smoothing_cut():
+@pytest.mark.parametrize("var", [[0.8, 0.0, 0.6], [0.8, 0.5, 0.6], [0.0, 0.5, 0.0]])
+def test_kept_smoothing_is_the_full_smoothing_cut(var):
     rng = np.random.default_rng(5)
     arr = (rng.normal(size=(15, 22, 19)) * 100).astype(np.float32)
-    spacing, var = (0.7, 1.9, 0.8), [0.8, 0.0, 0.6]
+    spacing = (0.7, 1.9, 0.8)
     keep = [np.array([0, 2, 3, 7, 18]), np.array([1, 5, 21]), np.array([0, 14])]
     full = P.smooth_like_sitk(arr, spacing, var)
     cut = P.smooth_like_sitk(arr, spacing, var, keep)
@@ -110,3 +111,13 @@ def test_itk_floor_is_floor():
     x = np.array([-0.5, -0.25, 0.0, 0.999, 1.0, 2.5, np.nextafter(3.0, 0.0), np.nextafter(1024.0, 0.0), 7.75])
     x = np.concatenate([x, np.random.default_rng(0).uniform(-600, 600, 1000)])
     assert np.array_equal(P._itk_floor(x), np.floor(x).astype(np.int64))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kept_slices_are_the_full_pass_cut(threads):
+    rng = np.random.default_rng(7)
+    arr = (rng.normal(size=(11, 130, 300)) * 50).astype(np.float32)  # slices of more than one column block
+    kernel = P.gaussian_kernel(0.9, 0.75)
+    rows = np.array([0, 1, 4, 5, 6, 10])
+    full = P._correlate_axis(arr, kernel, 0)
+    assert np.array_equal(P._correlate_slices(arr, kernel, rows, threads).view(np.uint32), full[rows].view(np.uint32))
