@@ -13,7 +13,9 @@ import hashlib
 import locale
 import logging
 import os
+import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -85,13 +87,18 @@ def _read_sitk(path: str | os.PathLike, what: str) -> sitk.Image:
         raise InputError(f"{what}: '{p}' does not exist. Check the path (relative paths start from "
                          f"'{Path.cwd()}').")
     if p.is_dir():
-        with _keep_locale():
+        with _DICOM_LOCK, _keep_locale():  # the locale is the process's: one DICOM read at a time
             return _read_dicom_series(p, what)
     try:
         return sitk.ReadImage(str(p))
     except RuntimeError as exc:
         raise InputError(f"{what}: '{p}' is not a readable image ({_first_line(exc)}). Use NIfTI, NRRD, "
                          "MetaImage or a DICOM series folder.") from None
+
+
+#: Serializes DICOM series reads: GDCM may switch the process locale, and :func:`_keep_locale` restores the one it
+#: saved, so two reads in parallel threads could leave the "C" locale behind (images may be read in threads).
+_DICOM_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -193,6 +200,10 @@ def stored_integer_type(path: str | os.PathLike) -> type | None:
 def read_image(path: str | os.PathLike, name: str = "image") -> Image:
     """Reads an intensity image as float32 and checks that it can be registered.
 
+    The checks look at the stored voxels once: the minimum and maximum (on the stored array, before the float32
+    copy; an integer type cannot hold NaN or Inf, and a float image is counted voxel by voxel only when its minimum
+    or maximum is not finite). Safe to call from several threads at once (SimpleITK reads without Python's lock).
+
     Args:
         path: Image file or DICOM series folder.
         name: What it is ("fixed image", ...), used in error messages.
@@ -205,38 +216,58 @@ def read_image(path: str | os.PathLike, name: str = "image") -> Image:
     """
     img = _read_sitk(path, name)
     _check_3d(img, path, name)
-    image = sitk_to_image(img, name)
-    arr = image.array
-    n_bad = int((~np.isfinite(arr)).sum()) or _nifti_nonfinite_count(Path(path))
+    stored = sitk.GetArrayViewFromImage(img)  # ITK's buffer, no copy (``img`` outlives every use below)
+    arr = None
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes Inf in the copy, as it is counted
+        # float32 rounding is monotonic: the float32 copy's extremes are the stored extremes, rounded
+        lo, hi = np.float32(stored.min()), np.float32(stored.max())
+        n_bad = 0
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates into min/max, Inf is an extreme
+            arr = stored.astype(np.float32)
+            n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    n_bad = n_bad or _nifti_nonfinite_count(Path(path))
     if n_bad:
         raise InputError(f"{name}: '{path}' contains {n_bad} NaN or infinite voxels. Replace them "
                          "(e.g. with 0 or the background value) before registering.")
-    if float(arr.max()) - float(arr.min()) <= 1e-6 * max(1.0, abs(float(arr.max()))):
-        raise InputError(f"{name}: '{path}' is constant (every voxel is {float(arr.flat[0]):g}); there is "
-                         "nothing to align. Check that the right file was given.")
+    if float(hi) - float(lo) <= 1e-6 * max(1.0, abs(float(hi))):
+        raise InputError(f"{name}: '{path}' is constant (every voxel is {float(np.float32(stored.flat[0])):g}); "
+                         "there is nothing to align. Check that the right file was given.")
+    image = Image(stored.astype(np.float32) if arr is None else arr, Grid.from_sitk(img), name)
     logger.info("read %s %s: %s", name, path, image.grid)
     return image
 
 
-def read_label_image(path: str | os.PathLike, name: str = "labels", reference: Grid | None = None) -> Image:
+def _reference_grid(reference: Grid | Callable[[], Grid] | None) -> Grid | None:
+    """``reference`` itself, or what it returns when it is a callable (called when the check is reached)."""
+    return reference() if callable(reference) else reference
+
+
+def read_label_image(path: str | os.PathLike, name: str = "labels",
+                     reference: Grid | Callable[[], Grid] | None = None) -> Image:
     """Reads a label map (integer values; 0 = background) as int32.
 
     Args:
         path: Label image file or DICOM folder.
         name: What it is, for messages.
-        reference: When given, the label map must lie on this grid (the grid of its image).
+        reference: When given, the label map must lie on this grid (the grid of its image); or a callable
+            returning that grid, called only once the file is read and checked up to that point (a reader in
+            another thread can wait there for its image).
 
     Raises:
         InputError: unreadable, not 3D, non-integer values, no label, or a grid other than ``reference``.
     """
     img = _read_sitk(path, name)
     _check_3d(img, path, name)
-    arr = sitk.GetArrayFromImage(img)
-    if not np.issubdtype(arr.dtype, np.integer):
+    arr = sitk.GetArrayViewFromImage(img)  # no copy: ``img`` outlives its use
+    if np.issubdtype(arr.dtype, np.integer):
+        labels = arr.astype(np.int32)  # what rounding first would give, without the rounded copy
+    else:
         if not np.all(np.isfinite(arr)) or not np.allclose(arr, np.round(arr)):
             raise InputError(f"{name}: '{path}' holds non-integer values; a label map must hold integer "
                              "labels (0 = background). Did you pass an intensity image?")
-    image = Image(np.round(arr).astype(np.int32), Grid.from_sitk(img), name)
+        labels = np.round(arr).astype(np.int32)
+    image = Image(labels, Grid.from_sitk(img), name)
+    reference = _reference_grid(reference)
     if reference is not None and not image.grid.same_as(reference, tol=1e-3):
         raise InputError(f"{name}: '{path}' is not on the grid of its image ({image.grid} vs {reference}). "
                          "Resample the label map onto its image's grid (nearest neighbour) first.")
@@ -246,14 +277,16 @@ def read_label_image(path: str | os.PathLike, name: str = "labels", reference: G
     return image
 
 
-def read_mask(path: str | os.PathLike, name: str = "mask", reference: Grid | None = None) -> Image:
-    """Reads a binary mask (non-zero = inside) as bool; checks grid (when ``reference``) and emptiness."""
+def read_mask(path: str | os.PathLike, name: str = "mask", reference: Grid | Callable[[], Grid] | None = None) -> Image:
+    """Reads a binary mask (non-zero = inside) as bool; checks emptiness and then the overlap with ``reference``
+    (a grid, or a callable returning it as in :func:`read_label_image`) when given."""
     img = _read_sitk(path, name)
     _check_3d(img, path, name)
-    image = Image(sitk.GetArrayFromImage(img) != 0, Grid.from_sitk(img), name)
+    image = Image(sitk.GetArrayViewFromImage(img) != 0, Grid.from_sitk(img), name)
     if not image.array.any():
         raise InputError(f"{name}: '{path}' is empty (no non-zero voxel). Give a mask that covers the "
                          "region to register, or leave the mask out.")
+    reference = _reference_grid(reference)
     if reference is not None and image.grid.overlap_fraction(reference) <= 0:
         raise InputError(f"{name}: '{path}' does not overlap its image in physical space. Check that the "
                          "mask belongs to this image.")

@@ -39,6 +39,7 @@ from ..evaluation import metrics
 from ..core.config import RegistrationConfig
 from ..core.errors import InputError
 from ..core.image import Image
+from ..io.background import BackgroundWriter, run_parallel
 from ..io.images import read_image, read_label_image, read_mask, stored_integer_type, write_image
 from ..io.landmarks import match_landmarks, read_landmarks
 from .pipeline import RegistrationResult, register
@@ -54,6 +55,12 @@ OUTPUT_FILES = ("transform.h5", "warped.nii.gz", "jacobian.nii.gz", "report.json
 JACOBIAN_FULL_GRID_MAX_VOXELS = 16_000_000
 #: The maps written into ``OUTDIR/explain/`` with ``explain=True`` (``<name>.nii.gz``).
 EXPLAIN_FILES = ("residual", "local_similarity", "displacement")
+#: The inputs are read in parallel threads and every output file is written on a background thread while the next
+#: output is computed (SimpleITK reads and writes without Python's lock). False: all on the calling thread, in
+#: order (the same files, bit for bit; for comparison).
+CONCURRENT_IO = True
+#: Threads reading the inputs (fixed and moving image, masks, label maps) at once.
+READ_THREADS = 4
 
 
 @dataclass
@@ -175,7 +182,10 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
     (:func:`~DeepRegistrationLib.registration.pipeline.register`), :func:`_write_outputs` (transforms, warped
     image, Jacobian), :func:`_evaluate` (Dice/HD95/TRE, maps, uncertainty, the quality verdict) and
     :func:`_write_report` (``report.json``, ``report.png``), all into a temporary folder that is moved into
-    place at the end.
+    place at the end. With :data:`CONCURRENT_IO` the inputs are read in parallel and each output file is written
+    on a background thread (:class:`~DeepRegistrationLib.io.background.BackgroundWriter`) while the next one is
+    computed; every write has finished before ``report.json`` is written, and a failed write raises its own error
+    with nothing moved into place.
 
     Args:
         fixed_path / moving_path: Image files or DICOM folders.
@@ -221,9 +231,10 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        outputs = _write_outputs(tmp, inputs, result, prog.sub(done + 0.01, done + 0.02))
-        evaluation = _evaluate(tmp, inputs, result, cfg, outputs, explain, uncertainty, prog,
-                               start=done + 0.03)
+        with BackgroundWriter(CONCURRENT_IO) as writer:  # joined (every file complete) when the block ends
+            outputs = _write_outputs(tmp, inputs, result, prog.sub(done + 0.01, done + 0.02), writer)
+            evaluation = _evaluate(tmp, inputs, result, cfg, outputs, explain, uncertainty, prog,
+                                   start=done + 0.03, writer=writer)
         timings = dict(read=inputs.seconds, **result.timings,
                        write_and_evaluate=time.perf_counter() - t0 - evaluation.uncertainty_seconds)
         if uncertainty:
@@ -249,12 +260,24 @@ def _read_inputs(fixed_path, moving_path, cfg: RegistrationConfig, fixed_mask, m
     if (fixed_landmarks is None) != (moving_landmarks is None):
         raise InputError("landmarks need both --fixed-landmarks and --moving-landmarks (or neither).")
     t0 = time.perf_counter()
-    fixed = read_image(fixed_path, "fixed image")
-    moving = read_image(moving_path, "moving image")
-    fmask = None if fixed_mask is None else read_mask(fixed_mask, "fixed mask", fixed.grid)
-    mmask = None if moving_mask is None else read_mask(moving_mask, "moving mask", moving.grid)
-    flab = None if fixed_labels is None else read_label_image(fixed_labels, "fixed labels", fixed.grid)
-    mlab = None if moving_labels is None else read_label_image(moving_labels, "moving labels", moving.grid)
+    # read in parallel (CONCURRENT_IO); the errors come in this order, as read one after the other: fixed, moving,
+    # fixed mask, moving mask, fixed labels, moving labels (a mask or label map waits for its image's grid only
+    # for its grid check)
+    tasks = [lambda result: read_image(fixed_path, "fixed image"),
+             lambda result: read_image(moving_path, "moving image")]
+    optional = {}
+    for key, path, reader, name, of in (("fmask", fixed_mask, read_mask, "fixed mask", 0),
+                                        ("mmask", moving_mask, read_mask, "moving mask", 1),
+                                        ("flab", fixed_labels, read_label_image, "fixed labels", 0),
+                                        ("mlab", moving_labels, read_label_image, "moving labels", 1)):
+        if path is not None:
+            optional[key] = len(tasks)
+            tasks.append(lambda result, path=path, reader=reader, name=name, of=of:
+                         reader(path, name, lambda: result(of).grid))
+    read = run_parallel(tasks, READ_THREADS, CONCURRENT_IO)
+    fixed, moving = read[0], read[1]
+    fmask, mmask, flab, mlab = (read[optional[k]] if k in optional else None
+                                for k in ("fmask", "mmask", "flab", "mlab"))
     lms = None
     if fixed_landmarks is not None:
         lms = match_landmarks(read_landmarks(fixed_landmarks), read_landmarks(moving_landmarks))
@@ -271,11 +294,17 @@ def _read_inputs(fixed_path, moving_path, cfg: RegistrationConfig, fixed_mask, m
                    time.perf_counter() - t0, stored_integer_type(moving_path))
 
 
-def _write_outputs(tmp: Path, inputs: _Inputs, result: RegistrationResult, prog: Progress) -> _Outputs:
-    """``transform.h5``, ``inverse.h5`` (deformable), ``warped.nii.gz`` and ``jacobian.nii.gz`` into ``tmp``
-    (``prog`` covers this stage)."""
+def _write_outputs(tmp: Path, inputs: _Inputs, result: RegistrationResult, prog: Progress,
+                   writer: BackgroundWriter | None = None) -> _Outputs:
+    """``transform.h5``, ``warped.nii.gz``, ``inverse.h5`` (deformable) and ``jacobian.nii.gz`` into ``tmp``
+    (``prog`` covers this stage). Each file goes to ``writer`` once computed (written on its thread while the
+    next is computed; the largest, ``warped.nii.gz``, is computed first); without one, written at once."""
+    writer = writer or BackgroundWriter(enabled=False)
     fixed, moving, mmask = inputs.fixed, inputs.moving, inputs.moving_mask
-    sitk.WriteTransform(result.transform.to_sitk(), str(tmp / "transform.h5"))
+    writer.submit(_write_transform, result.transform, tmp / "transform.h5")
+    # an int16 CT: warped straight into int16 (half the bytes to compress, no full-size float32 copy)
+    warped = warp_image(moving, fixed.grid, result.transform, "linear", dtype=inputs.moving_type)
+    writer.submit(write_image, warped, tmp / "warped.nii.gz")
     inverse_report = None
     if result.transform.field is not None:
         from ..spatial.inverse import (WRITE_SETTLED_AFTER, WRITE_SETTLED_FRACTION, WRITE_TOL_MM, consistency_error,
@@ -284,17 +313,19 @@ def _write_outputs(tmp: Path, inputs: _Inputs, result: RegistrationResult, prog:
         prog(0.5, "inverting the transform")
         inverse = invert(result.transform, velocity=getattr(result, "velocity", None), tol_mm=WRITE_TOL_MM,
                          settled_after=WRITE_SETTLED_AFTER, settled_fraction=WRITE_SETTLED_FRACTION)
-        sitk.WriteTransform(inverse.to_sitk(), str(tmp / "inverse.h5"))
+        writer.submit(_write_transform, inverse, tmp / "inverse.h5")
         pts = foreground_points(moving.array, moving.grid, None if mmask is None else mmask.array > 0)
         inverse_report = {**inverse.summary(), "points": "moving mask" if mmask is not None else
                           "moving foreground (> 10 % of the 99th percentile)",
                           "consistency_mm": consistency_error(result.transform, inverse, pts)}
-    # an int16 CT: warped straight into int16 (half the bytes to compress, no full-size float32 copy)
-    warped = warp_image(moving, fixed.grid, result.transform, "linear", dtype=inputs.moving_type)
-    write_image(warped, tmp / "warped.nii.gz")
     jac = jacobian_image(result, fixed.grid)
-    write_image(jac, tmp / "jacobian.nii.gz")
+    writer.submit(write_image, jac, tmp / "jacobian.nii.gz")
     return _Outputs(warped, jac, inverse_report)
+
+
+def _write_transform(transform: SpatialTransform, path: Path) -> None:
+    """An ITK transform file (``.h5``) of ``transform``."""
+    sitk.WriteTransform(transform.to_sitk(), str(path))
 
 
 def jacobian_image(result: RegistrationResult, fixed_grid) -> Image:
@@ -310,10 +341,13 @@ def jacobian_image(result: RegistrationResult, fixed_grid) -> Image:
 
 
 def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: RegistrationConfig, outputs: _Outputs,
-              explain: bool, uncertainty: bool, prog: Progress, start: float = 0.88) -> _Evaluation:
+              explain: bool, uncertainty: bool, prog: Progress, start: float = 0.88,
+              writer: BackgroundWriter | None = None) -> _Evaluation:
     """Dice/HD95 and TRE (with ``warped_labels.nii.gz``), the explainability maps (``explain/``), the
     uncertainty (``uncertainty.nii.gz``), the guide landmarks' residual and the quality verdict; ``prog``
-    is the whole run's, this stage reports from ``start`` to 0.93."""
+    is the whole run's, this stage reports from ``start`` to 0.93. Files go to ``writer`` as in
+    :func:`_write_outputs`."""
+    writer = writer or BackgroundWriter(enabled=False)
     from ..evaluation import explain as explaining
     from ..evaluation.quality import assess, signals_from_result, uncertainty_signals
 
@@ -328,7 +362,7 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
         maps = explaining.explanation_maps(fixed, moving, result.transform, cfg, pair=pair, warped=outputs.warped)
         (tmp / "explain").mkdir()
         for name in EXPLAIN_FILES:
-            write_image(maps[name], tmp / "explain" / f"{name}.nii.gz")
+            writer.submit(write_image, maps[name], tmp / "explain" / f"{name}.nii.gz")
         explain_info = explain_summary(maps, pair, cfg.similarity)
     unc_info, unc_seconds = None, 0.0
     if uncertainty:
@@ -339,7 +373,7 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
                              seed=cfg.seed, device=result.device, progress=prog.sub(start + 0.01, 0.92),
                              prepared=result.working_images)
         maps["uncertainty"] = unc.on_grid(fixed.grid)
-        write_image(maps["uncertainty"], tmp / "uncertainty.nii.gz")
+        writer.submit(write_image, maps["uncertainty"], tmp / "uncertainty.nii.gz")
         unc_info = {**unc.summary(), "file": "uncertainty.nii.gz", "restarts": RESTARTS, "iterations": ITERATIONS,
                     "meaning": "per-voxel spread (mm) of the displacement over perturbed restarts of the result; "
                                "large where the images do not pin the correspondence down. Not an error bound: "
@@ -350,7 +384,7 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
     if inputs.fixed_labels is not None:
         evaluation["labels"], warped_labels = evaluate_labels(inputs.fixed_labels, inputs.moving_labels,
                                                               result.transform)
-        write_image(warped_labels, tmp / "warped_labels.nii.gz")
+        writer.submit(write_image, warped_labels, tmp / "warped_labels.nii.gz")
     if inputs.landmarks is not None:
         evaluation["landmarks"] = evaluate_landmarks(inputs.landmarks[0], inputs.landmarks[1], result.transform)
     guide_info, residual = None, None

@@ -1,0 +1,119 @@
+"""Running file reads and writes on worker threads while the calling thread computes.
+
+SimpleITK's ``ReadImage``, ``WriteImage`` (gzip included) and ``WriteTransform`` (HDF5) run without Python's
+lock, so a write on a worker thread proceeds while the calling thread runs torch or NumPy. Nothing here knows
+about file formats: the callers pass the functions (e.g. :func:`~DeepRegistrationLib.io.images.write_image`).
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class BackgroundWriter:
+    """Runs submitted writes one at a time on one worker thread, in the order they were submitted.
+
+    Use it as a context manager around the work that submits the writes. Leaving the block normally waits
+    for every write and raises the first one's error (in submission order), as a serial run would have.
+    Leaving it with an exception cancels the writes not yet started and waits for the running one (no thread is
+    left running and nothing writes afterwards, so the caller can remove the target folder); if a write had
+    failed before, that write's error is raised instead (a serial run would have stopped there first).
+
+    ``enabled=False`` runs every write at once on the calling thread (the serial order; same files).
+
+    The caller must not modify an array it handed to a pending write.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="deepregistration-writer") if enabled else None
+        self._futures: list[Future] = []
+
+    def submit(self, fn: Callable, *args, **kwargs) -> None:
+        """Queues ``fn(*args, **kwargs)``; first raises the error of a write that already failed."""
+        self.raise_failed()
+        if self._pool is None:
+            fn(*args, **kwargs)
+        else:
+            self._futures.append(self._pool.submit(fn, *args, **kwargs))
+
+    def raise_failed(self) -> None:
+        """Raises the error of the first finished write that failed (writes run in order: no later one can have
+        finished while an earlier one runs)."""
+        for f in self._futures:
+            if not f.done():
+                return
+            if not f.cancelled() and f.exception() is not None:
+                raise f.exception()
+
+    def join(self) -> None:
+        """Waits for every submitted write; raises the first failure (submission order)."""
+        futures, self._futures = self._futures, []
+        _results(futures)
+
+    def close(self, cancel: bool = False) -> None:
+        """Stops the worker thread after the running write (and, unless ``cancel``, the queued ones)."""
+        if self._pool is not None:
+            if cancel:
+                for f in self._futures:
+                    f.cancel()
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.join()
+            finally:
+                self.close(cancel=True)
+            return
+        self.close(cancel=True)
+        self.raise_failed()
+
+
+def _results(futures: Sequence[Future]) -> None:
+    """Waits for every future (even after a failure); raises the first failure in order."""
+    error = None
+    for f in futures:
+        try:
+            f.result()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others finished
+            if error is None:
+                error = exc
+    if error is not None:
+        raise error
+
+
+def run_parallel(tasks: Sequence[Callable[[Callable[[int], object]], object]], workers: int,
+                 enabled: bool = True) -> list:
+    """Runs ``tasks`` on up to ``workers`` threads and returns their results in order, once every task has finished.
+
+    Each task is called with one argument, ``result(i)``, which waits for task ``i``'s result (or raises its
+    error); a task may wait only for tasks before it (those are started first, so the pool cannot deadlock).
+    The first task in order that failed raises its error: the error a serial run would have raised first. Tasks
+    not yet started by then are cancelled. ``enabled=False`` runs them in order on the calling thread.
+    """
+    if not enabled or len(tasks) <= 1:
+        done: list = []
+        for task in tasks:
+            done.append(task(done.__getitem__))
+        return done
+    futures: list[Future] = []
+    with ThreadPoolExecutor(max(1, min(workers, len(tasks))), thread_name_prefix="deepregistration-reader") as pool:
+        wait = lambda i: futures[i].result()  # noqa: E731
+        try:
+            for task in tasks:
+                futures.append(pool.submit(task, wait))
+            for f in futures:
+                if f.exception() is not None:  # waits for f; the tasks after it matter only when all succeed
+                    break
+        finally:  # on a failure or an interrupt: what has not started yet never starts
+            if any(not f.done() or f.exception() is not None for f in futures):
+                for f in futures:
+                    f.cancel()
+    _results([f for f in futures if not f.cancelled()])
+    return [f.result() for f in futures]
