@@ -147,3 +147,34 @@ def test_points_that_converged_leave_the_iteration_without_changing_the_inverse(
     assert np.abs(w - exact).max() < 5 * I.WRITE_TOL_MM
     # most points froze at a step below a tenth of the tolerance: they are that close
     assert np.percentile(np.linalg.norm(w - exact, axis=0), 90) < I.WRITE_TOL_MM / 5
+
+
+def test_fixed_point_iteration_is_the_plain_iteration_with_each_point_frozen_at_its_small_step():
+    """invert_field (converged points leave the iteration, positions and w kept channels-last) gives, bit for bit,
+    the plain iteration ``w ← -u(z + w)`` over every grid point in which a point keeps its value from the
+    iteration where its step fell below the frozen threshold; the same iteration count."""
+    from DeepRegistrationLib.spatial import inverse as I
+    from DeepRegistrationLib.spatial import warp as W
+
+    rng = np.random.default_rng(4)
+    grid = _oblique_grid((18, 20, 19))
+    field = random_smooth_field(grid.shape, rng, max_mm=5.0)
+    tol = 1e-3
+    w, n, residual = invert_field(field, grid, tol_mm=tol, settled_after=8, settled_fraction=1e-3)
+    u = torch.as_tensor(field, dtype=torch.float32)[None]
+    z = W.grid_points(grid).reshape(-1, 3)
+    cur = -torch.movedim(u[0], 0, -1).reshape(-1, 3)
+    frozen = torch.zeros(z.shape[0], dtype=torch.bool)
+    frozen_sq = min(I.FROZEN_MM, tol / 10.0) ** 2
+    for k in range(1, n + 1):
+        norm = W.world_to_normalized(z + cur, grid)
+        new = -W.sample_normalized(u, grid, norm.view(1, -1, 1, 1, 3), padding_mode="border").view(3, -1).t()
+        step_sq = (new - cur).square().sum(dim=-1)
+        cur = torch.where(frozen[:, None], cur, new)
+        moving = ~frozen & (step_sq > frozen_sq)
+        # the converged points freeze when they are a fifth of those still iterated (invert_field's rule), not
+        # in the last iteration (it stopped before)
+        if k < n and 5 * int(moving.sum()) <= 4 * int((~frozen).sum()):
+            frozen |= ~moving
+    assert n > 2 and frozen.any()
+    np.testing.assert_array_equal(np.moveaxis(w, 0, -1).reshape(-1, 3), cur.double().numpy())
