@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Output cost benchmark: CPU seconds of writing and evaluating a registration's outputs (``run._write_outputs``,
-``run._evaluate``, ``run._write_report`` without ``report.png``), one thread, for the engine at a baseline revision
+``run._evaluate``, ``run._write_report`` with ``report.png``), one thread, for the engine at a baseline revision
 and the engine of this checkout, on the same registration result.
 
     python benchmarks/output_cost.py [--baseline REV] [--cases demo syn2 ct_2mm ct_0.75mm] [--repeats 2]
@@ -117,19 +117,49 @@ def _measure_child(pkl: str) -> None:
         evaluation = R._evaluate(tmp, inputs, result, cfg, outputs, False, False, prog)
         c2 = time.process_time()
         timings = dict(read=inputs.seconds, **result.timings, write_and_evaluate=time.perf_counter() - w0)
-        report = R._write_report(tmp, inputs, result, fixed, moving, outputs, evaluation, timings, False, prog)
+        report = R._write_report(tmp, inputs, result, fixed, moving, outputs, evaluation, timings, True, prog)
         c3 = time.process_time()
         sizes = {p.name: round(p.stat().st_size / 1e6, 2) for p in sorted(tmp.iterdir()) if p.is_file()}
+        hashes = _content_hashes(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("ROW " + json.dumps({"cpu_s": dict(zip(PARTS, (c1 - c0, c2 - c1, c3 - c2, c3 - c0))),
                       "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "sizes_mb": sizes,
-                      "inverse": report.get("inverse"), "quality_signals": report["quality"]["signals"]}))
+                      "inverse": report.get("inverse"), "quality_signals": report["quality"]["signals"],
+                      "hashes": hashes}))
+
+
+def _content_hashes(folder: Path) -> dict:
+    """SHA-1 (first 16 hex digits) of what the outputs hold, not of the files' bytes (HDF5 and gzip headers
+    carry dates): the voxel data and geometry of the NIfTI files, the parameters of the transforms, the pixels of
+    ``report.png``."""
+    import hashlib
+
+    import numpy as np
+    import SimpleITK as sitk
+    from PIL import Image as PILImage
+
+    digest = lambda *parts: hashlib.sha1(b"".join(np.ascontiguousarray(p).tobytes() for p in parts)).hexdigest()[:16]
+    out = {}
+    for p in sorted(folder.glob("*.nii.gz")):
+        im = sitk.ReadImage(str(p))
+        out[p.name] = digest(sitk.GetArrayViewFromImage(im), np.array(im.GetSpacing() + im.GetOrigin()
+                                                                       + im.GetDirection()))
+    for p in sorted(folder.glob("*.h5")):
+        t = sitk.ReadTransform(str(p))
+        parts = [t]
+        if t.GetName() == "CompositeTransform":
+            t = sitk.CompositeTransform(t)
+            parts = [t.GetNthTransform(i) for i in range(t.GetNumberOfTransforms())]
+        out[p.name] = digest(*[np.array(x.GetParameters() + x.GetFixedParameters()) for x in parts])
+    if (folder / "report.png").exists():
+        out["report.png"] = digest(np.asarray(PILImage.open(folder / "report.png")))
+    return out
 
 
 def _summary(rows: list[dict]) -> list[str]:
-    lines = ["| case | variant | runs | write | evaluate | total (min) | peak MB | inverse iterations | "
-             "consistency mean / p95 mm |", "|---" * 9 + "|"]
+    lines = ["| case | variant | runs | write | evaluate | report (json + png) | total (min) | peak MB | "
+             "inverse iterations | consistency mean / p95 mm | outputs as the baseline's |", "|---" * 11 + "|"]
     for case in dict.fromkeys(r["case"] for r in rows):
         for variant in ("baseline", "current"):
             rs = [r for r in rows if r["case"] == case and r["variant"] == variant and "cpu_s" in r]
@@ -140,9 +170,21 @@ def _summary(rows: list[dict]) -> list[str]:
             ce = inv.get("consistency_mm", {})
             cons = f"{ce['mean_mm']:.5f} / {ce['p95_mm']:.5f}" if ce else "-"
             lines.append(f"| {case} | {variant} | {len(rs)} | {best['cpu_s']['write']:.2f} | "
-                         f"{best['cpu_s']['evaluate']:.2f} | {best['cpu_s']['total']:.2f} | {best['peak_mb']} | "
-                         f"{inv.get('iterations', '-')} | {cons} |")
+                         f"{best['cpu_s']['evaluate']:.2f} | {best['cpu_s']['report']:.2f} | "
+                         f"{best['cpu_s']['total']:.2f} | {best['peak_mb']} | "
+                         f"{inv.get('iterations', '-')} | {cons} | {_same(rows, case, best)} |")
     return lines
+
+
+def _same(rows: list[dict], case: str, row: dict) -> str:
+    """Whether every run of ``case`` wrote the same content (:func:`_content_hashes`) as the baseline's first run."""
+    base = next((r.get("hashes") for r in rows if r["case"] == case and r["variant"] == "baseline" and "cpu_s" in r),
+                None)
+    runs = [r.get("hashes") for r in rows if r["case"] == case and r["variant"] == row["variant"] and "cpu_s" in r]
+    if not base or not all(runs):
+        return "-"
+    differ = sorted({k for h in runs for k in base if h.get(k) != base[k]})
+    return "identical" if not differ else "differ: " + ", ".join(differ)
 
 
 def main(argv: list[str] | None = None) -> int:
