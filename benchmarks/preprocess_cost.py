@@ -4,13 +4,14 @@ a case's two images at 2 mm, CPU seconds on one thread, alternating (ABAB), each
 
     python benchmarks/preprocess_cost.py [--baseline f6e706e] [--repeats 3] [--threads 1]
         [--cases ct_0.75mm brain_1mm demo ct_2mm] [--large-fov-cases benchmarks/results-large-fov/cases]
-        [--out benchmarks/results-preprocess-cost]
+        [--pair] [--out benchmarks/results-preprocess-cost]
 
 Reading is excluded. The working images (and their grids) of both variants are compared bit for bit (sha1 of the
 arrays). With ``--threads N`` the runs use N threads (ITK's default thread count, OpenMP) and the wall time is the
-figure to read. Cases: ``ct_0.75mm``/``ct_2mm`` from ``large_fov.py``'s case folder (skipped when absent);
-``brain_1mm``: ICBM152 2009a T1 (fixed) and Colin27 ``ch2bet`` (moving), both 1 mm, from ``.cache`` (as
-``real_pair.py`` fetches them; skipped when absent); ``demo``: the bundled pair. Runtime: about 3 min with the four
+figure to read; ``--pair`` has the checkout prepare both images at once (``preprocess.prepare_pair``, two
+threads), the baseline still one after the other. Cases: ``ct_0.75mm``/``ct_2mm`` from ``large_fov.py``'s case
+folder (skipped when absent); ``brain_1mm``: ICBM152 2009a T1 (fixed) and Colin27 ``ch2bet`` (moving), both 1 mm,
+from ``.cache`` (as ``real_pair.py`` fetches them; skipped when absent); ``demo``: the bundled pair. Runtime: about 3 min with the four
 cases and 3 repeats on one core. Writes ``preprocess_cost.json`` and ``.md`` into ``--out``.
 """
 from __future__ import annotations
@@ -33,16 +34,19 @@ import run_benchmark as rb  # noqa: E402
 
 CHILD = r'''
 import hashlib, json, os, sys, time
-lib, fixed, moving = sys.argv[1:4]
+lib, fixed, moving, pair = sys.argv[1:5]
 sys.path.insert(0, lib)
 import numpy as np, SimpleITK as sitk
 threads = int(os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1"))
 sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 from DeepRegistrationLib.io.images import read_image
-from DeepRegistrationLib.registration.preprocess import prepare
+from DeepRegistrationLib.registration import preprocess
 f, m = read_image(fixed, "fixed"), read_image(moving, "moving")
 t, w = time.process_time(), time.perf_counter()
-ws = [prepare(im, 2.0) for im in (f, m)]
+if pair == "1" and hasattr(preprocess, "prepare_pair"):
+    ws = preprocess.prepare_pair(f, m, 2.0)
+else:
+    ws = [preprocess.prepare(im, 2.0) for im in (f, m)]
 cpu, wall = time.process_time() - t, time.perf_counter() - w
 check = [hashlib.sha1(x.array.tobytes() + repr(x.grid).encode()).hexdigest() for x in ws]
 print(json.dumps({"cpu_s": cpu, "wall_s": wall, "check": check}))
@@ -62,8 +66,8 @@ def case_files(name: str, large_fov_cases: Path) -> tuple[Path, Path] | None:
     return files if all(p.is_file() for p in files) else None
 
 
-def run_one(lib: Path, files, threads: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(lib), str(files[0]), str(files[1])],
+def run_one(lib: Path, files, threads: int, pair: bool = False) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(lib), str(files[0]), str(files[1]), str(int(pair))],
                           capture_output=True, text=True, env=rb.thread_env(threads), timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"prepare failed:\n{proc.stderr[-2000:]}")
@@ -76,6 +80,8 @@ def main() -> int:
                    "preprocessing over the whole input)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pair", action="store_true", help="the checkout prepares both images at once "
+                   "(preprocess.prepare_pair, two threads; the baseline one after the other)")
     p.add_argument("--cases", nargs="+", default=["ct_0.75mm", "brain_1mm", "demo", "ct_2mm"])
     p.add_argument("--large-fov-cases", type=Path, default=large_fov.CASES)
     p.add_argument("--out", type=Path, default=HERE / "results-preprocess-cost")
@@ -94,7 +100,7 @@ def main() -> int:
             for rep in range(args.repeats):
                 for variant in revisions.alternating(list(libs), rep):
                     row = {"case": case, "variant": variant, "repeat": rep,
-                           **run_one(libs[variant], files, args.threads)}
+                           **run_one(libs[variant], files, args.threads, args.pair)}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     summary = []
@@ -105,9 +111,10 @@ def main() -> int:
         summary.append({"case": case, **{f"{v}_{k}": med[(v, k)] for v, k in med},
                         "identical": checks["baseline"] == checks["current"] and len(checks["current"]) == 1})
     (args.out / "preprocess_cost.json").write_text(json.dumps({"baseline": args.baseline, "threads": args.threads,
+                                                               "pair": args.pair,
                                                                "rows": rows, "summary": summary}, indent=1))
     lines = [f"# prepare (both images, 2 mm): {args.baseline} vs this checkout", "",
-             f"{args.threads} thread(s), median of {args.repeats} alternating runs, each in a fresh process.", "",
+             f"{args.threads} thread(s){', the checkout with prepare_pair' if args.pair else ''}, median of {args.repeats} alternating runs, each in a fresh process.", "",
              "| case | baseline CPU s | current CPU s | ratio | baseline wall s | current wall s | identical |",
              "|---|---|---|---|---|---|---|"]
     for s in summary:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.core.grid import Grid
 from DeepRegistrationLib.core.image import Image
 from DeepRegistrationLib.registration import preprocess as P
@@ -121,3 +122,20 @@ def test_kept_slices_are_the_full_pass_cut(threads):
     rows = np.array([0, 1, 4, 5, 6, 10])
     full = P._correlate_axis(arr, kernel, 0)
     assert np.array_equal(P._correlate_slices(arr, kernel, rows, threads).view(np.uint32), full[rows].view(np.uint32))
+
+
+def test_prepare_pair_is_prepare_of_each():
+    rng = np.random.default_rng(11)
+    grids = [Grid((30, 34, 28), (0.8, 0.8, 1.2), (1.5, -2.0, 3.0), tuple(DIRECTIONS["flipped"].ravel())),
+             Grid((26, 30, 33), (0.9, 0.7, 1.0), (-4.0, 1.0, 0.5), tuple(DIRECTIONS["oblique"].ravel()))]
+    images = [Image((rng.normal(size=g.shape) * 100).astype(np.float32), g, n) for g, n in zip(grids, "fm")]
+    masks = [None, Image(images[1].array > 0, grids[1], "mask")]
+    alone = [P.prepare(im, 2.0, mk) for im, mk in zip(images, masks)]
+    for concurrent in (True, False):
+        pair = P.prepare_pair(images[0], images[1], 2.0, masks[0], masks[1], concurrent=concurrent)
+        for a, b in zip(pair, alone):
+            assert a.grid == b.grid and np.array_equal(a.array.view(np.uint32), b.array.view(np.uint32))
+            assert (a.mask is None and b.mask is None) or np.array_equal(a.mask, b.mask)
+    empty = Image(np.zeros(grids[1].shape, bool), grids[1], "moving mask")
+    with pytest.raises(InputError, match="moving mask"):
+        P.prepare_pair(images[0], images[1], 2.0, None, empty)
