@@ -4,10 +4,23 @@ Each image is resampled onto a *working grid* that covers its own field of view 
 voxel size (isotropic, in mm) and keeps its direction, so no part of either image is cut away before
 the transform is known. Intensities are mapped to [0, 1] by robust percentiles.
 
-The anti-aliasing is SimpleITK's ``DiscreteGaussian`` computed bit for bit in NumPy (:func:`smooth_like_sitk`:
-its own kernels, its order of passes and arithmetic, on as many threads as SimpleITK's filter; about half its CPU:
-``prepare`` on a 0.75 mm CT of 86 M voxels 2.7-3.3 s instead of 6.1-7.4 s per image, on the 1 mm pairs 0.17-0.28 s
-instead of 0.39-0.66 s, one thread, loaded machine), then SimpleITK's linear ``Resample``.
+The working image is SimpleITK's ``DiscreteGaussian`` anti-aliasing followed by its linear ``Resample``, to the
+bit, computed with less work:
+
+- the anti-aliasing is ``DiscreteGaussian`` in NumPy (:func:`smooth_like_sitk`: its own kernels, its order of
+  passes and arithmetic, on as many threads as SimpleITK's filter; about half its CPU);
+- where the working grid's axes are parallel to the image's to the last bit of ITK's index arithmetic
+  (:func:`_linear_plan`: images whose direction has no oblique part, as the working grid keeps the direction), only
+  what the linear interpolation reads is smoothed (along each axis the two source indices around each working
+  voxel, ~2/3 of the indices from 0.75 to 2 mm): the first pass computes the kept slices only, the later ones run
+  on the kept rows and cut their result, and the interpolation is ITK's ``LinearInterpolateImageFunction`` in NumPy
+  (its float64 arithmetic along x, then y, then z, 0 outside; :func:`_interpolate_separable`). Other grids keep
+  SimpleITK's ``Resample`` of the whole smoothed image.
+
+``prepare`` of both images at 2 mm (one thread, CPU s, loaded machine, median of 5 alternating runs,
+``benchmarks/preprocess_cost.py``): 0.75 mm trunk CT (2 × 86 M voxels) 8.45 -> 4.46 s, 1 mm brains (ICBM152 and
+Colin27) 0.76 -> 0.28 s, 2 mm trunk CT (nothing to smooth) 0.48 -> 0.39 s, the working images identical.
+:func:`prepare_pair` prepares the two images in two threads.
 """
 from __future__ import annotations
 
