@@ -28,6 +28,10 @@ from ..core.image import Image
 CELL = 180
 GAP = 12
 
+#: zlib level of ``report.png`` (lossless at any level: the same pixels). The 1292×636 figure of the 2 mm trunk CT:
+#: Pillow's default 6 0.18 CPU s, 345 kB; 3 0.08 s, 350 kB; 1 0.06 s, 421 kB.
+PNG_COMPRESS_LEVEL = 3
+
 #: ColorBrewer "RdBu" (11 classes, Cynthia Brewer, Apache-2.0), blue (low) to red (high): the Jacobian's colours.
 _RDBU_R = np.array([(5, 48, 97), (33, 102, 172), (67, 147, 195), (146, 197, 222), (209, 229, 240),
                     (247, 247, 247), (253, 219, 199), (244, 165, 130), (214, 96, 77), (178, 24, 43),
@@ -212,7 +216,7 @@ class _Canvas:
             ImageDraw.Draw(label).text((1 - l, 1 - t), s, fill=(0, 0, 0), font=self.font)
             label = label.rotate(90, expand=True)
             img.paste(label, (x - label.width // 2, y - label.height // 2))
-        img.save(os.fspath(path), format="PNG")
+        img.save(os.fspath(path), format="PNG", compress_level=PNG_COMPRESS_LEVEL)
 
 
 #: The explainability rows: map name -> (column title, colour map, fixed (vmin, vmax) or None = 0..p99, colour bar label).
