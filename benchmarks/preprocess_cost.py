@@ -100,7 +100,7 @@ def main() -> int:
             for rep in range(args.repeats):
                 for variant in revisions.alternating(list(libs), rep):
                     row = {"case": case, "variant": variant, "repeat": rep,
-                           **run_one(libs[variant], files, args.threads, args.pair)}
+                           **run_one(libs[variant], files, args.threads, args.pair and variant == "current")}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     summary = []

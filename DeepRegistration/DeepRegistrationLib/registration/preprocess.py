@@ -14,8 +14,8 @@ bit, computed with less work:
   what the linear interpolation reads is smoothed (along each axis the two source indices around each working
   voxel, ~2/3 of the indices from 0.75 to 2 mm): the first pass computes the kept slices only, the later ones run
   on the kept rows and cut their result, and the interpolation is ITK's ``LinearInterpolateImageFunction`` in NumPy
-  (its float64 arithmetic along x, then y, then z, 0 outside; :func:`_interpolate_separable`). Other grids keep
-  SimpleITK's ``Resample`` of the whole smoothed image.
+  (its float64 arithmetic along x, then y, then z, 0 outside; :func:`_interpolate_separable`). Other grids, and
+  builds of SimpleITK other than x86-64 (``_SAME_ARITHMETIC``), keep ``Resample`` of the whole smoothed image.
 
 ``prepare`` of both images at 2 mm (one thread, CPU s, loaded machine, median of 5 alternating runs,
 ``benchmarks/preprocess_cost.py``): 0.75 mm trunk CT (2 × 86 M voxels) 8.45 -> 4.46 s, 1 mm brains (ICBM152 and
@@ -25,6 +25,7 @@ Colin27) 0.76 -> 0.28 s, 2 mm trunk CT (nothing to smooth) 0.48 -> 0.39 s, the w
 from __future__ import annotations
 
 import logging
+import platform
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,6 +202,12 @@ def smooth_like_sitk(array: np.ndarray, spacing: tuple[float, float, float],
     return x
 
 
+#: ITK's interpolation reproduced to the bit needs SimpleITK's own build to round every product and sum (no fused
+#: multiply-add), as its x86-64 wheels do; elsewhere (e.g. arm64, whose compilers fuse ``a + (b - a) * t``) the
+#: working image keeps SimpleITK's ``Resample``.
+_SAME_ARITHMETIC = platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _itk_floor(x: np.ndarray) -> np.ndarray:
     """``itk::Math::Floor<int64>`` of float64 values as ITK's SSE2 build computes it: the nearest integer (ties to
     even) of ``2 x - 0.5``, shifted right by one (``2 x - 0.5`` is exact below 2^51, so this is ``floor`` there)."""
@@ -359,7 +366,7 @@ def resample(image: Image, grid: Grid, interpolator: str = "linear", antialias: 
         if antialias:
             target = min(grid.spacing)
             var = [max(target ** 2 - s ** 2, 0.0) / 4.0 for s in image.grid.spacing]
-        plans = _linear_plan(image.grid, grid)
+        plans = _linear_plan(image.grid, grid) if _SAME_ARITHMETIC else None
         if plans is not None:  # parallel axes: smooth and interpolate only what the resampling reads (same bits)
             kept = [p.needed() for p in plans]
             if min(k.size for k in kept) == 0:  # no target voxel inside the source

@@ -139,3 +139,14 @@ def test_prepare_pair_is_prepare_of_each():
     empty = Image(np.zeros(grids[1].shape, bool), grids[1], "moving mask")
     with pytest.raises(InputError, match="moving mask"):
         P.prepare_pair(images[0], images[1], 2.0, None, empty)
+
+
+def test_simpleitk_path_where_its_arithmetic_is_not_reproduced(monkeypatch):
+    rng = np.random.default_rng(2)
+    grid = Grid((14, 17, 19), (0.7, 0.8, 1.3), (2.0, 3.0, -1.0), tuple(DIRECTIONS["flipped"].ravel()))
+    image = Image((rng.normal(size=grid.shape) * 10).astype(np.float32), grid, "image")
+    target = P.working_grid(grid, 2.0)
+    reduced = P.resample(image, target).array
+    monkeypatch.setattr(P, "_SAME_ARITHMETIC", False)
+    monkeypatch.setattr(P, "_linear_plan", lambda *a: pytest.fail("the reduced path was taken"))
+    assert np.array_equal(P.resample(image, target).array.view(np.uint32), reduced.view(np.uint32))
