@@ -215,10 +215,26 @@ def label_scores(fixed: np.ndarray, warped: np.ndarray, spacing: Sequence[float]
 
 # ---------------------------------------------------------------------------------------------- Jacobian
 def _index_derivatives(u: np.ndarray, axis: int) -> np.ndarray:
-    """``du/d index`` along array ``axis`` of ``u`` (shape ``(3, Z, Y, X)``); zero on a 1-voxel axis."""
+    """``du/d index`` along array ``axis`` of ``u`` (shape ``(3, Z, Y, X)``, float64); zero on a 1-voxel axis.
+
+    ``np.gradient(u, axis=axis, edge_order=1)``'s arithmetic, bit for bit: ``(u[k+1] - u[k-1]) / 2`` inside,
+    ``u[1] - u[0]`` and ``u[-1] - u[-2]`` at the ends (its division by the unit spacing changes no bit), written
+    into one array without np.gradient's temporaries."""
     if u.shape[axis] < 2:
         return np.zeros_like(u)
-    return np.gradient(u, axis=axis, edge_order=1)
+
+    def along(a, b):
+        index = [slice(None)] * u.ndim
+        index[axis] = slice(a, b)
+        return tuple(index)
+
+    out = np.empty_like(u)
+    inner = out[along(1, -1)]
+    np.subtract(u[along(2, None)], u[along(None, -2)], out=inner)
+    inner /= 2.0
+    np.subtract(u[along(1, 2)], u[along(0, 1)], out=out[along(0, 1)])
+    np.subtract(u[along(-1, None)], u[along(-2, -1)], out=out[along(-1, None)])
+    return out
 
 
 def jacobian_determinant(displacement: np.ndarray, grid: Grid, affine: np.ndarray | None = None,
@@ -247,7 +263,9 @@ def jacobian_determinant(displacement: np.ndarray, grid: Grid, affine: np.ndarra
         e0, e1 = max(z0 - 1, 0), min(z1 + 1, nz)  # one overlapping slice keeps central differences exact
         part = np.asarray(u[:, e0:e1], dtype=np.float64)
         # g[a][c]: du_c / d index_a, index axes a = (i, j, k) = array axes (3, 2, 1) of part.
-        g = [_index_derivatives(part, ax)[:, z0 - e0:z1 - e0] for ax in (3, 2, 1)]
+        # (the in-plane ones only on the slab's own slices: they do not involve the neighbouring slices)
+        own = part[:, z0 - e0:z1 - e0]
+        g = [_index_derivatives(own, 3), _index_derivatives(own, 2), _index_derivatives(part, 1)[:, z0 - e0:z1 - e0]]
         # world Jacobian of u: J[c][d] = sum_a g[a][c] * inv[a, d] (terms of a zero inv[a, d], all of them on an
         # axis-aligned grid but three, skipped); then add the identity.
         jac = [[None] * 3 for _ in range(3)]
