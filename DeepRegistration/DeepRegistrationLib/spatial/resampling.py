@@ -65,7 +65,7 @@ def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpol
             else:
                 sub = slab_grid(target, k0, k1)
                 pts = W.map_points(W.grid_points(sub, device), affine, field, transform.field_grid)
-            beyond, inside = _box_position(pts, image.grid)
+            beyond, inside = _slab_position(pts, image.grid, separable, k0, k1)
             if beyond:  # the whole slab maps beyond the image: 0, as ITK (a partial view)
                 out[k0:k1] = 0
                 continue
@@ -96,7 +96,11 @@ def _box_position(points: torch.Tensor, grid: Grid, margin: float = 0.01) -> tup
     ``margin`` voxel within the border on every axis (of more than one voxel), where ITK's mask is 1 everywhere
     (float32 positions err by ~1e-4 voxel at most)."""
     lo, hi = points.reshape(-1, 3).aminmax(dim=0)
-    lo, hi = lo.double().cpu().numpy(), hi.double().cpu().numpy()
+    return _index_box_position(lo.double().cpu().numpy(), hi.double().cpu().numpy(), grid, margin)
+
+
+def _index_box_position(lo: np.ndarray, hi: np.ndarray, grid: Grid, margin: float = 0.01) -> tuple[bool, bool]:
+    """:func:`_box_position` of the points in the world box ``lo .. hi`` (LPS mm, float64)."""
     corners = np.array([[(hi if (c >> a) & 1 else lo)[a] for a in range(3)] for c in range(8)])
     m = grid.world_to_index
     idx = corners @ m[:3, :3].T + m[:3, 3]  # (8, 3) continuous (i, j, k)
@@ -105,6 +109,33 @@ def _box_position(points: torch.Tensor, grid: Grid, margin: float = 0.01) -> tup
     beyond = bool(np.any(last < -0.5 - margin) or np.any(first > size - 0.5 + margin))
     inside = bool(np.all((size == 1) | ((first >= -0.5 + margin) & (last <= size - 0.5 - margin))))
     return beyond, inside
+
+
+def _slab_position(points: torch.Tensor, grid: Grid, separable: "_SeparablePoints | None", k0: int, k1: int,
+                   margin: float = 0.01) -> tuple[bool, bool]:
+    """:func:`_box_position` of a slab's points ``(1, k1 - k0, Y, X, 3)``, the same ``beyond`` and an ``inside``
+    that may be False where that of the points' own box is True (then the mask is computed: the same values).
+
+    With separable points the box is first bounded without reading the points (:meth:`_SeparablePoints.box`,
+    a box around every point): beyond or inside by that box, the points are too. Otherwise a point of the
+    slab, its centre, within reach of the grid (not beyond on any axis) means the slab is not beyond (the box
+    of the corners' indices contains that point's); only where neither settles it is the points' box taken
+    (for a 0.75 mm CT: a whole pass over the points, 1 CPU s, saved in most slabs)."""
+    if separable is None:
+        return _box_position(points, grid, margin)
+    lo, hi = separable.box(k0, k1)
+    beyond, inside = _index_box_position(lo, hi, grid, margin)
+    if beyond or inside:
+        return beyond, inside
+    _, k, ny, nx, _ = points.shape
+    centre = points[0, k // 2, ny // 2, nx // 2].double().cpu().numpy()
+    m = grid.world_to_index
+    idx = m[:3, :3] @ centre + m[:3, 3]
+    size = np.asarray(grid.size, dtype=np.float64)
+    slack = margin - 1e-6  # rounding of the corners' indices: well below a millionth of a voxel
+    if np.all((idx >= -0.5 - slack) & (idx <= size - 0.5 + slack)):
+        return False, False
+    return _box_position(points, grid, margin)
 
 
 class _SeparablePoints:
@@ -163,6 +194,23 @@ class _SeparablePoints:
         for n, (a, b, wa, wb) in enumerate(zip(z0.tolist(), z1.tolist(), wz0.tolist(), wz1.tolist())):
             pts[n].add_(u[a], alpha=wa).add_(u[b], alpha=wb)  # in place, slice by slice
         return pts[None]
+
+    def box(self, k0: int, k1: int) -> tuple[np.ndarray, np.ndarray]:
+        """A world box ``(lo, hi)`` (LPS mm, float64) around every point :meth:`points` gives for slices ``k0 <= k < k1``,
+        from the per-axis terms and the field rows the slab uses (no pass over the points): a point is the sum of its
+        three axis terms and an interpolation of ``A u`` whose weights are >= 0 and sum to 0 or 1, so its field part
+        lies between min(0, the rows' smallest value) and max(0, their largest), per component. Widened by the
+        float32 rounding of those sums (a thousandth of a mm at 1 m from the origin)."""
+        terms = [self.bz[k0:k1], self.by, self.bx]
+        if self.field is not None:
+            z0, z1 = self.wz[0][k0:k1], self.wz[1][k0:k1]
+            rows = self.field[int(z0.min()):int(z1.max()) + 1].reshape(-1, 3)
+            f_lo, f_hi = rows.aminmax(dim=0)
+            terms.append(torch.stack([f_lo.clamp(max=0.0), f_hi.clamp(min=0.0)]))
+        lo = sum(t.amin(dim=0).double() for t in terms).cpu().numpy()
+        hi = sum(t.amax(dim=0).double() for t in terms).cpu().numpy()
+        pad = 1e-3 + 1e-6 * np.abs(np.concatenate([lo, hi])).max()
+        return lo - pad, hi + pad
 
     def _rows(self, lo: int, hi: int) -> dict:
         """Field rows ``lo <= r < hi`` interpolated in-plane onto the target's (Y, X): ``{r: (Y, X, 3)}``. Rows the

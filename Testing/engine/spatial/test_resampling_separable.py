@@ -133,6 +133,12 @@ def test_slabs_within_the_image_skip_the_itk_mask_with_the_same_bits_and_field_r
         assert torch.equal(pts, fresh(k0, k1))
         beyond, inside = R._box_position(pts, moving.grid)
         positions.add((beyond, inside))
+        # the box bounded without reading the points holds them all, and settles 'beyond' as the points' box does
+        lo, hi = kept.box(k0, k1)
+        flat = pts.reshape(-1, 3).double().numpy()
+        assert (flat >= lo).all() and (flat <= hi).all() and np.abs(np.concatenate([lo - flat.min(0), hi - flat.max(0)])).max() < 12.0
+        slab_beyond, slab_inside = R._slab_position(pts, moving.grid, kept, k0, k1)
+        assert slab_beyond == beyond and (inside or not slab_inside)
         want = W.sample(vol, moving.grid, pts, padding_mode="itk")[0, 0].numpy()
         if beyond:
             want = np.zeros_like(want)
