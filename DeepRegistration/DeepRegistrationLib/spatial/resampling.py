@@ -74,7 +74,7 @@ def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpol
             vals = W.sample(vol, image.grid, pts.to(vol.dtype), mode=mode,
                             padding_mode="border" if inside else "itk")[0, 0]
             if limits is not None:
-                vals = torch.round(vals).clamp_(float(limits.min), float(limits.max))
+                vals = vals.round_().clamp_(float(limits.min), float(limits.max))  # in place: a fresh tensor
             out[k0:k1] = vals.cpu().numpy()  # cast on assignment
     return Image(out, target, image.name)
 
