@@ -295,10 +295,15 @@ def read_mask(path: str | os.PathLike, name: str = "mask", reference: Grid | Cal
 
 def write_image(image: Image, path: str | os.PathLike, compress: bool = True) -> Path:
     """Writes an image (NIfTI, NRRD or MetaImage by suffix). The caller decides about overwriting."""
+    return write_sitk_image(image_to_sitk(image), path, compress)
+
+
+def write_sitk_image(img: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Writes what :func:`image_to_sitk` made (same file as :func:`write_image` of its image)."""
     p = Path(path)
     if not str(p).lower().endswith(WRITABLE_SUFFIXES):
         raise InputError(f"cannot write '{p}': use one of {', '.join(WRITABLE_SUFFIXES)}")
-    sitk.WriteImage(image_to_sitk(image), str(p), compress)
+    sitk.WriteImage(img, str(p), compress)
     return p
 
 

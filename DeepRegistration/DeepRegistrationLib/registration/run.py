@@ -40,7 +40,8 @@ from ..core.config import RegistrationConfig
 from ..core.errors import InputError
 from ..core.image import Image
 from ..io.background import BackgroundWriter, run_parallel
-from ..io.images import read_image, read_label_image, read_mask, stored_integer_type, write_image
+from ..io.images import (image_to_sitk, read_image, read_label_image, read_mask, stored_integer_type, write_image,
+                         write_sitk_image)
 from ..io.landmarks import match_landmarks, read_landmarks
 from .pipeline import RegistrationResult, register
 from ..core.progress import Progress, ProgressCallback
@@ -153,6 +154,7 @@ class _Outputs:
     warped: Image
     jacobian: Image
     inverse_report: dict | None
+    held: list  # the SimpleITK images whose buffers back arrays handed to the writer (see _hand_over)
 
 
 @dataclass
@@ -298,13 +300,15 @@ def _write_outputs(tmp: Path, inputs: _Inputs, result: RegistrationResult, prog:
                    writer: BackgroundWriter | None = None) -> _Outputs:
     """``transform.h5``, ``warped.nii.gz``, ``inverse.h5`` (deformable) and ``jacobian.nii.gz`` into ``tmp``
     (``prog`` covers this stage). Each file goes to ``writer`` once computed (written on its thread while the
-    next is computed; the largest, ``warped.nii.gz``, is computed first); without one, written at once."""
+    next is computed); without one, written at once. The largest, ``warped.nii.gz``, is computed first, with no
+    write in flight (the full-resolution warp is this stage's memory peak: nothing is added to it)."""
     writer = writer or BackgroundWriter(enabled=False)
     fixed, moving, mmask = inputs.fixed, inputs.moving, inputs.moving_mask
-    writer.submit(_write_transform, result.transform, tmp / "transform.h5")
     # an int16 CT: warped straight into int16 (half the bytes to compress, no full-size float32 copy)
     warped = warp_image(moving, fixed.grid, result.transform, "linear", dtype=inputs.moving_type)
-    writer.submit(write_image, warped, tmp / "warped.nii.gz")
+    held: list = []
+    warped = _hand_over(writer, warped, tmp / "warped.nii.gz", held)
+    writer.submit(_write_transform, result.transform, tmp / "transform.h5")
     inverse_report = None
     if result.transform.field is not None:
         from ..spatial.inverse import (WRITE_SETTLED_AFTER, WRITE_SETTLED_FRACTION, WRITE_TOL_MM, consistency_error,
@@ -320,7 +324,18 @@ def _write_outputs(tmp: Path, inputs: _Inputs, result: RegistrationResult, prog:
                           "consistency_mm": consistency_error(result.transform, inverse, pts)}
     jac = jacobian_image(result, fixed.grid)
     writer.submit(write_image, jac, tmp / "jacobian.nii.gz")
-    return _Outputs(warped, jac, inverse_report)
+    return _Outputs(warped, jac, inverse_report, held)
+
+
+def _hand_over(writer: BackgroundWriter, image: Image, path: Path, held: list) -> Image:
+    """Gives ``image`` to ``writer`` as the SimpleITK image :func:`write_image` would write, and returns the same
+    image as a read-only view of that SimpleITK image's buffer (appended to ``held``, which must outlive the view):
+    one full-size copy in memory while the write runs, not two."""
+    img = image_to_sitk(image)
+    writer.submit(write_sitk_image, img, path)
+    held.append(img)
+    view = sitk.GetArrayViewFromImage(img)
+    return Image(view if image.array.dtype != bool else image.array, image.grid, image.name)
 
 
 def _write_transform(transform: SpatialTransform, path: Path) -> None:
@@ -362,7 +377,7 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
         maps = explaining.explanation_maps(fixed, moving, result.transform, cfg, pair=pair, warped=outputs.warped)
         (tmp / "explain").mkdir()
         for name in EXPLAIN_FILES:
-            writer.submit(write_image, maps[name], tmp / "explain" / f"{name}.nii.gz")
+            maps[name] = _hand_over(writer, maps[name], tmp / "explain" / f"{name}.nii.gz", outputs.held)
         explain_info = explain_summary(maps, pair, cfg.similarity)
     unc_info, unc_seconds = None, 0.0
     if uncertainty:
@@ -372,8 +387,7 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
         unc = restart_spread(fixed, moving, result.transform, cfg, fixed_mask=fmask, moving_mask=mmask,
                              seed=cfg.seed, device=result.device, progress=prog.sub(start + 0.01, 0.92),
                              prepared=result.working_images)
-        maps["uncertainty"] = unc.on_grid(fixed.grid)
-        writer.submit(write_image, maps["uncertainty"], tmp / "uncertainty.nii.gz")
+        maps["uncertainty"] = _hand_over(writer, unc.on_grid(fixed.grid), tmp / "uncertainty.nii.gz", outputs.held)
         unc_info = {**unc.summary(), "file": "uncertainty.nii.gz", "restarts": RESTARTS, "iterations": ITERATIONS,
                     "meaning": "per-voxel spread (mm) of the displacement over perturbed restarts of the result; "
                                "large where the images do not pin the correspondence down. Not an error bound: "
@@ -382,6 +396,8 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
     prog(0.93, "evaluating")
     evaluation: dict = {}
     if inputs.fixed_labels is not None:
+        if int(np.prod(fixed.grid.shape)) > JACOBIAN_FULL_GRID_MAX_VOXELS:
+            writer.join()  # a large grid: the full-resolution label warps run with no write's copy in memory
         evaluation["labels"], warped_labels = evaluate_labels(inputs.fixed_labels, inputs.moving_labels,
                                                               result.transform)
         writer.submit(write_image, warped_labels, tmp / "warped_labels.nii.gz")
