@@ -145,7 +145,13 @@ def _inside_half_voxel(norm: torch.Tensor, grid: Grid) -> torch.Tensor:
     """True where normalized points lie within half a voxel of the grid (continuous index in [-0.5, n-0.5])."""
     size = torch.as_tensor(grid.size, device=norm.device, dtype=norm.dtype)
     half = torch.where(size > 1, 1.0 / torch.clamp(size - 1, min=1), torch.full_like(size, 0.5))
-    return (norm.abs() <= 1 + half + 1e-6).all(dim=-1)
+    # one axis at a time: the same comparisons as ``(norm.abs() <= limit).all(dim=-1)`` (the limits computed in
+    # norm's dtype as before), without the (..., 3) bool temporary and the reduction over it
+    t0, t1, t2 = (1 + half + 1e-6).tolist()
+    inside = norm[..., 0].abs() <= t0
+    inside &= norm[..., 1].abs() <= t1
+    inside &= norm[..., 2].abs() <= t2
+    return inside
 
 
 def sample_field(field: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch.Tensor:

@@ -43,3 +43,19 @@ def test_sample_in_view_marks_points_within_the_outer_voxel_centres():
     assert torch.equal(inside, (norm.abs() <= 1.0 + 1e-6).all(dim=-1).unsqueeze(1))
     assert 0 < int(inside.sum()) < inside.numel()
     assert vals.shape == (1, 1, 12, 9, 6)
+
+
+def test_inside_half_voxel_is_the_plain_all_axes_test_at_its_limits():
+    for dtype in (torch.float32, torch.float64):
+        for size in ((5, 7, 1), (40, 3, 2)):  # grid.size (x, y, z); a size-1 axis allows half a voxel each side
+            grid = Grid(size, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+            n = torch.rand(2, 9, 8, 7, 3, generator=torch.Generator().manual_seed(4), dtype=dtype) * 2.6 - 1.3
+            s = torch.as_tensor(grid.size, dtype=dtype)
+            limit = 1 + torch.where(s > 1, 1.0 / torch.clamp(s - 1, min=1), torch.full_like(s, 0.5)) + 1e-6
+            n[0, 0, 0, 0] = limit  # exactly at the limit on every axis: inside
+            n[0, 0, 0, 1] = torch.nextafter(limit, torch.full_like(limit, 9.0))  # just beyond: outside
+            n[0, 0, 0, 2] = -limit
+            want = (n.abs() <= limit).all(dim=-1)
+            got = W._inside_half_voxel(n, grid)
+            assert torch.equal(got, want)
+            assert bool(got[0, 0, 0, 0]) and not bool(got[0, 0, 0, 1]) and bool(got[0, 0, 0, 2])
