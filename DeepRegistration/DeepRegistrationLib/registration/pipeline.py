@@ -29,7 +29,7 @@ from ..core.grid import Grid
 from .optim import CosineAdam
 from .predictors import PREDICTOR_MODES, check_predictor_use
 from ..core.image import Image
-from .preprocess import WorkingImage, center_of_mass, check_overlap, prepare
+from .preprocess import WorkingImage, center_of_mass, check_overlap, prepare_pair
 from ..core.progress import Progress, ProgressCallback
 from .guidance import GuideLandmarks, LandmarkTerm
 from . import symmetric
@@ -547,8 +547,9 @@ class _Prepared:
 def _prepare_levels(fixed: Image, moving: Image, cfg: RegistrationConfig, fixed_mask: Image | None,
                     moving_mask: Image | None, guide: GuideLandmarks | None, device) -> _Prepared:
     """Working images (resampled, normalized), their levels, the similarity and the guide term."""
-    fw = prepare(fixed, cfg.spacing, fixed_mask, cfg.intensity_percentiles)
-    mw = prepare(moving, cfg.spacing, moving_mask, cfg.intensity_percentiles)
+    # the two images in two threads unless one thread was asked for (the same bits either way)
+    fw, mw = prepare_pair(fixed, moving, cfg.spacing, fixed_mask, moving_mask, cfg.intensity_percentiles,
+                          concurrent=cfg.threads != 1)
     to_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)[None, None]
     f_t, m_t = to_t(fw.array), to_t(mw.array)
     fmask = None if fw.mask is None else to_t(fw.mask)
