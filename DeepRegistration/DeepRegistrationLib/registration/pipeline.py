@@ -180,22 +180,28 @@ class _Level:
         out, view = W.sample_in_view(chans, self.fgrid, mapped)
         return out[:, :1], view, (None if self.fmask is None else out[:, 1:2].detach() > 0.5)
 
-    def warp(self, mapped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def warp(self, mapped: torch.Tensor, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The moving image at mapped points ``(B, Z, Y, X, 3)``: ``(warped, valid, view)``.
 
+        ``mapped`` is in LPS mm, or with ``normalized`` already in ``grid_sample`` coordinates of ``mgrid``
+        (points mapped by ``W.normalized_affine(A, self.mgrid)``: one point-wise product fewer per step).
         ``warped`` ``(B, 1, Z, Y, X)`` is 0 outside the moving image; ``view`` (bool, same shape) marks the
         samples inside the moving field of view and ``valid`` those also inside the moving mask: the
         similarity counts only the overlap (see :mod:`~DeepRegistrationLib.registration.similarity`).
         """
-        out, view = W.sample_in_view(self.moving, self.mgrid, mapped)
+        if normalized:
+            out, view = W.sample_normalized_in_view(self.moving, mapped)
+        else:
+            out, view = W.sample_in_view(self.moving, self.mgrid, mapped)
         valid = view
         if out.shape[1] > 1:
             valid = view & (out[:, 1:2].detach() > 0.5)
         return out[:, :1], valid, view
 
-    def loss(self, sim: Similarity, mapped: torch.Tensor) -> torch.Tensor:
-        """``sim`` of the fixed image and the moving image at ``mapped`` (its overlap only), a scalar."""
-        warped, valid, view = self.warp(mapped)
+    def loss(self, sim: Similarity, mapped: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+        """``sim`` of the fixed image and the moving image at ``mapped`` (its overlap only; ``normalized`` as
+        :meth:`warp`), a scalar."""
+        warped, valid, view = self.warp(mapped, normalized)
         return sim(self.fixed, warped, valid, self.fmask, view)
 
 
@@ -254,7 +260,7 @@ def _optimize_linear(lv: _Level, a0: torch.Tensor, kind: str, center: torch.Tens
 
     def objective(params: torch.Tensor) -> torch.Tensor:
         m = matrix(params)
-        loss = lv.loss(sim, W.apply_affine(lv.pts, m))
+        loss = lv.loss(sim, W.apply_affine(lv.pts, W.normalized_affine(m, lv.mgrid)), normalized=True)
         if reverse is not None:
             loss = 0.5 * (loss + reverse.loss(sim_reverse, W.apply_affine(reverse.pts, torch.linalg.inv(m))))
         if term is None:
@@ -301,11 +307,12 @@ def _optimize_field(lv: _Level, affine: torch.Tensor, init: torch.Tensor, iters:
     # decaying steps: Adam's normalized steps would otherwise keep the field jittering by ~lr around
     # the optimum (trilinear interpolation has kinks at voxel centres, so gradients never vanish)
     opt = CosineAdam(param, lr, iters, lr_end=FIELD_STEP_END * lr, vector_dim=1)
+    to_moving = W.normalized_affine(affine, lv.mgrid)  # fixed LPS -> moving grid_sample coordinates
 
     def objective(p: torch.Tensor) -> torch.Tensor:
         u = _field_from_param(p, lv.fgrid, cfg)
-        mapped = W.apply_affine(lv.pts + torch.movedim(u, 1, -1), affine)
-        loss = lv.loss(sim, mapped) + cfg.reg_weight * reg(u, lv.fgrid)
+        mapped = W.apply_affine(lv.pts + torch.movedim(u, 1, -1), to_moving)  # grid_sample coordinates
+        loss = lv.loss(sim, mapped, normalized=True) + cfg.reg_weight * reg(u, lv.fgrid)
         if cfg.jacobian_weight > 0:
             loss = loss + cfg.jacobian_weight * folding_penalty(u, lv.fgrid)
         if term is not None:

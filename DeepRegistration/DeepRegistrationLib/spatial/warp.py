@@ -89,6 +89,23 @@ def world_to_normalized(points: torch.Tensor, grid: Grid) -> torch.Tensor:
     return (points @ a_t.T).add_(b_t)  # in place into the product: the bits of ``points @ a.T + b``
 
 
+def normalized_affine(matrix: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The 4×4 map ``N · matrix`` from LPS points (mm) to ``grid_sample`` coordinates of ``grid``, where ``N`` is
+    :func:`world_to_normalized` as a matrix (composed in float64, differentiable in ``matrix``).
+
+    ``apply_affine(points, normalized_affine(M, grid))`` equals ``world_to_normalized(apply_affine(points, M),
+    grid)`` up to float rounding, with one point-wise matrix product instead of two (forward and backward): for
+    loops that map every grid point through ``M`` at each step. Pass the result to :func:`sample_normalized_in_view`.
+    """
+    a, b = _normalizing_map(grid)
+    a_t = torch.as_tensor(a, device=matrix.device, dtype=torch.float64)
+    offset = torch.zeros((3, 4), device=matrix.device, dtype=torch.float64)
+    offset[:, 3] = torch.as_tensor(b, device=matrix.device, dtype=torch.float64)
+    top = a_t @ matrix[:3].to(torch.float64) + offset  # like apply_affine, the bottom row of ``matrix`` is unused
+    last = torch.tensor([[0.0, 0.0, 0.0, 1.0]], device=matrix.device, dtype=torch.float64)
+    return torch.cat([top, last]).to(matrix.dtype)
+
+
 def sample(volume: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str = "bilinear",
            padding_mode: str = "zeros") -> torch.Tensor:
     """Samples ``volume`` (living on ``grid``) at LPS world points.
@@ -133,7 +150,21 @@ def sample_in_view(volume: torch.Tensor, grid: Grid, points: torch.Tensor) -> tu
         ``values`` ``(B, C, Z', Y', X')`` and ``inside`` ``(B, 1, Z', Y', X')`` bool: True where the point
         lies within the outermost voxel centres of ``grid`` (where trilinear interpolation uses no padding).
     """
-    norm = world_to_normalized(points, grid).to(volume.dtype)
+    return sample_normalized_in_view(volume, world_to_normalized(points, grid))
+
+
+def sample_normalized_in_view(volume: torch.Tensor, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_in_view` at points already in ``grid_sample`` coordinates of the volume's grid.
+
+    Args:
+        volume: ``(1 or B, C, Z, Y, X)``.
+        norm: ``(B, Z', Y', X', 3)`` normalized (x, y, z) = (i, j, k) coordinates, ±1 at the outer voxel centres
+            (:func:`world_to_normalized`, or :func:`apply_affine` with a :func:`normalized_affine`).
+
+    Returns:
+        ``values`` ``(B, C, Z', Y', X')`` and ``inside`` ``(B, 1, Z', Y', X')`` bool, as :func:`sample_in_view`.
+    """
+    norm = norm.to(volume.dtype)
     if volume.shape[0] != norm.shape[0]:
         volume = volume.expand(norm.shape[0], *volume.shape[1:])
     vals = F.grid_sample(volume, norm, mode="bilinear", padding_mode="zeros", align_corners=True)

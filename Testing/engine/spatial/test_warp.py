@@ -59,3 +59,22 @@ def test_inside_half_voxel_is_the_plain_all_axes_test_at_its_limits():
             got = W._inside_half_voxel(n, grid)
             assert torch.equal(got, want)
             assert bool(got[0, 0, 0, 0]) and not bool(got[0, 0, 0, 1]) and bool(got[0, 0, 0, 2])
+
+
+def test_normalized_affine_maps_points_as_world_to_normalized_after_the_affine():
+    grid = Grid((7, 5, 6), (1.5, 2.0, 0.8), (-10.0, 4.0, 3.0), tuple(np.eye(3)[[1, 0, 2]].ravel()))
+    pts = _points(seed=5)
+    m = torch.eye(4)
+    m[:3, :3] += 0.1 * torch.randn(3, 3, generator=torch.Generator().manual_seed(6))
+    m[:3, 3] = torch.tensor([-4.0, 2.5, 9.0])
+    m.requires_grad_()
+    folded = W.apply_affine(pts, W.normalized_affine(m, grid))
+    plain = W.world_to_normalized(W.apply_affine(pts, m), grid)
+    assert torch.allclose(folded, plain, rtol=1e-5, atol=1e-5)
+    folded.sum().backward()  # differentiable in the matrix (the linear stage's parameters)
+    assert m.grad is not None and torch.isfinite(m.grad).all() and m.grad.abs().sum() > 0
+    vol = torch.rand(1, 1, 6, 5, 7, generator=torch.Generator().manual_seed(7))
+    world = W.apply_affine(pts, m.detach()) * 0.05  # points spread over and beyond the small grid
+    vals_a, inside_a = W.sample_in_view(vol, grid, world)
+    vals_b, inside_b = W.sample_normalized_in_view(vol, W.world_to_normalized(world, grid))
+    assert torch.equal(vals_a, vals_b) and torch.equal(inside_a, inside_b)
