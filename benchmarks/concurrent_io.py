@@ -175,23 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         if not pkl.exists():
             subprocess.run([sys.executable, __file__, "--_register", str(pkl), json.dumps(paths), str(args.threads)],
                            check=True, env=_env(REPO, args.threads))
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"baseline": revisions.baseline_archive(rev, Path(tmp) / "baseline"), "serial": REPO,
                  "concurrent": REPO}
-        for rep in range(args.repeats):
-            for case, paths in cases.items():
-                for variant in revisions.alternating(list(VARIANTS), rep):
-                    proc = subprocess.run([sys.executable, __file__, "--_measure", str(args.out / f"{case}.pkl"),
-                                           json.dumps(paths), variant], env=_env(trees[variant], args.threads),
-                                          capture_output=True, text=True)
-                    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
-                    row = {"case": case, "variant": variant, "repeat": rep, "ok": bool(line)}
-                    row.update(json.loads(line[-1][4:]) if line else {"error": proc.stderr[-800:]})
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-    env = {"baseline": rev, "current": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
-                                                      capture_output=True, text=True).stdout.strip(),
+        assert list(trees) == list(VARIANTS)
+        rows = revisions.run_rows(trees, list(cases), args.repeats, lambda case, rep, variant: [
+            __file__, "--_measure", str(args.out / f"{case}.pkl"), json.dumps(cases[case]), variant],
+            threads=args.threads)
+    env = {"baseline": rev, "current": revisions.resolve("HEAD"),
            "threads": args.threads, "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
     (args.out / "concurrent_io.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     md = [f"# Concurrent I/O ({args.threads} threads; reading + writing/evaluating + report of one registration "

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     with revisions.baseline_worktree(rev) as base:
         trees = {"baseline": base, "current": args.current_tree.resolve()}
         trees.update({e.split("=", 1)[0]: Path(e.split("=", 1)[1]).resolve() for e in args.extra})
-        rows = revisions.run_rows(trees, args.cases, args.repeats, lambda case, rep: [
+        rows = revisions.run_rows(trees, args.cases, args.repeats, lambda case, rep, _variant: [
             str(Path(__file__).resolve()), "--iters", str(args.iters), "--cases-dir", str(args.cases_dir),
             "--child", case] + (["--no-split"] if args.no_split or rep else []))
     (out / "iteration_cost.json").write_text(json.dumps({"baseline": rev, "rows": rows}, indent=1))

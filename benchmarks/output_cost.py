@@ -212,9 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         # the baseline's sources only (no worktree: nothing of this checkout's git state changes)
         trees = {"baseline": revisions.baseline_archive(rev, Path(tmp) / "baseline"), "current": REPO}
         rows = revisions.run_rows(trees, list(pickles), args.repeats,
-                                  lambda case, rep: [__file__, "--_measure", str(pickles[case])])
-    env = {"baseline": rev, "current": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
-                                                      capture_output=True, text=True).stdout.strip(),
+                                  lambda case, rep, _variant: [__file__, "--_measure", str(pickles[case])])
+    env = {"baseline": rev, "current": revisions.resolve("HEAD"),
            "threads": 1, "cpu": os.uname().machine}
     (args.out / "output_cost.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     md = [f"# Output cost (1 thread, CPU s, least of {args.repeats} runs per variant)", "",

@@ -55,18 +55,20 @@ def alternating(variants: list[str], rep: int) -> list[str]:
 
 
 def run_rows(trees: dict[str, Path], cases: list[str], repeats: int,
-             command: Callable[[str, int], list[str]]) -> list[dict]:
-    """Runs ``command(case, rep)`` once per repeat, case and variant (``trees``: variant → checkout), alternating,
-    each in a fresh process on one thread (``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` = 1) with the variant's
-    ``DeepRegistration/`` and this folder on ``PYTHONPATH``; returns (and prints) one row per run:
-    ``{"case", "variant", "repeat", "ok"}`` and the child's last ``ROW`` JSON, or ``"error"`` (its stderr's tail)."""
+             command: Callable[[str, int, str], list[str]], threads: int = 1) -> list[dict]:
+    """Runs ``command(case, rep, variant)`` once per repeat, case and variant (``trees``: variant → checkout; two
+    variants may share a checkout), alternating, each in a fresh process on ``threads`` threads
+    (``OMP_NUM_THREADS``/``MKL_NUM_THREADS``) with the variant's ``DeepRegistration/`` and this folder on
+    ``PYTHONPATH``; returns (and prints) one row per run: ``{"case", "variant", "repeat", "ok"}`` and the child's
+    last ``ROW`` JSON, or ``"error"`` (its stderr's tail)."""
     rows = []
     for rep in range(repeats):
         for case in cases:
             for variant in alternating(list(trees), rep):
                 env = dict(os.environ, PYTHONPATH=f"{trees[variant] / 'DeepRegistration'}{os.pathsep}{HERE}",
-                           OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-                proc = subprocess.run([sys.executable, *command(case, rep)], env=env, capture_output=True, text=True)
+                           OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+                proc = subprocess.run([sys.executable, *command(case, rep, variant)], env=env, capture_output=True,
+                                      text=True)
                 line = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
                 row = {"case": case, "variant": variant, "repeat": rep, "ok": bool(line)}
                 row.update(json.loads(line[-1][4:]) if line else {"error": proc.stderr[-800:]})

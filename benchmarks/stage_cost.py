@@ -147,8 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rev = revisions.resolve(args.baseline)
     with tempfile.TemporaryDirectory(prefix="stage-cost-") as tmp, revisions.baseline_worktree(rev, Path(tmp)) as base:
-        rows = revisions.run_rows({"baseline": base, "current": REPO}, args.cases, args.repeats, lambda case, rep: [
-            str(Path(__file__).resolve()), "--inner", str(args.inner), "--child", case, str(Path(tmp) / "pairs")])
+        rows = revisions.run_rows({"baseline": base, "current": REPO}, args.cases, args.repeats,
+                                  lambda case, rep, _variant: [str(Path(__file__).resolve()), "--inner",
+                                                               str(args.inner), "--child", case,
+                                                               str(Path(tmp) / "pairs")])
     (out / "stage_cost.json").write_text(json.dumps({"baseline": rev, "rows": rows}, indent=1))
     lines = [f"# Stage cost, 1 thread, CPU s (min of {args.inner} runs per process; baseline {rev[:10]})", "",
              "| case | variant | n | " + " | ".join(STAGES) + " | Dice | similarity after |", "|---" * (len(STAGES) + 5) + "|"]
