@@ -12,20 +12,7 @@ from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.core.grid import Grid
 from DeepRegistrationLib.core.image import Image
 from DeepRegistrationLib.registration import preprocess as P
-
-
-def _sitk_resample(image: Image, grid: Grid) -> np.ndarray:
-    """The plain SimpleITK pipeline: float32 cast, DiscreteGaussian (sigma² = (s_new² − s_old²) / 4), Resample."""
-    src = sitk.GetImageFromArray(np.ascontiguousarray(image.array))
-    image.grid.apply_to_sitk(src)
-    src = sitk.Cast(src, sitk.sitkFloat32)
-    target = min(grid.spacing)
-    var = [max(target ** 2 - s ** 2, 0.0) / 4.0 for s in image.grid.spacing]
-    if max(var) > 0:
-        src = sitk.DiscreteGaussian(src, var, P.GAUSSIAN_MAX_WIDTH, P.GAUSSIAN_MAX_ERROR, True)
-    ref = sitk.Image(grid.size, sitk.sitkUInt8)
-    grid.apply_to_sitk(ref)
-    return sitk.GetArrayFromImage(sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+from test_preprocess import _old_resample as _sitk_resample  # the plain SimpleITK pipeline
 
 
 def _rotation(angles) -> np.ndarray:
