@@ -153,7 +153,7 @@ def invert_field(field: np.ndarray, grid: Grid, tol_mm: float = TOL_MM, max_iter
     wt = -torch.movedim(u[0], 0, -1).reshape(-1, 3)  # (N, 3), channels last like the sampling points
     # the points still iterated: their positions zt, current w and indices into the grid (all at first)
     index = torch.arange(zt.shape[0], device=u.device)
-    w = torch.empty_like(wt)
+    w = torch.empty(wt.shape, dtype=wt.dtype, device=wt.device)  # channels-last memory (wt is a strided view)
     frozen_sq = min(FROZEN_MM, tol_mm / 10.0) ** 2
     frozen_inside = 0  # frozen points whose image z + w lies within the grid
     residual = float("inf")
@@ -166,7 +166,7 @@ def invert_field(field: np.ndarray, grid: Grid, tol_mm: float = TOL_MM, max_iter
         norm = W.world_to_normalized(target, grid)  # once: for the sampling and for the in-grid test
         sampled = W.sample_normalized(u, grid, norm.view(1, m, 1, 1, 3), padding_mode="border").view(3, m)
         # negated into channels-last memory: every later step reads w like the positions, row by row
-        new = torch.neg(sampled.t(), out=torch.empty_like(wt))
+        new = torch.neg(sampled.t(), out=torch.empty((m, 3), dtype=wt.dtype, device=wt.device))
         inside = norm.abs_().amax(dim=-1) <= 1.0
         # squared steps, square-rooted once (torch's vector norm over the component axis took 0.24 s per call
         # on a 1 mm brain grid; the sum of squares takes a few ms)
@@ -184,9 +184,10 @@ def invert_field(field: np.ndarray, grid: Grid, tol_mm: float = TOL_MM, max_iter
         # others out costs about a tenth of an iteration per point; until then converged points go on)
         still = step_sq > frozen_sq
         if 5 * int(still.sum()) <= 4 * m:
-            done = torch.nonzero(~still).squeeze(1)
+            converged = ~still
+            done = torch.nonzero(converged).squeeze(1)
             w.index_copy_(0, index.index_select(0, done), wt.index_select(0, done))
-            frozen_inside += int((inside & ~still).sum())  # the frozen points' in-grid count, without a gather
+            frozen_inside += int((inside & converged).sum())  # the frozen points' in-grid count, without a gather
             keep = torch.nonzero(still).squeeze(1)
             zt, wt, index = zt.index_select(0, keep), wt.index_select(0, keep), index.index_select(0, keep)
     w.index_copy_(0, index, wt.contiguous())
