@@ -32,7 +32,7 @@ from ..spatial import warp as W
 from ..core.config import RegistrationConfig
 from ..core.grid import Grid
 from ..core.image import Image
-from ..registration.preprocess import normalize_intensity, prepare
+from ..registration.preprocess import normalize_intensity, prepare_pair
 from ..spatial.resampling import sample_on_grid, slab_grid, warp_image
 from ..registration.similarity import MutualInformation, joint_histogram
 from ..spatial.filters import box_filter
@@ -86,8 +86,8 @@ def working_pair(fixed: Image, moving: Image, transform: SpatialTransform, confi
     if prepared is not None:
         fw, mw = prepared
     else:
-        fw = prepare(fixed, config.spacing, fixed_mask, config.intensity_percentiles)
-        mw = prepare(moving, config.spacing, moving_mask, config.intensity_percentiles)
+        fw, mw = prepare_pair(fixed, moving, config.spacing, fixed_mask, moving_mask, config.intensity_percentiles,
+                              concurrent=config.threads != 1)
     to_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)[None, None]
     f_t, m_t = to_t(fw.array), to_t(mw.array)
     with torch.no_grad():

@@ -36,7 +36,7 @@ from ..core.config import RegistrationConfig
 from ..core.grid import Grid
 from ..core.image import Image
 from ..core.progress import Progress, ProgressCallback
-from ..registration.preprocess import prepare
+from ..registration.preprocess import prepare_pair
 from ..registration.regularizers import Regularizer
 from ..registration.similarity import Similarity
 from ..spatial.filters import box_filter
@@ -123,8 +123,8 @@ def restart_spread(fixed: Image, moving: Image, transform: SpatialTransform, con
     if prepared is not None:
         fw, mw = prepared
     else:
-        fw = prepare(fixed, config.spacing, fixed_mask, config.intensity_percentiles)
-        mw = prepare(moving, config.spacing, moving_mask, config.intensity_percentiles)
+        fw, mw = prepare_pair(fixed, moving, config.spacing, fixed_mask, moving_mask, config.intensity_percentiles,
+                              concurrent=config.threads != 1)
     to_t = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=device)[None, None]
     f_t = to_t(fw.array)
     chans = [to_t(mw.array)] + ([to_t(mw.mask)] if mw.mask is not None else [])

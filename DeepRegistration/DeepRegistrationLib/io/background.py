@@ -6,11 +6,8 @@ about file formats: the callers pass the functions (e.g. :func:`~DeepRegistratio
 """
 from __future__ import annotations
 
-import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence
-
-logger = logging.getLogger(__name__)
 
 
 class BackgroundWriter:
@@ -53,12 +50,11 @@ class BackgroundWriter:
         futures, self._futures = self._futures, []
         _results(futures)
 
-    def close(self, cancel: bool = False) -> None:
-        """Stops the worker thread after the running write (and, unless ``cancel``, the queued ones)."""
+    def close(self) -> None:
+        """Cancels the writes not yet started and stops the worker thread after the running one."""
         if self._pool is not None:
-            if cancel:
-                for f in self._futures:
-                    f.cancel()
+            for f in self._futures:
+                f.cancel()
             self._pool.shutdown(wait=True)
 
     def __enter__(self) -> "BackgroundWriter":
@@ -69,9 +65,9 @@ class BackgroundWriter:
             try:
                 self.join()
             finally:
-                self.close(cancel=True)
+                self.close()
             return
-        self.close(cancel=True)
+        self.close()
         self.raise_failed()
 
 

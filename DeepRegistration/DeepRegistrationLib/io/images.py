@@ -201,8 +201,9 @@ def read_image(path: str | os.PathLike, name: str = "image") -> Image:
     """Reads an intensity image as float32 and checks that it can be registered.
 
     The checks look at the stored voxels once: the minimum and maximum (on the stored array, before the float32
-    copy; an integer type cannot hold NaN or Inf, and a float image is counted voxel by voxel only when its minimum
-    or maximum is not finite). Safe to call from several threads at once (SimpleITK reads without Python's lock).
+    copy; an integer type cannot hold NaN or Inf, and the stored array is counted voxel by voxel only when its
+    minimum or maximum is not finite; a float NIfTI file's raw voxels are still counted as before,
+    ``_nifti_nonfinite_count``). Safe to call from several threads at once (SimpleITK reads without Python's lock).
 
     Args:
         path: Image file or DICOM series folder.
@@ -217,14 +218,13 @@ def read_image(path: str | os.PathLike, name: str = "image") -> Image:
     img = _read_sitk(path, name)
     _check_3d(img, path, name)
     stored = sitk.GetArrayViewFromImage(img)  # ITK's buffer, no copy (``img`` outlives every use below)
-    arr = None
     with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes Inf in the copy, as it is counted
         # float32 rounding is monotonic: the float32 copy's extremes are the stored extremes, rounded
         lo, hi = np.float32(stored.min()), np.float32(stored.max())
         n_bad = 0
         if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates into min/max, Inf is an extreme
-            arr = stored.astype(np.float32)
-            n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+            # then the float32 copy holds at least one non-finite voxel: counted for the message, and it raises
+            n_bad = int(stored.size - np.count_nonzero(np.isfinite(stored.astype(np.float32))))
     n_bad = n_bad or _nifti_nonfinite_count(Path(path))
     if n_bad:
         raise InputError(f"{name}: '{path}' contains {n_bad} NaN or infinite voxels. Replace them "
@@ -232,7 +232,7 @@ def read_image(path: str | os.PathLike, name: str = "image") -> Image:
     if float(hi) - float(lo) <= 1e-6 * max(1.0, abs(float(hi))):
         raise InputError(f"{name}: '{path}' is constant (every voxel is {float(np.float32(stored.flat[0])):g}); "
                          "there is nothing to align. Check that the right file was given.")
-    image = Image(stored.astype(np.float32) if arr is None else arr, Grid.from_sitk(img), name)
+    image = Image(stored.astype(np.float32), Grid.from_sitk(img), name)
     logger.info("read %s %s: %s", name, path, image.grid)
     return image
 

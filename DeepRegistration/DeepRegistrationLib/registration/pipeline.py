@@ -149,7 +149,8 @@ class WorkingImages:
         on ``device`` (None: the CPU), else None."""
         if self.warped is None or transform is not self.transform:
             return None
-        if self.warped.device != torch.device("cpu" if device is None else device):
+        want = torch.empty(0, device="cpu" if device is None else device).device  # "cuda" is "cuda:0" here
+        if self.warped.device != want:
             return None
         return self.fixed_tensor, self.fixed_mask, self.warped, self.view
 

@@ -34,6 +34,7 @@ import SimpleITK as sitk
 from ..core.errors import InputError
 from ..core.grid import Grid
 from ..core.image import Image
+from ..io.background import run_parallel
 from ..io.images import image_to_sitk, sitk_to_image
 
 logger = logging.getLogger(__name__)
@@ -455,14 +456,9 @@ def prepare_pair(fixed: Image, moving: Image, spacing: float, fixed_mask: Image 
     Raises:
         InputError: as :func:`prepare`; the fixed image's error first when both fail.
     """
-    if not concurrent:
-        return (prepare(fixed, spacing, fixed_mask, percentiles), prepare(moving, spacing, moving_mask, percentiles))
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(prepare, im, spacing, mask, percentiles)
-                for im, mask in ((fixed, fixed_mask), (moving, moving_mask))]
-        return jobs[0].result(), jobs[1].result()
+    fw, mw = run_parallel([lambda _: prepare(fixed, spacing, fixed_mask, percentiles),
+                           lambda _: prepare(moving, spacing, moving_mask, percentiles)], 2, concurrent)
+    return fw, mw
 
 
 def check_overlap(fixed: Grid, moving: Grid) -> None:

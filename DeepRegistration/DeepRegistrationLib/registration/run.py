@@ -52,7 +52,8 @@ logger = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("transform.h5", "warped.nii.gz", "jacobian.nii.gz", "report.json", "report.png")
 #: ``jacobian.nii.gz`` is written on the working grid instead of the fixed grid above this many fixed-grid voxels
-#: (a 0.75 mm CT of the trunk: 60-90 M; the 1 mm brain, 7 M, keeps the fixed grid).
+#: (a 0.75 mm CT of the trunk: 60-90 M; the 1 mm brain, 7 M, keeps the fixed grid). Above it the background writes
+#: are also joined before the full-resolution label warps (their memory is not added to a pending write's).
 JACOBIAN_FULL_GRID_MAX_VOXELS = 16_000_000
 #: The maps written into ``OUTDIR/explain/`` with ``explain=True`` (``<name>.nii.gz``).
 EXPLAIN_FILES = ("residual", "local_similarity", "displacement")
@@ -332,9 +333,11 @@ def _hand_over(writer: BackgroundWriter, image: Image, path: Path, held: list) -
     image as a read-only view of that SimpleITK image's buffer (appended to ``held``, which must outlive the view):
     one full-size copy in memory while the write runs, not two."""
     img = image_to_sitk(image)
-    writer.submit(write_sitk_image, img, path)
-    held.append(img)
+    # the view first: GetArrayViewFromImage makes the image's buffer unique, which copies it in full when the
+    # writer already holds the image (and races with that write)
     view = sitk.GetArrayViewFromImage(img)
+    held.append(img)
+    writer.submit(write_sitk_image, img, path)
     return Image(view if image.array.dtype != bool else image.array, image.grid, image.name)
 
 
@@ -350,7 +353,7 @@ def jacobian_image(result: RegistrationResult, fixed_grid) -> Image:
     wg = result.working_grid
     if wg.same_as(fixed_grid, tol=1e-6):
         return Image(np.asarray(result.jacobian, dtype=np.float32), fixed_grid, "jacobian")
-    if int(np.prod(fixed_grid.shape)) > JACOBIAN_FULL_GRID_MAX_VOXELS:
+    if fixed_grid.num_voxels > JACOBIAN_FULL_GRID_MAX_VOXELS:
         return Image(np.asarray(result.jacobian, dtype=np.float32), wg, "jacobian")
     return Image(sample_on_grid(result.jacobian, wg, fixed_grid), fixed_grid, "jacobian")
 
@@ -396,7 +399,7 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
     prog(0.93, "evaluating")
     evaluation: dict = {}
     if inputs.fixed_labels is not None:
-        if int(np.prod(fixed.grid.shape)) > JACOBIAN_FULL_GRID_MAX_VOXELS:
+        if fixed.grid.num_voxels > JACOBIAN_FULL_GRID_MAX_VOXELS:
             writer.join()  # a large grid: the full-resolution label warps run with no write's copy in memory
         evaluation["labels"], warped_labels = evaluate_labels(inputs.fixed_labels, inputs.moving_labels,
                                                               result.transform)

@@ -174,7 +174,8 @@ def sample_normalized_in_view(volume: torch.Tensor, norm: torch.Tensor) -> tuple
 
 def _inside_half_voxel(norm: torch.Tensor, grid: Grid) -> torch.Tensor:
     """True where normalized points lie within half a voxel of the grid (continuous index in [-0.5, n-0.5])."""
-    size = torch.as_tensor(grid.size, device=norm.device, dtype=norm.dtype)
+    # the limits on the CPU (the same rounding as on a GPU), read as numbers without waiting for the device
+    size = torch.as_tensor(grid.size, dtype=norm.dtype)
     half = torch.where(size > 1, 1.0 / torch.clamp(size - 1, min=1), torch.full_like(size, 0.5))
     # one axis at a time: the same comparisons as ``(norm.abs() <= limit).all(dim=-1)`` (the limits computed in
     # norm's dtype as before), without the (..., 3) bool temporary and the reduction over it
