@@ -61,11 +61,11 @@ def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpol
         for k0 in range(0, target.shape[0], step):
             k1 = min(target.shape[0], k0 + step)
             if separable is not None:
-                pts = separable.points(k0, k1)
+                beyond, inside, pts = _slab_position(image.grid, separable, k0, k1)
             else:
                 sub = slab_grid(target, k0, k1)
                 pts = W.map_points(W.grid_points(sub, device), affine, field, transform.field_grid)
-            beyond, inside = _slab_position(pts, image.grid, separable, k0, k1)
+                beyond, inside = _box_position(pts, image.grid)
             if beyond:  # the whole slab maps beyond the image: 0, as ITK (a partial view)
                 out[k0:k1] = 0
                 continue
@@ -77,12 +77,6 @@ def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpol
                 vals = vals.round_().clamp_(float(limits.min), float(limits.max))  # in place: a fresh tensor
             out[k0:k1] = vals.cpu().numpy()  # cast on assignment
     return Image(out, target, image.name)
-
-
-def _beyond(points: torch.Tensor, grid: Grid, margin: float = 0.01) -> bool:
-    """True when all ``points`` (``(..., 3)`` LPS mm) lie more than half a voxel (+ ``margin`` voxel) beyond
-    ``grid`` along one of its axes, where ITK's resampling gives 0 (see :func:`_box_position`)."""
-    return _box_position(points, grid, margin)[0]
 
 
 def _box_position(points: torch.Tensor, grid: Grid, margin: float = 0.01) -> tuple[bool, bool]:
@@ -111,31 +105,32 @@ def _index_box_position(lo: np.ndarray, hi: np.ndarray, grid: Grid, margin: floa
     return beyond, inside
 
 
-def _slab_position(points: torch.Tensor, grid: Grid, separable: "_SeparablePoints | None", k0: int, k1: int,
-                   margin: float = 0.01) -> tuple[bool, bool]:
-    """:func:`_box_position` of a slab's points ``(1, k1 - k0, Y, X, 3)``, the same ``beyond`` and an ``inside``
-    that may be False where that of the points' own box is True (then the mask is computed: the same values).
+def _slab_position(grid: Grid, separable: "_SeparablePoints", k0: int, k1: int,
+                   margin: float = 0.01) -> tuple[bool, bool, torch.Tensor | None]:
+    """:func:`_box_position` of the separable points of slices ``k0 <= k < k1``, with those points:
+    ``(beyond, inside, points (1, k1 - k0, Y, X, 3) or None)``; the same ``beyond``, an ``inside`` that may be
+    False where that of the points' own box is True (then the mask is computed: the same values).
 
-    With separable points the box is first bounded without reading the points (:meth:`_SeparablePoints.box`,
-    a box around every point): beyond or inside by that box, the points are too. Otherwise a point of the
-    slab, its centre, within reach of the grid (not beyond on any axis) means the slab is not beyond (the box
-    of the corners' indices contains that point's); only where neither settles it is the points' box taken
-    (for a 0.75 mm CT: a whole pass over the points, 1 CPU s, saved in most slabs)."""
-    if separable is None:
-        return _box_position(points, grid, margin)
+    The box is first bounded without reading the points (:meth:`_SeparablePoints.box`, a box around every
+    point): beyond by that box, the points are too, and they are not computed (``None``: the slab is 0); inside
+    by it, they are too. Otherwise a point of the slab, its centre, within reach of the grid (not beyond on any
+    axis) means the slab is not beyond (the box of the corners' indices contains that point's); only where
+    neither settles it is the points' box taken (for a 0.75 mm CT: a whole pass over the points, 1 CPU s, saved
+    in most slabs)."""
     lo, hi = separable.box(k0, k1)
     beyond, inside = _index_box_position(lo, hi, grid, margin)
-    if beyond or inside:
-        return beyond, inside
+    if beyond:
+        return True, False, None
+    points = separable.points(k0, k1)
+    if inside:
+        return False, True, points
     _, k, ny, nx, _ = points.shape
     centre = points[0, k // 2, ny // 2, nx // 2].double().cpu().numpy()
-    m = grid.world_to_index
-    idx = m[:3, :3] @ centre + m[:3, 3]
-    size = np.asarray(grid.size, dtype=np.float64)
-    slack = margin - 1e-6  # rounding of the corners' indices: well below a millionth of a voxel
-    if np.all((idx >= -0.5 - slack) & (idx <= size - 0.5 + slack)):
-        return False, False
-    return _box_position(points, grid, margin)
+    # the centre's own box, with a margin short of the rounding of the corners' indices (well below a
+    # millionth of a voxel): not beyond by it, the points' box is not beyond either
+    if not _index_box_position(centre, centre, grid, margin - 1e-6)[0]:
+        return False, False, points
+    return (*_box_position(points, grid, margin), points)
 
 
 class _SeparablePoints:
@@ -157,6 +152,7 @@ class _SeparablePoints:
         self.bz = (ar(nz)[:, None] * torch.as_tensor(base[:3, 2], device=device)
                    + torch.as_tensor(base[:3, 3], device=device)).to(torch.float32)
         self.field = None
+        self._cache = {}  # field rows interpolated for the previous slab (see _rows)
         if m is not None:
             # A u, channels last (Z, Y, X, 3): interpolating it is interpolating u then applying A (linear)
             u = torch.as_tensor(transform.field, dtype=torch.float32, device=device)
@@ -216,10 +212,13 @@ class _SeparablePoints:
         """Field rows ``lo <= r < hi`` interpolated in-plane onto the target's (Y, X): ``{r: (Y, X, 3)}``. Rows the
         previous slab interpolated are kept (consecutive slabs share a field row where they meet: at 0.75 mm on a
         2 mm field a quarter of the rows), the others computed (elementwise: the same values either way)."""
-        rows = {r: v for r, v in getattr(self, "_cache", {}).items() if lo <= r < hi}
+        rows = {r: v for r, v in self._cache.items() if lo <= r < hi}
         new = [r for r in range(lo, hi) if r not in rows]
         if new:
-            r0, r1 = new[0], new[-1] + 1  # the rows kept are the first ones: the missing ones are consecutive
+            # the rows kept lie at one end of the range (the slabs run one way through the field rows, up or
+            # down): the missing ones are consecutive (were they not, those between would be recomputed, to the
+            # same values)
+            r0, r1 = new[0], new[-1] + 1
             u = self.field[r0:r1]  # (z, Y, X, 3) field rows to interpolate
             x0, x1, wx0, wx1 = self.wx
             u = u.index_select(2, x0) * wx0[:, None] + u.index_select(2, x1) * wx1[:, None]

@@ -79,8 +79,8 @@ def test_slabs_beyond_a_partial_view_are_zero_and_integer_output_is_the_rounded_
     slabs = R.warp_image(moving, fixed, t, slab_voxels=2 * 20 * 22).array
     np.testing.assert_array_equal(slabs, one_slab)
     assert (slabs[:8] == 0).all() and (slabs[-8:] == 0).all() and (slabs[18] != 0).any()
-    assert R._beyond(W.grid_points(R.slab_grid(fixed, 0, 2)), moving.grid)
-    assert not R._beyond(W.grid_points(R.slab_grid(fixed, 12, 14)), moving.grid)
+    assert R._box_position(W.grid_points(R.slab_grid(fixed, 0, 2)), moving.grid)[0]
+    assert not R._box_position(W.grid_points(R.slab_grid(fixed, 12, 14)), moving.grid)[0]
     as_int = R.warp_image(moving, fixed, t, dtype=np.int16, slab_voxels=2 * 20 * 22).array
     assert as_int.dtype == np.int16
     np.testing.assert_array_equal(as_int, np.clip(np.rint(one_slab), -32768, 32767).astype(np.int16))
@@ -137,8 +137,9 @@ def test_slabs_within_the_image_skip_the_itk_mask_with_the_same_bits_and_field_r
         lo, hi = kept.box(k0, k1)
         flat = pts.reshape(-1, 3).double().numpy()
         assert (flat >= lo).all() and (flat <= hi).all() and np.abs(np.concatenate([lo - flat.min(0), hi - flat.max(0)])).max() < 12.0
-        slab_beyond, slab_inside = R._slab_position(pts, moving.grid, kept, k0, k1)
+        slab_beyond, slab_inside, slab_pts = R._slab_position(moving.grid, kept, k0, k1)
         assert slab_beyond == beyond and (inside or not slab_inside)
+        assert beyond if slab_pts is None else torch.equal(slab_pts, pts)  # beyond by the box: no points computed
         want = W.sample(vol, moving.grid, pts, padding_mode="itk")[0, 0].numpy()
         if beyond:
             want = np.zeros_like(want)
