@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from DeepRegistrationLib.core.errors import InputError
 from DeepRegistrationLib.core.grid import Grid
 from DeepRegistrationLib.core.image import Image
+from DeepRegistrationLib.io.images import image_to_sitk
 from DeepRegistrationLib.registration import preprocess as P
 from test_preprocess import _old_resample as _sitk_resample  # the plain SimpleITK pipeline
 
@@ -67,15 +68,9 @@ def test_other_parallel_grids_and_the_border(shift):
         for antialias in (True, False):
             out = P.resample(image, target, antialias=antialias).array
             ref = _sitk_resample(image, target) if antialias else sitk.GetArrayFromImage(sitk.Resample(
-                sitk.Cast(_to_sitk(image), sitk.sitkFloat32), _ref(target), sitk.Transform(), sitk.sitkLinear, 0.0,
+                sitk.Cast(image_to_sitk(image), sitk.sitkFloat32), _ref(target), sitk.Transform(), sitk.sitkLinear, 0.0,
                 sitk.sitkFloat32))
             assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
-
-
-def _to_sitk(image: Image) -> sitk.Image:
-    img = sitk.GetImageFromArray(np.ascontiguousarray(image.array))
-    image.grid.apply_to_sitk(img)
-    return img
 
 
 def _ref(grid: Grid) -> sitk.Image:
