@@ -184,13 +184,11 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads)
     env = {"baseline": rev, "current": revisions.resolve("HEAD"),
            "threads": args.threads, "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
-    (args.out / "concurrent_io.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     md = [f"# Concurrent I/O ({args.threads} threads; reading + writing/evaluating + report of one registration "
           f"result; {args.repeats} runs per variant, alternating)", "",
           f"baseline {rev[:10]}, current {env['current'][:10]} (serial: CONCURRENT_IO = False); load average at the "
           f"end {env['load_avg'][0]:.1f} on {env['cpus']} CPUs", "", *_summary(rows)]
-    (args.out / "concurrent_io.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    revisions.write_results(args.out, "concurrent_io", env, rows, md)
     return 0
 
 

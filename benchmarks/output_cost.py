@@ -217,11 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                                   lambda case, rep, _variant: [__file__, "--_measure", str(pickles[case])])
     env = {"baseline": rev, "current": revisions.resolve("HEAD"),
            "threads": 1, "cpu": os.uname().machine}
-    (args.out / "output_cost.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     md = [f"# Output cost (1 thread, CPU s, least of {args.repeats} runs per variant)", "",
           f"baseline {rev[:10]}, current {env['current'][:10]}", "", *_summary(rows)]
-    (args.out / "output_cost.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    revisions.write_results(args.out, "output_cost", env, rows, md)
     return 0
 
 

@@ -75,3 +75,11 @@ def run_rows(trees: dict[str, Path], cases: list[str], repeats: int,
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     return rows
+
+
+def write_results(out: Path, name: str, environment: dict, rows: list[dict], md: list[str]) -> None:
+    """Writes ``out/<name>.json`` (``{"environment", "rows"}``) and ``out/<name>.md`` (the lines ``md``, also
+    printed)."""
+    (out / f"{name}.json").write_text(json.dumps({"environment": environment, "rows": rows}, indent=1))
+    (out / f"{name}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
