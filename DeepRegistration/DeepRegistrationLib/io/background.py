@@ -99,7 +99,7 @@ def run_parallel(tasks: Sequence[Callable[[Callable[[int], object]], object]], w
             done.append(task(done.__getitem__))
         return done
     futures: list[Future] = []
-    with ThreadPoolExecutor(max(1, min(workers, len(tasks))), thread_name_prefix="deepregistration-reader") as pool:
+    with ThreadPoolExecutor(max(1, min(workers, len(tasks))), thread_name_prefix="deepregistration-worker") as pool:
         wait = lambda i: futures[i].result()  # noqa: E731
         try:
             for task in tasks:

@@ -111,15 +111,8 @@ def _correlate_axis(x: np.ndarray, kernel: np.ndarray, axis: int, threads: int =
         step = max(1, _BLOCK // n)
         for src, dst in views:
             blocks += [(src[:, a:a + step], dst[:, a:a + step], 0) for a in range(0, src.shape[1], step)]
-    run = lambda b: _correlate_block(b[0], b[1], kernel, idx, b[2], keep)
-    if threads > 1 and x.size > 4 * _BLOCK:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(run, blocks))
-    else:
-        for b in blocks:
-            run(b)
+    run_parallel([lambda _, b=b: _correlate_block(b[0], b[1], kernel, idx, b[2], keep) for b in blocks], threads,
+                 threads > 1 and x.size > 4 * _BLOCK)
     return out
 
 
@@ -153,15 +146,7 @@ def _correlate_slices(x: np.ndarray, kernel: np.ndarray, rows: np.ndarray, threa
             acc += 0.0  # as _correlate_block
             out[o, a:b] = acc
 
-    starts = range(0, src.shape[1], _BLOCK)
-    if threads > 1 and len(starts) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(run, starts))
-    else:
-        for a in starts:
-            run(a)
+    run_parallel([lambda _, a=a: run(a) for a in range(0, src.shape[1], _BLOCK)], threads, threads > 1)
     return out.reshape((len(rows),) + x.shape[1:])
 
 
