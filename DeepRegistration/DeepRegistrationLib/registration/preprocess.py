@@ -260,11 +260,11 @@ def _linear_plan(source: Grid, target: Grid) -> list[_AxisPlan] | None:
 
 def _axis_weights(plan: _AxisPlan, have: np.ndarray) -> tuple:
     """Positions in ``have`` of each target index's base and upper source index, its distance (0 where it does not
-    interpolate) and the target indices that take the base value alone (None when none does)."""
+    interpolate) and which target indices take the base value alone (a bool mask; None when none does)."""
     lerp = plan.inside & plan.lerp
     lo = np.searchsorted(have, np.where(plan.inside, plan.base, have[0]))
     hi = np.where(lerp, np.searchsorted(have, np.where(lerp, plan.base + 1, have[0])), lo)
-    alone = None if lerp.all() else np.flatnonzero(~lerp)
+    alone = None if lerp.all() else ~lerp
     return lo, hi, np.where(lerp, plan.dist, 0.0), alone, bool(lerp.any())
 
 
@@ -314,7 +314,7 @@ def _interpolate_separable(values: np.ndarray, plans: list[_AxisPlan], kept: lis
         return rows[z]
 
     lo, hi, dist, alone, _ = wz
-    skip = np.zeros(len(lo), bool) if alone is None else np.isin(np.arange(len(lo)), alone)
+    skip = np.zeros(len(lo), bool) if alone is None else alone
     for k in range(len(lo)):
         a = row(int(lo[k]))
         if skip[k]:
