@@ -48,6 +48,10 @@ FIELD_STEP = 0.15
 COARSE_ITERATION_FACTOR = 2
 #: The deformable step decays (cosine) to this fraction of its initial value within each level.
 FIELD_STEP_END = 0.05
+#: On a grid above the cap (:func:`_stage_plan`), a level (other than the coarsest) left fewer than this share
+#: of its planned iterations is not run: a few steps of a cosine schedule planned for many do not pay their
+#: cost (measured on the 2 mm trunk CT, docs/ENGINE.md, *Work on large grids*).
+MIN_LEVEL_SHARE = 0.25
 
 
 class FieldPredictor(Protocol):
@@ -399,7 +403,8 @@ def _stage_plan(stage: str, planned: dict, voxels: dict, finest_voxels: int, cfg
     default; no limit for 0) the stage's work (voxel-iterations over its levels) is capped at what the same plan
     costs on a grid of ``cap`` voxels, ``Σ planned·voxels · cap / finest_voxels``; the levels take it coarse to
     fine, each ``min(planned, ⌊left / voxels⌋)`` (the coarsest at least one), so the finest levels give way
-    first: a level left with 0 is not optimized (the coarser field or matrix carries over). Grids up to ``cap``
+    first; a finer level left fewer than ``MIN_LEVEL_SHARE`` of its planned iterations gets 0. A level with 0 is
+    not optimized (the coarser field or matrix carries over). Grids up to ``cap``
     run ``planned`` exactly. ``stage`` (``"linear"``/``"deformable"``) only names the stage in the log."""
     cap = cfg.large_grid_cap()
     if finest_voxels <= cap:
@@ -410,6 +415,8 @@ def _stage_plan(stage: str, planned: dict, voxels: dict, finest_voxels: int, cfg
         iters = min(planned[f], math.floor(left / voxels[f]))
         if n == 0:
             iters = max(iters, min(planned[f], 1))
+        elif iters < MIN_LEVEL_SHARE * planned[f]:
+            iters = 0
         out[f] = iters
         left -= iters * voxels[f]
     if out != planned:

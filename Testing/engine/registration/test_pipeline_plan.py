@@ -53,8 +53,11 @@ def test_a_small_cap_cuts_the_finest_levels_first(sample_pair, counted_steps):
         # coarse to fine: a level is cut only once the coarser ones have taken what they planned
         cut = [e["iterations"] < e["planned"] for e in levels]
         assert cut[-1] and cut == sorted(cut)
-        for e, w_before in zip(levels, np.cumsum([0] + work[:-1])):
-            assert e["iterations"] == min(e["planned"], math.floor((budget - w_before) / e["voxels"]))
+        for n, (e, w_before) in enumerate(zip(levels, np.cumsum([0] + work[:-1]))):
+            share = min(e["planned"], math.floor((budget - w_before) / e["voxels"]))
+            # a finer level left under MIN_LEVEL_SHARE of its plan does not run at all
+            small = n > 0 and share < pipeline.MIN_LEVEL_SHARE * e["planned"]
+            assert e["iterations"] == (0 if small else share)
     # the steps the optimizers took are the reported plan (levels left with 0 iterations do not run)
     assert [n for (n,) in counted_steps] == [e["iterations"] for e in plan if e["iterations"] > 0]
     assert res.similarity_after < res.similarity_before
@@ -80,6 +83,22 @@ def test_bad_caps_name_the_option(bad):
 
 def test_the_cap_is_a_reported_setting():
     assert RegistrationConfig(large_grid_voxels=8).validate().to_dict()["large_grid_voxels"] == 8
+
+
+def test_a_level_left_a_small_share_of_its_plan_does_not_run():
+    planned = {4: 20, 2: 20, 1: 10}
+    finest = 4_600_000  # the 2 mm trunk CT of benchmarks/large_fov.py
+    voxels = {4: 73_416, 2: 580_944, 1: finest}
+    plan = pipeline._stage_plan("deformable", planned, voxels, finest, RegistrationConfig())
+    # the budget leaves the finest level 1 of its 10 iterations: under a quarter, so none
+    budget = 1.5e6 / finest * sum(planned[f] * voxels[f] for f in planned)
+    assert math.floor((budget - 20 * voxels[4] - 20 * voxels[2]) / finest) == 1
+    assert plan == {4: 20, 2: 20, 1: 0}
+    # three of ten (at least a quarter) still run
+    roomy = pipeline._stage_plan("deformable", planned, voxels, finest, RegistrationConfig(large_grid_voxels=3.0))
+    assert roomy[1] >= pipeline.MIN_LEVEL_SHARE * 10 and roomy[1] > 0
+    linear = pipeline._stage_plan("linear", {4: 60, 2: 30}, {4: 73_416, 2: 580_944}, finest, RegistrationConfig())
+    assert linear == {4: 60, 2: 0}  # 4 of 30 at 4 mm before
 
 
 def test_a_finer_spacing_keeps_its_iterations_over_the_same_field_of_view():
