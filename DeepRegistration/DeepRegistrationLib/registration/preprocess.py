@@ -151,7 +151,8 @@ def _correlate_slices(x: np.ndarray, kernel: np.ndarray, rows: np.ndarray, threa
 
 
 def smooth_like_sitk(array: np.ndarray, spacing: tuple[float, float, float],
-                     variance: list[float], keep: list[np.ndarray] | None = None) -> np.ndarray:
+                     variance: list[float], keep: list[np.ndarray] | None = None,
+                     threads: int | None = None) -> np.ndarray:
     """SimpleITK's ``DiscreteGaussian(img, variance, GAUSSIAN_MAX_WIDTH, GAUSSIAN_MAX_ERROR, useImageSpacing=True)``
     of a float32 image, bit for bit, in about half its CPU time: the same kernels (:func:`gaussian_kernel`) applied
     in the same order (z, then y, then x) with the same arithmetic (float64 sums, float32 between the passes).
@@ -161,30 +162,53 @@ def smooth_like_sitk(array: np.ndarray, spacing: tuple[float, float, float],
         spacing: voxel size (mm) along ``(x, y, z)``.
         variance: Gaussian variance (mm²) along ``(x, y, z)``; 0 leaves that axis alone.
         keep: Sorted indices along ``(x, y, z)`` to return (all when None): the result is the full smoothing's
-            ``[np.ix_(keep[2], keep[1], keep[0])]``, same bits, with less work: an axis is cut to its kept indices
-            as soon as its own pass is done (or at once when it has none), so the later passes run on fewer rows.
+            ``[np.ix_(keep[2], keep[1], keep[0])]``, same bits, with less work (:func:`_smooth_kept`).
+        threads: Threads of the passes (default: SimpleITK's global default, what its filter uses).
 
     Returns:
         ``(Z, Y, X)`` float32 (``(len(keep[2]), len(keep[1]), len(keep[0]))`` with ``keep``).
     """
     x = np.asarray(array, dtype=np.float32)
-    threads = max(1, int(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))  # what the SimpleITK filter uses
-
-    def cut(x: np.ndarray, d: int) -> np.ndarray:
-        if keep is None or keep[d].size == x.shape[2 - d]:
-            return x
-        return np.take(x, keep[d], axis=2 - d)  # a contiguous copy; passes along the other axes are pointwise here
-
-    for d in (2, 1, 0):
-        if not variance[d] > 0:
-            x = cut(x, d)
+    if threads is None:
+        threads = max(1, int(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))
+    kernels = {d: gaussian_kernel(variance[d], spacing[d]) for d in range(3) if variance[d] > 0}
+    if keep is not None:
+        return _smooth_kept(x, kernels, keep, threads)
     for d in (2, 1, 0):  # ITK index axis k, j, i = array axis 0, 1, 2
-        if variance[d] > 0:
-            kernel = gaussian_kernel(variance[d], spacing[d])
-            if d == 2 and keep is not None:  # the first pass: only the kept slices are computed
-                x = _correlate_slices(x, kernel, keep[2], threads)
-            else:
-                x = _correlate_axis(x, kernel, 2 - d, threads, None if keep is None else keep[d])
+        if d in kernels:
+            x = _correlate_axis(x, kernels[d], 2 - d, threads)
+    return x
+
+
+def _smooth_kept(x: np.ndarray, kernels: dict, keep: list[np.ndarray], threads: int) -> np.ndarray:
+    """:func:`smooth_like_sitk` of the float32 ``(Z, Y, X)`` ``x`` with the 1-D ``kernels`` (axis ``d`` of
+    ``(x, y, z)`` → :func:`gaussian_kernel`; an axis without one is left alone) at the sorted indices ``keep``
+    (along ``x, y, z``) only: ``(len(keep[2]), len(keep[1]), len(keep[0]))`` float32, the full smoothing's
+    ``[np.ix_(keep[2], keep[1], keep[0])]`` to the bit. Each pass along an axis is independent per line along the
+    other axes, so cutting another axis commutes with it: the z pass computes the kept slices only, from the slab of
+    slices they read (a view), where the in-plane axes without a kernel are cut first; the y and x passes run on the
+    kept rows and cut their own result. The work and memory therefore follow ``keep``: a few kept slices cost a
+    few slices."""
+    nz = x.shape[0]
+    kz = np.asarray(keep[2])
+    if min(len(k) for k in keep) == 0:
+        return np.zeros((len(keep[2]), len(keep[1]), len(keep[0])), np.float32)
+
+    def cut(v: np.ndarray, d: int) -> np.ndarray:
+        if d in kernels or keep[d].size == v.shape[2 - d]:
+            return v
+        return np.take(v, keep[d], axis=2 - d)  # a contiguous copy
+
+    if 2 in kernels:
+        r = len(kernels[2]) // 2
+        z0, z1 = max(0, int(kz[0]) - r), min(nz, int(kz[-1]) + r + 1)
+        # the slab's edges are the image's where a kept slice's window reaches past them: the same repeated edges
+        x = _correlate_slices(cut(cut(x[z0:z1], 1), 0), kernels[2], kz - z0, threads)
+    else:
+        x = cut(cut(x if kz.size == nz else np.take(x, kz, axis=0), 1), 0)
+    for d in (1, 0):
+        if d in kernels:
+            x = _correlate_axis(x, kernels[d], 2 - d, threads, keep[d])
     return x
 
 
@@ -333,6 +357,40 @@ def _interpolate_separable(values: np.ndarray, plans: list[_AxisPlan], kept: lis
     return out
 
 
+#: Working-grid slices per task of :func:`_resample_separable`.
+_CHUNK_SLICES = 8
+
+
+def _resample_separable(arr: np.ndarray, spacing: tuple[float, float, float], variance: list[float],
+                        plans: list[_AxisPlan], kept: list[np.ndarray]) -> np.ndarray:
+    """The anti-aliasing (``variance`` mm² along x, y, z; 0: none) and the linear interpolation of separable
+    ``plans`` (:func:`_linear_plan`; ``kept``: each axis plan's ``needed``) of the float32 ``(Z, Y, X)`` source
+    ``arr`` with voxel size ``spacing`` (mm, x, y, z): the working image ``(Z', Y', X')`` float32, the same bits as
+    :func:`_interpolate_separable` of :func:`smooth_like_sitk` at ``kept``. Computed in tasks of
+    ``_CHUNK_SLICES`` working-grid slices (on SimpleITK's thread count): each smooths the source slices its slices
+    read (:func:`_smooth_kept`) and interpolates them at once, so the intermediate arrays are a few slices (cache
+    sized, reused) instead of fresh copies of most of the input (every value is computed as on the whole array)."""
+    threads = max(1, int(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))
+    kernels = {d: gaussian_kernel(variance[d], spacing[d]) for d in range(3) if variance[d] > 0}
+    pz = plans[2]
+    n = len(pz.base)
+    out = np.empty((n, len(plans[1].base), len(plans[0].base)), np.float32)
+
+    def run(k0: int) -> None:
+        k1 = min(n, k0 + _CHUNK_SLICES)
+        sub = _AxisPlan(pz.base[k0:k1], pz.dist[k0:k1], pz.lerp[k0:k1], pz.inside[k0:k1])
+        have = [kept[0], kept[1], sub.needed()]
+        if have[2].size == 0:  # these working slices lie outside the source
+            out[k0:k1] = 0.0
+            return
+        values = _smooth_kept(arr, kernels, have, 1)
+        out[k0:k1] = _interpolate_separable(values, [plans[0], plans[1], sub], have)
+
+    starts = range(0, n, _CHUNK_SLICES)
+    run_parallel([lambda _, k=k: run(k) for k in starts], threads, threads > 1 and len(starts) > 1)
+    return out
+
+
 def resample(image: Image, grid: Grid, interpolator: str = "linear", antialias: bool = True) -> Image:
     """Resamples ``image`` onto ``grid`` (identity transform): anti-aliasing, then SimpleITK's ``Resample``.
 
@@ -357,11 +415,7 @@ def resample(image: Image, grid: Grid, interpolator: str = "linear", antialias: 
             kept = [p.needed() for p in plans]
             if min(k.size for k in kept) == 0:  # no target voxel inside the source
                 return Image(np.zeros(grid.shape, np.float32), grid, image.name)
-            if max(var) > 0:
-                arr = smooth_like_sitk(arr, image.grid.spacing, var, kept)
-            else:
-                arr = arr[np.ix_(kept[2], kept[1], kept[0])]
-            return Image(_interpolate_separable(arr, plans, kept), grid, image.name)
+            return Image(_resample_separable(arr, image.grid.spacing, var, plans, kept), grid, image.name)
         if max(var) > 0:
             arr = smooth_like_sitk(arr, image.grid.spacing, var)
         src = image_to_sitk(Image(arr, image.grid, image.name))

@@ -132,3 +132,25 @@ def test_simpleitk_path_where_its_arithmetic_is_not_reproduced(monkeypatch):
     monkeypatch.setattr(P, "_SAME_ARITHMETIC", False)
     monkeypatch.setattr(P, "_linear_plan", lambda *a: pytest.fail("the reduced path was taken"))
     assert np.array_equal(P.resample(image, target).array.view(np.uint32), reduced.view(np.uint32))
+
+
+@pytest.mark.parametrize("chunk, threads", [(1, 1), (3, 2), (1000, 1)])
+def test_working_image_in_chunks_of_slices_is_simpleitks(monkeypatch, chunk, threads):
+    """The working image made in tasks of a few working slices (one, three on two threads, all at once) is the
+    SimpleITK pipeline's, with the target overhanging the source (working slices outside it are 0)."""
+    rng = np.random.default_rng(13)
+    src = Grid((40, 21, 26), (0.8, 0.7, 0.75), (1.0, -2.0, 3.5), tuple(DIRECTIONS["flipped"].ravel()))
+    image = Image((rng.normal(size=src.shape) * 200).astype(np.float32), src, "image")
+    d = src.direction_matrix
+    target = Grid((17, 9, 12), (2.0, 2.0, 2.0), tuple(np.asarray(src.origin) + d @ np.array([-3.1, 1.7, -7.3])),
+                  src.direction)
+    assert P._linear_plan(src, target) is not None
+    monkeypatch.setattr(P, "_CHUNK_SLICES", chunk)
+    old = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        out = P.resample(image, target).array
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old)
+    ref = _sitk_resample(image, target)
+    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)) and not ref[:2].any()
