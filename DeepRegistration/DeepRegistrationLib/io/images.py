@@ -13,7 +13,10 @@ import hashlib
 import locale
 import logging
 import os
+import sys
 import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -293,18 +296,113 @@ def read_mask(path: str | os.PathLike, name: str = "mask", reference: Grid | Cal
     return image
 
 
-def write_image(image: Image, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Writes an image (NIfTI, NRRD or MetaImage by suffix). The caller decides about overwriting."""
-    return write_sitk_image(image_to_sitk(image), path, compress)
+def write_image(image: Image, path: str | os.PathLike, compress: bool = True, threads: int | None = None) -> Path:
+    """Writes an image (NIfTI, NRRD or MetaImage by suffix). The caller decides about overwriting.
+
+    A compressed ``.nii.gz`` is gzipped on up to ``threads`` threads (:func:`write_sitk_image`)."""
+    return write_sitk_image(image_to_sitk(image), path, compress, threads)
 
 
-def write_sitk_image(img: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Writes what :func:`image_to_sitk` made (same file as :func:`write_image` of its image)."""
+def write_sitk_image(img: sitk.Image, path: str | os.PathLike, compress: bool = True,
+                     threads: int | None = None) -> Path:
+    """Writes what :func:`image_to_sitk` made (same file as :func:`write_image` of its image).
+
+    A ``.nii.gz`` with ``compress`` is SimpleITK's uncompressed NIfTI (the same header and voxel bytes as its
+    ``.nii.gz`` holds) gzipped by :func:`gzip_file` on up to ``threads`` threads (default: :func:`gzip_threads`)
+    at :data:`GZIP_LEVEL`, written under a temporary name in the same folder and renamed into place (nothing
+    half-written is left under ``path``). Other formats, and ``compress=False``, are SimpleITK's own writer.
+    """
     p = Path(path)
     if not str(p).lower().endswith(WRITABLE_SUFFIXES):
         raise InputError(f"cannot write '{p}': use one of {', '.join(WRITABLE_SUFFIXES)}")
-    sitk.WriteImage(img, str(p), compress)
+    if not (compress and str(p).lower().endswith(".nii.gz")):
+        sitk.WriteImage(img, str(p), compress)
+        return p
+    token = f"{os.getpid()}-{threading.get_ident()}"
+    raw = p.with_name(f".{p.name}.{token}.nii")
+    part = p.with_name(f".{p.name}.{token}.part")
+    try:
+        try:
+            sitk.WriteImage(img, str(raw), False)
+        except RuntimeError as exc:  # SimpleITK's message, naming the file asked for
+            raise RuntimeError(str(exc).replace(str(raw), str(p))) from None
+        try:
+            gzip_file(raw, part, threads=threads)
+            os.replace(part, p)
+        except OSError as exc:  # the error SimpleITK's writer raises for a file it cannot write
+            raise RuntimeError(f"nifti library failed to write image: {p} ({exc.strerror or exc})") from exc
+    finally:
+        for leftover in (raw, part):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
     return p
+
+
+#: zlib level of the ``.nii.gz`` files written (:func:`write_sitk_image`). Measured on a 0.75 mm CT warped into
+#: int16 (173 MB raw, 1 thread): level 1 3.0 CPU s -> 72.1 MB, 2 3.2 s -> 71.2 MB, 3 3.9 s -> 69.2 MB,
+#: 6 11.1 s -> 68.6 MB; ITK's own writer ~4 s -> 68.4 MB, on one thread only.
+GZIP_LEVEL = 1
+#: Uncompressed bytes per block compressed on its own thread (each block primed with the 32 KB before it).
+GZIP_BLOCK_BYTES = 8 << 20
+#: The most threads :func:`gzip_threads` gives by default.
+GZIP_MAX_THREADS = 4
+
+
+def gzip_threads() -> int:
+    """Threads a ``.nii.gz`` is compressed on by default: torch's intra-op thread count when torch is loaded (the
+    engine's ``threads`` setting), else the CPU count; at most :data:`GZIP_MAX_THREADS`."""
+    torch = sys.modules.get("torch")
+    n = torch.get_num_threads() if torch is not None and hasattr(torch, "get_num_threads") else os.cpu_count()
+    return max(1, min(int(n or 1), GZIP_MAX_THREADS))
+
+
+def gzip_file(src: str | os.PathLike, dst: str | os.PathLike, level: int | None = None, threads: int | None = None,
+              block_bytes: int | None = None) -> None:
+    """Gzips the file ``src`` into ``dst`` (overwritten) at zlib ``level`` (default :data:`GZIP_LEVEL`) as one
+    gzip member, its blocks deflated in parallel.
+
+    Each block of ``block_bytes`` (default :data:`GZIP_BLOCK_BYTES`) is deflated on its own (on up to ``threads`` threads; zlib runs without Python's
+    lock) with the 32 KB before it as its dictionary, and ends on a byte boundary (a sync flush) so that the blocks
+    join into one deflate stream, as ``pigz`` does: any gzip reader reads it (zlib, Python's ``gzip``, ITK,
+    nibabel, VTK), it decompresses to exactly ``src``'s bytes, and its bytes do not depend on ``threads``.
+    At most ``2 * threads + 1`` blocks are held in memory at once (read, in flight, waiting to be written).
+    """
+    level = GZIP_LEVEL if level is None else int(level)
+    threads = gzip_threads() if threads is None else max(1, int(threads))
+    block_bytes = max(1 << 16, int(GZIP_BLOCK_BYTES if block_bytes is None else block_bytes))
+
+    def deflate(block: bytes, primer: bytes, last: bool) -> bytes:
+        c = zlib.compressobj(level, zlib.DEFLATED, -15, 8, zlib.Z_DEFAULT_STRATEGY, *((primer,) if primer else ()))
+        return c.compress(block) + c.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+    xfl = 4 if level == 1 else 2 if level == 9 else 0
+    crc, size = 0, 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        fout.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + bytes([xfl, 255]))  # no name, mtime 0, OS unknown
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="deepregistration-gzip") if threads > 1 else None
+        pending: list = []
+        try:
+            block, primer = fin.read(block_bytes), b""
+            while True:
+                following = fin.read(block_bytes)  # one block ahead: the last one is flushed as the stream's end
+                last = not following
+                crc = zlib.crc32(block, crc)
+                size += len(block)
+                if pool is None:
+                    fout.write(deflate(block, primer, last))
+                else:
+                    pending.append(pool.submit(deflate, block, primer, last))
+                    while len(pending) > threads or (last and pending):
+                        fout.write(pending.pop(0).result())
+                if last:
+                    break
+                primer, block = block[-32768:], following
+        finally:
+            if pool is not None:
+                for f in pending:
+                    f.cancel()
+                pool.shutdown(wait=True)
+        fout.write(crc.to_bytes(4, "little") + (size & 0xFFFFFFFF).to_bytes(4, "little"))
 
 
 def sha256_file(path: str | os.PathLike) -> str:
