@@ -171,3 +171,43 @@ def test_sample_on_grid_onto_a_coarser_grid_interpolates_only_the_used_source_sl
     np.testing.assert_array_equal(got, want)
     general = W.sample(torch.as_tensor(values)[None, None], source, W.grid_points(target), padding_mode="border")
     np.testing.assert_allclose(got, general[0, 0].numpy(), atol=5e-5)
+
+
+def test_warp_image_is_the_same_bits_on_one_thread_and_several_with_a_batch_per_thread():
+    rng = np.random.default_rng(4)
+    flip = (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
+    field_grid = Grid((10, 12, 14), (3.0, 3.0, 3.0), (40.0, 30.0, -20.0), flip)
+    t = _transform(rng, field_grid)
+    # the moving image covers part of the target (masked slabs and in-plane rims, slabs beyond it) and is int16
+    moving = Image((rng.normal(0, 400, (20, 30, 34))).astype(np.int16),
+                   Grid((20, 30, 34), (1.0, 1.0, 1.0), (30.0, 22.0, -10.0), flip), "m")
+    target = Grid((37, 33, 41), (0.9, 0.95, 1.0), (44.0, 34.0, -24.0), flip)  # 33 * 41 odd: some slabs not split
+    oblique = Grid(target.shape, target.spacing, target.origin,
+                   tuple(np.linalg.qr(rng.normal(size=(3, 3)))[0].ravel()))
+    saved = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for name, grid in (("parallel", target), ("oblique", oblique)):
+                for interpolation, dtype in (("linear", np.int16), ("linear", np.float32), ("nearest", None)):
+                    w = R.warp_image(moving, grid, t, interpolation, slab_voxels=4 * 33 * 41, dtype=dtype).array
+                    results.setdefault((name, interpolation, dtype), []).append(w)
+    finally:
+        torch.set_num_threads(saved)
+    for key, (one, *more) in results.items():
+        assert np.any(one != 0) and np.any(one == 0), key  # partly inside, partly beyond
+        for other in more:
+            assert one.dtype == other.dtype and one.tobytes() == other.tobytes(), key
+    # and the batch of one slab per thread is what sampling that slab at once gives
+    vol = torch.as_tensor(moving.array, dtype=torch.float32)[None, None]
+    pts = R._SeparablePoints.make(t, target).points(10, 14)
+    torch.set_num_threads(2)
+    try:
+        for padding in ("itk", "border"):
+            batched = R._sample_batched(vol, moving.grid, pts, "bilinear", padding)
+            whole = W.sample(vol, moving.grid, pts, padding_mode=padding)[0, 0]
+            assert batched.shape == whole.shape == (4, 33, 41)
+            assert batched.numpy().tobytes() == whole.numpy().tobytes()
+    finally:
+        torch.set_num_threads(saved)
