@@ -73,7 +73,16 @@ def _correlate_block(src: np.ndarray, dst: np.ndarray, kernel: np.ndarray, idx: 
     """One block of :func:`_correlate_axis`: ``src``/``dst`` 2-D float32, correlated along axis ``along`` (``dst``
     receives the indices ``keep`` of the result along it, when given)."""
     n = src.shape[along]
-    padded = np.take(src, idx, axis=along).astype(np.float64)
+    r = (len(idx) - n) // 2
+    shape = list(src.shape)
+    shape[along] = len(idx)
+    padded = np.empty(shape)  # float64: src at idx (its edges repeated), converted in one pass
+    if along == 0:
+        padded[r:r + n] = src
+        padded[:r], padded[r + n:] = src[:1], src[-1:]
+    else:
+        padded[:, r:r + n] = src
+        padded[:, :r], padded[:, r + n:] = src[:, :1], src[:, -1:]
     acc = tmp = None
     for k, c in enumerate(kernel):
         part = padded[k:k + n] if along == 0 else padded[:, k:k + n]
@@ -449,10 +458,20 @@ def normalize_intensity(array: np.ndarray, mask: np.ndarray | None = None,
         lo, hi = float(values.min()), float(values.max())
     if hi - lo <= 0:
         raise InputError("the image is constant inside its mask; nothing to register.")
-    out = np.subtract(array, lo)  # float64 (lo is), one buffer for the whole computation
-    np.divide(out, hi - lo, out=out)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out.astype(np.float32)
+    # (array - lo) / (hi - lo) clipped to [0, 1] in the dtype NumPy's subtraction gives (float64: lo is), then
+    # rounded to float32: computed in blocks of _BLOCK values through one small buffer (cache-sized, no fresh
+    # full-size float64 array), each value by the same operations
+    src = np.ascontiguousarray(array).reshape(-1)
+    res = np.empty(src.shape, np.float32)
+    buf = np.empty(min(src.size, _BLOCK), np.subtract(src[:1], lo).dtype)
+    for a in range(0, src.size, _BLOCK):
+        b = min(src.size, a + _BLOCK)
+        t = buf[:b - a]
+        np.subtract(src[a:b], lo, out=t)
+        np.divide(t, hi - lo, out=t)
+        np.clip(t, 0.0, 1.0, out=t)
+        res[a:b] = t
+    return res.reshape(np.shape(array))
 
 
 @dataclass

@@ -78,3 +78,25 @@ def test_normalization_errors_are_kept():
     arr[0, 0, 0] = 5.0  # percentiles equal: falls back to min/max inside the mask
     out = P.normalize_intensity(arr, np.ones(arr.shape, bool))
     assert out[0, 0, 0] == 1.0 and out[1, 1, 1] == 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16])
+def test_normalization_is_the_plain_formula_bit_for_bit(dtype):
+    """Normalized in blocks, the values are those of the whole-array formula, with and without a mask, and where
+    the percentiles coincide (the minimum and maximum, Python floats, are used)."""
+    rng = np.random.default_rng(4)
+    arr = (rng.normal(size=(23, 41, 77)) * 300).astype(dtype)  # several blocks of _BLOCK values, the last one short
+    mask = arr > np.percentile(arr, 30)
+
+    def plain(lo, hi):
+        return np.clip((arr - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+    for m in (None, mask):
+        lo, hi = np.percentile(arr if m is None else arr[m], (0.5, 99.5))
+        out = P.normalize_intensity(arr, m)
+        assert out.dtype == np.float32 and np.array_equal(out.view(np.uint32), plain(lo, hi).view(np.uint32))
+    flat = np.zeros((40, 30, 30), dtype)
+    flat[0, 0, :3] = (5, 6, 7)
+    arr = flat
+    out = P.normalize_intensity(flat)
+    assert np.array_equal(out.view(np.uint32), plain(float(flat.min()), float(flat.max())).view(np.uint32))
