@@ -71,8 +71,11 @@ def _register_child(pkl: str, paths: str, threads: str) -> None:
 
 
 def _digest(out: Path) -> str:
-    """One hash of every output file: bytes, except the transforms (their parameters; HDF5 files carry creation
-    metadata), report.json (without its id, timings and paths) and report.png (its text shows the time)."""
+    """One hash of every output file: bytes (of a ``.gz`` file, the decompressed bytes: the same NIfTI file may be
+    compressed differently), except the transforms (their parameters; HDF5 files carry creation metadata),
+    report.json (without its id, timings and paths) and report.png (its text shows the time)."""
+    import gzip
+
     import numpy as np
     import SimpleITK as sitk
 
@@ -90,6 +93,10 @@ def _digest(out: Path) -> str:
                 r.pop(key, None)
             r.get("initialization", {}).pop("seconds", None)
             h.update(json.dumps(r, sort_keys=True).encode())
+        elif p.suffix == ".gz":
+            with gzip.open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
         elif p.suffix != ".png":
             h.update(p.read_bytes())
     return h.hexdigest()[:16]

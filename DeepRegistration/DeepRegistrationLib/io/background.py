@@ -6,8 +6,20 @@ about file formats: the callers pass the functions (e.g. :func:`~DeepRegistratio
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence
+
+_local = threading.local()  # .writer: the BackgroundWriter whose worker thread this is
+
+
+def write_threads(threads: int) -> int:
+    """How many threads a write may use now, of ``threads``: on a :class:`BackgroundWriter`'s thread 1 while the
+    thread that submitted the writes computes, and ``threads`` while it waits for them (:meth:`BackgroundWriter.join`,
+    or leaving the block), so that the writes do not take cores from the computation they run beside; on any other
+    thread ``threads``. Read again by a long write as it goes (the gzip of a ``.nii.gz``, block by block)."""
+    writer = getattr(_local, "writer", None)
+    return threads if writer is None or writer._waiting.is_set() else 1
 
 
 class BackgroundWriter:
@@ -21,12 +33,18 @@ class BackgroundWriter:
 
     ``enabled=False`` runs every write at once on the calling thread (the serial order; same files).
 
-    The caller must not modify an array it handed to a pending write.
+    The caller must not modify an array it handed to a pending write. A write may ask :func:`write_threads` how
+    many threads it may use (1 while the caller computes, more while it waits).
     """
 
     def __init__(self, enabled: bool = True):
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="deepregistration-writer") if enabled else None
+        self._waiting = threading.Event()  # set while the submitting thread waits for the writes
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="deepregistration-writer", initializer=self._mark) \
+            if enabled else None
         self._futures: list[Future] = []
+
+    def _mark(self) -> None:
+        _local.writer = self
 
     def submit(self, fn: Callable, *args, **kwargs) -> None:
         """Queues ``fn(*args, **kwargs)``; first raises the error of a write that already failed."""
@@ -48,7 +66,11 @@ class BackgroundWriter:
     def join(self) -> None:
         """Waits for every submitted write; raises the first failure (submission order)."""
         futures, self._futures = self._futures, []
-        _results(futures)
+        self._waiting.set()
+        try:
+            _results(futures)
+        finally:
+            self._waiting.clear()
 
     def close(self) -> None:
         """Cancels the writes not yet started and stops the worker thread after the running one."""

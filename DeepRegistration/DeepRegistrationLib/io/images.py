@@ -26,6 +26,7 @@ import SimpleITK as sitk
 from ..core.errors import InputError
 from ..core.grid import Grid
 from ..core.image import Image
+from .background import write_threads
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +366,9 @@ def gzip_file(src: str | os.PathLike, dst: str | os.PathLike, level: int | None 
     lock) with the 32 KB before it as its dictionary, and ends on a byte boundary (a sync flush) so that the blocks
     join into one deflate stream, as ``pigz`` does: any gzip reader reads it (zlib, Python's ``gzip``, ITK,
     nibabel, VTK), it decompresses to exactly ``src``'s bytes, and its bytes do not depend on ``threads``.
-    At most ``2 * threads + 1`` blocks are held in memory at once (read, in flight, waiting to be written).
+    At most ``threads + 2`` blocks are held in memory at once (read, in flight, waiting to be written). On a
+    background writer's thread the blocks in flight are at most :func:`~DeepRegistrationLib.io.background.write_threads`
+    (1 while the caller computes, ``threads`` once it waits for the writes), asked again at every block.
     """
     level = GZIP_LEVEL if level is None else int(level)
     threads = gzip_threads() if threads is None else max(1, int(threads))
@@ -392,7 +395,7 @@ def gzip_file(src: str | os.PathLike, dst: str | os.PathLike, level: int | None 
                     fout.write(deflate(block, primer, last))
                 else:
                     pending.append(pool.submit(deflate, block, primer, last))
-                    while len(pending) > threads or (last and pending):
+                    while pending and (last or len(pending) >= write_threads(threads)):
                         fout.write(pending.pop(0).result())
                 if last:
                     break

@@ -11,12 +11,36 @@ import pytest
 import SimpleITK as sitk
 
 from DeepRegistrationLib.core.errors import InputError
-from DeepRegistrationLib.io.background import BackgroundWriter, run_parallel
+from DeepRegistrationLib.io.background import BackgroundWriter, run_parallel, write_threads
 from DeepRegistrationLib.io.images import read_image, read_label_image, read_mask
 
 
 def _threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("deepregistration-")]
+
+
+def test_a_write_may_use_its_threads_only_while_the_caller_waits_for_it():
+    seen, asked = [], threading.Event()
+
+    def write():
+        seen.append(write_threads(4))  # the caller is computing
+        asked.set()
+        deadline = time.monotonic() + 30
+        while write_threads(4) == 1 and time.monotonic() < deadline:  # until the caller waits in join
+            time.sleep(0.001)
+        seen.append(write_threads(4))
+
+    with BackgroundWriter() as writer:
+        writer.submit(write)
+        assert asked.wait(30)
+        writer.join()
+        writer.submit(lambda: seen.append(write_threads(3)))  # submitted after the join: the caller computes again
+        time.sleep(0.05)
+    assert seen[:2] == [1, 4] and seen[2] in (1, 3)  # the last one ran before or during the block's final join
+    assert write_threads(4) == 4  # not on a writer's thread
+    with BackgroundWriter(enabled=False) as serial:  # serial writes run on the caller's thread: all its threads
+        serial.submit(lambda: seen.append(write_threads(2)))
+    assert seen[-1] == 2
 
 
 def test_writer_runs_in_order_off_the_calling_thread_and_joins():

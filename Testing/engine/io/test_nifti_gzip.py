@@ -89,9 +89,13 @@ def test_vtk_nifti_reader_reads_it(tmp_path, small_blocks):
 
 
 def test_bytes_do_not_depend_on_threads(tmp_path, small_blocks):
+    from DeepRegistrationLib.io.background import BackgroundWriter
+
     image = _image(np.int16, seed=3)
     files = [images.write_image(image, tmp_path / f"t{n}.nii.gz", threads=n).read_bytes() for n in (1, 2, 5)]
-    assert files[0] == files[1] == files[2]
+    with BackgroundWriter() as writer:  # on a writer's thread: one block at a time, then more once joined
+        writer.submit(images.write_image, image, tmp_path / "bg.nii.gz", threads=2)
+    assert files[0] == files[1] == files[2] == (tmp_path / "bg.nii.gz").read_bytes()
 
 
 @pytest.mark.parametrize("size", [0, 1, 1 << 16, 3 * (1 << 16) + 17])
