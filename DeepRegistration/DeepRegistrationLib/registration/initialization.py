@@ -244,17 +244,21 @@ def _refine(level, sim: Similarity, starts: torch.Tensor, center: torch.Tensor, 
 
     best_loss = torch.full((b,), float("inf"), device=starts.device)
     best = starts.clone()
-    for _ in range(max(iters, 0) + 1):
+    steps = max(iters, 0)
+    for it in range(steps + 1):  # the last evaluation scores the last step's parameters: no gradient after it
         opt.zero_grad()
-        m = matrices(raw)
-        warped, valid, view = level.warp(_apply(level.pts, m))
-        loss = sim.per_sample(level.fixed, warped, valid, level.fmask, view)
+        last = it == steps
+        with torch.no_grad() if last else torch.enable_grad():
+            m = matrices(raw)
+            warped, valid, view = level.warp(_apply(level.pts, m))
+            loss = sim.per_sample(level.fixed, warped, valid, level.fmask, view)
         with torch.no_grad():
             better = loss < best_loss
             best_loss = torch.where(better, loss, best_loss)
             best[better] = m[better].detach()
-        loss.sum().backward()
-        opt.step()
+        if not last:
+            loss.sum().backward()
+            opt.step()
     return best
 
 
@@ -291,10 +295,10 @@ def search(search_level, coarse_level, sim: Similarity, fixed_moments: tuple[np.
             names.append(n)
             rots.append(r)
     for rv in rotation_lattice():
-        if not 0 < np.linalg.norm(rv) <= bound:
+        norm = np.linalg.norm(rv)
+        if not 0 < norm <= bound:
             continue
-        names.append("rotation %.0f° about (%s)" % (math.degrees(np.linalg.norm(rv)),
-                                                    ",".join("%.2f" % v for v in rv / np.linalg.norm(rv))))
+        names.append("rotation %.0f° about (%s)" % (math.degrees(norm), ",".join("%.2f" % v for v in rv / norm)))
         rots.append(_rotvec_matrix(rv))
     mats = to_t(np.stack([_about(r, cf, cm) for r in rots]))
     pre = _coarser(search_level) if PRESCREEN_KEEP else None
