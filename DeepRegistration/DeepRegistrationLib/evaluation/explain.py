@@ -34,7 +34,7 @@ from ..core.grid import Grid
 from ..core.image import Image
 from ..registration.preprocess import normalize_intensity, prepare_pair
 from ..spatial.resampling import sample_on_grid, slab_grid, warp_image
-from ..registration.similarity import MutualInformation, joint_histogram
+from ..registration.similarity import LNCC, LocalCC2, MutualInformation, joint_histogram
 from ..spatial.filters import box_filter
 from ..spatial.transforms import SpatialTransform
 
@@ -57,6 +57,9 @@ class WorkingPair:
         view: ``(1, 1, Z, Y, X)`` bool, True where the mapped point lies inside the moving field of view.
         grid: The fixed working grid.
         fixed_mask: ``(1, 1, Z, Y, X)`` bool or None.
+        local: The registration's similarity after as its per-voxel LNCC map, when it computed one for this very
+            pair (:meth:`~DeepRegistrationLib.registration.similarity.LNCC.evaluate`): :func:`measure` and
+            :func:`explanation_maps` take it instead of computing :func:`local_cc2` again (the same bits).
     """
 
     fixed: torch.Tensor
@@ -64,6 +67,7 @@ class WorkingPair:
     view: torch.Tensor
     grid: Grid
     fixed_mask: torch.Tensor | None = None
+    local: LocalCC2 | None = None
 
 
 def working_pair(fixed: Image, moving: Image, transform: SpatialTransform, config: RegistrationConfig,
@@ -77,12 +81,13 @@ def working_pair(fixed: Image, moving: Image, transform: SpatialTransform, confi
     prepared here. When it is the registration's
     :class:`~DeepRegistrationLib.registration.pipeline.WorkingImages` and ``transform`` its very result (on
     ``device``), the moving image it warped for the similarity after is taken as it is (the same computation:
-    the same bits, ~0.3 s less on a 4.6 M-voxel working grid)."""
+    the same bits, ~0.3 s less on a 4.6 M-voxel working grid), with the similarity's local LNCC map when it has one
+    (:attr:`WorkingPair.local`)."""
     handed = getattr(prepared, "warped_for", None)
     handed = None if handed is None else handed(transform, device)
     if handed is not None:
         f_t, fmask, warped, view = handed
-        return WorkingPair(f_t, warped, view, prepared.fixed.grid, fmask)
+        return WorkingPair(f_t, warped, view, prepared.fixed.grid, fmask, getattr(prepared, "local", None))
     if prepared is not None:
         fw, mw = prepared
     else:
@@ -130,26 +135,25 @@ def local_cc2(fixed: torch.Tensor, warped: torch.Tensor, radius: int,
               view: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-voxel LNCC ``cc²`` of two ``(1, 1, Z, Y, X)`` images over ``(2r+1)³`` windows, and where it is defined.
 
-    The window statistics use only the samples inside ``view`` (bool, same shape; None = everywhere), as
-    :class:`~DeepRegistrationLib.registration.similarity.LNCC` does, with the same box filter.
+    The window statistics use only the samples inside ``view`` (bool, same shape; None = everywhere): they are
+    :class:`~DeepRegistrationLib.registration.similarity.LNCC`'s own (:meth:`~DeepRegistrationLib.registration.
+    similarity.LNCC.evaluate`, the map :class:`~DeepRegistrationLib.registration.similarity.LocalCC2`).
 
     Returns:
         ``(cc2, structured)``: ``cc2`` in [0, 1]; ``structured`` bool, True where the fixed window has
         structure (variance above :data:`FLAT`) and the voxel lies in ``view``. ``cc2`` is 0 elsewhere.
     """
     with torch.no_grad():
-        v = torch.ones_like(fixed) if view is None else view.to(fixed.dtype)
-        stats = box_filter(torch.cat([v, v * fixed, v * warped, v * fixed * fixed, v * warped * warped,
-                                      v * fixed * warped], 1), radius)
-        mv, mf, mw, mff, mww, mfw = torch.split(stats, 1, 1)
-        inv = 1.0 / mv.clamp_min(1e-6)
-        mf, mw = mf * inv, mw * inv
-        var_f = (mff * inv - mf * mf).clamp_min(0)
-        var_w = (mww * inv - mw * mw).clamp_min(0)
-        cross = mfw * inv - mf * mw
-        cc2 = (cross * cross / (var_f * var_w + 1e-12)).clamp(0, 1)
-        structured = (var_f > FLAT) & (v > 0.5)
-        return cc2 * structured, structured
+        local = LNCC(radius, flat=FLAT).evaluate(fixed, warped, view=view)[1]  # a new LNCC: never a cached view
+        return local.cc2, local.structured
+
+
+def _local_cc2(pair: WorkingPair, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`local_cc2` of ``pair``: the registration's own map when it handed one over with this window."""
+    local = pair.local
+    if local is not None and local.radius == radius and local.flat == FLAT:
+        return local.cc2, local.structured
+    return local_cc2(pair.fixed, pair.warped, radius, pair.view)
 
 
 def local_mi(fixed: torch.Tensor, warped: torch.Tensor, radius: int, view: torch.Tensor | None = None,
@@ -216,7 +220,7 @@ def measure(pair: WorkingPair, radius: int) -> dict:
     """
     with torch.no_grad():
         region = pair.view if pair.fixed_mask is None else pair.view & pair.fixed_mask
-        cc2, structured = local_cc2(pair.fixed, pair.warped, radius, pair.view)
+        cc2, structured = _local_cc2(pair, radius)
         if pair.fixed_mask is not None:
             structured = structured & pair.fixed_mask
         n = float(structured.sum())
@@ -292,7 +296,7 @@ def explanation_maps(fixed: Image, moving: Image, transform: SpatialTransform, c
     if config.similarity == "mi":
         sim, _ = local_mi(pair.fixed, pair.warped, config.lncc_radius, pair.view)
     else:
-        sim, _ = local_cc2(pair.fixed, pair.warped, config.lncc_radius, pair.view)
+        sim, _ = _local_cc2(pair, config.lncc_radius)
     local = sample_on_grid(sim[0, 0].cpu().numpy(), pair.grid, fixed.grid)
     return {"residual": Image(residual_map(fixed, warped, inside, config.intensity_percentiles), fixed.grid,
                               "residual"),

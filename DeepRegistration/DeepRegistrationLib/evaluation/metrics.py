@@ -214,58 +214,80 @@ def label_scores(fixed: np.ndarray, warped: np.ndarray, spacing: Sequence[float]
 
 
 # ---------------------------------------------------------------------------------------------- Jacobian
-def _index_derivatives(u: np.ndarray, axis: int) -> np.ndarray:
-    """``du/d index`` along array ``axis`` of ``u`` (shape ``(3, Z, Y, X)``, float64); zero on a 1-voxel axis.
+def _index_derivatives(u: np.ndarray, axis: int, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """``du/d index`` along array ``axis`` of ``u`` (shape ``(3, Z, Y, X)``), float64; zero on a 1-voxel axis.
 
-    ``np.gradient(u, axis=axis, edge_order=1)``'s arithmetic, bit for bit: ``(u[k+1] - u[k-1]) / 2`` inside,
-    ``u[1] - u[0]`` and ``u[-1] - u[-2]`` at the ends (its division by the unit spacing changes no bit), written
-    into one array without np.gradient's temporaries."""
-    if u.shape[axis] < 2:
-        return np.zeros_like(u)
+    ``np.gradient(u.astype(np.float64), axis=axis, edge_order=1)``'s arithmetic, bit for bit: ``(u[k+1] - u[k-1]) /
+    2`` inside, ``u[1] - u[0]`` and ``u[-1] - u[-2]`` at the ends (its division by the unit spacing changes no bit),
+    computed in float64 from ``u`` of any float type (each value converted exactly, no float64 copy of ``u``) and
+    written into one array without np.gradient's temporaries. ``rows``: only the derivatives at indices ``[r0, r1)``
+    of ``axis`` (the neighbours outside them read, not differentiated)."""
+    n = u.shape[axis]
+    r0, r1 = (0, n) if rows is None else rows
+    shape = list(u.shape)
+    shape[axis] = r1 - r0
+    if n < 2:
+        return np.zeros(shape)
 
-    def along(a, b):
+    def along(arr, a, b):
         index = [slice(None)] * u.ndim
         index[axis] = slice(a, b)
-        return tuple(index)
+        return arr[tuple(index)]
 
-    out = np.empty_like(u)
-    inner = out[along(1, -1)]
-    np.subtract(u[along(2, None)], u[along(None, -2)], out=inner)
-    inner /= 2.0
-    np.subtract(u[along(1, 2)], u[along(0, 1)], out=out[along(0, 1)])
-    np.subtract(u[along(-1, None)], u[along(-2, -1)], out=out[along(-1, None)])
+    out = np.empty(shape)
+    lo, hi = max(r0, 1), min(r1, n - 1)  # the central differences
+    if hi > lo:
+        inner = along(out, lo - r0, hi - r0)
+        np.subtract(along(u, lo + 1, hi + 1), along(u, lo - 1, hi - 1), out=inner, dtype=np.float64)
+        inner /= 2.0
+    if r0 == 0:
+        np.subtract(along(u, 1, 2), along(u, 0, 1), out=along(out, 0, 1), dtype=np.float64)
+    if r1 == n:
+        np.subtract(along(u, n - 1, n), along(u, n - 2, n - 1), out=along(out, r1 - r0 - 1, r1 - r0),
+                    dtype=np.float64)
     return out
 
 
+#: :func:`jacobian_determinant` works on slabs of about this many voxels (whole Z slices): its ~25 float64
+#: temporaries of a slab then stay in the processor's caches. Measured on the 2 mm trunk CT (182 × 151 × 167,
+#: one thread): 2 slices per slab 0.3 s, 32 slices 0.5-0.6 s (the same bits at any slab size).
+JACOBIAN_SLAB_VOXELS = 65536
+
+
 def jacobian_determinant(displacement: np.ndarray, grid: Grid, affine: np.ndarray | None = None,
-                         slab: int = 32) -> np.ndarray:
+                         slab: int | None = None) -> np.ndarray:
     """Determinant of the Jacobian of ``T(x) = A (x + u(x))`` at every voxel of ``grid``.
 
     Args:
-        displacement: ``u``, shape ``(3, Z, Y, X)``, LPS mm, components ``(x, y, z)``, on ``grid``.
+        displacement: ``u``, shape ``(3, Z, Y, X)``, LPS mm, components ``(x, y, z)``, on ``grid``; any float type
+            (the arithmetic is float64 either way: the same bits from a float32 field and its float64 copy).
         grid: The (fixed-space) grid of ``displacement``.
         affine: 4×4 LPS matrix ``A`` applied after the displacement; None = identity.
-        slab: Number of Z slices processed at a time (bounds the memory used).
+        slab: Number of Z slices processed at a time (bounds the memory used; the result does not depend on it);
+            None: about :data:`JACOBIAN_SLAB_VOXELS` voxels.
 
     Returns:
         ``det(dT/dx)``, shape ``(Z, Y, X)``, float64 (1 for identity, ≤ 0 where the map folds).
     """
-    u = np.asarray(displacement)  # converted to float64 one slab at a time
+    u = np.asarray(displacement)  # read as it is: the differences convert to float64
     if u.ndim != 4 or u.shape[0] != 3 or tuple(u.shape[1:]) != tuple(grid.shape):
         raise ValueError(f"displacement must have shape (3, {', '.join(map(str, grid.shape))}), got {u.shape}")
     det_a = 1.0 if affine is None else float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))
     # dx_world / d(i, j, k) = D · diag(spacing); its inverse turns index derivatives into world derivatives.
     inv = np.linalg.inv(grid.voxel_to_mm)
     nz = u.shape[1]
+    if slab is None:
+        slab = max(1, JACOBIAN_SLAB_VOXELS // max(1, u.shape[2] * u.shape[3]))
+    # how often each index derivative g[a] is used (once per non-zero inv[a, d]): the last use may scale it in place
+    uses = [int(np.count_nonzero(inv[a])) for a in range(3)]
     out = np.empty(u.shape[1:], dtype=np.float64)
     for z0 in range(0, nz, slab):
         z1 = min(z0 + slab, nz)
-        e0, e1 = max(z0 - 1, 0), min(z1 + 1, nz)  # one overlapping slice keeps central differences exact
-        part = np.asarray(u[:, e0:e1], dtype=np.float64)
-        # g[a][c]: du_c / d index_a, index axes a = (i, j, k) = array axes (3, 2, 1) of part.
-        # (the in-plane ones only on the slab's own slices: they do not involve the neighbouring slices)
-        own = part[:, z0 - e0:z1 - e0]
-        g = [_index_derivatives(own, 3), _index_derivatives(own, 2), _index_derivatives(part, 1)[:, z0 - e0:z1 - e0]]
+        own = u[:, z0:z1]
+        # g[a][c]: du_c / d index_a, index axes a = (i, j, k) = array axes (3, 2, 1); the through-plane ones read
+        # one neighbouring slice on each side
+        g = [_index_derivatives(own, 3), _index_derivatives(own, 2), _index_derivatives(u, 1, (z0, z1))]
+        left = [[uses[a]] * 3 for a in range(3)]
         # world Jacobian of u: J[c][d] = sum_a g[a][c] * inv[a, d] (terms of a zero inv[a, d], all of them on an
         # axis-aligned grid but three, skipped); then add the identity.
         jac = [[None] * 3 for _ in range(3)]
@@ -274,7 +296,9 @@ def jacobian_determinant(displacement: np.ndarray, grid: Grid, affine: np.ndarra
                 acc = None
                 for a in range(3):
                     if inv[a, d] != 0.0:
-                        term = g[a][c] * inv[a, d]
+                        left[a][c] -= 1
+                        src = g[a][c]
+                        term = np.multiply(src, inv[a, d], out=src if left[a][c] == 0 else None)
                         acc = term if acc is None else np.add(acc, term, out=acc)
                 if acc is None:
                     acc = np.zeros(g[0][c].shape)
@@ -283,19 +307,21 @@ def jacobian_determinant(displacement: np.ndarray, grid: Grid, affine: np.ndarra
                 jac[c][d] = acc
         # det by the first row, as jac00 (jac11 jac22 - jac12 jac21) - jac01 (...) + jac02 (...), in place
         det = jac[1][1] * jac[2][2]
-        det -= jac[1][2] * jac[2][1]
+        tmp = np.multiply(jac[1][2], jac[2][1])
+        det -= tmp
         det *= jac[0][0]
-        minor = jac[1][0] * jac[2][2]
-        minor -= jac[1][2] * jac[2][0]
+        minor = np.multiply(jac[1][0], jac[2][2])
+        np.multiply(jac[1][2], jac[2][0], out=tmp)
+        minor -= tmp
         minor *= jac[0][1]
         det -= minor
-        minor = jac[1][0] * jac[2][1]
-        minor -= jac[1][1] * jac[2][0]
+        np.multiply(jac[1][0], jac[2][1], out=minor)
+        np.multiply(jac[1][1], jac[2][0], out=tmp)
+        minor -= tmp
         minor *= jac[0][2]
-        det += minor
-        out[z0:z1] = det
-    if det_a != 1.0:
-        out *= det_a
+        np.add(det, minor, out=out[z0:z1])
+        if det_a != 1.0:
+            out[z0:z1] *= det_a
     return out
 
 

@@ -34,7 +34,7 @@ from ..core.progress import Progress, ProgressCallback
 from .guidance import GuideLandmarks, LandmarkTerm
 from . import symmetric
 from .regularizers import Regularizer, folding_penalty
-from .similarity import Similarity, global_ncc
+from .similarity import LocalCC2, Similarity, global_ncc
 from ..spatial.filters import box_filter
 from ..spatial.transforms import SpatialTransform, params_to_matrix, scaling_and_squaring
 
@@ -124,8 +124,11 @@ class WorkingImages:
     ``(1, 1, Z, Y, X)`` bool (None without one); ``warped`` ``(1, 1, Z, Y, X)`` float32 is the moving working image
     sampled (trilinear, 0 outside) at ``transform`` of the working grid's voxel centres and ``view`` ``(1, 1, Z, Y,
     X)`` bool where those points lie inside the moving field of view, as the similarity after saw them; all on
-    ``device``. They hold for that very ``transform`` object only (:meth:`warped_for`). Pickled, it is the plain
-    ``(fixed, moving)`` tuple (what earlier versions kept; the warped image is computed again where it is needed).
+    ``device``; ``local``: for LNCC, the similarity after's per-voxel map
+    (:class:`~DeepRegistrationLib.registration.similarity.LocalCC2`, None when its fixed statistics were cached
+    ones of an earlier view). They hold for that very ``transform`` object only (:meth:`warped_for`). Pickled, it
+    is the plain ``(fixed, moving)`` tuple (what earlier versions kept; the warped image is computed again where it
+    is needed).
     """
 
     fixed: WorkingImage
@@ -135,6 +138,7 @@ class WorkingImages:
     warped: torch.Tensor | None = None
     view: torch.Tensor | None = None
     transform: SpatialTransform | None = None
+    local: LocalCC2 | None = None
 
     def __iter__(self):
         return iter((self.fixed, self.moving))
@@ -485,15 +489,27 @@ def _symmetric_stage(p: "_Prepared", cfg: RegistrationConfig, affine: torch.Tens
         return scaling_and_squaring(v_fixed, finest.fgrid), v_fixed
 
 
-def _evaluate(lv: _Level, affine: torch.Tensor, u: torch.Tensor | None, sim: Similarity
-              ) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-    """``sim`` and the global NCC of ``lv``'s images after ``affine`` and ``u`` (None: no field), and the warped
-    moving image ``(1, 1, Z, Y, X)`` with its field of view (bool, same shape) they were computed on."""
+def _evaluate(lv: _Level, affine: torch.Tensor, u: torch.Tensor | None, sim: Similarity, local: bool = False
+              ) -> tuple[float, float, torch.Tensor, torch.Tensor, LocalCC2 | None]:
+    """``sim`` and the global NCC of ``lv``'s images after ``affine`` and ``u`` (None: no field), the warped
+    moving image ``(1, 1, Z, Y, X)`` with its field of view (bool, same shape) they were computed on, and with
+    ``local`` for LNCC its per-voxel map (:meth:`~DeepRegistrationLib.registration.similarity.Similarity.evaluate`;
+    else None)."""
     with torch.no_grad():
-        pts = lv.pts if u is None else lv.pts + torch.movedim(u, 1, -1)
-        warped, valid, view = lv.warp(W.apply_affine(pts, affine))
-        loss = float(sim(lv.fixed, warped, valid, lv.fmask, view))
-        return loss, global_ncc(lv.fixed, warped, valid if lv.fmask is None else valid & lv.fmask), warped, view
+        if u is None and torch.equal(affine, torch.eye(4, dtype=affine.dtype, device=affine.device)):
+            # the identity maps the voxel centres to themselves: apply_affine would return the same numbers
+            # (x·1 + y·0 + z·0 + 0 is exact; grid_points gives no -0.0 that it would turn into +0.0)
+            mapped = lv.pts
+        else:
+            pts = lv.pts if u is None else lv.pts + torch.movedim(u, 1, -1)
+            mapped = W.apply_affine(pts, affine)
+        warped, valid, view = lv.warp(mapped)
+        if local:
+            loss, local_map = sim.evaluate(lv.fixed, warped, valid, lv.fmask, view)
+        else:
+            loss, local_map = sim(lv.fixed, warped, valid, lv.fmask, view), None
+        ncc = global_ncc(lv.fixed, warped, valid if lv.fmask is None else valid & lv.fmask)
+        return float(loss), ncc, warped, view, local_map
 
 
 def _level_moments(lv: _Level) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
@@ -515,17 +531,30 @@ def _initial_affine(cfg: RegistrationConfig, fw: WorkingImage, mw: WorkingImage)
     return a
 
 
-def _padded_field(u: np.ndarray | None, grid: Grid) -> tuple[np.ndarray | None, Grid | None]:
-    """The field extended by one voxel on every side (edge values repeated), on the matching grid.
+def _padded_field(u: torch.Tensor | np.ndarray | None, grid: Grid) -> tuple[np.ndarray | None, Grid | None]:
+    """The field ``(3, Z, Y, X)`` (any float type) extended by one voxel on every side (edge values repeated), as
+    float64, on the matching grid.
 
     ITK (and our ``warp.sample_field``) give zero displacement beyond half a voxel outside a field's grid.
     The working grid's outermost voxel centres can lie inside the fixed image's outermost voxels, so
     without this margin the exported transform would jump from ``u`` to 0 in the fixed image's border
     layer (measured: 0.17 % "folded" border voxels on a 1 mm brain pair).
+
+    ``np.pad(u.astype(np.float64), 1, mode="edge")`` over the three space axes, value for value (copies and the
+    exact float32 → float64 conversion), written into its array directly: no float64 copy of ``u`` first.
     """
     if u is None:
         return None, None
-    padded = np.pad(u, ((0, 0), (1, 1), (1, 1), (1, 1)), mode="edge")
+    src = u.detach().cpu().numpy() if isinstance(u, torch.Tensor) else np.asarray(u)
+    padded = np.empty((src.shape[0],) + tuple(n + 2 for n in src.shape[1:]), dtype=np.float64)
+    padded[:, 1:-1, 1:-1, 1:-1] = src
+    # each axis in turn over what is filled so far (the corners and edges come from the earlier axes' copies)
+    padded[:, 0, 1:-1, 1:-1] = padded[:, 1, 1:-1, 1:-1]
+    padded[:, -1, 1:-1, 1:-1] = padded[:, -2, 1:-1, 1:-1]
+    padded[:, :, 0, 1:-1] = padded[:, :, 1, 1:-1]
+    padded[:, :, -1, 1:-1] = padded[:, :, -2, 1:-1]
+    padded[:, :, :, 0] = padded[:, :, :, 1]
+    padded[:, :, :, -1] = padded[:, :, :, -2]
     origin = np.asarray(grid.origin) - grid.direction_matrix @ np.asarray(grid.spacing)
     return padded, Grid(tuple(n + 2 for n in grid.shape), grid.spacing, tuple(origin), grid.direction)
 
@@ -574,7 +603,7 @@ def _prepare_levels(fixed: Image, moving: Image, cfg: RegistrationConfig, fixed_
     sim = Similarity(cfg.similarity, cfg.lncc_radius)
     identity = torch.eye(4, device=device)
     term = None if guide is None or cfg.guide_weight == 0 else LandmarkTerm(guide, cfg.guide_weight, device)
-    sim_before, ncc_before, _, _ = _evaluate(levels[1], identity, None, sim)
+    sim_before, ncc_before, _, _, _ = _evaluate(levels[1], identity, None, sim)
     frame = torch.eye(4, device=device)
     frame[:3, :3] = torch.as_tensor(fw.grid.direction_matrix, dtype=torch.float32, device=device)
     return _Prepared(fw, mw, f_t, m_t, fmask, mmask, factors, levels, sim, frame, term, sim_before, ncc_before)
@@ -662,23 +691,23 @@ def _finish(p: _Prepared, cfg: RegistrationConfig, affine: torch.Tensor, u: torc
             v: torch.Tensor | None, init_info: dict, timings: dict, device) -> RegistrationResult:
     """Similarity after, the Jacobian and its summaries, and the exported transform (field padded by a voxel)."""
     fw = p.fw
-    sim_after, ncc_after, warped, view = _evaluate(p.finest, affine, u, p.sim)
+    sim_after, ncc_after, warped, view, local = _evaluate(p.finest, affine, u, p.sim, local=True)
     a_np = affine.double().cpu().numpy()
-    u_np = None if u is None else u[0].double().cpu().numpy()
-    if u_np is not None:
-        detj = metrics.jacobian_determinant(u_np, fw.grid, affine=a_np)
+    if u is not None:
+        # the float32 field as it is (the Jacobian's differences are float64 either way: the same bits)
+        detj = metrics.jacobian_determinant(u[0].detach().cpu().numpy(), fw.grid, affine=a_np)
     else:
         detj = np.full(fw.grid.shape, float(np.linalg.det(a_np[:3, :3])))
-    transform = SpatialTransform(a_np, *_padded_field(u_np, fw.grid))
+    transform = SpatialTransform(a_np, *_padded_field(None if u is None else u[0], fw.grid))
     # the warped image is a channel of the moving image and mask sampled together: its own copy
-    images = WorkingImages(p.fw, p.mw, p.finest.fixed, p.finest.fmask, warped.contiguous(), view, transform)
+    images = WorkingImages(p.fw, p.mw, p.finest.fixed, p.finest.fmask, warped.contiguous(), view, transform, local)
     return RegistrationResult(
         transform=transform,
         working_grid=fw.grid, similarity_before=p.sim_before, similarity_after=sim_after,
         ncc_before=p.ncc_before, ncc_after=ncc_after, jacobian=detj.astype(np.float32),
         folding_percent=float(metrics.folding_percent(detj)), sdlogj=metrics.sdlogj(detj),
         initialization=init_info, timings=timings, device=str(device), config=cfg,
-        velocity=None if v is None else _padded_field(v[0].double().cpu().numpy(), fw.grid)[0],
+        velocity=None if v is None else _padded_field(v[0], fw.grid)[0],
         working_images=images, plan=list(p.plan))
 
 

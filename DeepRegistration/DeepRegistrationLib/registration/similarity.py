@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -122,12 +123,10 @@ class LNCC:
             self._view = view.clone()
         return self._view_stats
 
-    def per_sample(self, fixed: torch.Tensor, warped: torch.Tensor, valid: torch.Tensor | None = None,
-                   region: torch.Tensor | None = None, view: torch.Tensor | None = None) -> torch.Tensor:
-        """The loss of each of ``B`` warped images ``(B, 1, Z, Y, X)`` against ``fixed`` ``(1, 1, Z, Y, X)``:
-        shape ``(B,)``. ``valid``/``view`` bool ``(B or 1, 1, Z, Y, X)``; ``region`` ``(1, 1, Z, Y, X)``."""
-        self._rekey(fixed, region)  # the caches hold for this fixed image and region only
-        dims = (1, 2, 3, 4)
+    def _cc2(self, fixed: torch.Tensor, warped: torch.Tensor, region: torch.Tensor | None,
+             view: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(cc2, var_f, structure)``: the per-voxel ``cross² / (var_f var_w + eps)`` ``(B, 1, Z, Y, X)`` and the
+        fixed windows' variance and structure weights. The caller has called :meth:`_rekey`."""
         if view is not None and not bool(view.all()):
             v, inv, mf, var_f, structure = self._view_fixed_stats(fixed, region, view)
             mw, mww, mfw = torch.split(box_filter(torch.cat([v * warped, v * warped * warped, v * fixed * warped],
@@ -139,14 +138,67 @@ class LNCC:
                                                   self.radius), 1, 1)
         cross = mfw - mf * mw
         var_w = (mww - mw * mw).clamp_min(0)
-        cc2 = cross * cross / (var_f * var_w + self.eps)
+        return cross * cross / (var_f * var_w + self.eps), var_f, structure
+
+    @staticmethod
+    def _loss(cc2: torch.Tensor, structure: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         weight = structure if valid is None else structure * valid.to(cc2.dtype)
         weight = weight.expand_as(cc2)
+        dims = (1, 2, 3, 4)
         return 1.0 - (cc2 * weight).sum(dims) / weight.sum(dims).clamp_min(1.0)
+
+    def per_sample(self, fixed: torch.Tensor, warped: torch.Tensor, valid: torch.Tensor | None = None,
+                   region: torch.Tensor | None = None, view: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of each of ``B`` warped images ``(B, 1, Z, Y, X)`` against ``fixed`` ``(1, 1, Z, Y, X)``:
+        shape ``(B,)``. ``valid``/``view`` bool ``(B or 1, 1, Z, Y, X)``; ``region`` ``(1, 1, Z, Y, X)``."""
+        self._rekey(fixed, region)  # the caches hold for this fixed image and region only
+        cc2, _, structure = self._cc2(fixed, warped, region, view)
+        return self._loss(cc2, structure, valid)
+
+    def evaluate(self, fixed: torch.Tensor, warped: torch.Tensor, valid: torch.Tensor | None = None,
+                 region: torch.Tensor | None = None, view: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, "LocalCC2 | None"]:
+        """:meth:`per_sample` (the same bits, the same caches) and, from the same window statistics, the
+        per-voxel map of :class:`LocalCC2` (over ``view``, without ``valid`` and ``region``); the map is None when
+        the fixed statistics were cached ones of an earlier view (its values would not be this view's)."""
+        self._rekey(fixed, region)
+        cc2, var_f, structure = self._cc2(fixed, warped, region, view)
+        loss = self._loss(cc2, structure, valid)
+        # the whole-grid statistics do not depend on the view; cut-view ones may be of an earlier view
+        exact = view is None or bool(view.all()) or (self._view is not None and torch.equal(self._view, view))
+        return loss, (LocalCC2.of(cc2, var_f, view, self.radius, self.flat) if exact else None)
 
     def __call__(self, fixed: torch.Tensor, warped: torch.Tensor, valid: torch.Tensor | None = None,
                  region: torch.Tensor | None = None, view: torch.Tensor | None = None) -> torch.Tensor:
         return self.per_sample(fixed, warped, valid, region, view).mean()
+
+
+@dataclass(eq=False)
+class LocalCC2:
+    """LNCC's ``cc²`` per voxel of ``(2r+1)³`` windows: :meth:`LNCC.evaluate`'s map, which is
+    :func:`DeepRegistrationLib.evaluation.explain.local_cc2`'s.
+
+    Attributes:
+        cc2: ``(B, 1, Z, Y, X)`` ``cross² / (var_f · var_w + eps)`` clamped to [0, 1], 0 where not ``structured``.
+        structured: ``(B or 1, 1, Z, Y, X)`` bool: the fixed window's variance is above ``flat`` and the voxel lies
+            in the moving field of view (the ``view`` it was computed over; everywhere without one).
+        radius: The window radius ``r`` (voxels); ``flat``: the variance threshold.
+    """
+
+    cc2: torch.Tensor
+    structured: torch.Tensor
+    radius: int
+    flat: float
+
+    @classmethod
+    def of(cls, cc2: torch.Tensor, var_f: torch.Tensor, view: torch.Tensor | None, radius: int,
+           flat: float) -> "LocalCC2":
+        """From LNCC's raw per-voxel terms (:meth:`LNCC._cc2`)."""
+        with torch.no_grad():
+            structured = var_f > flat
+            if view is not None:
+                structured = structured & view
+            return cls(cc2.detach().clamp(0, 1) * structured, structured, radius, flat)
 
 
 def lncc_loss(fixed: torch.Tensor, warped: torch.Tensor, radius: int = 2,
@@ -290,6 +342,16 @@ class Similarity:
             m = mask.to(warped.dtype).expand_as(warped)
             return (((fixed - warped) ** 2) * m).sum((1, 2, 3, 4)) / m.sum((1, 2, 3, 4)).clamp_min(1.0)
         return self._mi.per_sample(fixed, warped, mask)
+
+    def evaluate(self, fixed: torch.Tensor, warped: torch.Tensor, valid: torch.Tensor | None = None,
+                 region: torch.Tensor | None = None, view: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, LocalCC2 | None]:
+        """``(self(...), local)``: the loss as :meth:`__call__` gives it (the same bits) and, for ``lncc``, the
+        :class:`LocalCC2` map computed with it (:meth:`LNCC.evaluate`; None for the other losses)."""
+        if self.name != "lncc":
+            return self(fixed, warped, valid, region, view), None
+        loss, local = self._lncc.evaluate(fixed, warped, valid, region, view)
+        return loss.mean(), local
 
     def __call__(self, fixed: torch.Tensor, warped: torch.Tensor, valid: torch.Tensor | None = None,
                  region: torch.Tensor | None = None, view: torch.Tensor | None = None) -> torch.Tensor:

@@ -37,3 +37,25 @@ def test_jacobian_determinant_does_not_depend_on_the_slab_size():
     lin = (g @ pts).reshape(3, *grid.size).transpose(0, 3, 2, 1)
     want = np.linalg.det(affine[:3, :3]) * np.linalg.det(np.eye(3) + g)
     np.testing.assert_allclose(metrics.jacobian_determinant(lin, grid, affine, slab=3), want, rtol=1e-10)
+
+
+def test_index_derivatives_of_float32_rows_are_those_of_the_float64_field():
+    rng = np.random.default_rng(6)
+    u = rng.normal(scale=3.0, size=(3, 7, 5, 6)).astype(np.float32)
+    for axis in (1, 2, 3):
+        want = np.gradient(u.astype(np.float64), axis=axis, edge_order=1)
+        assert metrics._index_derivatives(u, axis).tobytes() == want.tobytes()
+        n = u.shape[axis]
+        for rows in ((0, 1), (0, 2), (1, n - 1), (n - 2, n), (n - 1, n), (0, n)):
+            part = np.take(want, np.arange(*rows), axis=axis)
+            assert metrics._index_derivatives(u, axis, rows).tobytes() == part.tobytes()
+
+
+def test_jacobian_of_a_float32_field_is_that_of_its_float64_copy():
+    rng = np.random.default_rng(7)
+    grid = Grid((9, 1, 8), (1.5, 2.0, 2.5), (3.0, -4.0, 5.0), (0, 1, 0, -1, 0, 0, 0, 0, 1))  # a 1-voxel axis
+    u = rng.normal(scale=0.4, size=(3, *grid.shape)).astype(np.float32)
+    affine = np.diag([1.1, 0.9, 1.0, 1.0])
+    want = metrics.jacobian_determinant(u.astype(np.float64), grid, affine, slab=64)
+    for slab in (None, 1, 2, 5):
+        assert metrics.jacobian_determinant(u, grid, affine, slab=slab).tobytes() == want.tobytes()
