@@ -218,35 +218,43 @@ def measure(pair: WorkingPair, radius: int) -> dict:
         field of view, "foreground_dice": Dice of the fixed and warped-moving foregrounds inside that
         overlap}`` as floats (NaN when undefined).
     """
+    count = lambda t: int(torch.count_nonzero(t))  # a bool tensor's sum (~15x faster than .sum(): no int64 copy)
     with torch.no_grad():
         region = pair.view if pair.fixed_mask is None else pair.view & pair.fixed_mask
         cc2, structured = _local_cc2(pair, radius)
         if pair.fixed_mask is not None:
             structured = structured & pair.fixed_mask
-        n = float(structured.sum())
+        n = float(count(structured))
         fg_f = pair.fixed > FOREGROUND
         if pair.fixed_mask is not None:
             fg_f = fg_f & pair.fixed_mask
-        n_fg = float(fg_f.sum())
-        overlap = float((fg_f & pair.view).sum()) / n_fg if n_fg else float("nan")
+        n_fg = float(count(fg_f))
+        overlap = float(count(fg_f & pair.view)) / n_fg if n_fg else float("nan")
         fg_w = (pair.warped > FOREGROUND) & region
         a, b = fg_f & region, fg_w
-        denom = float(a.sum() + b.sum())
-        dice = 2.0 * float((a & b).sum()) / denom if denom else float("nan")
+        denom = float(count(a) + count(b))
+        dice = 2.0 * float(count(a & b)) / denom if denom else float("nan")
         return {"local_cc2": float((cc2 * structured).sum()) / n if n else float("nan"),
                 "overlap_fraction": overlap, "foreground_dice": dice}
 
 
 def jacobian_signals(detj: np.ndarray) -> dict:
     """Extremes of the Jacobian determinant ``(Z, Y, X)``: min, max, % folded (≤ 0), % outside [1/5, 5]."""
-    d = np.asarray(detj, dtype=np.float64)
-    d = d[np.isfinite(d)]
+    d = np.asarray(detj)
+    if d.dtype not in (np.float32, np.float64):
+        d = d.astype(np.float64)
+    finite = np.isfinite(d)
+    if not finite.all():
+        d = d[finite]
     if d.size == 0:
         nan = float("nan")
         return {"jacobian_min": nan, "jacobian_max": nan, "folding_percent": nan, "extreme_jacobian_percent": nan}
+    # float32 values compared as they are: the bounds 0 and 5 are float32 numbers, and below 0.2 lie exactly the
+    # float32 values below float32(0.2) (which rounds up): the counts of the float64 comparison, without its copy
+    low = np.float32(0.2) if d.dtype == np.float32 else 0.2  # float(np.float32(0.2)) = 0.20000000298...
     return {"jacobian_min": float(d.min()), "jacobian_max": float(d.max()),
             "folding_percent": float(100.0 * np.count_nonzero(d <= 0) / d.size),
-            "extreme_jacobian_percent": float(100.0 * np.count_nonzero((d < 0.2) | (d > 5.0)) / d.size)}
+            "extreme_jacobian_percent": float(100.0 * np.count_nonzero((d < low) | (d > 5.0)) / d.size)}
 
 
 def displacement_magnitude(transform: SpatialTransform, grid: Grid, slab_voxels: int = 2_000_000) -> np.ndarray:

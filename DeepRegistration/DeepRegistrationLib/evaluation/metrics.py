@@ -358,13 +358,13 @@ def sdlogj(detj: np.ndarray, crop: int = 2) -> dict:
         ``{"sdlogj_l2r": std(log(clip(detj + 3, 1e-9, 1e9))), "sdlogj": std(log(detj[detj > 0]))}``;
         NaN where no voxel qualifies.
     """
-    d = _crop(np.asarray(detj, dtype=np.float64), int(crop)).ravel()
+    d = _crop(np.asarray(detj, dtype=np.float64), int(crop))  # a view: the values in C order are taken from it
     finite = np.isfinite(d)
     if not finite.all():
         d = d[finite]
     l2r = float("nan")
-    if d.size:  # log(clip(d + 3)) in one buffer
-        t = d + 3.0
+    if d.size:  # log(clip(d + 3)) in one buffer (contiguous: its ravel is a view, the values in the same order)
+        t = np.add(d, 3.0).ravel()
         np.clip(t, 1e-9, 1e9, out=t)
         l2r = float(np.std(np.log(t, out=t)))
     pos = d[d > 0]

@@ -122,3 +122,35 @@ def test_padded_field_is_numpys_edge_padding_of_the_float64_field():
         assert pgrid.shape == (6, 7, 8)
         np.testing.assert_allclose(pgrid.index_to_world @ [1, 1, 1, 1], grid.index_to_world @ [0, 0, 0, 1])
     assert _padded_field(None, grid) == (None, None)
+
+
+def test_jacobian_signals_and_sdlogj_are_the_plain_float64_formulas():
+    from DeepRegistrationLib.evaluation import metrics
+
+    def plain_signals(detj):
+        d = np.asarray(detj, dtype=np.float64)
+        d = d[np.isfinite(d)]
+        return {"jacobian_min": float(d.min()), "jacobian_max": float(d.max()),
+                "folding_percent": float(100.0 * np.count_nonzero(d <= 0) / d.size),
+                "extreme_jacobian_percent": float(100.0 * np.count_nonzero((d < 0.2) | (d > 5.0)) / d.size)}
+
+    def plain_sdlogj(detj, crop=2):
+        d = np.asarray(detj, dtype=np.float64)[crop:-crop, crop:-crop, crop:-crop].ravel()
+        d = d[np.isfinite(d)]
+        return {"sdlogj_l2r": float(np.std(np.log(np.clip(d + 3.0, 1e-9, 1e9)))),
+                "sdlogj": float(np.std(np.log(d[d > 0])))}
+
+    rng = np.random.default_rng(1)
+    a = rng.normal(1.0, 0.4, size=(14, 15, 16))
+    a[3, 4, 5], a[7, 7, 7] = 0.0, -0.2
+    b = a.copy()
+    b[5, 5, 5], b[6, 6, 6] = np.nan, np.inf
+    for arr in (a, b):
+        f32 = arr.astype(np.float32)
+        # float32 values at the bounds: float32(0.2) is above 0.2, the one below it under; 5 and the one above it
+        f32[1, 1, 1], f32[1, 1, 2] = np.float32(0.2), np.nextafter(np.float32(0.2), np.float32(0))
+        f32[2, 2, 2], f32[2, 2, 3] = 5.0, np.nextafter(np.float32(5), np.float32(9))
+        for d in (arr, f32):
+            assert explain.jacobian_signals(d) == plain_signals(d)
+            assert metrics.sdlogj(d) == plain_sdlogj(d)
+    assert explain.jacobian_signals(f32)["extreme_jacobian_percent"] > 0
