@@ -197,10 +197,10 @@ def smooth_like_sitk(array: np.ndarray, spacing: tuple[float, float, float],
 
 
 def _smooth_kept(x: np.ndarray, kernels: dict, keep: list[np.ndarray], threads: int) -> np.ndarray:
-    """:func:`smooth_like_sitk` of the float32 ``(Z, Y, X)`` ``x`` with the 1-D ``kernels`` (axis ``d`` of
-    ``(x, y, z)`` → :func:`gaussian_kernel`; an axis without one is left alone) at the sorted indices ``keep``
-    (along ``x, y, z``) only: ``(len(keep[2]), len(keep[1]), len(keep[0]))`` float32, the full smoothing's
-    ``[np.ix_(keep[2], keep[1], keep[0])]`` to the bit. Each pass along an axis is independent per line along the
+    """:func:`smooth_like_sitk` of the ``(Z, Y, X)`` ``x`` (float32, or integers exact in float32) with the 1-D
+    ``kernels`` (axis ``d`` of ``(x, y, z)`` → :func:`gaussian_kernel`; an axis without one is left alone) at the
+    sorted indices ``keep`` (along ``x, y, z``) only: ``(len(keep[2]), len(keep[1]), len(keep[0]))`` float32 (``x``'s
+    dtype when no axis has a kernel), the full smoothing's ``[np.ix_(keep[2], keep[1], keep[0])]`` to the bit. Each pass along an axis is independent per line along the
     other axes, so cutting another axis commutes with it: the z pass computes the kept slices only, from the slab of
     slices they read (a view), where the in-plane axes without a kernel are cut first; the y and x passes run on the
     kept rows and cut their own result. The work and memory therefore follow ``keep``: a few kept slices cost a
@@ -380,8 +380,8 @@ _CHUNK_SLICES = 8
 def _resample_separable(arr: np.ndarray, spacing: tuple[float, float, float], variance: list[float],
                         plans: list[_AxisPlan], kept: list[np.ndarray]) -> np.ndarray:
     """The anti-aliasing (``variance`` mm² along x, y, z; 0: none) and the linear interpolation of separable
-    ``plans`` (:func:`_linear_plan`; ``kept``: each axis plan's ``needed``) of the float32 ``(Z, Y, X)`` source
-    ``arr`` with voxel size ``spacing`` (mm, x, y, z): the working image ``(Z', Y', X')`` float32, the same bits as
+    ``plans`` (:func:`_linear_plan`; ``kept``: each axis plan's ``needed``) of the ``(Z, Y, X)`` source ``arr``
+    (float32, or integers of up to 16 bits: exact in float32, converted where read) with voxel size ``spacing`` (mm, x, y, z): the working image ``(Z', Y', X')`` float32, the same bits as
     :func:`_interpolate_separable` of :func:`smooth_like_sitk` at ``kept``. Computed in tasks of
     ``_CHUNK_SLICES`` working-grid slices (on SimpleITK's thread count): each smooths the source slices its slices
     read (:func:`_smooth_kept`) and interpolates them at once, so the intermediate arrays are a few slices (cache
@@ -421,7 +421,7 @@ def resample(image: Image, grid: Grid, interpolator: str = "linear", antialias: 
         Image on ``grid``, float32 for linear, the source dtype for nearest; 0 outside the source.
     """
     if interpolator == "linear":
-        arr = np.asarray(image.array, dtype=np.float32)
+        raw = np.asarray(image.array)
         var = [0.0, 0.0, 0.0]
         if antialias:
             target = min(grid.spacing)
@@ -431,7 +431,12 @@ def resample(image: Image, grid: Grid, interpolator: str = "linear", antialias: 
             kept = [p.needed() for p in plans]
             if min(k.size for k in kept) == 0:  # no target voxel inside the source
                 return Image(np.zeros(grid.shape, np.float32), grid, image.name)
-            return Image(_resample_separable(arr, image.grid.spacing, var, plans, kept), grid, image.name)
+            # integers of up to 16 bits are exact in float32 (and in float64): the passes convert what they read,
+            # the same values as from a float32 copy of the whole input, without that copy
+            exact = raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2
+            src = raw if exact else np.asarray(raw, dtype=np.float32)
+            return Image(_resample_separable(src, image.grid.spacing, var, plans, kept), grid, image.name)
+        arr = np.asarray(raw, dtype=np.float32)
         if max(var) > 0:
             arr = smooth_like_sitk(arr, image.grid.spacing, var)
         src = image_to_sitk(Image(arr, image.grid, image.name))

@@ -154,3 +154,20 @@ def test_working_image_in_chunks_of_slices_is_simpleitks(monkeypatch, chunk, thr
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old)
     ref = _sitk_resample(image, target)
     assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)) and not ref[:2].any()
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.uint8])
+@pytest.mark.parametrize("spacing, working", [((0.7, 0.8, 0.75), 2.0), ((0.7, 0.8, 2.5), 2.0), ((2.0, 2.5, 3.0), 2.0)])
+def test_small_integer_input_is_its_float32_copy_bit_for_bit(dtype, spacing, working):
+    """Integers of up to 16 bits go into the passes as they are (no float32 copy of the input): the working image is
+    the one made from their float32 copy, with smoothing along every axis, in-plane only, and none."""
+    rng = np.random.default_rng(17)
+    grid = Grid((25, 22, 27), spacing, (4.0, -1.0, 2.5), tuple(DIRECTIONS["permuted"].ravel()))
+    info = np.iinfo(dtype)
+    arr = rng.integers(info.min, info.max, grid.shape, endpoint=True).astype(dtype)
+    target = P.working_grid(grid, working)
+    assert P._linear_plan(grid, target) is not None
+    ours = P.resample(Image(arr, grid, "image"), target).array
+    ref = P.resample(Image(arr.astype(np.float32), grid, "image"), target).array
+    assert ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    assert np.array_equal(ours.view(np.uint32), _sitk_resample(Image(arr, grid, "image"), target).view(np.uint32))
