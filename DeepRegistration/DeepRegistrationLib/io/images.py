@@ -362,13 +362,15 @@ def gzip_file(src: str | os.PathLike, dst: str | os.PathLike, level: int | None 
     """Gzips the file ``src`` into ``dst`` (overwritten) at zlib ``level`` (default :data:`GZIP_LEVEL`) as one
     gzip member, its blocks deflated in parallel.
 
-    Each block of ``block_bytes`` (default :data:`GZIP_BLOCK_BYTES`) is deflated on its own (on up to ``threads`` threads; zlib runs without Python's
-    lock) with the 32 KB before it as its dictionary, and ends on a byte boundary (a sync flush) so that the blocks
-    join into one deflate stream, as ``pigz`` does: any gzip reader reads it (zlib, Python's ``gzip``, ITK,
-    nibabel, VTK), it decompresses to exactly ``src``'s bytes, and its bytes do not depend on ``threads``.
-    At most ``threads + 2`` blocks are held in memory at once (read, in flight, waiting to be written). On a
-    background writer's thread the blocks in flight are at most :func:`~DeepRegistrationLib.io.background.write_threads`
-    (1 while the caller computes, ``threads`` once it waits for the writes), asked again at every block.
+    Each block of ``block_bytes`` (default :data:`GZIP_BLOCK_BYTES`) is deflated on its own (on up to
+    ``threads`` threads; zlib runs without Python's lock) with the 32 KB before it as its dictionary, and ends on a
+    byte boundary (a sync flush) so that the blocks join into one deflate stream, as ``pigz`` does: any gzip
+    reader reads it (zlib, Python's ``gzip``, ITK, nibabel, VTK), it decompresses to exactly ``src``'s bytes, and
+    its bytes do not depend on ``threads``.
+    ``threads + 2`` buffers of a block are held, reused block after block (read, in flight, read ahead). On a
+    background writer's thread the blocks in flight are at most
+    :func:`~DeepRegistrationLib.io.background.write_threads` (1 while the caller computes, ``threads`` once it
+    waits for the writes), asked again at every block.
     """
     level = GZIP_LEVEL if level is None else int(level)
     threads = gzip_threads() if threads is None else max(1, int(threads))
@@ -380,15 +382,26 @@ def gzip_file(src: str | os.PathLike, dst: str | os.PathLike, level: int | None 
 
     xfl = 4 if level == 1 else 2 if level == 9 else 0
     crc, size = 0, 0
+    # the blocks are read into a ring of reused buffers (no fresh 8 MB allocation per block): a buffer is read
+    # into again only after the block it held was deflated (at most ``threads`` blocks in flight, one read ahead)
+    ring = [memoryview(bytearray(block_bytes)) for _ in range(threads + 2)]
     with open(src, "rb") as fin, open(dst, "wb") as fout:
+
+        def read(n: int) -> memoryview:
+            buf, got = ring[n % len(ring)], 0
+            while got < block_bytes and (r := fin.readinto(buf[got:])):
+                got += r
+            return buf[:got]
+
         fout.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + bytes([xfl, 255]))  # no name, mtime 0, OS unknown
         pool = ThreadPoolExecutor(threads, thread_name_prefix="deepregistration-gzip") if threads > 1 else None
         pending: list = []
         try:
-            block, primer = fin.read(block_bytes), b""
+            n, primer = 0, b""
+            block = read(n)
             while True:
-                following = fin.read(block_bytes)  # one block ahead: the last one is flushed as the stream's end
-                last = not following
+                following = read(n + 1)  # one block ahead: the last one is flushed as the stream's end
+                last = not len(following)
                 crc = zlib.crc32(block, crc)
                 size += len(block)
                 if pool is None:
@@ -399,7 +412,7 @@ def gzip_file(src: str | os.PathLike, dst: str | os.PathLike, level: int | None 
                         fout.write(pending.pop(0).result())
                 if last:
                     break
-                primer, block = block[-32768:], following
+                primer, block, n = bytes(block[-32768:]), following, n + 1
         finally:
             if pool is not None:
                 for f in pending:
