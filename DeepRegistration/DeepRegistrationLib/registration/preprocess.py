@@ -77,8 +77,8 @@ def gaussian_kernel(variance_mm2: float, spacing_mm: float) -> np.ndarray:
 
 def _correlate_block(src: np.ndarray, dst: np.ndarray, kernel: np.ndarray, idx: np.ndarray, along: int,
                      keep: np.ndarray | None = None) -> None:
-    """One block of :func:`_correlate_axis`: ``src``/``dst`` 2-D float32, correlated along axis ``along`` (``dst``
-    receives the indices ``keep`` of the result along it, when given)."""
+    """One block of :func:`_correlate_axis`: ``src``/``dst`` 2-D float32 (``src`` may hold integers exact in float32),
+    correlated along axis ``along`` (``dst`` receives the indices ``keep`` of the result along it, when given)."""
     n = src.shape[along]
     r = (len(idx) - n) // 2
     shape = list(src.shape)
@@ -199,12 +199,12 @@ def smooth_like_sitk(array: np.ndarray, spacing: tuple[float, float, float],
 def _smooth_kept(x: np.ndarray, kernels: dict, keep: list[np.ndarray], threads: int) -> np.ndarray:
     """:func:`smooth_like_sitk` of the ``(Z, Y, X)`` ``x`` (float32, or integers exact in float32) with the 1-D
     ``kernels`` (axis ``d`` of ``(x, y, z)`` → :func:`gaussian_kernel`; an axis without one is left alone) at the
-    sorted indices ``keep`` (along ``x, y, z``) only: ``(len(keep[2]), len(keep[1]), len(keep[0]))`` float32 (``x``'s
-    dtype when no axis has a kernel), the full smoothing's ``[np.ix_(keep[2], keep[1], keep[0])]`` to the bit. Each pass along an axis is independent per line along the
-    other axes, so cutting another axis commutes with it: the z pass computes the kept slices only, from the slab of
-    slices they read (a view), where the in-plane axes without a kernel are cut first; the y and x passes run on the
-    kept rows and cut their own result. The work and memory therefore follow ``keep``: a few kept slices cost a
-    few slices."""
+    sorted indices ``keep`` (along ``x, y, z``) only: ``(len(keep[2]), len(keep[1]), len(keep[0]))`` float32
+    (``x``'s dtype when no axis has a kernel), the full smoothing's ``[np.ix_(keep[2], keep[1], keep[0])]`` to the
+    bit. Each pass along an axis is independent per line along the other axes, so cutting another axis commutes with
+    it: the z pass computes the kept slices only, from the slab of slices they read (a view), where the in-plane axes
+    without a kernel are cut first; the y and x passes run on the kept rows and cut their own result. The work and
+    memory therefore follow ``keep``: a few kept slices cost a few slices."""
     nz = x.shape[0]
     kz = np.asarray(keep[2])
     if min(len(k) for k in keep) == 0:
@@ -381,8 +381,9 @@ def _resample_separable(arr: np.ndarray, spacing: tuple[float, float, float], va
                         plans: list[_AxisPlan], kept: list[np.ndarray]) -> np.ndarray:
     """The anti-aliasing (``variance`` mm² along x, y, z; 0: none) and the linear interpolation of separable
     ``plans`` (:func:`_linear_plan`; ``kept``: each axis plan's ``needed``) of the ``(Z, Y, X)`` source ``arr``
-    (float32, or integers of up to 16 bits: exact in float32, converted where read) with voxel size ``spacing`` (mm, x, y, z): the working image ``(Z', Y', X')`` float32, the same bits as
-    :func:`_interpolate_separable` of :func:`smooth_like_sitk` at ``kept``. Computed in tasks of
+    (float32, or integers of up to 16 bits: exact in float32, converted where read) with voxel size ``spacing`` (mm,
+    x, y, z): the working image ``(Z', Y', X')`` float32, the same bits as :func:`_interpolate_separable` of
+    :func:`smooth_like_sitk` at ``kept``. Computed in tasks of
     ``_CHUNK_SLICES`` working-grid slices (on SimpleITK's thread count): each smooths the source slices its slices
     read (:func:`_smooth_kept`) and interpolates them at once, so the intermediate arrays are a few slices (cache
     sized, reused) instead of fresh copies of most of the input (every value is computed as on the whole array)."""
