@@ -110,15 +110,21 @@ class LNCC:
             if changed <= VIEW_REFRESH * view.numel():
                 return self._view_stats
         with torch.no_grad():
+            # the operations of box_filter(cat([v, v·f, v·f·f])), then mf = mf·inv, var_f = (mff·inv − mf²)⁺ and
+            # structure = [var_f > flat]·v: the channels written into one buffer, the rest in place (no temporaries)
             v = view.to(fixed.dtype)
-            mv, mf, mff = torch.split(box_filter(torch.cat([v, v * fixed, v * fixed * fixed], 1), self.radius),
-                                      1, 1)
+            chans = torch.empty((v.shape[0], 3) + tuple(v.shape[2:]), dtype=fixed.dtype, device=fixed.device)
+            chans[:, 0:1].copy_(v)
+            torch.mul(v, fixed, out=chans[:, 1:2])
+            torch.mul(chans[:, 1:2], fixed, out=chans[:, 2:3])
+            mv, mf, mff = torch.split(box_filter(chans, self.radius), 1, 1)
+            del chans
             inv = 1.0 / mv.clamp_min(1e-6)
-            mf = mf * inv
-            var_f = (mff * inv - mf * mf).clamp_min(0)
-            structure = (var_f > self.flat).to(fixed.dtype) * v
+            mf = mf.mul_(inv)
+            var_f = mff.mul_(inv).sub_(mf * mf).clamp_min_(0)
+            structure = (var_f > self.flat).to(fixed.dtype).mul_(v)
             if region is not None:
-                structure = structure * region.to(fixed.dtype)
+                structure = structure.mul_(region.to(fixed.dtype))
             self._view_stats = (v, inv, mf, var_f, structure)
             self._view = view.clone()
         return self._view_stats

@@ -33,6 +33,25 @@ def _plain_local_cc2(fixed, warped, radius, view):
     return cc2 * structured, structured
 
 
+def _plain_lncc_loss(fixed, warped, radius, valid, region, view, flat=1e-4, eps=1e-12):
+    """LNCC's loss over a cut view written out (the temporaries of 7ebca63's per_sample and _view_fixed_stats)."""
+    v = view.to(fixed.dtype)
+    mv, mf, mff = torch.split(box_filter(torch.cat([v, v * fixed, v * fixed * fixed], 1), radius), 1, 1)
+    inv = 1.0 / mv.clamp_min(1e-6)
+    mf = mf * inv
+    var_f = (mff * inv - mf * mf).clamp_min(0)
+    structure = (var_f > flat).to(fixed.dtype) * v
+    if region is not None:
+        structure = structure * region.to(fixed.dtype)
+    mw, mww, mfw = torch.split(box_filter(torch.cat([v * warped, v * warped * warped, v * fixed * warped], 1),
+                                          radius), 1, 1)
+    mw, mww, mfw = mw * inv, mww * inv, mfw * inv
+    cross = mfw - mf * mw
+    cc2 = cross * cross / (var_f * (mww - mw * mw).clamp_min(0) + eps)
+    weight = (structure if valid is None else structure * valid.to(cc2.dtype)).expand_as(cc2)
+    return 1.0 - (cc2 * weight).sum((1, 2, 3, 4)) / weight.sum((1, 2, 3, 4)).clamp_min(1.0)
+
+
 def _images():
     g = torch.Generator().manual_seed(5)
     z, y, x = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in (19, 23, 21)], indexing="ij")
@@ -54,6 +73,8 @@ def test_lncc_evaluate_is_the_loss_and_the_plain_local_cc2(view_kind, masked):
     region = region if masked else None
     loss, local = LNCC(3).evaluate(fixed, warped, valid, region, view)
     assert torch.equal(loss, LNCC(3).per_sample(fixed, warped, valid, region, view))
+    if view_kind == "cut":
+        assert torch.equal(loss, _plain_lncc_loss(fixed, warped, 3, valid, region, view))
     want_cc2, want_structured = _plain_local_cc2(fixed, warped, 3, view)
     assert local.radius == 3 and torch.equal(local.structured, want_structured)
     assert local.cc2.dtype == want_cc2.dtype and torch.equal(local.cc2, want_cc2)
