@@ -71,26 +71,12 @@ def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpol
                 continue
             # a slab wholly within the image's half-voxel border: ITK's mask would be 1 at every point (the
             # border values are what "itk" padding keeps), so it is not computed
-            vals = _sample_batched(vol, image.grid, pts.to(vol.dtype), mode, "border" if inside else "itk")
+            vals = W.sample(vol, image.grid, pts.to(vol.dtype), mode=mode,
+                            padding_mode="border" if inside else "itk")[0, 0]
             if limits is not None:
                 vals = vals.round_().clamp_(float(limits.min), float(limits.max))  # in place: a fresh tensor
             out[k0:k1] = vals.cpu().numpy()  # cast on assignment
     return Image(out, target, image.name)
-
-
-def _sample_batched(vol: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
-    """:func:`~DeepRegistrationLib.spatial.warp.sample` of ``vol`` ``(1, 1, Z, Y, X)`` at ``points``
-    ``(1, k, Y', X', 3)``, returned as ``(k, Y', X')``, with the points split into a batch of one part per torch
-    thread: the CPU ``grid_sample`` of 3D volumes runs its batch in parallel, not the points of one batch entry,
-    so one slab would be sampled on one thread whatever the thread count. Each point is computed by the same
-    code either way (the same bits); a part count that does not divide the points, or a GPU, samples them at once."""
-    shape = points.shape[1:-1]
-    parts = torch.get_num_threads() if points.device.type == "cpu" else 1
-    if parts > 1 and points[0, ..., 0].numel() % parts == 0:
-        flat = points.reshape(parts, -1, 1, 1, 3)  # a view of the contiguous points
-        vals = W.sample(vol.expand(parts, *vol.shape[1:]), grid, flat, mode=mode, padding_mode=padding_mode)
-        return vals.reshape(shape)
-    return W.sample(vol, grid, points, mode=mode, padding_mode=padding_mode)[0, 0]
 
 
 def _box_position(points: torch.Tensor, grid: Grid, margin: float = 0.01) -> tuple[bool, bool]:

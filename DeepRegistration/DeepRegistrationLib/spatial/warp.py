@@ -133,9 +133,34 @@ def sample_normalized(volume: torch.Tensor, grid: Grid, norm: torch.Tensor, mode
     if norm.shape[0] != volume.shape[0]:
         norm = norm.expand(volume.shape[0], *norm.shape[1:])
     if padding_mode == "itk":
-        vals = F.grid_sample(volume, norm.to(volume.dtype), mode=mode, padding_mode="border", align_corners=True)
+        vals = _grid_sample(volume, norm.to(volume.dtype), mode, "border")
         return vals * _inside_half_voxel(norm, grid).unsqueeze(1).to(vals.dtype)
-    return F.grid_sample(volume, norm.to(volume.dtype), mode=mode, padding_mode=padding_mode, align_corners=True)
+    return _grid_sample(volume, norm.to(volume.dtype), mode, padding_mode)
+
+
+def _grid_sample(volume: torch.Tensor, norm: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """``F.grid_sample(volume, norm, align_corners=True)`` (``volume`` ``(B, C, Z, Y, X)``, ``norm``
+    ``(B, Z', Y', X', 3)`` of its dtype): the one call of it in the engine.
+
+    On the CPU, PyTorch's 3D ``grid_sample`` (forward and backward) runs only its batch entries in parallel, so
+    one volume sampled at one batch of points ran on one thread whatever the thread count. There, a single
+    batch entry is split into one part per torch thread (the points reshaped, the volume expanded without a
+    copy) and put back together: every point is computed by the same code, so the values and the gradient
+    with respect to the points are the same bits. Not split: a volume that needs a gradient (its gradient
+    would be summed over the parts in another order), a GPU, one thread, or a point count the parts do not divide.
+    """
+    parts = torch.get_num_threads() if volume.device.type == "cpu" and volume.shape[0] == 1 == norm.shape[0] else 1
+    if parts > 1 and volume.requires_grad and torch.is_grad_enabled():
+        parts = 1
+    points = norm[0, ..., 0].numel()
+    while parts > 1 and points % parts:
+        parts -= 1
+    if parts < 2:
+        return F.grid_sample(volume, norm, mode=mode, padding_mode=padding_mode, align_corners=True)
+    shape = (1, volume.shape[1], *norm.shape[1:4])
+    vals = F.grid_sample(volume.expand(parts, *volume.shape[1:]), norm.reshape(parts, -1, 1, 1, 3), mode=mode,
+                         padding_mode=padding_mode, align_corners=True)  # (parts, C, points / parts, 1, 1)
+    return vals.reshape(shape) if volume.shape[1] == 1 else vals.transpose(0, 1).reshape(shape)
 
 
 def sample_in_view(volume: torch.Tensor, grid: Grid, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +192,7 @@ def sample_normalized_in_view(volume: torch.Tensor, norm: torch.Tensor) -> tuple
     norm = norm.to(volume.dtype)
     if volume.shape[0] != norm.shape[0]:
         volume = volume.expand(norm.shape[0], *volume.shape[1:])
-    vals = F.grid_sample(volume, norm, mode="bilinear", padding_mode="zeros", align_corners=True)
+    vals = _grid_sample(volume, norm, "bilinear", "zeros")
     inside = (norm.detach().abs().amax(dim=-1) <= 1.0 + 1e-6).unsqueeze(1)  # all three axes within ±1
     return vals, inside
 
@@ -200,7 +225,7 @@ def sample_field(field: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch
     """
     norm = world_to_normalized(points, grid)
     inside = _inside_half_voxel(norm, grid)
-    vals = F.grid_sample(field, norm.to(field.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+    vals = _grid_sample(field, norm.to(field.dtype), "bilinear", "border")
     return vals * inside.unsqueeze(1).to(vals.dtype)
 
 

@@ -199,15 +199,3 @@ def test_warp_image_is_the_same_bits_on_one_thread_and_several_with_a_batch_per_
         assert np.any(one != 0) and np.any(one == 0), key  # partly inside, partly beyond
         for other in more:
             assert one.dtype == other.dtype and one.tobytes() == other.tobytes(), key
-    # and the batch of one slab per thread is what sampling that slab at once gives
-    vol = torch.as_tensor(moving.array, dtype=torch.float32)[None, None]
-    pts = R._SeparablePoints.make(t, target).points(10, 14)
-    torch.set_num_threads(2)
-    try:
-        for padding in ("itk", "border"):
-            batched = R._sample_batched(vol, moving.grid, pts, "bilinear", padding)
-            whole = W.sample(vol, moving.grid, pts, padding_mode=padding)[0, 0]
-            assert batched.shape == whole.shape == (4, 33, 41)
-            assert batched.numpy().tobytes() == whole.numpy().tobytes()
-    finally:
-        torch.set_num_threads(saved)

@@ -78,3 +78,42 @@ def test_normalized_affine_maps_points_as_world_to_normalized_after_the_affine()
     vals_a, inside_a = W.sample_in_view(vol, grid, world)
     vals_b, inside_b = W.sample_normalized_in_view(vol, W.world_to_normalized(world, grid))
     assert torch.equal(vals_a, vals_b) and torch.equal(inside_a, inside_b)
+
+
+def test_grid_sample_split_over_threads_gives_the_bits_and_point_gradients_of_one_call():
+    """On the CPU one batch entry is sampled as one part per thread (3D grid_sample runs only its batch in
+    parallel): the same values and gradient with respect to the points as one plain call, for one and two
+    channels, every padding and mode; a volume needing a gradient, or a point count the parts do not divide,
+    is sampled at once."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(3)
+    saved = torch.get_num_threads()
+    try:
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            for channels in (1, 2):
+                vol = torch.rand((1, channels, 9, 11, 13), generator=gen)
+                for shape in ((1, 6, 5, 7), (1, 5, 7, 1)):  # 210 points: 2 and 3 divide; 35: neither
+                    norm0 = torch.rand((*shape, 3), generator=gen) * 2.4 - 1.2
+                    for mode, padding in (("bilinear", "zeros"), ("bilinear", "border"), ("nearest", "zeros")):
+                        norm = norm0.clone().requires_grad_(True)
+                        ref = norm0.clone().requires_grad_(True)
+                        got = W._grid_sample(vol, norm, mode, padding)
+                        want = F.grid_sample(vol, ref, mode=mode, padding_mode=padding, align_corners=True)
+                        assert got.shape == want.shape == (1, channels, *shape[1:])
+                        assert got.detach().numpy().tobytes() == want.detach().numpy().tobytes()
+                        if mode == "bilinear":
+                            (got * got).sum().backward()
+                            (want * want).sum().backward()
+                            assert norm.grad.numpy().tobytes() == ref.grad.numpy().tobytes()
+            # a volume with a gradient: its gradient is the plain call's
+            field = torch.rand((1, 3, 9, 11, 13), generator=gen).requires_grad_(True)
+            plain = field.detach().clone().requires_grad_(True)
+            norm = torch.rand((1, 6, 5, 7, 3), generator=gen) * 2 - 1
+            W._grid_sample(field, norm, "bilinear", "border").square().sum().backward()
+            F.grid_sample(plain, norm, mode="bilinear", padding_mode="border",
+                          align_corners=True).square().sum().backward()
+            assert field.grad.numpy().tobytes() == plain.grad.numpy().tobytes()
+    finally:
+        torch.set_num_threads(saved)
