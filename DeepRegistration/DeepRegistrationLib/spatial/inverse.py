@@ -10,8 +10,8 @@ satisfy ``z + w(z) + u(z + w(z)) = z``, i.e. ``w(z) = -u(z + w(z))``:
 
 - for a stationary velocity field ``v`` (``u = exp(v) - id``) it is ``exp(-v) - id``, integrated by the
   same scaling and squaring as the forward field (exact up to the integration's discretization);
-- for any other field it is found by the fixed-point iteration ``w ← -u(z + w)`` (converges where
-  ``|∇u| < 1``; it stops when the largest residual is below ``tol_mm``).
+- for any other field it is found by the fixed-point iteration ``w ← -u(z + w)`` from the linearized fixed
+  point (converges where ``|∇u| < 1``; it stops when the largest residual is below ``tol_mm``).
 
 As an ITK transform the inverse is ``CompositeTransform([w, A⁻¹])`` (the last added, ``A⁻¹``, is applied
 first), readable by SimpleITK, ANTs and Slicer like ``transform.h5``. :func:`consistency_error` measures
@@ -51,7 +51,8 @@ SETTLED_FRACTION = 1e-4
 #: ``w(z) ← -u(z + w(z))`` is independent of the others'. Steps above 0.001 / 0.0001 mm after iteration 2: 44 % /
 #: 76 % of the points of the 2 mm trunk CT (57 % / 87 % of the 2 mm synthetic brain), after 3: 3 % / 26 % (20 % /
 #: 46 %), after 4: 0.3 % / 3 % (3 % / 19 %). Its error there is about the step (contraction where ``|∇u| < 1/2``).
-#: Measured (1 thread, CPU s, loaded machine) with the written inverse's rule, against iterating every point:
+#: Measured (1 thread, CPU s, loaded machine; from ``w = -u(z)``, before the linearized start) with the written
+#: inverse's rule, against iterating every point:
 #: 2 mm trunk CT 6.0–7.3 → 3.1–3.3 s (4.8 s with 0.0001 mm), 2 mm synthetic pair 0.51–0.58 → 0.38 s, bundled pair
 #: 0.15–0.19 → 0.12–0.15 s; the same iteration counts; the written field changed by at most 0.0007 mm (0.00006 mm
 #: with 0.0001 mm), the consistency error's mean and p95 by at most 0.00001 mm, its maximum by 0.0001 mm.
@@ -78,7 +79,7 @@ CONSISTENCY_POINTS = 20_000
 #: float32 array) stay in cache and are reused by the allocator, where full-grid temporaries of a 4.6 M-point grid
 #: (55 MB each) cost fresh pages at every operation.
 BLOCK_POINTS = 1 << 16
-#: Linearized iterations of the first guess (:func:`_linearized_start`). On the 2 mm trunk CT 37 % (one pass) or 27 %
+#: Linearized iterations of the first guess (:func:`_linearized_start`). On the 2 mm trunk CT 50 % (one pass) or 37 %
 #: (two) of the points need a second sampling, against all from ``w = -u(z)`` (whose converged points never made up
 #: the fifth that lets them leave); two passes also leave the returned field's largest grid residual below that of
 #: ``w = -u(z)`` on the bundled pair, the 2 mm synthetic pair and the CT (one pass: slightly above on two of them).
@@ -293,8 +294,9 @@ def _linearized_start(un: torch.Tensor, size: np.ndarray, passes: int = START_PA
     iterated ``passes`` times from ``s = un`` (the plain start, ``w = -u(z)``). ``J`` comes from one-sided
     differences on the side the point moves to (towards ``b - s``: the slope of the trilinear interpolant over the
     first voxel on that side; the outer grid points take the one difference they have), computed in slabs of
-    ``slab`` z-slices (small temporaries). On the bundled pair, the 2 mm synthetic pair and the 2 mm trunk CT it
-    starts 5-11× closer to the fixed point than ``s = un`` (mean), so that fewer points need a second sampling."""
+    ``slab`` z-slices (small temporaries). On the bundled pair, the 2 mm synthetic pair and the 2 mm trunk CT two
+    passes start 13, 7 and 18× closer to the fixed point than ``s = un`` (mean; one pass 9, 5 and 12×), so that
+    fewer points need a second sampling."""
     guess = un
     for _ in range(passes):
         out = torch.empty_like(un)
