@@ -297,50 +297,59 @@ def _linearized_start(un: torch.Tensor, size: np.ndarray, passes: int = START_PA
     ``slab`` z-slices (small temporaries). On the bundled pair, the 2 mm synthetic pair and the 2 mm trunk CT two
     passes start 13, 7 and 18× closer to the fixed point than ``s = un`` (mean; one pass 9, 5 and 12×), so that
     fewer points need a second sampling."""
-    guess = un
-    for _ in range(passes):
-        out = torch.empty_like(un)
-        for z0 in range(0, un.shape[1], slab):
-            _upwind_pass(un, guess, out, size, z0, min(z0 + slab, un.shape[1]))
-        guess = out
-    return guess if passes else un.clone()
+    if passes < 1:
+        return un.clone()
+    out = torch.empty_like(un)
+    for z0 in range(0, un.shape[1], slab):
+        _upwind_passes(un, out, size, z0, min(z0 + slab, un.shape[1]), passes)
+    return out
 
 
-def _upwind_pass(un: torch.Tensor, guess: torch.Tensor, out: torch.Tensor, size: np.ndarray, z0: int, z1: int) -> None:
-    """``out = un - J guess`` on z-slices ``[z0, z1)`` (see :func:`_linearized_start`), all ``(3, Z, Y, X)``."""
+def _upwind_passes(un: torch.Tensor, out: torch.Tensor, size: np.ndarray, z0: int, z1: int, passes: int) -> None:
+    """``passes`` times ``s ← un - J s`` from ``s = un`` on z-slices ``[z0, z1)``, into ``out`` (see
+    :func:`_linearized_start`), all ``(3, Z, Y, X)``. A pass is point-wise in ``s`` (``J``'s differences are of
+    ``un``), so the passes of a slab follow each other on the slab's own differences."""
     nz = un.shape[1]
     lo, hi = max(z0 - 1, 0), min(z1 + 1, nz)
     part = un[:, lo:hi]  # the slab with one z-slice more on each side where there is one
     own = part[:, z0 - lo:z1 - lo]
-    acc = out[:, z0:z1]
-    acc.copy_(own)
-    g = guess[:, z0:z1]
-    # x (array dim 3), y (dim 2): differences within the slab; z (dim 1): with the extra slices
+    # per axis (x: array dim 3, y: dim 2, z: dim 1) the slices of the differences v[i+1] - v[i] behind and ahead of
+    # each point: (where, back, ahead) for the points with both neighbours, and the outer points' one difference
+    axes = []
     for c, dim in ((0, 3), (1, 2), (2, 1)):
         n = int(size[c])
         if n < 2:
             continue
         factor = -(n - 1) / 2.0  # a difference per index step in normalized units, subtracted
+        spans = []
         if dim == 1:
             diff = part[:, 1:] - part[:, :-1]  # diff[t] = v[lo + t + 1] - v[lo + t]
             first, last = max(z0, 1), min(z1, nz - 1)  # slices with both neighbours
             if last > first:
-                comp = g[c:c + 1, first - z0:last - z0]
-                back, ahead = diff[:, first - 1 - lo:last - 1 - lo], diff[:, first - lo:last - lo]
-                acc[:, first - z0:last - z0].addcmul_(torch.where(comp > 0, back, ahead), comp, value=factor)
+                spans.append(((1, first - z0, last - first), diff[:, first - 1 - lo:last - 1 - lo],
+                              diff[:, first - lo:last - lo]))
             if z0 == 0:
-                acc[:, :1].addcmul_(diff[:, :1], g[c:c + 1, :1], value=factor)
+                spans.append(((1, 0, 1), diff[:, :1], None))
             if z1 == nz:
-                acc[:, -1:].addcmul_(diff[:, -1:], g[c:c + 1, -1:], value=factor)
-            continue
-        diff = own.narrow(dim, 1, n - 1) - own.narrow(dim, 0, n - 1)  # diff[i] = v[i + 1] - v[i]
-        if n > 2:
-            comp = g[c:c + 1].narrow(dim, 1, n - 2)
-            acc.narrow(dim, 1, n - 2).addcmul_(torch.where(comp > 0, diff.narrow(dim, 0, n - 2),
-                                                           diff.narrow(dim, 1, n - 2)), comp, value=factor)
-        acc.narrow(dim, 0, 1).addcmul_(diff.narrow(dim, 0, 1), g[c:c + 1].narrow(dim, 0, 1), value=factor)
-        acc.narrow(dim, n - 1, 1).addcmul_(diff.narrow(dim, n - 2, 1), g[c:c + 1].narrow(dim, n - 1, 1),
-                                           value=factor)
+                spans.append(((1, z1 - z0 - 1, 1), diff[:, -1:], None))
+        else:
+            diff = own.narrow(dim, 1, n - 1) - own.narrow(dim, 0, n - 1)  # diff[i] = v[i + 1] - v[i]
+            if n > 2:
+                spans.append(((dim, 1, n - 2), diff.narrow(dim, 0, n - 2), diff.narrow(dim, 1, n - 2)))
+            spans.append(((dim, 0, 1), diff.narrow(dim, 0, 1), None))
+            spans.append(((dim, n - 1, 1), diff.narrow(dim, n - 2, 1), None))
+        axes.append((c, factor, spans))
+    guess = own
+    for k in range(passes):
+        acc = out[:, z0:z1] if k == passes - 1 else torch.empty_like(own)
+        acc.copy_(own)
+        for c, factor, spans in axes:
+            for (dim, start, length), back, ahead in spans:
+                comp = guess[c:c + 1].narrow(dim, start, length)
+                slope = back if ahead is None else torch.where(comp > 0, back, ahead)
+                acc.narrow(dim, start, length).addcmul_(slope, comp, value=factor)
+        guess = acc
+
 
 def invert(transform: SpatialTransform, velocity: np.ndarray | None = None, velocity_steps: int = 7,
            tol_mm: float = TOL_MM, max_iterations: int = MAX_ITERATIONS, device=None,

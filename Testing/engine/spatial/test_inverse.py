@@ -204,26 +204,35 @@ def test_fixed_point_iteration_is_the_plain_iteration_with_each_point_frozen_at_
 
 
 def test_linearized_start_is_the_field_minus_its_one_sided_jacobian_times_itself():
-    """The first guess ``s = un - J un``, ``J`` by one-sided differences towards ``-un`` (each axis; the outer grid
-    points take the difference they have), in slabs (slab borders inside the grid) as over the whole grid."""
+    """The first guess ``s = un - J un`` (and that step again, ``un - J s``), ``J`` by one-sided differences towards
+    ``-s`` (each axis; the outer grid points take the difference they have), in slabs (slab borders inside the grid)
+    as over the whole grid."""
     from DeepRegistrationLib.spatial import inverse as I
 
     rng = np.random.default_rng(8)
     grid = _oblique_grid((11, 9, 13))
     un, _, _ = _normalized(random_smooth_field(grid.shape, rng, max_mm=4.0), grid)
     v = un[0].double().numpy()
-    expected = v.copy()
-    for c, axis in ((0, 3), (1, 2), (2, 1)):
-        n = v.shape[axis]
-        diff = np.diff(v, axis=axis)
-        ahead = np.concatenate([diff, np.take(diff, [n - 2], axis=axis)], axis=axis)  # v[i+1] - v[i]
-        back = np.concatenate([np.take(diff, [0], axis=axis), diff], axis=axis)  # v[i] - v[i-1]
-        comp = v[c:c + 1]
-        expected -= np.where(comp > 0, back, ahead) * (n - 1) / 2.0 * comp
+
+    def linear_step(guess):  # un - J guess, J one-sided towards -guess
+        out = v.copy()
+        for c, axis in ((0, 3), (1, 2), (2, 1)):
+            n = v.shape[axis]
+            diff = np.diff(v, axis=axis)
+            ahead = np.concatenate([diff, np.take(diff, [n - 2], axis=axis)], axis=axis)  # v[i+1] - v[i]
+            back = np.concatenate([np.take(diff, [0], axis=axis), diff], axis=axis)  # v[i] - v[i-1]
+            comp = guess[c:c + 1]
+            out -= np.where(comp > 0, back, ahead) * (n - 1) / 2.0 * comp
+        return out
+
+    once = linear_step(v)
+    twice = linear_step(once)
     size = np.asarray(grid.size, dtype=np.float64)
     for slab in (1, 4, 100):
-        np.testing.assert_allclose(I._linearized_start(un[0], size, 1, slab=slab).numpy(), expected, atol=1e-7)
-    assert np.abs(expected - v).max() > 1e-3  # a real correction
+        np.testing.assert_allclose(I._linearized_start(un[0], size, 1, slab=slab).numpy(), once, atol=1e-7)
+        np.testing.assert_allclose(I._linearized_start(un[0], size, 2, slab=slab).numpy(), twice, atol=1e-7)
+    np.testing.assert_array_equal(I._linearized_start(un[0], size, 0).numpy(), un[0].numpy())
+    assert np.abs(once - v).max() > 1e-3 and np.abs(twice - once).max() > 1e-4  # real corrections
 
 
 def _plain_start_inverse(field: np.ndarray, grid: Grid, tol: float, settled_after: int, settled_fraction: float):
