@@ -294,6 +294,7 @@ def search(search_level, coarse_level, sim: Similarity, fixed_moments: tuple[np.
         if angle(r) <= bound:
             names.append(n)
             rots.append(r)
+    n_principal = len(names)  # the centre-of-mass and principal-axes starts are always scored in full
     for rv in rotation_lattice():
         norm = np.linalg.norm(rv)
         if not 0 < norm <= bound:
@@ -306,7 +307,6 @@ def search(search_level, coarse_level, sim: Similarity, fixed_moments: tuple[np.
         pre = None
     scorer = _Screened(_Scorer(search_level, coarse_sim), None if pre is None else _Scorer(pre, coarse_sim),
                        PRESCREEN_KEEP)
-    n_principal = len(names)  # the centre-of-mass and principal-axes starts are always scored in full
     loss, overlap = scorer(mats, tuple(range(n_principal)))
     n_scored = mats.shape[0]
     if progress is not None:

@@ -49,3 +49,30 @@ def test_prescreen_picks_the_same_start_and_finds_a_large_oblique_rotation(sampl
     r = screened[:3, :3] @ rot.T
     angle = np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1, 1)))
     assert angle < 15.0
+
+
+def test_the_prescreen_cuts_both_the_rotations_and_the_shifts(sample_pair, monkeypatch):
+    """Each batch of starts (the rotations, then the shifts of the best rotations) reaches the search level only
+    through the pre-screen: at most PRESCREEN_KEEP of it plus the always-scored centre-of-mass and principal-axes
+    starts, while the coarser level scores every start."""
+    fixed, moving, _, _ = sample_pair
+    scored: list[tuple[tuple, int]] = []
+    plain = init_search._Scorer.__call__
+
+    def counting(self, mats):
+        scored.append((tuple(self.lv.fgrid.shape), int(mats.shape[0])))
+        return plain(self, mats)
+
+    monkeypatch.setattr(init_search._Scorer, "__call__", counting)
+    _, info = _search(fixed, _turned(moving, _rotation((0.0, 0.0, 1.0), 40.0), (5.0, 0.0, 0.0)),
+                      init_search.PRESCREEN_KEEP)
+    shapes = sorted({s for s, _ in scored}, key=np.prod)
+    assert len(shapes) == 2  # the coarser pre-screen level and the search level
+    coarse = [n for s, n in scored if s == shapes[0]]
+    fine = [n for s, n in scored if s == shapes[1]]
+    # the pre-screen level scores the rotations, then the shifts; the search level their best, then (at the
+    # registration's coarsest level, of the same shape here) the refined starts
+    assert len(coarse) == 2 and len(fine) == 3
+    assert sum(coarse) == info["candidates"] > 2 * (init_search.PRESCREEN_KEEP + 5)
+    assert all(n <= init_search.PRESCREEN_KEEP + 5 for n in fine[:2])
+    assert fine[2] == init_search.TOP_STARTS + 2  # the kept starts, moments and geometry
