@@ -36,7 +36,7 @@ from ..core.config import RegistrationConfig
 from ..core.errors import InputError
 from ..core.grid import Grid
 from ..core.image import Image
-from ..io.images import read_image, sitk_to_image, write_image
+from ..io.images import read_image, sitk_to_image, write_image, write_sitk_image
 from ..core.progress import Progress, ProgressCallback
 from ..spatial.transforms import SpatialTransform
 from .batch import all_gather, barrier, distributed, quality_counts, quality_fields, rank_config
@@ -272,7 +272,7 @@ def register_sequence(sequence, out_dir, config: RegistrationConfig | None = Non
         table = [gathered[t] for t in range(n)]
         if rank == 0:
             warped = [sitk.ReadImage(str(tmp / f"frame_{t:04d}" / "warped.nii.gz")) for t in range(n)]
-            sitk.WriteImage(sitk.JoinSeries(warped), str(tmp / "warped.nii.gz"))
+            write_sitk_image(sitk.JoinSeries(warped), tmp / "warped.nii.gz")
             info = {"frames": table, "reference": "mean" if ref is None else ref, "chain": chain,
                     "warm_start": warm_start, "processes": world, "quality": quality_counts(table),
                     "total_seconds": round(sum(r["seconds"] for r in table), 3),
