@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from . import warp as W
 from ..core.grid import Grid
@@ -213,8 +212,7 @@ def invert_field(field: np.ndarray, grid: Grid, tol_mm: float = TOL_MM, max_iter
             hi = min(lo + block, m)
             sb = s[:, lo:hi]
             p = torch.sub(base[:, lo:hi], sb)
-            new = F.grid_sample(un, p.t().view(1, hi - lo, 1, 1, 3), mode="bilinear", padding_mode="border",
-                                align_corners=True).view(3, hi - lo)
+            new = W.grid_sample(un, p.t().view(1, hi - lo, 1, 1, 3), "bilinear", "border").view(3, hi - lo)
             d = torch.sub(new, sb)
             step_sq = _quadratic_form(d, terms)
             # the residual counts only points whose image z + w lies within the grid, where u is what ITK applies

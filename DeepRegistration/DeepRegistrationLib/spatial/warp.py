@@ -133,12 +133,12 @@ def sample_normalized(volume: torch.Tensor, grid: Grid, norm: torch.Tensor, mode
     if norm.shape[0] != volume.shape[0]:
         norm = norm.expand(volume.shape[0], *norm.shape[1:])
     if padding_mode == "itk":
-        vals = _grid_sample(volume, norm.to(volume.dtype), mode, "border")
+        vals = grid_sample(volume, norm.to(volume.dtype), mode, "border")
         return vals * _inside_half_voxel(norm, grid).unsqueeze(1).to(vals.dtype)
-    return _grid_sample(volume, norm.to(volume.dtype), mode, padding_mode)
+    return grid_sample(volume, norm.to(volume.dtype), mode, padding_mode)
 
 
-def _grid_sample(volume: torch.Tensor, norm: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+def grid_sample(volume: torch.Tensor, norm: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
     """``F.grid_sample(volume, norm, align_corners=True)`` (``volume`` ``(B, C, Z, Y, X)``, ``norm``
     ``(B, Z', Y', X', 3)`` of its dtype): the one call of it in the engine.
 
@@ -192,7 +192,7 @@ def sample_normalized_in_view(volume: torch.Tensor, norm: torch.Tensor) -> tuple
     norm = norm.to(volume.dtype)
     if volume.shape[0] != norm.shape[0]:
         volume = volume.expand(norm.shape[0], *volume.shape[1:])
-    vals = _grid_sample(volume, norm, "bilinear", "zeros")
+    vals = grid_sample(volume, norm, "bilinear", "zeros")
     inside = (norm.detach().abs().amax(dim=-1) <= 1.0 + 1e-6).unsqueeze(1)  # all three axes within ±1
     return vals, inside
 
@@ -225,7 +225,7 @@ def sample_field(field: torch.Tensor, grid: Grid, points: torch.Tensor) -> torch
     """
     norm = world_to_normalized(points, grid)
     inside = _inside_half_voxel(norm, grid)
-    vals = _grid_sample(field, norm.to(field.dtype), "bilinear", "border")
+    vals = grid_sample(field, norm.to(field.dtype), "bilinear", "border")
     return vals * inside.unsqueeze(1).to(vals.dtype)
 
 

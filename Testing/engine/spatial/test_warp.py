@@ -99,7 +99,7 @@ def test_grid_sample_split_over_threads_gives_the_bits_and_point_gradients_of_on
                     for mode, padding in (("bilinear", "zeros"), ("bilinear", "border"), ("nearest", "zeros")):
                         norm = norm0.clone().requires_grad_(True)
                         ref = norm0.clone().requires_grad_(True)
-                        got = W._grid_sample(vol, norm, mode, padding)
+                        got = W.grid_sample(vol, norm, mode, padding)
                         want = F.grid_sample(vol, ref, mode=mode, padding_mode=padding, align_corners=True)
                         assert got.shape == want.shape == (1, channels, *shape[1:])
                         assert got.detach().numpy().tobytes() == want.detach().numpy().tobytes()
@@ -111,7 +111,7 @@ def test_grid_sample_split_over_threads_gives_the_bits_and_point_gradients_of_on
             field = torch.rand((1, 3, 9, 11, 13), generator=gen).requires_grad_(True)
             plain = field.detach().clone().requires_grad_(True)
             norm = torch.rand((1, 6, 5, 7, 3), generator=gen) * 2 - 1
-            W._grid_sample(field, norm, "bilinear", "border").square().sum().backward()
+            W.grid_sample(field, norm, "bilinear", "border").square().sum().backward()
             F.grid_sample(plain, norm, mode="bilinear", padding_mode="border",
                           align_corners=True).square().sum().backward()
             assert field.grad.numpy().tobytes() == plain.grad.numpy().tobytes()
