@@ -1,8 +1,10 @@
 """Running file reads and writes on worker threads while the calling thread computes.
 
-SimpleITK's ``ReadImage``, ``WriteImage`` (gzip included) and ``WriteTransform`` (HDF5) run without Python's
-lock, so a write on a worker thread proceeds while the calling thread runs torch or NumPy. Nothing here knows
-about file formats: the callers pass the functions (e.g. :func:`~DeepRegistrationLib.io.images.write_image`).
+SimpleITK's ``ReadImage``, ``WriteImage`` and ``WriteTransform`` (HDF5), and zlib (the ``.nii.gz`` gzip of
+:func:`~DeepRegistrationLib.io.images.gzip_file`) run without Python's lock, so a write on a worker thread proceeds
+while the calling thread runs torch or NumPy. :func:`write_threads` tells a write how many threads it may use
+(one while the caller computes, all while it waits in :meth:`BackgroundWriter.join`). Nothing here knows about
+file formats: the callers pass the functions (e.g. :func:`~DeepRegistrationLib.io.images.write_image`).
 """
 from __future__ import annotations
 

@@ -382,10 +382,14 @@ def gzip_file(src: str | os.PathLike, dst: str | os.PathLike, level: int | None 
 
     xfl = 4 if level == 1 else 2 if level == 9 else 0
     crc, size = 0, 0
-    # the blocks are read into a ring of reused buffers (no fresh 8 MB allocation per block): a buffer is read
-    # into again only after the block it held was deflated (at most ``threads`` blocks in flight, one read ahead)
-    ring = [memoryview(bytearray(block_bytes)) for _ in range(threads + 2)]
     with open(src, "rb") as fin, open(dst, "wb") as fout:
+        # the blocks are read into a ring of reused buffers (no fresh 8 MB allocation per block): a buffer is read
+        # into again only after the block it held was deflated (at most ``threads`` blocks in flight, one read
+        # ahead); a small file gets no more buffers than its blocks (+ 1 for the read that finds its end), each
+        # no larger than the file
+        length = os.fstat(fin.fileno()).st_size
+        ring = [memoryview(bytearray(max(1, min(block_bytes, length))))
+                for _ in range(min(threads + 2, length // block_bytes + 2))]
 
         def read(n: int) -> memoryview:
             buf, got = ring[n % len(ring)], 0

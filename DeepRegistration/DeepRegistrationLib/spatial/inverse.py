@@ -205,6 +205,15 @@ def invert_field(field: np.ndarray, grid: Grid, tol_mm: float = TOL_MM, max_iter
     frozen_inside = 0  # frozen points whose image z + w lies within the grid
     residual = float("inf")
     m = total
+
+    def store(lo: int, hi: int, idx: torch.Tensor | None) -> None:
+        """``w`` of the points ``lo:hi`` of the arrays (their grid indices ``idx[lo:hi]``; None: in grid order)."""
+        rows = torch.mm(s[:, lo:hi].t().double(), to_mm)
+        if idx is None:
+            w[lo:hi] = rows
+        else:
+            w.index_copy_(0, idx[lo:hi], rows)
+
     n = 0
     for n in range(1, max_iterations + 1):
         largest_sq, unsettled, inside_count, moving, converged_inside = 0.0, 0, 0, 0, 0
@@ -233,7 +242,7 @@ def invert_field(field: np.ndarray, grid: Grid, tol_mm: float = TOL_MM, max_iter
             sb.copy_(new)
         residual = float(np.sqrt(largest_sq)) if m else 0.0
         logger.debug("field inversion, iteration %d: %d points, largest step %.3g mm, %d still moving", n, m,
-                     float(np.sqrt(largest_sq)), moving)
+                     residual, moving)
         if residual < tol_mm:
             break
         if n >= settled_after and unsettled <= settled_fraction * (frozen_inside + inside_count):
@@ -250,11 +259,7 @@ def invert_field(field: np.ndarray, grid: Grid, tol_mm: float = TOL_MM, max_iter
             for lo in range(0, m, block):
                 hi = min(lo + block, m)
                 # every point's w (those still moving are written again later): no selection of the converged ones
-                rows = torch.mm(s[:, lo:hi].t().double(), to_mm)
-                if first:
-                    w[lo:hi] = rows
-                else:
-                    w.index_copy_(0, index[lo:hi], rows)
+                store(lo, hi, None if first else index)
                 keep = torch.nonzero(still[lo:hi]).squeeze(1)
                 k = int(keep.numel())
                 for arr in (base, s):
@@ -263,12 +268,7 @@ def invert_field(field: np.ndarray, grid: Grid, tol_mm: float = TOL_MM, max_iter
                 out += k
             m = out
     for lo in range(0, m, block):
-        hi = min(lo + block, m)
-        rows = torch.mm(s[:, lo:hi].t().double(), to_mm)
-        if index is None:
-            w[lo:hi] = rows
-        else:
-            w.index_copy_(0, index[lo:hi], rows)
+        store(lo, min(lo + block, m), index)
     if residual >= tol_mm and n == max_iterations:
         logger.warning("field inversion stopped after %d iterations with a largest grid residual of %.3g mm "
                        "(the field may fold or be too steep to invert exactly)", n, residual)

@@ -128,8 +128,7 @@ def sample(volume: torch.Tensor, grid: Grid, points: torch.Tensor, mode: str = "
 def sample_normalized(volume: torch.Tensor, grid: Grid, norm: torch.Tensor, mode: str = "bilinear",
                       padding_mode: str = "zeros") -> torch.Tensor:
     """:func:`sample` at points already in ``grid_sample`` coordinates of ``grid`` (:func:`world_to_normalized`),
-    ``norm`` ``(B, Z', Y', X', 3)``: for a caller that needs those coordinates itself (e.g. to test which points
-    lie in the grid) and should not convert them twice."""
+    ``norm`` ``(B, Z', Y', X', 3)``: :func:`sample`'s step after the conversion (the padding modes as there)."""
     if norm.shape[0] != volume.shape[0]:
         norm = norm.expand(volume.shape[0], *norm.shape[1:])
     if padding_mode == "itk":
@@ -146,21 +145,33 @@ def grid_sample(volume: torch.Tensor, norm: torch.Tensor, mode: str, padding_mod
     one volume sampled at one batch of points ran on one thread whatever the thread count. There, a single
     batch entry is split into one part per torch thread (the points reshaped, the volume expanded without a
     copy) and put back together: every point is computed by the same code, so the values and the gradient
-    with respect to the points are the same bits. Not split: a volume that needs a gradient (its gradient
-    would be summed over the parts in another order), a GPU, one thread, or a point count the parts do not divide.
+    with respect to the points are the same bits (the last ``points mod parts`` points, if any, are sampled by one
+    more call). Not split: a volume that needs a gradient (its gradient would be summed over the parts in another
+    order), a GPU, one thread, or fewer points than threads.
     """
     parts = torch.get_num_threads() if volume.device.type == "cpu" and volume.shape[0] == 1 == norm.shape[0] else 1
     if parts > 1 and volume.requires_grad and torch.is_grad_enabled():
         parts = 1
     points = norm[0, ..., 0].numel()
-    while parts > 1 and points % parts:
-        parts -= 1
-    if parts < 2:
+    each = points // parts
+    if parts < 2 or each == 0:
         return F.grid_sample(volume, norm, mode=mode, padding_mode=padding_mode, align_corners=True)
-    shape = (1, volume.shape[1], *norm.shape[1:4])
-    vals = F.grid_sample(volume.expand(parts, *volume.shape[1:]), norm.reshape(parts, -1, 1, 1, 3), mode=mode,
-                         padding_mode=padding_mode, align_corners=True)  # (parts, C, points / parts, 1, 1)
-    return vals.reshape(shape) if volume.shape[1] == 1 else vals.transpose(0, 1).reshape(shape)
+    channels = volume.shape[1]
+    shape = (1, channels, *norm.shape[1:4])
+    flat = norm.reshape(points, 3)
+    split = parts * each
+
+    def sampled(pts: torch.Tensor, batch: int) -> torch.Tensor:  # (C, n) in point order
+        vals = F.grid_sample(volume.expand(batch, *volume.shape[1:]), pts.reshape(batch, -1, 1, 1, 3), mode=mode,
+                             padding_mode=padding_mode, align_corners=True)  # (batch, C, n / batch, 1, 1)
+        return vals.reshape(channels, -1) if channels == 1 else vals.transpose(0, 1).reshape(channels, -1)
+
+    if split == points:
+        return sampled(flat, parts).view(shape)
+    # split, not two slices: its backward joins the two gradients as they are (two slices' gradients would be
+    # added over zero fills, turning a -0.0 into +0.0)
+    head, tail = flat.split([split, points - split])
+    return torch.cat([sampled(head, parts), sampled(tail, 1)], 1).view(shape)
 
 
 def sample_in_view(volume: torch.Tensor, grid: Grid, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
