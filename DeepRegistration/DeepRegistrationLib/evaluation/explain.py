@@ -153,7 +153,9 @@ def _local_cc2(pair: WorkingPair, radius: int) -> tuple[torch.Tensor, torch.Tens
     local = pair.local
     if local is not None and local.radius == radius and local.flat == FLAT:
         return local.cc2, local.structured
-    return local_cc2(pair.fixed, pair.warped, radius, pair.view)
+    cc2, structured = local_cc2(pair.fixed, pair.warped, radius, pair.view)
+    pair.local = LocalCC2(cc2, structured, radius, FLAT)  # the next caller of the same pair takes it over
+    return cc2, structured
 
 
 def local_mi(fixed: torch.Tensor, warped: torch.Tensor, radius: int, view: torch.Tensor | None = None,

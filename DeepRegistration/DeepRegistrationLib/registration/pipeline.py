@@ -489,20 +489,21 @@ def _symmetric_stage(p: "_Prepared", cfg: RegistrationConfig, affine: torch.Tens
         return scaling_and_squaring(v_fixed, finest.fgrid), v_fixed
 
 
-def _evaluate(lv: _Level, affine: torch.Tensor, u: torch.Tensor | None, sim: Similarity, local: bool = False
+def _evaluate(lv: _Level, affine: torch.Tensor | None, u: torch.Tensor | None, sim: Similarity, local: bool = False
               ) -> tuple[float, float, torch.Tensor, torch.Tensor, LocalCC2 | None]:
-    """``sim`` and the global NCC of ``lv``'s images after ``affine`` and ``u`` (None: no field), the warped
+    """``sim`` and the global NCC of ``lv``'s images after ``affine`` (4×4; None: the identity) and ``u`` (None: no
+    field), the warped
     moving image ``(1, 1, Z, Y, X)`` with its field of view (bool, same shape) they were computed on, and with
     ``local`` for LNCC its per-voxel map (:meth:`~DeepRegistrationLib.registration.similarity.Similarity.evaluate`;
     else None)."""
     with torch.no_grad():
-        if u is None and torch.equal(affine, torch.eye(4, dtype=affine.dtype, device=affine.device)):
+        if u is None and affine is None:
             # the identity maps the voxel centres to themselves: apply_affine would return the same numbers
             # (x·1 + y·0 + z·0 + 0 is exact; grid_points gives no -0.0 that it would turn into +0.0)
             mapped = lv.pts
         else:
             pts = lv.pts if u is None else lv.pts + torch.movedim(u, 1, -1)
-            mapped = W.apply_affine(pts, affine)
+            mapped = pts if affine is None else W.apply_affine(pts, affine)
         warped, valid, view = lv.warp(mapped)
         if local:
             loss, local_map = sim.evaluate(lv.fixed, warped, valid, lv.fmask, view)
@@ -601,9 +602,8 @@ def _prepare_levels(fixed: Image, moving: Image, cfg: RegistrationConfig, fixed_
     factors = _factors(cfg.levels)
     levels = {f: _Level(f_t, fw.grid, m_t, mw.grid, f, fmask, mmask) for f in factors}
     sim = Similarity(cfg.similarity, cfg.lncc_radius)
-    identity = torch.eye(4, device=device)
     term = None if guide is None or cfg.guide_weight == 0 else LandmarkTerm(guide, cfg.guide_weight, device)
-    sim_before, ncc_before, _, _, _ = _evaluate(levels[1], identity, None, sim)
+    sim_before, ncc_before, _, _, _ = _evaluate(levels[1], None, None, sim)
     frame = torch.eye(4, device=device)
     frame[:3, :3] = torch.as_tensor(fw.grid.direction_matrix, dtype=torch.float32, device=device)
     return _Prepared(fw, mw, f_t, m_t, fmask, mmask, factors, levels, sim, frame, term, sim_before, ncc_before)
@@ -693,12 +693,13 @@ def _finish(p: _Prepared, cfg: RegistrationConfig, affine: torch.Tensor, u: torc
     fw = p.fw
     sim_after, ncc_after, warped, view, local = _evaluate(p.finest, affine, u, p.sim, local=True)
     a_np = affine.double().cpu().numpy()
-    if u is not None:
-        # the float32 field as it is (the Jacobian's differences are float64 either way: the same bits)
-        detj = metrics.jacobian_determinant(u[0].detach().cpu().numpy(), fw.grid, affine=a_np)
+    # the float32 field as it is, copied off the device once (the Jacobian's differences are float64 either way)
+    u_np = None if u is None else u[0].detach().cpu().numpy()
+    if u_np is not None:
+        detj = metrics.jacobian_determinant(u_np, fw.grid, affine=a_np)
     else:
         detj = np.full(fw.grid.shape, float(np.linalg.det(a_np[:3, :3])))
-    transform = SpatialTransform(a_np, *_padded_field(None if u is None else u[0], fw.grid))
+    transform = SpatialTransform(a_np, *_padded_field(u_np, fw.grid))
     # the warped image is a channel of the moving image and mask sampled together: its own copy
     images = WorkingImages(p.fw, p.mw, p.finest.fixed, p.finest.fmask, warped.contiguous(), view, transform, local)
     return RegistrationResult(

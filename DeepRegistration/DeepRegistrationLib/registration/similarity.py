@@ -98,7 +98,7 @@ class LNCC:
                 structure = (var_f > self.flat).to(fixed.dtype)
                 if region is not None:
                     structure = structure * region.to(fixed.dtype)
-                self._stats = (mf, var_f, structure, structure.sum().clamp_min(1.0))
+                self._stats = (mf, var_f, structure)
         return self._stats
 
     def _view_fixed_stats(self, fixed: torch.Tensor, region: torch.Tensor | None, view: torch.Tensor):
@@ -139,7 +139,7 @@ class LNCC:
                                                             1), self.radius), 1, 1)
             mw, mww, mfw = mw * inv, mww * inv, mfw * inv
         else:
-            mf, var_f, structure, _ = self._fixed_stats(fixed, region)
+            mf, var_f, structure = self._fixed_stats(fixed, region)
             mw, mww, mfw = torch.split(box_filter(torch.cat([warped, warped * warped, fixed * warped], 1),
                                                   self.radius), 1, 1)
         cross = mfw - mf * mw
