@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..spatial import warp as W
 from .optim import CosineAdam
 from .similarity import Similarity
 
@@ -248,7 +247,7 @@ def _refine(level, sim: Similarity, starts: torch.Tensor, center: torch.Tensor, 
     for it in range(steps + 1):  # the last evaluation scores the last step's parameters: no gradient after it
         opt.zero_grad()
         last = it == steps
-        with torch.no_grad() if last else torch.enable_grad():
+        with torch.set_grad_enabled(not last):
             m = matrices(raw)
             warped, valid, view = level.warp(_apply(level.pts, m))
             loss = sim.per_sample(level.fixed, warped, valid, level.fmask, view)

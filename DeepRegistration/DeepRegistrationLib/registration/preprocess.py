@@ -75,15 +75,14 @@ def gaussian_kernel(variance_mm2: float, spacing_mm: float) -> np.ndarray:
     return out[nz[0]:nz[-1] + 1].copy()
 
 
-def _correlate_block(src: np.ndarray, dst: np.ndarray, kernel: np.ndarray, idx: np.ndarray, along: int,
+def _correlate_block(src: np.ndarray, dst: np.ndarray, kernel: np.ndarray, along: int,
                      keep: np.ndarray | None = None) -> None:
     """One block of :func:`_correlate_axis`: ``src``/``dst`` 2-D float32 (``src`` may hold integers exact in float32),
     correlated along axis ``along`` (``dst`` receives the indices ``keep`` of the result along it, when given)."""
-    n = src.shape[along]
-    r = (len(idx) - n) // 2
+    n, r = src.shape[along], len(kernel) // 2
     shape = list(src.shape)
-    shape[along] = len(idx)
-    padded = np.empty(shape)  # float64: src at idx (its edges repeated), converted in one pass
+    shape[along] = n + 2 * r
+    padded = np.empty(shape)  # float64: src with its edges repeated r times, converted in one pass
     if along == 0:
         padded[r:r + n] = src
         padded[:r], padded[r + n:] = src[:1], src[-1:]
@@ -110,13 +109,12 @@ def _correlate_axis(x: np.ndarray, kernel: np.ndarray, axis: int, threads: int =
     ``NeighborhoodOperatorImageFilter`` computes (zero-flux Neumann boundary). Computed in small 2-D blocks, on
     ``threads`` threads (NumPy releases the GIL; every block is computed the same way whatever the threads). With
     ``keep`` (sorted indices along ``axis``) the result is ``out`` taken at those indices, cut block by block."""
-    r, n = len(kernel) // 2, x.shape[axis]
+    n = x.shape[axis]
     x = np.ascontiguousarray(x)
     shape = list(x.shape)
     shape[axis] = n if keep is None else len(keep)
     out = np.empty(shape, np.float32)
     m = shape[axis]
-    idx = np.clip(np.arange(-r, n + r), 0, n - 1)
     blocks = []
     if axis == 2:  # rows of the last axis
         src, dst = x.reshape(-1, n), out.reshape(-1, m)
@@ -127,7 +125,7 @@ def _correlate_axis(x: np.ndarray, kernel: np.ndarray, axis: int, threads: int =
         step = max(1, _BLOCK // n)
         for src, dst in views:
             blocks += [(src[:, a:a + step], dst[:, a:a + step], 0) for a in range(0, src.shape[1], step)]
-    run_parallel([lambda _, b=b: _correlate_block(b[0], b[1], kernel, idx, b[2], keep) for b in blocks], threads,
+    run_parallel([lambda _, b=b: _correlate_block(b[0], b[1], kernel, b[2], keep) for b in blocks], threads,
                  threads > 1 and x.size > 4 * _BLOCK)
     return out
 
@@ -166,9 +164,18 @@ def _correlate_slices(x: np.ndarray, kernel: np.ndarray, rows: np.ndarray, threa
     return out.reshape((len(rows),) + x.shape[1:])
 
 
+def _sitk_threads() -> int:
+    """SimpleITK's global default thread count (what its filters use), at least 1."""
+    return max(1, int(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))
+
+
+def _kernels(variance: list[float], spacing: tuple[float, float, float]) -> dict:
+    """The 1-D Gaussian kernels (:func:`gaussian_kernel`) of the axes ``d`` (0, 1, 2 = x, y, z) with a variance."""
+    return {d: gaussian_kernel(variance[d], spacing[d]) for d in range(3) if variance[d] > 0}
+
+
 def smooth_like_sitk(array: np.ndarray, spacing: tuple[float, float, float],
-                     variance: list[float], keep: list[np.ndarray] | None = None,
-                     threads: int | None = None) -> np.ndarray:
+                     variance: list[float], keep: list[np.ndarray] | None = None) -> np.ndarray:
     """SimpleITK's ``DiscreteGaussian(img, variance, GAUSSIAN_MAX_WIDTH, GAUSSIAN_MAX_ERROR, useImageSpacing=True)``
     of a float32 image, bit for bit, in about half its CPU time: the same kernels (:func:`gaussian_kernel`) applied
     in the same order (z, then y, then x) with the same arithmetic (float64 sums, float32 between the passes).
@@ -179,15 +186,12 @@ def smooth_like_sitk(array: np.ndarray, spacing: tuple[float, float, float],
         variance: Gaussian variance (mm²) along ``(x, y, z)``; 0 leaves that axis alone.
         keep: Sorted indices along ``(x, y, z)`` to return (all when None): the result is the full smoothing's
             ``[np.ix_(keep[2], keep[1], keep[0])]``, same bits, with less work (:func:`_smooth_kept`).
-        threads: Threads of the passes (default: SimpleITK's global default, what its filter uses).
 
     Returns:
         ``(Z, Y, X)`` float32 (``(len(keep[2]), len(keep[1]), len(keep[0]))`` with ``keep``).
     """
     x = np.asarray(array, dtype=np.float32)
-    if threads is None:
-        threads = max(1, int(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))
-    kernels = {d: gaussian_kernel(variance[d], spacing[d]) for d in range(3) if variance[d] > 0}
+    threads, kernels = _sitk_threads(), _kernels(variance, spacing)
     if keep is not None:
         return _smooth_kept(x, kernels, keep, threads)
     for d in (2, 1, 0):  # ITK index axis k, j, i = array axis 0, 1, 2
@@ -387,8 +391,7 @@ def _resample_separable(arr: np.ndarray, spacing: tuple[float, float, float], va
     ``_CHUNK_SLICES`` working-grid slices (on SimpleITK's thread count): each smooths the source slices its slices
     read (:func:`_smooth_kept`) and interpolates them at once, so the intermediate arrays are a few slices (cache
     sized, reused) instead of fresh copies of most of the input (every value is computed as on the whole array)."""
-    threads = max(1, int(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))
-    kernels = {d: gaussian_kernel(variance[d], spacing[d]) for d in range(3) if variance[d] > 0}
+    threads, kernels = _sitk_threads(), _kernels(variance, spacing)
     pz = plans[2]
     n = len(pz.base)
     out = np.empty((n, len(plans[1].base), len(plans[0].base)), np.float32)
@@ -404,7 +407,7 @@ def _resample_separable(arr: np.ndarray, spacing: tuple[float, float, float], va
         out[k0:k1] = _interpolate_separable(values, [plans[0], plans[1], sub], have)
 
     starts = range(0, n, _CHUNK_SLICES)
-    run_parallel([lambda _, k=k: run(k) for k in starts], threads, threads > 1 and len(starts) > 1)
+    run_parallel([lambda _, k=k: run(k) for k in starts], threads, threads > 1)
     return out
 
 
