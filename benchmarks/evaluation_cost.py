@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The evaluation around the registration, baseline revision against this checkout: CPU seconds per part, one
-thread, alternating (ABAB), each run in a fresh process, on the very same registration state.
+thread, alternating (ABBA), each run in a fresh process, on the very same registration state.
 
     python benchmarks/evaluation_cost.py [--baseline 7ebca63] [--repeats 3] [--cases demo ct_2mm]
         [--large-fov-cases benchmarks/results-large-fov/cases] [--out benchmarks/results-evaluation-cost]
@@ -42,9 +42,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-SAMPLE = REPO / "DeepRegistration" / "Resources" / "SampleData"
 sys.path.insert(0, str(HERE))
 import large_fov  # noqa: E402
+import preprocess_cost  # noqa: E402
 import revisions  # noqa: E402
 import run_benchmark as rb  # noqa: E402
 
@@ -141,14 +141,6 @@ def _baseline_tree(rev: str, dest: Path) -> Path:
     return revisions.baseline_archive(rev, dest, "DeepRegistration/DeepRegistrationLib") / "DeepRegistration"
 
 
-def _case_files(name: str, large_fov_cases: Path) -> tuple[Path, Path] | None:
-    if name == "demo":
-        return SAMPLE / "fixed.nii.gz", SAMPLE / "moving.nii.gz"
-    folder = large_fov_cases / name
-    files = folder / "fixed.nii.gz", folder / "moving.nii.gz"
-    return files if all(p.is_file() for p in files) else None
-
-
 def _child(code: str, args: list, what: str) -> str:
     proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                           env=rb.thread_env(1), timeout=3600)
@@ -174,7 +166,7 @@ def main() -> int:
         (tmp / "base").mkdir()
         libs = {"baseline": _baseline_tree(args.baseline, tmp / "base"), "current": args.current.absolute()}
         for case in args.cases:
-            files = _case_files(case, args.large_fov_cases)
+            files = preprocess_cost.case_files(case, args.large_fov_cases)
             if files is None:
                 print(f"skipping {case}: no case files under {args.large_fov_cases} (run benchmarks/large_fov.py)")
                 continue

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The initialization search, a baseline revision against this checkout: ``pipeline._initialize`` (the default
-``--init search``) of a case's prepared pair, CPU seconds on one thread, alternating (ABAB), each run in a fresh
+``--init search``) of a case's prepared pair, CPU seconds on one thread, alternating (ABBA), each run in a fresh
 process.
 
     python benchmarks/init_cost.py [--baseline 7ebca63] [--repeats 3] [--threads 1]
@@ -8,10 +8,10 @@ process.
         [--out benchmarks/results-init-cost]
 
 Reading and preprocessing are excluded (each variant prepares the pair with its own code, untimed). The search's
-result (winning start, score, refined scores, candidates, and the sha1 of the float64 matrix bytes) of both
+result (winning start, score, candidates, and the sha1 of the float64 matrix bytes) of both
 variants is compared: ``identical`` means the same winner, score and matrix bit for bit. Cases as
 ``preprocess_cost.py`` (the CT cases from ``large_fov.py``'s case folder, the brains from ``.cache``, each skipped
-when absent; ``demo``: the bundled pair). Runtime: about 2 min with the four cases and 3 repeats on one core.
+when absent; ``demo``: the bundled pair). Runtime: about 3 min with the four cases and 3 repeats on one core.
 Writes ``init_cost.json`` and ``.md`` into ``--out``.
 """
 from __future__ import annotations
