@@ -108,6 +108,7 @@ class LNCC:
             # until VIEW_REFRESH of the grid differs (the centre weights always use the current view)
             changed = int((self._view != view).sum())
             if changed <= VIEW_REFRESH * view.numel():
+                self._view_exact = changed == 0  # the statistics are this view's only if it did not change
                 return self._view_stats
         with torch.no_grad():
             # the operations of box_filter(cat([v, v·f, v·f·f])), then mf = mf·inv, var_f = (mff·inv − mf²)⁺ and
@@ -127,24 +128,28 @@ class LNCC:
                 structure = structure.mul_(region.to(fixed.dtype))
             self._view_stats = (v, inv, mf, var_f, structure)
             self._view = view.clone()
+            self._view_exact = True
         return self._view_stats
 
     def _cc2(self, fixed: torch.Tensor, warped: torch.Tensor, region: torch.Tensor | None,
-             view: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(cc2, var_f, structure)``: the per-voxel ``cross² / (var_f var_w + eps)`` ``(B, 1, Z, Y, X)`` and the
-        fixed windows' variance and structure weights. The caller has called :meth:`_rekey`."""
+             view: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """``(cc2, var_f, structure, exact)``: the per-voxel ``cross² / (var_f var_w + eps)`` ``(B, 1, Z, Y, X)``,
+        the fixed windows' variance and structure weights, and whether those statistics are this ``view``'s (not
+        cached ones of an earlier view). The caller has called :meth:`_rekey`."""
         if view is not None and not bool(view.all()):
             v, inv, mf, var_f, structure = self._view_fixed_stats(fixed, region, view)
             mw, mww, mfw = torch.split(box_filter(torch.cat([v * warped, v * warped * warped, v * fixed * warped],
                                                             1), self.radius), 1, 1)
             mw, mww, mfw = mw * inv, mww * inv, mfw * inv
+            exact = self._view_exact
         else:
             mf, var_f, structure = self._fixed_stats(fixed, region)
             mw, mww, mfw = torch.split(box_filter(torch.cat([warped, warped * warped, fixed * warped], 1),
                                                   self.radius), 1, 1)
+            exact = True  # the whole-grid statistics do not depend on the view
         cross = mfw - mf * mw
         var_w = (mww - mw * mw).clamp_min(0)
-        return cross * cross / (var_f * var_w + self.eps), var_f, structure
+        return cross * cross / (var_f * var_w + self.eps), var_f, structure, exact
 
     @staticmethod
     def _loss(cc2: torch.Tensor, structure: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -158,7 +163,7 @@ class LNCC:
         """The loss of each of ``B`` warped images ``(B, 1, Z, Y, X)`` against ``fixed`` ``(1, 1, Z, Y, X)``:
         shape ``(B,)``. ``valid``/``view`` bool ``(B or 1, 1, Z, Y, X)``; ``region`` ``(1, 1, Z, Y, X)``."""
         self._rekey(fixed, region)  # the caches hold for this fixed image and region only
-        cc2, _, structure = self._cc2(fixed, warped, region, view)
+        cc2, _, structure, _ = self._cc2(fixed, warped, region, view)
         return self._loss(cc2, structure, valid)
 
     def evaluate(self, fixed: torch.Tensor, warped: torch.Tensor, valid: torch.Tensor | None = None,
@@ -168,10 +173,8 @@ class LNCC:
         per-voxel map of :class:`LocalCC2` (over ``view``, without ``valid`` and ``region``); the map is None when
         the fixed statistics were cached ones of an earlier view (its values would not be this view's)."""
         self._rekey(fixed, region)
-        cc2, var_f, structure = self._cc2(fixed, warped, region, view)
+        cc2, var_f, structure, exact = self._cc2(fixed, warped, region, view)
         loss = self._loss(cc2, structure, valid)
-        # the whole-grid statistics do not depend on the view; cut-view ones may be of an earlier view
-        exact = view is None or bool(view.all()) or (self._view is not None and torch.equal(self._view, view))
         return loss, (LocalCC2.of(cc2, var_f, view, self.radius, self.flat) if exact else None)
 
     def __call__(self, fixed: torch.Tensor, warped: torch.Tensor, valid: torch.Tensor | None = None,
