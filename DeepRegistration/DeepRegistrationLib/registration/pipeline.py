@@ -497,13 +497,10 @@ def _evaluate(lv: _Level, affine: torch.Tensor | None, u: torch.Tensor | None, s
     ``local`` for LNCC its per-voxel map (:meth:`~DeepRegistrationLib.registration.similarity.Similarity.evaluate`;
     else None)."""
     with torch.no_grad():
-        if u is None and affine is None:
-            # the identity maps the voxel centres to themselves: apply_affine would return the same numbers
-            # (x·1 + y·0 + z·0 + 0 is exact; grid_points gives no -0.0 that it would turn into +0.0)
-            mapped = lv.pts
-        else:
-            pts = lv.pts if u is None else lv.pts + torch.movedim(u, 1, -1)
-            mapped = pts if affine is None else W.apply_affine(pts, affine)
+        pts = lv.pts if u is None else lv.pts + torch.movedim(u, 1, -1)
+        # the identity (None) maps the points to themselves: apply_affine would return the same numbers
+        # (x·1 + y·0 + z·0 + 0 is exact; grid_points gives no -0.0 that it would turn into +0.0)
+        mapped = pts if affine is None else W.apply_affine(pts, affine)
         warped, valid, view = lv.warp(mapped)
         if local:
             loss, local_map = sim.evaluate(lv.fixed, warped, valid, lv.fmask, view)
