@@ -20,7 +20,8 @@ EPILOG = """\
 outputs (in OUTDIR, written to a temporary folder first and moved into place when complete):
   transform.h5      ITK composite transform (affine + displacement field), fixed -> moving, LPS;
                     apply it with SimpleITK/ANTs/Slicer to map the moving image onto the fixed one
-  warped.nii.gz     moving image resampled onto the fixed image's grid
+  warped.nii.gz     moving image resampled onto the fixed image's grid (see --warped: by default
+                    not written for a fixed image of more than 16 M voxels)
   inverse.h5        (deformable mode) the inverse, moving -> fixed, LPS; report.json gives its
                     inverse-consistency error |T(T^-1(y)) - y| in mm
   jacobian.nii.gz   Jacobian determinant of the transform (<1 shrink, >1 expand, <=0 folding)
@@ -172,6 +173,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="init: refine the prediction at the finest level; replace: use it as is (default: init)")
     o = p.add_argument_group("output")
     o.add_argument("--no-png", action="store_true", help="skip report.png")
+    o.add_argument("--warped", choices=("auto", "full", "none"), default="auto",
+                   help="warped.nii.gz: full = on the fixed image's full grid; none = not written; auto = full "
+                        "unless the fixed image has more than 16 M voxels (a 0.75 mm trunk CT: the warp and its "
+                        "gzip would cost more than the registration; 'deepregistration apply' writes the same "
+                        "image later from transform.h5) (default: auto)")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     o.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     o.add_argument("--explain", action="store_true",

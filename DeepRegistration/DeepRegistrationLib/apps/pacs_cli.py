@@ -131,8 +131,9 @@ def _register_function(args):
         for name in ("fixed_mask", "moving_mask", "fixed_labels", "moving_labels", "fixed_landmarks",
                      "moving_landmarks", "guide_landmarks"):
             setattr(ns, name, None)
-        # the register options pacs does not copy: no guide landmarks, no extra maps, the report as it is
-        ns.no_png, ns.explain, ns.uncertainty, ns.fail_on = True, False, False, None
+        # the register options pacs does not copy: no guide landmarks, no extra maps, the report as it is, and
+        # warped.nii.gz at full resolution whatever the size (it is the derived series stored on the PACS)
+        ns.no_png, ns.explain, ns.uncertainty, ns.fail_on, ns.warped = True, False, False, None, "full"
         ns.guide_weight = RegistrationConfig().guide_weight
         stdout = sys.stdout
         sys.stdout = sys.stderr  # the register command's summary goes to stderr; stdout is ours

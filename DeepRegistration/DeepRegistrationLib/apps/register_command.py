@@ -53,12 +53,15 @@ def register_command(args: argparse.Namespace) -> int:
             guide_moving_landmarks=(args.guide_landmarks or (None, None))[1],
             overwrite=args.overwrite, write_png=not args.no_png, progress=bar, predictor=predictor,
             predictor_mode=args.model_mode, explain=args.explain,
-            uncertainty=args.uncertainty)
+            uncertainty=args.uncertainty, warped=getattr(args, "warped", "auto"))
     finally:
         bar.close()
     print(f"outputs: {summary.out_dir}")
     for line in summary_lines(summary.report):
         print("  " + line)
+    warped = summary.report["outputs"]["warped"]
+    if warped["file"] is None:
+        print(f"  warped.nii.gz not written: {warped['why']}; to write it: {warped['how']}")
     return verdict_status(summary.report, getattr(args, "fail_on", None))
 
 

@@ -6,18 +6,22 @@ to OUTDIR that is renamed into place only when everything succeeded:
 
 - ``transform.h5``: ITK composite transform [affine, displacement field], fixed → moving, LPS.
 - ``warped.nii.gz``: the moving image resampled onto the fixed image's full-resolution grid (float32; in the moving
-  file's integer type, rounded, when that has 16 bits or more, e.g. a CT's int16).
+  file's integer type, rounded, when that has 16 bits or more, e.g. a CT's int16). Written unless ``warped="none"``,
+  or ``warped="auto"`` (the default) on a fixed grid of more than :data:`FULL_GRID_MAX_VOXELS` voxels, where
+  ``report.json``'s ``outputs`` says it was not written and how to write it (``deepregistration apply``).
 - ``inverse.h5`` (deformable mode): the inverse, moving → fixed (ITK composite [displacement, affine⁻¹],
   LPS; see :mod:`~DeepRegistrationLib.spatial.inverse`); ``report.json`` gives its inverse-consistency error.
 - ``jacobian.nii.gz``: det of the Jacobian of the full transform, on the fixed grid (on the working grid, where it
-  is computed, for a fixed grid of more than :data:`JACOBIAN_FULL_GRID_MAX_VOXELS` voxels).
+  is computed, for a fixed grid of more than :data:`FULL_GRID_MAX_VOXELS` voxels).
 - ``warped_labels.nii.gz``: the moving labels warped (nearest neighbour), when labels are given.
 - ``explain/residual.nii.gz``, ``explain/local_similarity.nii.gz``, ``explain/displacement.nii.gz`` (with
   ``explain=True``): the explainability maps of :func:`~DeepRegistrationLib.evaluation.explain.explanation_maps`
   on the fixed image's full grid (its exact spacing, origin and direction).
 - ``uncertainty.nii.gz`` (with ``uncertainty=True``): the spread (mm) of a few perturbed restarts, on the
   fixed grid (see :mod:`~DeepRegistrationLib.evaluation.uncertainty`).
-- ``report.json`` / ``report.png``: figures, timings, parameters, versions; a visual check.
+- ``report.json`` / ``report.png``: figures, timings, parameters, versions; a visual check (drawn on the working
+  grid from the registration's own working images when the fixed grid is large or ``warped.nii.gz`` is not
+  written).
 """
 from __future__ import annotations
 
@@ -51,10 +55,18 @@ from ..spatial.transforms import SpatialTransform
 logger = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("transform.h5", "warped.nii.gz", "jacobian.nii.gz", "report.json", "report.png")
-#: ``jacobian.nii.gz`` is written on the working grid instead of the fixed grid above this many fixed-grid voxels
-#: (a 0.75 mm CT of the trunk: 60-90 M; the 1 mm brain, 7 M, keeps the fixed grid). Above it the background writes
-#: are also joined before the full-resolution label warps (their memory is not added to a pending write's).
-JACOBIAN_FULL_GRID_MAX_VOXELS = 16_000_000
+#: A fixed grid of more than this many voxels is *large* (a 0.75 mm CT of the trunk: 60-90 M; the 1 mm brain, 7 M,
+#: and a 2 mm trunk CT, 4.6 M, are not): ``jacobian.nii.gz`` is written on the working grid instead of the fixed
+#: grid, ``report.png`` is drawn on the working grid, ``warped.nii.gz`` is not written by default
+#: (:data:`WARPED_CHOICES`), and the background writes are joined before the full-resolution label warps (their
+#: memory is not added to a pending write's).
+FULL_GRID_MAX_VOXELS = 16_000_000
+#: ``warped=`` of :func:`run_registration` (``register --warped``): ``"full"`` writes ``warped.nii.gz`` on the full
+#: fixed grid, ``"none"`` does not write it, ``"auto"`` (the default) writes it unless the fixed grid is large
+#: (:data:`FULL_GRID_MAX_VOXELS`). At 0.75 mm (86.5 M voxels) the full-resolution warp and its gzip cost ~8 CPU s,
+#: more than the whole registration, for an image that ``deepregistration apply`` writes on demand from
+#: ``transform.h5`` (the same bits) and that Slicer shows through the transform without it.
+WARPED_CHOICES = ("auto", "full", "none")
 #: The maps written into ``OUTDIR/explain/`` with ``explain=True`` (``<name>.nii.gz``).
 EXPLAIN_FILES = ("residual", "local_similarity", "displacement")
 #: The inputs are read in parallel threads and every output file is written on a background thread while the next
@@ -152,7 +164,7 @@ class _Inputs:
 class _Outputs:
     """What :func:`_write_outputs` wrote that the later stages reuse (images on the fixed grid)."""
 
-    warped: Image
+    warped: Image | None  # None: warped.nii.gz not written
     jacobian: Image
     inverse_report: dict | None
     held: list  # the SimpleITK images whose buffers back arrays handed to the writer (see _hand_over)
@@ -169,6 +181,7 @@ class _Evaluation:
     guidance: dict | None
     maps: dict
     uncertainty_seconds: float
+    pair: object = None  # evaluation.explain.WorkingPair: the working images the quality signals saw
 
 
 def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfig | None = None, *,
@@ -178,7 +191,7 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
                      write_png: bool = True, progress: ProgressCallback | None = None,
                      predictor=None, predictor_mode: str = "init",
                      initial_affine: np.ndarray | None = None, explain: bool = False,
-                     uncertainty: bool = False) -> RunSummary:
+                     uncertainty: bool = False, warped: str = "auto") -> RunSummary:
     """Registers MOVING to FIXED (paths) and writes all outputs into ``out_dir`` atomically.
 
     Stages: :func:`_read_inputs` (everything checked before any work), the registration
@@ -215,17 +228,21 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
             in one batch (:func:`~DeepRegistrationLib.evaluation.uncertainty.restart_spread`):
             ``out_dir/uncertainty.nii.gz`` in mm on the fixed grid, its summary in ``report.json``
             (``uncertainty``); it feeds the quality verdict.
+        warped: Whether ``warped.nii.gz`` is written: one of :data:`WARPED_CHOICES` (checked before any work).
 
     Returns:
         :class:`RunSummary`.
     """
     cfg = (config or RegistrationConfig()).validate()
+    if warped not in WARPED_CHOICES:
+        raise InputError(f"warped must be one of {', '.join(WARPED_CHOICES)} (got '{warped}').")
     out = check_output_dir(out_dir, overwrite)
     prog = Progress(progress)
     done = 0.55 if uncertainty else 0.85  # share of the registration (the uncertainty takes about as long)
     inputs = _read_inputs(fixed_path, moving_path, cfg, fixed_mask, moving_mask, fixed_labels, moving_labels,
                           fixed_landmarks, moving_landmarks, guide_fixed_landmarks, guide_moving_landmarks,
                           initial_affine)
+    write_warped = warped == "full" or (warped == "auto" and inputs.fixed.grid.num_voxels <= FULL_GRID_MAX_VOXELS)
     result = register(inputs.fixed, inputs.moving, cfg, fixed_mask=inputs.fixed_mask,
                       moving_mask=inputs.moving_mask, predictor=predictor, predictor_mode=predictor_mode,
                       initial_affine=inputs.initial_affine, guide=inputs.guide,
@@ -235,7 +252,8 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         with BackgroundWriter(CONCURRENT_IO) as writer:  # joined (every file complete) when the block ends
-            outputs = _write_outputs(tmp, inputs, result, prog.sub(done + 0.01, done + 0.02), writer)
+            outputs = _write_outputs(tmp, inputs, result, prog.sub(done + 0.01, done + 0.02), writer,
+                                     write_warped)
             evaluation = _evaluate(tmp, inputs, result, cfg, outputs, explain, uncertainty, prog,
                                    start=done + 0.03, writer=writer)
         timings = dict(read=inputs.seconds, **result.timings,
@@ -243,7 +261,7 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
         if uncertainty:
             timings["uncertainty"] = evaluation.uncertainty_seconds
         report = _write_report(tmp, inputs, result, fixed_path, moving_path, outputs, evaluation, timings,
-                               write_png, prog)
+                               write_png, prog, warped, out)
         prog(0.99, "moving outputs into place")
         _move_into_place(tmp, out)
     except BaseException:
@@ -298,17 +316,19 @@ def _read_inputs(fixed_path, moving_path, cfg: RegistrationConfig, fixed_mask, m
 
 
 def _write_outputs(tmp: Path, inputs: _Inputs, result: RegistrationResult, prog: Progress,
-                   writer: BackgroundWriter | None = None) -> _Outputs:
-    """``transform.h5``, ``warped.nii.gz``, ``inverse.h5`` (deformable) and ``jacobian.nii.gz`` into ``tmp``
-    (``prog`` covers this stage). Each file goes to ``writer`` once computed (written on its thread while the
-    next is computed); without one, written at once. The largest, ``warped.nii.gz``, is computed first, with no
-    write in flight (the full-resolution warp is this stage's memory peak: nothing is added to it)."""
+                   writer: BackgroundWriter | None = None, write_warped: bool = True) -> _Outputs:
+    """``transform.h5``, ``warped.nii.gz`` (with ``write_warped``), ``inverse.h5`` (deformable) and
+    ``jacobian.nii.gz`` into ``tmp`` (``prog`` covers this stage). Each file goes to ``writer`` once computed
+    (written on its thread while the next is computed); without one, written at once. The largest,
+    ``warped.nii.gz``, is computed first, with no write in flight (the full-resolution warp is this stage's memory
+    peak: nothing is added to it)."""
     writer = writer or BackgroundWriter(enabled=False)
     fixed, moving, mmask = inputs.fixed, inputs.moving, inputs.moving_mask
-    # an int16 CT: warped straight into int16 (half the bytes to compress, no full-size float32 copy)
-    warped = warp_image(moving, fixed.grid, result.transform, "linear", dtype=inputs.moving_type)
     held: list = []
-    warped = _hand_over(writer, warped, tmp / "warped.nii.gz", held)
+    warped = None
+    if write_warped:
+        warped = _hand_over(writer, warped_image(moving, fixed.grid, result.transform, inputs.moving_type),
+                            tmp / "warped.nii.gz", held)
     writer.submit(_write_transform, result.transform, tmp / "transform.h5")
     inverse_report = None
     if result.transform.field is not None:
@@ -341,6 +361,14 @@ def _hand_over(writer: BackgroundWriter, image: Image, path: Path, held: list) -
     return Image(view if image.array.dtype != bool else image.array, image.grid, image.name)
 
 
+def warped_image(moving: Image, grid, transform: SpatialTransform, moving_type: type | None) -> Image:
+    """``warped.nii.gz``'s image: ``moving`` (linear interpolation) on ``grid`` through ``transform``, in
+    ``moving_type`` (the moving file's integer type of 16 bits or more,
+    :func:`~DeepRegistrationLib.io.images.stored_integer_type`: an int16 CT is warped straight into int16, rounded,
+    half the bytes to compress and no full-size float32 copy), else in the moving image's float32."""
+    return warp_image(moving, grid, transform, "linear", dtype=moving_type)
+
+
 def _write_transform(transform: SpatialTransform, path: Path) -> None:
     """An ITK transform file (``.h5``) of ``transform``."""
     sitk.WriteTransform(transform.to_sitk(), str(path))
@@ -348,12 +376,12 @@ def _write_transform(transform: SpatialTransform, path: Path) -> None:
 
 def jacobian_image(result: RegistrationResult, fixed_grid) -> Image:
     """``jacobian.nii.gz``'s image: det J (float32) on the fixed grid, or on the working grid (where it was
-    computed) when the fixed grid holds more than :data:`JACOBIAN_FULL_GRID_MAX_VOXELS` voxels — resampling it
+    computed) when the fixed grid holds more than :data:`FULL_GRID_MAX_VOXELS` voxels — resampling it
     finer would only interpolate, at the cost of a full-resolution float image to compute and compress."""
     wg = result.working_grid
     if wg.same_as(fixed_grid, tol=1e-6):
         return Image(np.asarray(result.jacobian, dtype=np.float32), fixed_grid, "jacobian")
-    if fixed_grid.num_voxels > JACOBIAN_FULL_GRID_MAX_VOXELS:
+    if fixed_grid.num_voxels > FULL_GRID_MAX_VOXELS:
         return Image(np.asarray(result.jacobian, dtype=np.float32), wg, "jacobian")
     return Image(sample_on_grid(result.jacobian, wg, fixed_grid), fixed_grid, "jacobian")
 
@@ -399,7 +427,7 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
     prog(0.93, "evaluating")
     evaluation: dict = {}
     if inputs.fixed_labels is not None:
-        if fixed.grid.num_voxels > JACOBIAN_FULL_GRID_MAX_VOXELS:
+        if fixed.grid.num_voxels > FULL_GRID_MAX_VOXELS:
             writer.join()  # a large grid: the full-resolution label warps run with no write's copy in memory
         evaluation["labels"], warped_labels = evaluate_labels(inputs.fixed_labels, inputs.moving_labels,
                                                               result.transform)
@@ -418,18 +446,22 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
     signals = signals_from_result(result, fixed, moving, fmask, mmask, landmark_residual_mm=residual, pair=pair)
     if unc_info is not None:
         signals.update(uncertainty_signals(unc_info))
-    return _Evaluation(evaluation, assess(signals), explain_info, unc_info, guide_info, maps, unc_seconds)
+    return _Evaluation(evaluation, assess(signals), explain_info, unc_info, guide_info, maps, unc_seconds, pair)
 
 
 def _write_report(tmp: Path, inputs: _Inputs, result: RegistrationResult, fixed_path, moving_path,
                   outputs: _Outputs, evaluation: _Evaluation, timings: dict, write_png: bool,
-                  prog: Progress) -> dict:
-    """``report.json`` (and ``report.png`` when ``write_png``) into ``tmp``; returns the report."""
+                  prog: Progress, warped: str = "auto", out_dir: Path | None = None) -> dict:
+    """``report.json`` (and ``report.png`` when ``write_png``) into ``tmp``; returns the report. ``warped``: the
+    run's :data:`WARPED_CHOICES` entry and ``out_dir`` the final output folder (for ``report.json``'s
+    ``outputs``)."""
     report = build_report(result, fixed_path, moving_path, evaluation.metrics, timings)
     report["quality"] = evaluation.quality
     report["conventions"]["jacobian_grid"] = ("fixed" if outputs.jacobian.grid is inputs.fixed.grid else
                                               "working (the fixed grid is larger than "
-                                              f"{JACOBIAN_FULL_GRID_MAX_VOXELS} voxels)")
+                                              f"{FULL_GRID_MAX_VOXELS} voxels)")
+    report["outputs"] = {"warped": warped_entry(warped, outputs.warped is not None, inputs.fixed.grid, moving_path,
+                                                out_dir or tmp)}
     for key, value in (("explain", evaluation.explain), ("uncertainty", evaluation.uncertainty),
                        ("inverse", outputs.inverse_report), ("guidance", evaluation.guidance)):
         if value is not None:
@@ -439,17 +471,46 @@ def _write_report(tmp: Path, inputs: _Inputs, result: RegistrationResult, fixed_
         prog(0.95, "drawing report.png")
         from ..evaluation.figures import draw_report
 
-        fixed, warped, maps = inputs.fixed, outputs.warped, dict(evaluation.maps)
-        grid = outputs.jacobian.grid
-        if grid is not fixed.grid:  # a large fixed grid: drawn on the working grid (a figure needs no more)
-            coarse = lambda im: Image(sample_on_grid(im.array, im.grid, grid), grid, im.name)
-            fixed, warped = coarse(fixed), warp_image(inputs.moving, grid, result.transform, "linear")
-            maps = {k: coarse(v) for k, v in maps.items()}
-        before = warp_image(inputs.moving, fixed.grid, SpatialTransform.identity(), "linear")
+        maps = dict(evaluation.maps)
+        if outputs.warped is not None and outputs.jacobian.grid is inputs.fixed.grid:
+            fixed, warped, jacobian = inputs.fixed, outputs.warped, outputs.jacobian
+            before = warp_image(inputs.moving, fixed.grid, SpatialTransform.identity(), "linear")
+        else:  # a large fixed grid or no warped image: drawn on the working grid (a figure needs no more)
+            fixed, before, warped, jacobian = _working_figure_images(result, evaluation.pair, inputs.moving)
+            grid = fixed.grid
+            maps = {k: Image(sample_on_grid(v.array, v.grid, grid), grid, v.name) for k, v in maps.items()}
         if result.config.similarity == "mi" and "local_similarity" in maps:
             maps = {("local_mi" if k == "local_similarity" else k): v for k, v in maps.items()}
-        draw_report(fixed, before, warped, outputs.jacobian, tmp / "report.png", summary_lines(report), maps=maps)
+        draw_report(fixed, before, warped, jacobian, tmp / "report.png", summary_lines(report), maps=maps)
     return report
+
+
+def warped_entry(choice: str, written: bool, fixed_grid, moving_path, out_dir: Path) -> dict:
+    """``report.json``'s ``outputs.warped``: whether ``warped.nii.gz`` was written, and if not, why and the
+    command that writes it (the same image, from ``transform.h5``)."""
+    if written:
+        return {"file": "warped.nii.gz", "grid": "fixed"}
+    why = ("--warped none" if choice == "none" else
+           f"the fixed grid has {fixed_grid.num_voxels / 1e6:.1f} M voxels, more than {FULL_GRID_MAX_VOXELS / 1e6:g} M "
+           "(--warped auto)")
+    return {"file": None, "why": why,
+            "how": f"deepregistration apply {os.path.abspath(moving_path)} -t {out_dir} -o warped.nii.gz "
+                   "(or register with --warped full)"}
+
+
+def _working_figure_images(result: RegistrationResult, pair, moving: Image) -> tuple[Image, Image, Image, Image]:
+    """``report.png``'s fixed, moving before, moving after and Jacobian images on the fixed working grid, from the
+    registration's own working images (intensities normalized to [0, 1]; the warped one 0 outside the moving field
+    of view, as the similarity saw it): no full-resolution image is resampled for a figure. ``moving`` (the input)
+    is resampled for the "before" column only for a result without working images."""
+    grid = pair.grid
+    if result.working_images is not None:
+        m = result.working_images.moving
+        moving = Image(m.array, m.grid, "moving")
+    before = warp_image(moving, grid, SpatialTransform.identity(), "linear")
+    return (Image(pair.fixed[0, 0].cpu().numpy(), grid, "fixed"), before,
+            Image(pair.warped[0, 0].cpu().numpy(), grid, "warped"),
+            Image(np.asarray(result.jacobian, dtype=np.float32), result.working_grid, "jacobian"))
 
 
 def explain_summary(maps: dict[str, Image], pair, similarity: str = "lncc") -> dict:

@@ -99,8 +99,11 @@ def test_jacobian_on_the_fixed_grid_holds_the_result(run, sample_dir):
     assert report["conventions"]["jacobian_grid"] == "fixed"
 
 
-def test_a_large_fixed_grid_gets_the_jacobian_on_the_working_grid(tmp_path, sample_dir, monkeypatch):
-    monkeypatch.setattr(run_module, "JACOBIAN_FULL_GRID_MAX_VOXELS", 1000)
+def test_a_large_fixed_grid_gets_the_jacobian_on_the_working_grid(tmp_path, sample_dir, monkeypatch, run):
+    """Above FULL_GRID_MAX_VOXELS: the Jacobian on the working grid, report.png drawn there, and by default
+    (``warped="auto"``) no warped.nii.gz, with report.json saying why and how to write it; ``warped="full"``
+    writes it on the fixed grid, the same voxels as a run below the threshold."""
+    monkeypatch.setattr(run_module, "FULL_GRID_MAX_VOXELS", 1000)
     res = run_module.run_registration(sample_dir / "fixed.nii.gz", sample_dir / "moving.nii.gz", tmp_path / "o",
                                       RegistrationConfig(**CFG), write_png=True)
     jac = read_image(res.out_dir / "jacobian.nii.gz", "jacobian")
@@ -109,8 +112,36 @@ def test_a_large_fixed_grid_gets_the_jacobian_on_the_working_grid(tmp_path, samp
     report = json.loads((res.out_dir / "report.json").read_text())
     assert report["conventions"]["jacobian_grid"].startswith("working")
     assert (res.out_dir / "report.png").stat().st_size > 0
-    fixed = read_image(sample_dir / "fixed.nii.gz", "fixed")
-    assert read_image(res.out_dir / "warped.nii.gz", "warped").grid.same_as(fixed.grid, tol=1e-4)
+    assert not (res.out_dir / "warped.nii.gz").exists()
+    entry = report["outputs"]["warped"]
+    assert entry["file"] is None and "more than 0.001 M" in entry["why"]
+    assert entry["how"].startswith("deepregistration apply ") and str(res.out_dir) in entry["how"]
+    # the registration itself does not depend on what is written
+    np.testing.assert_array_equal(res.result.transform.field, run.result.transform.field)
+
+    full = run_module.run_registration(sample_dir / "fixed.nii.gz", sample_dir / "moving.nii.gz", tmp_path / "f",
+                                       RegistrationConfig(**CFG), write_png=False, warped="full")
+    written = sitk.ReadImage(str(full.out_dir / "warped.nii.gz"))
+    small = sitk.ReadImage(str(run.out_dir / "warped.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(small))
+    assert written.GetSpacing() == small.GetSpacing() and written.GetOrigin() == small.GetOrigin()
+    assert json.loads((full.out_dir / "report.json").read_text())["outputs"]["warped"] == {
+        "file": "warped.nii.gz", "grid": "fixed"}
+
+
+def test_warped_none_writes_everything_else_and_a_bad_choice_is_refused_first(tmp_path, sample_dir, run):
+    res = run_module.run_registration(sample_dir / "fixed.nii.gz", sample_dir / "moving.nii.gz", tmp_path / "n",
+                                      RegistrationConfig(**CFG), write_png=True, warped="none")
+    names = sorted(p.name for p in res.out_dir.iterdir())
+    assert names == ["inverse.h5", "jacobian.nii.gz", "report.json", "report.png", "transform.h5"]
+    report = json.loads((res.out_dir / "report.json").read_text())
+    assert report["outputs"]["warped"]["file"] is None and report["outputs"]["warped"]["why"] == "--warped none"
+    assert report["conventions"]["jacobian_grid"] == "fixed"  # a small grid: the Jacobian stays on it
+    np.testing.assert_array_equal(res.result.transform.field, run.result.transform.field)
+    with pytest.raises(run_module.InputError, match="warped must be one of auto, full, none"):
+        run_module.run_registration(sample_dir / "fixed.nii.gz", sample_dir / "moving.nii.gz", tmp_path / "bad",
+                                    RegistrationConfig(**CFG), warped="half")
+    assert not (tmp_path / "bad").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["n"]
 
 
 def test_an_int16_moving_image_is_warped_into_int16(tmp_path, sample_dir):
