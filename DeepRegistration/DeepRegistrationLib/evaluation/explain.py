@@ -300,7 +300,8 @@ def explanation_maps(fixed: Image, moving: Image, transform: SpatialTransform, c
         Images on exactly ``fixed.grid`` (float32); see the module docstring for their meaning.
     """
     pair = pair or working_pair(fixed, moving, transform, config)
-    warped = warped if warped is not None else warp_image(moving, fixed.grid, transform, "linear")
+    # float32 whatever ``moving``'s type (an int16 CT kept as read is not rounded: the float32 image's warp)
+    warped = warped if warped is not None else warp_image(moving, fixed.grid, transform, "linear", dtype=np.float32)
     ones = Image(np.ones(moving.grid.shape, np.float32), moving.grid, "support")
     inside = warp_image(ones, fixed.grid, transform, "linear").array > 0.5
     if config.similarity == "mi":

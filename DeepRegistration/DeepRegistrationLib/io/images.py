@@ -201,8 +201,16 @@ def stored_integer_type(path: str | os.PathLike) -> type | None:
     return None if kind is None else _INTEGER_TYPES[kind]
 
 
-def read_image(path: str | os.PathLike, name: str = "image") -> Image:
-    """Reads an intensity image as float32 and checks that it can be registered.
+#: Stored types :func:`read_image` keeps as they are with ``keep_integer``: the integers exact in float32 (every
+#: value of 16 bits or fewer) among the types a file's warped image is written back in
+#: (:func:`stored_integer_type`): a CT's int16. 8-bit files and DICOM series stay float32, as their warped image
+#: (a warp that keeps its input's dtype would round a uint8 array, where the float32 copy's warp does not).
+KEPT_INTEGER_TYPES = (np.dtype(np.int16), np.dtype(np.uint16))
+
+
+def read_image(path: str | os.PathLike, name: str = "image", keep_integer: bool = False) -> Image:
+    """Reads an intensity image as float32 (or, with ``keep_integer``, int16/uint16 as stored) and checks that it
+    can be registered.
 
     The checks look at the stored voxels once: the minimum and maximum (on the stored array, before the float32
     copy; an integer type cannot hold NaN or Inf, and the stored array is counted voxel by voxel only when its
@@ -212,9 +220,15 @@ def read_image(path: str | os.PathLike, name: str = "image") -> Image:
     Args:
         path: Image file or DICOM series folder.
         name: What it is ("fixed image", ...), used in error messages.
+        keep_integer: Keep an int16 or uint16 file (:data:`KEPT_INTEGER_TYPES`; not a DICOM series) in its
+            stored type instead of converting it to float32: every value is exact in float32, so anything that converts it where it reads
+            (:func:`~DeepRegistrationLib.registration.preprocess.prepare`, ``warp_image``) computes the same bits
+            as from the float32 copy, without that copy (half the memory: a 0.75 mm CT of 86.5 M voxels holds
+            173 MB instead of 346 MB). For callers that handle such arrays (the ``register`` path); a consumer
+            that keeps its input's dtype (``warp_image`` without ``dtype=``) gets int16 out.
 
     Returns:
-        The image (array ``(Z, Y, X)`` float32, grid in LPS mm).
+        The image (array ``(Z, Y, X)`` float32, or the stored int16/uint16 with ``keep_integer``; grid in LPS mm).
 
     Raises:
         InputError: missing/unreadable file, not 3D, vector image, NaN/Inf voxels, constant image.
@@ -222,6 +236,7 @@ def read_image(path: str | os.PathLike, name: str = "image") -> Image:
     img = _read_sitk(path, name)
     _check_3d(img, path, name)
     stored = sitk.GetArrayViewFromImage(img)  # ITK's buffer, no copy (``img`` outlives every use below)
+    keep = keep_integer and stored.dtype in KEPT_INTEGER_TYPES and not Path(path).is_dir()
     with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes Inf in the copy, as it is counted
         # float32 rounding is monotonic: the float32 copy's extremes are the stored extremes, rounded
         lo, hi = np.float32(stored.min()), np.float32(stored.max())
@@ -236,7 +251,8 @@ def read_image(path: str | os.PathLike, name: str = "image") -> Image:
     if float(hi) - float(lo) <= 1e-6 * max(1.0, abs(float(hi))):
         raise InputError(f"{name}: '{path}' is constant (every voxel is {float(np.float32(stored.flat[0])):g}); "
                          "there is nothing to align. Check that the right file was given.")
-    image = Image(stored.astype(np.float32), Grid.from_sitk(img), name)
+    # the kept integers are copied out of ITK's buffer (``img`` is freed on return): a copy of the stored bytes
+    image = Image(stored.copy() if keep else stored.astype(np.float32), Grid.from_sitk(img), name)
     logger.info("read %s %s: %s", name, path, image.grid)
     return image
 

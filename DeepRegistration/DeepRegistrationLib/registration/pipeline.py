@@ -717,8 +717,10 @@ def register(fixed: Image, moving: Image, config: RegistrationConfig | None = No
     """Registers ``moving`` to ``fixed``.
 
     Args:
-        fixed: Fixed image (any orientation and voxel size; LPS grid).
-        moving: Moving image.
+        fixed: Fixed image (any orientation and voxel size; LPS grid): float32 intensities, or int16/uint16 as
+            :func:`~DeepRegistrationLib.io.images.read_image` keeps them with ``keep_integer`` (exact in float32:
+            the same result as from their float32 copy, which is never made).
+        moving: Moving image (the same types).
         config: Settings; defaults to ``RegistrationConfig()`` (deformable, LNCC, 2 mm).
         fixed_mask / moving_mask: Optional masks (any grid overlapping their image); only voxels
             inside count in the similarity.

@@ -392,7 +392,7 @@ def foreground_points(array: np.ndarray, grid: Grid, mask: np.ndarray | None = N
     array order) so that at most ``max_points`` remain.
 
     Args:
-        array: Image ``(Z, Y, X)`` on ``grid``.
+        array: Image ``(Z, Y, X)`` on ``grid`` (float; integers of up to 16 bits are taken as their float32 values).
         grid: Its grid.
         mask: Optional boolean ``(Z, Y, X)``; when None (or empty) the foreground is the voxels brighter
             than ``threshold`` × the 99th percentile of the image (all voxels if none is).
@@ -410,6 +410,8 @@ def foreground_points(array: np.ndarray, grid: Grid, mask: np.ndarray | None = N
     sel = None if mask is None else np.asarray(mask, dtype=bool)[sub]
     if sel is None or not sel.any():
         a = np.asarray(array)[sub]
+        if a.dtype.kind in "iu" and a.dtype.itemsize <= 2:  # an int16 CT kept as read: its float32 values (exact),
+            a = a.astype(np.float32)  # so the percentile and the threshold are the float32 image's, to the bit
         sel = a > threshold * np.percentile(a, 99)
         if not sel.any():
             sel = np.ones(a.shape, dtype=bool)
