@@ -67,6 +67,9 @@ def _extra_command_modules() -> dict:
     from . import feedback_cli  # argparse only
 
     out["feedback"] = feedback_cli
+    from . import apply_cli  # argparse only
+
+    out["apply"] = apply_cli
     return out
 
 
@@ -86,6 +89,8 @@ def _add_extra_commands(sub, command: str | None = None) -> None:
         modules["register-batch"].add_subparsers(sub)  # register-batch, register-sequence, template
     if "feedback" in modules:
         modules["feedback"].add_subparser(sub)
+    if "apply" in modules:
+        modules["apply"].add_subparser(sub)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
