@@ -547,7 +547,10 @@ class RegistrationJob(BackgroundJob):
         write_image(moving, folder / "moving.nii.gz", compress=False)
         self._registered = (fixed, moving)  # kept for a user's verdict (feedback.PendingResult)
         job = {"fixed": str(folder / "fixed.nii.gz"), "moving": str(folder / "moving.nii.gz"),
-               "out_dir": str(folder / "result"), "config": self.config}
+               "out_dir": str(folder / "result"), "config": self.config,
+               # warped.nii.gz only for an output volume to fill (the scene shows the moving volume through the
+               # transform without it; at 0.75 mm its warp and gzip cost more than the registration)
+               "warped": "full" if self.outputVolume not in (None, False) else "none"}
         if self.model:
             job.update(model=self.model, model_mode=self.modelMode)
         if self.explain:

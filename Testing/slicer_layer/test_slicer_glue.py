@@ -558,3 +558,28 @@ def test_learned_models_are_listed_and_used_by_the_background_job(sample_dir, tm
     assert node.GetAttribute("DeepRegistration.model") == "tiny (init)"
     assert result.report["parameters"]["spacing"] == 4.0
     assert result.metrics["ncc_after"] > result.metrics["ncc_before"]
+
+
+def test_the_worker_writes_warped_nii_gz_only_for_an_output_volume(sample_dir, tmp_path):
+    """The job asks for ``warped.nii.gz`` only when the module has an output volume to fill with it (the scene
+    shows the moving volume through the transform without it); the worker writes it or not, and an older job
+    without the key gets it, as before."""
+    import io
+
+    from DeepRegistrationLib.apps.worker import run_job
+
+    scene = make_scene()
+    fixed = read_node(scene, sample_dir / "fixed.nii.gz")
+    moving = read_node(scene, sample_dir / "moving.nii.gz")
+    jobs = {}
+    for name, output in (("none", None), ("full", True)):
+        (tmp_path / name).mkdir()
+        jobs[name] = R.RegistrationJob(fixed, moving, "Rigid", outputVolume=output, threads=1,
+                                       iterations=2).writeInputs(tmp_path / name)
+        assert jobs[name]["warped"] == name
+    run_job(jobs["none"], io.StringIO())
+    assert not (tmp_path / "none" / "result" / "warped.nii.gz").exists()
+    assert (tmp_path / "none" / "result" / "transform.h5").is_file()
+    older = {k: v for k, v in jobs["full"].items() if k != "warped"}
+    run_job(older, io.StringIO())
+    assert (tmp_path / "full" / "result" / "warped.nii.gz").is_file()

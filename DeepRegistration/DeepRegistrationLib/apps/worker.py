@@ -5,10 +5,11 @@ The job file (JSON) holds::
     {"fixed": PATH, "moving": PATH, "out_dir": PATH, "config": {RegistrationConfig fields},
      "fixed_mask": PATH, "moving_mask": PATH, "fixed_labels": PATH, "moving_labels": PATH,
      "fixed_landmarks": PATH, "moving_landmarks": PATH, "overwrite": false, "explain": false,
-     "uncertainty": false}
+     "uncertainty": false, "warped": "full"}
 
 (everything after ``config`` optional). The worker runs :func:`~DeepRegistrationLib.registration.run.run_registration`
-(no ``report.png``). Two more job kinds run the multi-image workflows (no PNGs either)::
+(no ``report.png``); ``warped`` is its ``warped=`` (``"full"``, the default, whatever the size: the Slicer module
+loads ``warped.nii.gz`` into its output volume; ``"none"`` when it has none to fill). Two more job kinds run the multi-image workflows (no PNGs either)::
 
     {"kind": "sequence", "sequence": FOLDER_OR_4D_FILE, "out_dir": PATH, "config": {...},
      "reference": "0" | "mean", "chain": false}
@@ -121,7 +122,8 @@ def run_job(job: dict, stream=None) -> dict:
                                overwrite=bool(job.get("overwrite", False)), write_png=False,
                                progress=out, predictor=predictor, predictor_mode=mode,
                                **{k: job.get(k) for k in OPTIONAL_INPUTS},
-                               **{k: True for k in OPTIONAL_OUTPUTS if job.get(k)})
+                               **{k: True for k in OPTIONAL_OUTPUTS if job.get(k)},
+                               warped=job.get("warped", "full"))
     return summary.report
 
 

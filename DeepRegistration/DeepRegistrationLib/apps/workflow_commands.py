@@ -49,6 +49,8 @@ def add_subparsers(sub) -> None:
     b.add_argument("pairs", metavar="PAIRS.csv", help="CSV with columns fixed,moving[,fixed_labels,moving_labels,"
                    "fixed_landmarks,moving_landmarks,name]")
     _output_options(b)
+    b.add_argument("--warped", choices=("auto", "full", "none"), default="auto",
+                   help="each pair's warped.nii.gz, as 'register --warped' (default: auto)")
     copy_registration_options(b, register_parser)
 
     s = sub.add_parser("register-sequence", help="motion-correct a 4D sequence (every frame onto a reference)",
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
         pairs = read_pairs(args.pairs)
         summary = run_batch(pairs, args.output, cfg, write_png=not args.no_png, progress=lines,
-                            predictor=predictor, predictor_mode=mode)
+                            predictor=predictor, predictor_mode=mode, warped=args.warped)
         if rank == 0:
             ok = len(summary.rows) - len(summary.failed)
             print(f"outputs: {summary.out_dir} ({ok}/{len(summary.rows)} pairs ok)")

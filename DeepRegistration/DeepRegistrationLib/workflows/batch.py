@@ -278,7 +278,7 @@ def write_summary(summary: BatchSummary, extra: dict | None = None) -> None:
 
 def run_batch(pairs: Sequence[Pair], out_dir: str | os.PathLike, config: RegistrationConfig | None = None, *,
               write_png: bool = True, progress: ProgressCallback | None = None, predictor=None,
-              predictor_mode: str = "init", register: Callable | None = None) -> BatchSummary:
+              predictor_mode: str = "init", register: Callable | None = None, warped: str = "auto") -> BatchSummary:
     """Registers every pair into ``out_dir/<name>/``, resumable, failures recorded; see the module docstring.
 
     Args:
@@ -291,17 +291,23 @@ def run_batch(pairs: Sequence[Pair], out_dir: str | os.PathLike, config: Registr
         predictor / predictor_mode: A learned field predictor, loaded once for all pairs.
         register: The function that registers one pair (default
             :func:`~DeepRegistrationLib.registration.run.run_registration`), same signature.
+        warped: Each pair's ``warped.nii.gz``: ``run_registration``'s ``warped=``
+            (:data:`~DeepRegistrationLib.registration.run.WARPED_CHOICES`).
 
     Returns:
         :class:`BatchSummary` (the full, gathered list on every rank).
     """
-    from ..registration.run import run_registration
+    from ..registration.run import WARPED_CHOICES, run_registration
 
     register = register or run_registration
     cfg = (config or RegistrationConfig()).validate()
+    if warped not in WARPED_CHOICES:
+        raise InputError(f"warped must be one of {', '.join(WARPED_CHOICES)} (got '{warped}').")
     rank, world = distributed()
     settings = {"config": cfg.to_dict(), "write_png": write_png,
                 "predictor": None if predictor is None else f"{type(predictor).__name__}:{predictor_mode}"}
+    if warped != "auto":  # recorded when it is not the default: batch folders from before it resume as they are
+        settings["warped"] = warped
     out = prepare_output(out_dir, settings, rank, world)
     cfg = rank_config(cfg, world)
     mine = [p for i, p in enumerate(pairs) if i % world == rank]
@@ -330,7 +336,7 @@ def run_batch(pairs: Sequence[Pair], out_dir: str | os.PathLike, config: Registr
                                moving_labels=pair.moving_labels, fixed_landmarks=pair.fixed_landmarks,
                                moving_landmarks=pair.moving_landmarks, write_png=write_png,
                                progress=sub if progress is not None else None, predictor=predictor,
-                               predictor_mode=predictor_mode)
+                               predictor_mode=predictor_mode, warped=warped)
             rows[pair.row] = {**row, "status": "ok", "seconds": round(time.perf_counter() - t0, 3),
                               **_metrics(summary.report)}
         except Cancelled as exc:

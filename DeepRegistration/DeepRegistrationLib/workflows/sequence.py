@@ -244,7 +244,7 @@ def register_sequence(sequence, out_dir, config: RegistrationConfig | None = Non
             if prev is not None and chain:
                 hop = run_registration(tmp / ".frames" / f"frame_{nbr:04d}.nii.gz", frame_path,
                                        tmp / ".chain" / f"frame_{t:04d}", cfg, write_png=False,
-                                       progress=sub.sub(0.0, 0.5))
+                                       progress=sub.sub(0.0, 0.5), warped="none")  # only its transform is used
                 start = TransformStart([prev, hop.result.transform], np.eye(4))
                 start.affine = init_affine = start.composed_affine()
             elif prev is not None:
@@ -256,7 +256,7 @@ def register_sequence(sequence, out_dir, config: RegistrationConfig | None = Non
                                    progress=sub.sub(0.5 if (chain and start is not None) else 0.0, 1.0),
                                    predictor=field_start if field_start is not None else predictor,
                                    predictor_mode="init" if field_start is not None else mode,
-                                   initial_affine=init_affine)
+                                   initial_affine=init_affine, warped="full")  # the frame of OUT/warped.nii.gz
             local[t] = run.result.transform
             rep = run.report
             rows[t] = {"frame": t, "warm_start_from": None if start is None else nbr, "rank": rank,

@@ -211,8 +211,9 @@ def build_template(images, out_dir, config: RegistrationConfig | None = None, *,
             def deform_one(i: int, path: Path, k=k, last=last, tpath=tpath):
                 tick(i, f"pass {k}/{iterations}: subject {i + 1}/{n}")
                 folder = tmp / f"subject_{i:04d}" if last else tmp / ".work" / f"pass_{k}" / f"subject_{i:04d}"
+                # warped.nii.gz in the subject folders of the last pass only (the passes warp the subject here)
                 run = run_registration(tpath, path, folder, cfg, write_png=write_png and last,
-                                       initial_affine=starts[i])
+                                       initial_affine=starts[i], warped="full" if last else "none")
                 with torch.no_grad():
                     disp = run.result.transform.total_displacement(grid).numpy()
                 warped = warp_image(subjects[i], grid, run.result.transform, "linear").array

@@ -301,6 +301,15 @@ def test_commands_exit_status_and_bad_input(tmp_path, data, capsys):
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert [r["status"] for r in summary["pairs"]] == ["ok", "failed"]
     assert "quality: " in capsys.readouterr().out  # the verdict counts follow the outputs line
+    assert (tmp_path / "b" / "pair_0001" / "warped.nii.gz").is_file()  # auto: a small grid gets it
+    # --warped none reaches every pair, and the batch records it (a resume with another choice is refused)
+    assert main(["register-batch", str(csv_path), "-o", str(tmp_path / "n"), "--warped", "none", *FAST]) == 3
+    assert sorted(p.name for p in (tmp_path / "n" / "pair_0001").iterdir()) == [
+        "inverse.h5", "jacobian.nii.gz", "report.json", "transform.h5"]
+    assert json.loads((tmp_path / "n" / "batch.json").read_text())["settings"]["warped"] == "none"
+    capsys.readouterr()
+    assert main(["register-batch", str(csv_path), "-o", str(tmp_path / "n"), "--warped", "full", *FAST]) == 2
+    assert "settings" in capsys.readouterr().err
     missing = _csv(tmp_path / "m.csv", ["fixed,moving", f"{data / 'fixed.nii.gz'},{tmp_path / 'gone.nii.gz'}"])
     for argv, words in ((["register-batch", str(missing)], "gone.nii.gz"),
                         (["register-sequence", str(data / "fixed.nii.gz")], "is a 3D image"),
