@@ -208,6 +208,25 @@ def stored_integer_type(path: str | os.PathLike) -> type | None:
 KEPT_INTEGER_TYPES = (np.dtype(np.int16), np.dtype(np.uint16))
 
 
+class _SitkBuffer:
+    """Holds a SimpleITK image and presents its voxel buffer (``__array_interface__``): an array made from it keeps
+    the image, and so its buffer, alive for as long as the array (or any view of it) lives."""
+
+    __slots__ = ("image", "__array_interface__")
+
+    def __init__(self, image: sitk.Image, view: np.ndarray):
+        self.image = image
+        self.__array_interface__ = {**view.__array_interface__, "data": (view.__array_interface__["data"][0], False)}
+
+
+def _owning_view(image: sitk.Image, view: np.ndarray) -> np.ndarray:
+    """``view`` (``GetArrayViewFromImage(image)``, which does not keep ``image`` alive) as a writeable array that
+    does: its base holds ``image`` (the buffer is this image's alone, ``GetArrayViewFromImage`` made it unique)."""
+    arr = np.asarray(_SitkBuffer(image, view))
+    assert arr.shape == view.shape and arr.dtype == view.dtype and arr.flags.c_contiguous
+    return arr
+
+
 def read_image(path: str | os.PathLike, name: str = "image", keep_integer: bool = False) -> Image:
     """Reads an intensity image as float32 (or, with ``keep_integer``, int16/uint16 as stored) and checks that it
     can be registered.
@@ -251,8 +270,9 @@ def read_image(path: str | os.PathLike, name: str = "image", keep_integer: bool 
     if float(hi) - float(lo) <= 1e-6 * max(1.0, abs(float(hi))):
         raise InputError(f"{name}: '{path}' is constant (every voxel is {float(np.float32(stored.flat[0])):g}); "
                          "there is nothing to align. Check that the right file was given.")
-    # the kept integers are copied out of ITK's buffer (``img`` is freed on return): a copy of the stored bytes
-    image = Image(stored.copy() if keep else stored.astype(np.float32), Grid.from_sitk(img), name)
+    # the kept integers are ITK's buffer itself, the array owning ``img`` (no copy: a copy of a 0.75 mm CT's 173 MB
+    # costs 0.2-0.7 CPU s of fresh pages, and both would be held at once)
+    image = Image(_owning_view(img, stored) if keep else stored.astype(np.float32), Grid.from_sitk(img), name)
     logger.info("read %s %s: %s", name, path, image.grid)
     return image
 
