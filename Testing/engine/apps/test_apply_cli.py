@@ -69,3 +69,22 @@ def test_apply_is_listed_and_documented(capsys):
         main(["apply", "--help"])
     text = capsys.readouterr().out
     assert sub.value.code == 0 and "antsApplyTransformsToPoints" in text and "--interpolation" in text
+
+
+def test_the_command_report_json_gives_for_a_skipped_warp_writes_it(result, sample_dir, tmp_path, monkeypatch, capsys):
+    """``register --warped none`` records in report.json (outputs.warped.how) the apply command that writes the image
+    it skipped: run as given, it writes what ``--warped full`` writes (the same registration), bit for bit."""
+    import json
+    import shlex
+
+    skipped = run_registration(sample_dir / "fixed.nii.gz", sample_dir / "moving.nii.gz", tmp_path / "out",
+                               RegistrationConfig(**CFG), write_png=False, warped="none").out_dir
+    entry = json.loads((skipped / "report.json").read_text())["outputs"]["warped"]
+    assert entry["file"] is None and not (skipped / "warped.nii.gz").exists()
+    command = shlex.split(entry["how"].split(" (")[0])
+    assert command[:2] == ["deepregistration", "apply"]
+    monkeypatch.chdir(tmp_path)
+    assert main(command[1:] + ["-q"]) == 0
+    capsys.readouterr()
+    written = tmp_path / command[command.index("-o") + 1]
+    assert written.read_bytes() == (result / "warped.nii.gz").read_bytes()
