@@ -233,3 +233,16 @@ def test_cancel_leaves_nothing(results, sample_dir, tmp_path):
         A.apply_transform(sample_dir / "fixed_labels.nii.gz", results["deformable"], tmp_path / "a.nii.gz",
                           inverse=True, progress=cancel)
     assert "resampling" in calls and list(tmp_path.iterdir()) == []
+
+
+def test_int32_labels_beyond_float32_integers_stay_exact(results, sample_dir, tmp_path):
+    labels = sitk.ReadImage(str(sample_dir / "moving_labels.nii.gz"))
+    arr = _array(sample_dir / "moving_labels.nii.gz").astype(np.int32)  # the same regions, labels 2^24 + 1 + k
+    arr[arr > 0] += 2 ** 24 + 1
+    big = sitk.GetImageFromArray(arr)
+    big.CopyInformation(labels)
+    sitk.WriteImage(big, str(tmp_path / "big.nii.gz"))
+    done = A.apply_transform(tmp_path / "big.nii.gz", results["deformable"], tmp_path / "out.nii.gz")
+    assert done["kind"] == "labels" and done["dtype"] == "int32"
+    small = _array(results["deformable"] / "warped_labels.nii.gz").astype(np.int64)
+    np.testing.assert_array_equal(_array(tmp_path / "out.nii.gz"), np.where(small > 0, small + 2 ** 24 + 1, 0))
