@@ -284,21 +284,35 @@ def _is_points(path: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------- resampling
 def _warp_inverse_form(image: Image, target: Grid, inverse, interpolation: str, dtype, prog: Progress) -> Image:
-    """``image`` on ``target`` through ``z + w(z)``, ``z = A⁻¹ y`` (an :class:`InverseTransform`), slab by slab:
-    float32 points as :func:`~DeepRegistrationLib.spatial.resampling.warp_image` computes them, the field and the
-    image sampled with ITK's border rules (:func:`~DeepRegistrationLib.spatial.warp.sample_field`,
-    :func:`~DeepRegistrationLib.spatial.warp.sample` ``padding_mode="itk"``), an integer ``dtype`` rounded half to
-    even and clipped into its range."""
+    """``image`` on ``target`` through ``z + w(z)``, ``z = A⁻¹ y`` (an :class:`InverseTransform`), slab by slab, with
+    ITK's border rules (the field: border values up to half a voxel beyond its grid, 0 further, as
+    :func:`~DeepRegistrationLib.spatial.warp.sample_field`; the image: ``padding_mode="itk"``); an integer ``dtype``
+    rounded half to even and clipped into its range.
+
+    ``z`` is an affine map of the target's voxel index, and so are its ``grid_sample`` coordinates in the field's
+    grid and in the image's (:func:`~DeepRegistrationLib.spatial.warp.normalized_affine`): they are computed as sums
+    of per-axis terms (float64, then float32), and ``w`` enters the image's coordinates through the linear part of
+    its normalization; no world points are formed. Measured on the 0.75 mm trunk CT (its fixed labels onto the
+    moving grid, 67.5 M voxels, nearest; 1 thread, CPU s, loaded machine, ABAB) against world points mapped by
+    ``apply_affine`` + ``map_points`` and sampled by ``sample``: 14.8 / 14.9 vs 19.3 / 19.7 CPU s (the whole
+    ``apply``); 5 voxels of 67.5 M differ (a tie at float32 rounding); the fixed CT itself (linear, int16):
+    20.1 vs 24.4 CPU s, 0.04 % of the voxels 1 HU apart (rounding), one more at the field of view's edge."""
     import torch
 
     from ..spatial import warp as W
-    from ..spatial.resampling import slab_grid
 
     mode = {"linear": "bilinear", "nearest": "nearest"}[interpolation]
     vol = torch.as_tensor(np.ascontiguousarray(image.array))
-    vol = vol.to(torch.float64 if interpolation == "nearest" else torch.float32)[None, None]
-    a_inv = torch.as_tensor(inverse.affine_inverse, dtype=torch.float32)
-    field = None if inverse.field is None else torch.as_tensor(inverse.field, dtype=torch.float32)[None]
+    # float32 values (read_image's) are picked as they are by nearest; only int32 labels beyond 2^24 need float64
+    vol = vol.to(torch.float64 if interpolation == "nearest" and vol.dtype != torch.float32 else torch.float32)
+    vol = vol[None, None]
+    index_to_z = torch.as_tensor(np.asarray(inverse.affine_inverse, dtype=np.float64) @ target.index_to_world)
+    to_image = W.normalized_affine(index_to_z, image.grid)  # target index -> the image's grid_sample coordinates
+    field = to_field = w_to_image = None
+    if inverse.field is not None:
+        field = torch.as_tensor(inverse.field, dtype=torch.float32)[None]
+        to_field = W.normalized_affine(index_to_z, inverse.field_grid)
+        w_to_image = W.normalized_affine(torch.eye(4, dtype=torch.float64), image.grid)[:3, :3].to(torch.float32)
     out = np.empty(target.shape, dtype=dtype)
     limits = np.iinfo(out.dtype) if np.issubdtype(out.dtype, np.integer) else None
     step = max(1, SLAB_VOXELS // max(1, target.shape[1] * target.shape[2]))
@@ -306,13 +320,29 @@ def _warp_inverse_form(image: Image, target: Grid, inverse, interpolation: str, 
         for k0 in range(0, target.shape[0], step):
             k1 = min(target.shape[0], k0 + step)
             prog(k0 / target.shape[0], "resampling")
-            z = W.apply_affine(W.grid_points(slab_grid(target, k0, k1)), a_inv)
-            pts = W.map_points(z, None, field, inverse.field_grid)
-            vals = W.sample(vol, image.grid, pts.to(vol.dtype), mode=mode, padding_mode="itk")[0, 0]
+            norm = _index_affine_points(to_image, target.shape, k0, k1)
+            if field is not None:
+                w = W.sample_normalized(field, inverse.field_grid, _index_affine_points(to_field, target.shape, k0, k1),
+                                        "bilinear", "itk")  # (1, 3, k, Y, X) mm
+                norm += torch.movedim(w, 1, -1) @ w_to_image.T
+            vals = W.sample_normalized(vol, image.grid, norm, mode=mode, padding_mode="itk")[0, 0]
             if limits is not None:
                 vals = vals.round_().clamp_(float(limits.min), float(limits.max))
             out[k0:k1] = vals.numpy()
     return Image(out, target, image.name)
+
+
+def _index_affine_points(matrix, shape, k0: int, k1: int):
+    """``matrix`` (4×4, float64) applied to the voxel indices ``(i, j, k, 1)`` of slices ``k0 <= k < k1`` of a grid of
+    ``shape`` ``(Z, Y, X)``: ``(1, k1 - k0, Y, X, 3)`` float32, the sum of three per-axis terms (float64)."""
+    import torch
+
+    ar = lambda a, b: torch.arange(a, b, dtype=torch.float64)
+    _, ny, nx = shape
+    m = matrix.to(torch.float64)
+    pts = (ar(k0, k1)[:, None, None, None] * m[:3, 2] + m[:3, 3]) + ar(0, ny)[None, :, None, None] * m[:3, 1]
+    pts = pts + ar(0, nx)[None, None, :, None] * m[:3, 0]
+    return pts.to(torch.float32)[None]
 
 
 # ---------------------------------------------------------------------------------------------- output
