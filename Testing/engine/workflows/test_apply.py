@@ -246,3 +246,34 @@ def test_int32_labels_beyond_float32_integers_stay_exact(results, sample_dir, tm
     assert done["kind"] == "labels" and done["dtype"] == "int32"
     small = _array(results["deformable"] / "warped_labels.nii.gz").astype(np.int64)
     np.testing.assert_array_equal(_array(tmp_path / "out.nii.gz"), np.where(small > 0, small + 2 ** 24 + 1, 0))
+
+
+def test_inverse_resampling_against_the_plain_formula(results, sample_dir):
+    """:func:`apply._warp_inverse_form` (grid_sample coordinates as affine maps of the voxel index) against the
+    plain formula: the reference's voxel centres mapped by ``InverseTransform.map_points`` (float64) and the image
+    sampled there in float64 (ITK's half-voxel rule), on the moving grid (RAS-stored: a flipped direction) with an
+    oblique inverse affine."""
+    import torch
+
+    from DeepRegistrationLib.core.progress import Progress
+    from DeepRegistrationLib.io.images import read_image
+    from DeepRegistrationLib.spatial import warp as W
+    from DeepRegistrationLib.spatial.inverse import InverseTransform
+
+    tx = A.read_transform_file(results["deformable"] / "inverse.h5")
+    assert isinstance(tx, InverseTransform) and tx.field is not None
+    c, s = np.cos(0.4), np.sin(0.4)
+    oblique = np.array([[c, -s, 0, 5.0], [s, c, 0, -3.0], [0, 0, 1.05, 2.0], [0, 0, 0, 1]]) @ tx.affine_inverse
+    tx = InverseTransform(oblique, tx.field, tx.field_grid)
+    image = read_image(sample_dir / "fixed.nii.gz")
+    target = read_image(sample_dir / "moving.nii.gz").grid
+    ours = A._warp_inverse_form(image, target, tx, "linear", np.float32, Progress(None)).array
+    pts = W.grid_points(target, dtype=torch.float64).reshape(-1, 3).numpy()
+    mapped = torch.as_tensor(tx.map_points(pts)).view(1, *target.shape, 3)
+    vol = torch.as_tensor(image.array, dtype=torch.float64)[None, None]
+    plain = W.sample(vol, image.grid, mapped, padding_mode="itk")[0, 0].numpy()
+    err = np.abs(ours - plain)
+    # float32 coordinates against float64 points: measured at most 0.0003 (3e-6 of the range); the rare voxel
+    # within float32 rounding of the image's half-voxel border could be 0 in one of them
+    assert np.mean(err > 1e-4 * np.ptp(plain)) < 1e-4, err.max()
+    assert np.abs(plain).max() > 0 and np.mean(plain != 0) > 0.3  # the oblique map still lands on the anatomy
