@@ -47,25 +47,28 @@ def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpol
     mode = {"linear": "bilinear", "nearest": "nearest"}[interpolation]
     vol = torch.as_tensor(np.ascontiguousarray(image.array), device=device)
     vol = vol.to(torch.float64 if interpolation == "nearest" else torch.float32)[None, None]
-    field = None
-    if transform.field is not None:
-        field = torch.as_tensor(transform.field, dtype=torch.float32, device=device)[None]
-    affine = torch.as_tensor(transform.affine, dtype=torch.float32, device=device)
     if dtype is None:
         dtype = image.array.dtype if image.array.dtype != bool else np.uint8
     out = np.empty(target.shape, dtype=dtype)
     limits = np.iinfo(out.dtype) if np.issubdtype(out.dtype, np.integer) else None
     step = max(1, slab_voxels // max(1, target.shape[1] * target.shape[2]))
+    # the result is written by torch (a threaded cast) where the values are exact in ``out``'s type
+    on_cpu = vol.device.type == "cpu"
+    write = _writer(out, limits, torch.from_numpy(out) if out.dtype in _TORCH_COPY and on_cpu else None)
     separable = _SeparablePoints.make(transform, target, device)
     with torch.no_grad():
+        if separable is not None:
+            _warp_separable(vol, image.grid, separable, mode, step, out, write)
+            return Image(out, target, image.name)
+        field = None
+        if transform.field is not None:
+            field = torch.as_tensor(transform.field, dtype=torch.float32, device=device)[None]
+        affine = torch.as_tensor(transform.affine, dtype=torch.float32, device=device)
         for k0 in range(0, target.shape[0], step):
             k1 = min(target.shape[0], k0 + step)
-            if separable is not None:
-                beyond, inside, pts = _slab_position(image.grid, separable, k0, k1)
-            else:
-                sub = slab_grid(target, k0, k1)
-                pts = W.map_points(W.grid_points(sub, device), affine, field, transform.field_grid)
-                beyond, inside = _box_position(pts, image.grid)
+            sub = slab_grid(target, k0, k1)
+            pts = W.map_points(W.grid_points(sub, device), affine, field, transform.field_grid)
+            beyond, inside = _box_position(pts, image.grid)
             if beyond:  # the whole slab maps beyond the image: 0, as ITK (a partial view)
                 out[k0:k1] = 0
                 continue
@@ -73,10 +76,130 @@ def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpol
             # border values are what "itk" padding keeps), so it is not computed
             vals = W.sample(vol, image.grid, pts.to(vol.dtype), mode=mode,
                             padding_mode="border" if inside else "itk")[0, 0]
-            if limits is not None:
-                vals = vals.round_().clamp_(float(limits.min), float(limits.max))  # in place: a fresh tensor
-            out[k0:k1] = vals.cpu().numpy()  # cast on assignment
+            write(k0, k1, vals)
     return Image(out, target, image.name)
+
+
+def _writer(out: np.ndarray, limits, out_t: torch.Tensor | None):
+    """``write(k0, k1, vals)``: sampled values ``(k1 - k0, Y, X)`` (float) into slices ``k0 <= k < k1`` of ``out``,
+    rounded (half to even) and clipped into ``limits`` (an integer type's ``iinfo``) first; by torch into ``out_t``
+    (``out`` as a tensor) where given, else by numpy's cast on assignment (the same values)."""
+    def write(k0: int, k1: int, vals: torch.Tensor) -> None:
+        if limits is not None:
+            vals = vals.round_().clamp_(float(limits.min), float(limits.max))  # in place: a fresh tensor
+        if out_t is not None:
+            out_t[k0:k1].copy_(vals)
+        else:
+            out[k0:k1] = vals.cpu().numpy()  # cast on assignment
+    return write
+
+
+def _warp_separable(vol: torch.Tensor, grid: Grid, separable: "_SeparablePoints", mode: str, step: int,
+                    out: np.ndarray, write) -> None:
+    """:func:`warp_image` where the points are separable sums: slabs of ``step`` slices are placed relative to the
+    image (:func:`_slab_state`: 0 beyond it; no mask within its border; else the mask only outside the slab's
+    inner rectangle, :func:`_inner_rectangle`), then each slice is computed, normalized in place, sampled and
+    written in turn (its points, a few MB, stay in cache through those steps; one buffer for every slice).
+
+    The values are those of sampling each slab's points (:meth:`_SeparablePoints.points`) with ``"itk"`` padding,
+    bit for bit: every step is elementwise or per point, with the same operations in the same order; the
+    normalization is ``world_to_normalized``'s (as one product and one sum per coordinate where its matrix is
+    diagonal, :func:`_diagonal_normalizing`)."""
+    nz, ny, nx = out.shape
+    buffer = torch.empty((1, 1, ny, nx, 3), dtype=torch.float32, device=vol.device)
+    scale = _diagonal_normalizing(grid, vol.dtype, vol.device)
+    limits = W._half_voxel_limits(grid, vol.dtype)
+    for k0 in range(0, nz, step):
+        k1 = min(nz, k0 + step)
+        beyond, inside = _slab_state(grid, separable, k0, k1, buffer)
+        if beyond:  # the whole slab maps beyond the image: 0, as ITK (a partial view)
+            out[k0:k1] = 0
+            continue
+        rect = None if inside else _inner_rectangle(grid, separable, k0, k1)
+        for k in range(k0, k1):
+            pts = separable.points(k, k + 1, buffer).to(vol.dtype)  # float64 for nearest: a copy
+            norm = pts.mul_(scale[0]).add_(scale[1]) if scale is not None else W.world_to_normalized(pts, grid)
+            vals = W.grid_sample(vol, norm, mode, "border")
+            # within the image's half-voxel border ITK's mask is 1 (the border values are what "itk" padding
+            # keeps): computed only where it can be 0
+            if not inside:
+                _mask_outside(vals[0, 0], norm[0], limits, rect)
+            write(k, k + 1, vals[0, 0])
+
+
+# output types torch writes with the same values as numpy's cast on assignment (the values are exact in them)
+_TORCH_COPY = {np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.float32, np.float64)}
+
+
+def _diagonal_normalizing(grid: Grid, dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(scale, offset)`` (3,) tensors of ``dtype`` with ``world_to_normalized(p) = p * scale + offset`` bit for
+    bit, when the normalizing matrix of ``grid`` is diagonal (its other entries exactly 0: axis-aligned grids,
+    flips): each coordinate of the matrix product is then one product plus exact zeros; else None."""
+    a, b = W._normalizing_map(grid)
+    if np.any(a[~np.eye(3, dtype=bool)] != 0):
+        return None
+    as_t = lambda v: torch.as_tensor(np.ascontiguousarray(v), dtype=dtype, device=device)
+    return as_t(np.diag(a)), as_t(b)
+
+
+def _mask_outside(vals: torch.Tensor, norm: torch.Tensor, limits: tuple[float, float, float],
+                  rect: tuple[int, int, int, int] | None) -> None:
+    """ITK's half-voxel mask (``limits``: ``warp._half_voxel_limits`` of the image's grid) applied in place to
+    ``vals`` ``(K, Y, X)`` sampled at ``norm`` ``(K, Y, X, 3)``: everywhere (``rect`` None) or outside the rows
+    ``j0 <= j < j1`` x columns ``i0 <= i < i1`` of ``rect = (j0, j1, i0, i1)``, where every point lies within the
+    border (the mask is 1 there). The same bits as ``vals * mask``."""
+    if rect is None:
+        parts = [(slice(None),)]
+    else:
+        j0, j1, i0, i1 = rect
+        rows, inner = (slice(None), slice(0, j0)), (slice(None), slice(j0, j1))
+        parts = [rows, (slice(None), slice(j1, None)), (*inner, slice(0, i0)), (*inner, slice(i1, None))]
+    for part in parts:
+        v = vals[part]
+        if v.numel():
+            v.mul_(W._inside_limits(norm[part], limits).to(vals.dtype))
+
+
+def _inner_rectangle(grid: Grid, separable: "_SeparablePoints", k0: int, k1: int,
+                     margin: float = 0.01) -> tuple[int, int, int, int] | None:
+    """Target rows ``j0 <= j < j1`` and columns ``i0 <= i < i1`` whose separable points, in slices ``k0 <= k < k1``,
+    all lie at least ``margin`` voxel within ``grid``'s half-voxel border (ITK's mask is 1 there), as
+    ``(j0, j1, i0, i1)``; None when no such rectangle is found (the mask is then computed everywhere).
+
+    A point's continuous index is the sum of index-space terms of its slice, row and column and of its field part
+    (bounded over the slab as in :meth:`_SeparablePoints.box`, widened by the same float32 rounding): each axis
+    of the index is tested on a (Y, X) table of the row and column terms, not on the points. The rows kept
+    are those with at least 90 % of the most columns within the border (a convex region: consecutive rows),
+    the columns those within it on every kept row."""
+    m = grid.world_to_index
+    lin, off = m[:3, :3], m[:3, 3]
+    terms = [t.double().cpu().numpy() for t in (separable.bz[k0:k1], separable.by, separable.bx)]
+    zq, yq, xq = (t @ lin.T for t in terms)  # (n, 3) index-space terms of slices, rows, columns
+    lo, hi = zq.min(axis=0) + off, zq.max(axis=0) + off
+    big = sum(np.abs(t).max() for t in terms)
+    if separable.field is not None:
+        f_lo, f_hi = (t.double().cpu().numpy() for t in separable.field_bounds(k0, k1))
+        big += max(np.abs(f_lo).max(), np.abs(f_hi).max())
+        lo = lo + np.minimum(lin * f_lo, lin * f_hi).sum(axis=1)
+        hi = hi + np.maximum(lin * f_lo, lin * f_hi).sum(axis=1)
+    pad = (1e-3 + 1e-6 * big) * np.abs(lin).sum(axis=1)
+    lo, hi = lo - pad, hi + pad
+    size = np.asarray(grid.size, dtype=np.float64)
+    good = np.ones((len(yq), len(xq)), dtype=bool)
+    for q in range(3):
+        if size[q] > 1:
+            s = yq[:, q, None] + xq[None, :, q]
+            good &= (s >= -0.5 + margin - lo[q]) & (s <= size[q] - 0.5 - margin - hi[q])
+    count = good.sum(axis=1)
+    if count.max() == 0:
+        return None
+    rows = np.flatnonzero(count >= 0.9 * count.max())
+    j0, j1 = int(rows[0]), int(rows[-1]) + 1
+    cols = np.flatnonzero(good[j0:j1].all(axis=0))
+    if len(cols) == 0:
+        return None
+    i0, i1 = int(cols[0]), int(cols[-1]) + 1
+    return (j0, j1, i0, i1) if good[j0:j1, i0:i1].all() else None
 
 
 def _box_position(points: torch.Tensor, grid: Grid, margin: float = 0.01) -> tuple[bool, bool]:
@@ -105,32 +228,34 @@ def _index_box_position(lo: np.ndarray, hi: np.ndarray, grid: Grid, margin: floa
     return beyond, inside
 
 
-def _slab_position(grid: Grid, separable: "_SeparablePoints", k0: int, k1: int,
-                   margin: float = 0.01) -> tuple[bool, bool, torch.Tensor | None]:
-    """:func:`_box_position` of the separable points of slices ``k0 <= k < k1``, with those points:
-    ``(beyond, inside, points (1, k1 - k0, Y, X, 3) or None)``; the same ``beyond``, an ``inside`` that may be
-    False where that of the points' own box is True (then the mask is computed: the same values).
+def _slab_state(grid: Grid, separable: "_SeparablePoints", k0: int, k1: int, buffer: torch.Tensor | None = None,
+                margin: float = 0.01) -> tuple[bool, bool]:
+    """:func:`_box_position` of the separable points of slices ``k0 <= k < k1``: ``(beyond, inside)``; the same
+    ``beyond``, an ``inside`` that may be False where that of the points' own box is True (then the mask is
+    computed: the same values).
 
     The box is first bounded without reading the points (:meth:`_SeparablePoints.box`, a box around every
-    point): beyond by that box, the points are too, and they are not computed (``None``: the slab is 0); inside
-    by it, they are too. Otherwise a point of the slab, its centre, within reach of the grid (not beyond on any
-    axis) means the slab is not beyond (the box of the corners' indices contains that point's); only where
-    neither settles it is the points' box taken (for a 0.75 mm CT: a whole pass over the points, 1 CPU s, saved
-    in most slabs)."""
+    point): beyond by that box, the points are too; inside by it, they are too. Otherwise a point of the slab, its
+    centre (:meth:`_SeparablePoints.centre`, within a bound of its float32 value), within reach of the grid (not
+    beyond on any axis) means the slab is not beyond (the box of the corners' indices contains that point's); only
+    where neither settles it is the points' box taken, slice by slice into ``buffer`` (a whole pass over the
+    points, saved in most slabs)."""
     lo, hi = separable.box(k0, k1)
     beyond, inside = _index_box_position(lo, hi, grid, margin)
-    if beyond:
-        return True, False, None
-    points = separable.points(k0, k1)
-    if inside:
-        return False, True, points
-    _, k, ny, nx, _ = points.shape
-    centre = points[0, k // 2, ny // 2, nx // 2].double().cpu().numpy()
-    # the centre's own box, with a margin short of the rounding of the corners' indices (well below a
-    # millionth of a voxel): not beyond by it, the points' box is not beyond either
-    if not _index_box_position(centre, centre, grid, margin - 1e-6)[0]:
-        return False, False, points
-    return (*_box_position(points, grid, margin), points)
+    if beyond or inside:
+        return beyond, inside
+    centre, err = separable.centre(k0, k1)
+    err = err * np.abs(grid.world_to_index[:3, :3]).sum(axis=1).max()  # in voxels
+    # the centre's own box, with a margin short of its distance to the float32 point and of the rounding of the
+    # corners' indices (well below a millionth of a voxel): not beyond by it, the points' box is not beyond either
+    if not _index_box_position(centre, centre, grid, margin - err - 1e-6)[0]:
+        return False, False
+    lo = hi = None
+    for k in range(k0, k1):
+        low, high = separable.points(k, k + 1, buffer).reshape(-1, 3).aminmax(dim=0)
+        lo = low if lo is None else torch.minimum(lo, low)
+        hi = high if hi is None else torch.maximum(hi, high)
+    return _index_box_position(lo.double().cpu().numpy(), hi.double().cpu().numpy(), grid, margin)
 
 
 class _SeparablePoints:
@@ -180,9 +305,13 @@ class _SeparablePoints:
         i0 = i0.long()
         return i0, i0 + 1, (1 - t) * inside, t * inside
 
-    def points(self, k0: int, k1: int) -> torch.Tensor:
-        """``T(x)`` ``(1, k1 - k0, Y, X, 3)`` (LPS mm, float32) for target slices ``k0 <= k < k1``."""
-        pts = self.bz[k0:k1, None, None, :] + self.by[None, :, None, :] + self.bx[None, None, :, :]
+    def points(self, k0: int, k1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``T(x)`` ``(1, k1 - k0, Y, X, 3)`` (LPS mm, float32) for target slices ``k0 <= k < k1``, written into
+        ``out`` (a contiguous float32 buffer of at least ``(k1 - k0) * Y * X * 3`` elements) when given."""
+        shape = (k1 - k0, len(self.by), len(self.bx), 3)
+        if out is not None:
+            out = out.view(-1)[:int(np.prod(shape))].view(shape)
+        pts = torch.add(self.bz[k0:k1, None, None, :] + self.by[None, :, None, :], self.bx[None, None, :, :], out=out)
         if self.field is None:
             return pts[None]
         z0, z1, wz0, wz1 = (v[k0:k1] for v in self.wz)
@@ -199,14 +328,44 @@ class _SeparablePoints:
         float32 rounding of those sums (a thousandth of a mm at 1 m from the origin)."""
         terms = [self.bz[k0:k1], self.by, self.bx]
         if self.field is not None:
-            z0, z1 = self.wz[0][k0:k1], self.wz[1][k0:k1]
-            rows = self.field[int(z0.min()):int(z1.max()) + 1].reshape(-1, 3)
-            f_lo, f_hi = rows.aminmax(dim=0)
-            terms.append(torch.stack([f_lo.clamp(max=0.0), f_hi.clamp(min=0.0)]))
+            terms.append(torch.stack(self.field_bounds(k0, k1)))
         lo = sum(t.amin(dim=0).double() for t in terms).cpu().numpy()
         hi = sum(t.amax(dim=0).double() for t in terms).cpu().numpy()
         pad = 1e-3 + 1e-6 * np.abs(np.concatenate([lo, hi])).max()
         return lo - pad, hi + pad
+
+    def centre(self, k0: int, k1: int) -> tuple[np.ndarray, float]:
+        """The point of target slice ``k0 + (k1 - k0) // 2``, row ``Y // 2``, column ``X // 2`` in float64 from the
+        float32 terms, with a bound (mm) on its distance to the float32 point :meth:`points` gives (their
+        rounding: a thousandth of a mm at 1 m from the origin)."""
+        k, j, i = k0 + (k1 - k0) // 2, len(self.by) // 2, len(self.bx) // 2
+        terms = [t.double().cpu().numpy() for t in (self.bz[k], self.by[j], self.bx[i])]
+        point = terms[0] + terms[1] + terms[2]
+        big = sum(np.abs(t).max() for t in terms)
+        if self.field is not None:
+            field = lambda r, y, x: self.field[r, y, x].double().cpu().numpy()
+            weights = lambda w, n: [(int(w[0][n]), float(w[2][n])), (int(w[1][n]), float(w[3][n]))]
+            for r, wr in weights(self.wz, k):
+                for y, wy in weights(self.wy, j):
+                    for x, wx in weights(self.wx, i):
+                        point = point + wr * wy * wx * field(r, y, x)
+            big += self._field_max()
+        return point, 1e-3 + 1e-6 * big
+
+    def _field_max(self) -> float:
+        """The largest ``|A u|`` component (mm), computed once."""
+        if getattr(self, "_max", None) is None:
+            self._max = float(self.field.abs().max())
+        return self._max
+
+    def field_bounds(self, k0: int, k1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per component (x, y, z), bounds ``(lo <= 0, hi >= 0)`` (float32, LPS mm) of the field part ``A u`` of every
+        point of slices ``k0 <= k < k1``: the smallest and largest value of the field rows the slab uses, with 0
+        (the interpolation weights are >= 0 and sum to 0 or 1)."""
+        z0, z1 = self.wz[0][k0:k1], self.wz[1][k0:k1]
+        rows = self.field[int(z0.min()):int(z1.max()) + 1].reshape(-1, 3)
+        f_lo, f_hi = rows.aminmax(dim=0)
+        return f_lo.clamp(max=0.0), f_hi.clamp(min=0.0)
 
     def _rows(self, lo: int, hi: int) -> dict:
         """Field rows ``lo <= r < hi`` interpolated in-plane onto the target's (Y, X): ``{r: (Y, X, 3)}``. Rows the
@@ -221,9 +380,9 @@ class _SeparablePoints:
             r0, r1 = new[0], new[-1] + 1
             u = self.field[r0:r1]  # (z, Y, X, 3) field rows to interpolate
             x0, x1, wx0, wx1 = self.wx
-            u = u.index_select(2, x0) * wx0[:, None] + u.index_select(2, x1) * wx1[:, None]
+            u = u.index_select(2, x0).mul_(wx0[:, None]).add_(u.index_select(2, x1).mul_(wx1[:, None]))
             y0, y1, wy0, wy1 = self.wy
-            u = u.index_select(1, y0) * wy0[:, None, None] + u.index_select(1, y1) * wy1[:, None, None]
+            u = u.index_select(1, y0).mul_(wy0[:, None, None]).add_(u.index_select(1, y1).mul_(wy1[:, None, None]))
             rows.update(zip(range(r0, r1), u.unbind(0)))
         self._cache = rows
         return rows

@@ -210,12 +210,22 @@ def sample_normalized_in_view(volume: torch.Tensor, norm: torch.Tensor) -> tuple
 
 def _inside_half_voxel(norm: torch.Tensor, grid: Grid) -> torch.Tensor:
     """True where normalized points lie within half a voxel of the grid (continuous index in [-0.5, n-0.5])."""
+    return _inside_limits(norm, _half_voxel_limits(grid, norm.dtype))
+
+
+def _half_voxel_limits(grid: Grid, dtype) -> tuple[float, float, float]:
+    """The limits of :func:`_inside_half_voxel` on ``|norm|`` per axis (x, y, z), computed in ``dtype``."""
     # the limits on the CPU (the same rounding as on a GPU), read as numbers without waiting for the device
-    size = torch.as_tensor(grid.size, dtype=norm.dtype)
+    size = torch.as_tensor(grid.size, dtype=dtype)
     half = torch.where(size > 1, 1.0 / torch.clamp(size - 1, min=1), torch.full_like(size, 0.5))
+    return tuple((1 + half + 1e-6).tolist())
+
+
+def _inside_limits(norm: torch.Tensor, limits: tuple[float, float, float]) -> torch.Tensor:
+    """``|norm| <= limits`` on all three axes (:func:`_half_voxel_limits`)."""
     # one axis at a time: the same comparisons as ``(norm.abs() <= limit).all(dim=-1)`` (the limits computed in
     # norm's dtype as before), without the (..., 3) bool temporary and the reduction over it
-    t0, t1, t2 = (1 + half + 1e-6).tolist()
+    t0, t1, t2 = limits
     inside = norm[..., 0].abs() <= t0
     inside &= norm[..., 1].abs() <= t1
     inside &= norm[..., 2].abs() <= t2

@@ -137,9 +137,12 @@ def test_slabs_within_the_image_skip_the_itk_mask_with_the_same_bits_and_field_r
         lo, hi = kept.box(k0, k1)
         flat = pts.reshape(-1, 3).double().numpy()
         assert (flat >= lo).all() and (flat <= hi).all() and np.abs(np.concatenate([lo - flat.min(0), hi - flat.max(0)])).max() < 12.0
-        slab_beyond, slab_inside, slab_pts = R._slab_position(moving.grid, kept, k0, k1)
+        slab_beyond, slab_inside = R._slab_state(moving.grid, kept, k0, k1)
         assert slab_beyond == beyond and (inside or not slab_inside)
-        assert beyond if slab_pts is None else torch.equal(slab_pts, pts)  # beyond by the box: no points computed
+        # the centre taken in float64 is within its stated bound of the float32 point
+        centre, err = kept.centre(k0, k1)
+        exact = pts[0, (k1 - k0) // 2, target.shape[1] // 2, target.shape[2] // 2].double().numpy()
+        assert np.abs(centre - exact).max() <= err
         want = W.sample(vol, moving.grid, pts, padding_mode="itk")[0, 0].numpy()
         if beyond:
             want = np.zeros_like(want)
@@ -199,3 +202,64 @@ def test_warp_image_is_the_same_bits_on_one_thread_and_several_with_a_batch_per_
         assert np.any(one != 0) and np.any(one == 0), key  # partly inside, partly beyond
         for other in more:
             assert one.dtype == other.dtype and one.tobytes() == other.tobytes(), key
+
+
+def test_mask_only_outside_the_inner_rectangle_gives_the_bits_of_the_plain_itk_sampling():
+    """A target with the moving image's in-plane extent (the points reach its border in every row and column, as
+    for a CT and its crop): ITK's mask is computed only outside each slab's inner rectangle, whose points all lie
+    within the border; the result is that of sampling every slab's points with the "itk" padding, bit for bit
+    (linear into float32 and int16, nearest), also with an oblique moving image (normalized by the product)."""
+    rng = np.random.default_rng(21)
+    flip = (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
+    field_grid = Grid((12, 14, 16), (3.0, 3.0, 3.0), (45.0, 39.0, -20.0), flip)
+    t = _transform(rng, field_grid)
+    t = SpatialTransform(np.eye(4), t.field, t.field_grid)  # the field only: in-plane edges near the border
+    grid = Grid((24, 40, 46), (1.0, 1.0, 1.0), (44.0, 38.0, -12.0), flip)
+    moving = Image((rng.normal(0, 500, grid.shape)).astype(np.float32), grid, "m")
+    target = Grid((36, 40, 46), (1.0, 1.0, 1.0), (44.0, 38.0, -18.0), flip)  # z reaches past the moving image
+    sep = R._SeparablePoints.make(t, target)
+    rects = []
+    for k0 in range(0, target.shape[0], 4):
+        k1 = min(target.shape[0], k0 + 4)
+        beyond, inside = R._slab_state(moving.grid, sep, k0, k1)
+        rect = None if beyond or inside else R._inner_rectangle(moving.grid, sep, k0, k1)
+        if rect is not None:
+            j0, j1, i0, i1 = rect
+            rects.append(rect)
+            idx = W.apply_affine(sep.points(k0, k1)[0, :, j0:j1, i0:i1].double(),
+                                 torch.as_tensor(moving.grid.world_to_index))
+            size = torch.as_tensor(moving.grid.size, dtype=torch.float64)
+            assert ((idx >= -0.5 + 0.01) & (idx <= size - 0.5 - 0.01)).all()
+    assert any(r != (0, 40, 0, 46) for r in rects) and len(rects) >= 3
+    oblique_grid = Grid(grid.shape, grid.spacing, grid.origin,
+                        tuple((np.array(flip).reshape(3, 3) @ np.linalg.qr(np.eye(3) + rng.normal(scale=0.05, size=(3, 3)))[0]).ravel()))
+    for mov in (moving, Image(moving.array, oblique_grid, "o")):
+        for interpolation, dtype in (("linear", np.float32), ("linear", np.int16), ("nearest", None)):
+            got = R.warp_image(mov, target, t, interpolation, slab_voxels=4 * 40 * 46, dtype=dtype).array
+            vol = torch.as_tensor(mov.array, dtype=torch.float64 if interpolation == "nearest" else torch.float32)
+            mode = "bilinear" if interpolation == "linear" else "nearest"
+            for k0 in range(0, target.shape[0], 4):
+                k1 = min(target.shape[0], k0 + 4)
+                pts = sep.points(k0, k1).to(vol.dtype)
+                want = W.sample(vol[None, None], mov.grid, pts, mode=mode, padding_mode="itk")[0, 0]
+                if R._box_position(pts, mov.grid)[0]:
+                    want = torch.zeros_like(want)
+                if dtype == np.int16:
+                    want = want.round().clamp(-32768, 32767)
+                want = want.numpy().astype(got.dtype)
+                assert got[k0:k1].tobytes() == want.tobytes(), (interpolation, dtype, k0)
+
+
+def test_diagonal_normalizing_is_world_to_normalized_bit_for_bit():
+    rng = np.random.default_rng(22)
+    pts = torch.as_tensor(rng.normal(scale=200.0, size=(1000, 3)), dtype=torch.float32)
+    for direction in ((1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0),
+                      (-1.0, -0.0, 0, 0, 1.0, -0.0, 0, 0, -1.0)):
+        grid = Grid((40, 51, 7), (0.7, 1.3, 2.0), (10.0, -20.0, 30.0), direction)
+        for dtype in (torch.float32, torch.float64):
+            scale, offset = R._diagonal_normalizing(grid, dtype, None)
+            p = pts.to(dtype)
+            assert torch.equal(p.clone().mul_(scale).add_(offset), W.world_to_normalized(p, grid))
+    c, s = np.cos(0.2), np.sin(0.2)
+    assert R._diagonal_normalizing(Grid((4, 4, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (c, -s, 0, s, c, 0, 0, 0, 1)),
+                                   torch.float32, None) is None
