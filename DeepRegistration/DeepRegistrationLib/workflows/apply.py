@@ -206,9 +206,9 @@ def _read_report(path: Path) -> dict | None:
         return None
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"transform: '{path}' cannot be read as JSON ({exc}). Repair it, or give the transform "
-                         "file and a reference with -r.") from None
+    except (OSError, ValueError) as exc:  # needed only for the default reference, which then says so
+        logger.warning("%s cannot be read as JSON (%s); it is not used", path, exc)
+        return None
     return report if isinstance(report, dict) else None
 
 
@@ -473,8 +473,8 @@ def _reference_path(reference, loaded: LoadedTransform, report: dict | None, res
     key = "fixed" if loaded.direction == "fixed -> moving" else "moving"
     path = ((report or {}).get("inputs") or {}).get(key)
     if not path:
-        raise InputError(f"no reference grid: '{result}' has no report.json naming the {key} image. Give the image "
-                         "whose grid the output should have with -r REFERENCE.")
+        raise InputError(f"no reference grid: '{result}' has no (readable) report.json naming the {key} image. Give "
+                         "the image whose grid the output should have with -r REFERENCE.")
     if not Path(path).exists():
         raise InputError(f"reference: the {key} image recorded in the result's report.json, '{path}', no longer "
                          "exists. Give the image whose grid the output should have with -r REFERENCE.")
