@@ -113,20 +113,21 @@ def read_transform_file(path: str | os.PathLike):
         raise InputError(f"transform: '{p}' is not a readable ITK transform file ({line[:160]}). Give a "
                          "'register' output folder, its transform.h5 or inverse.h5, or an ITK .h5/.tfm/.txt/.mat "
                          "transform.") from None
+    parts = _parts(tx)
+    names = [part.GetName() for part in parts]
+    if len(parts) >= 2 and names[0] == "DisplacementFieldTransform" and "DisplacementFieldTransform" not in names[1:]:
+        # inverse.h5's [displacement, affine]: the field and the linear parts, each read by from_itk
+        try:
+            _, field, grid = from_itk(_composite(parts[:1]))
+            linear = from_itk(_composite(parts[1:]))[0]  # ValueError for a non-linear part
+        except ValueError as exc:
+            raise InputError(f"transform: '{p}' holds {names}, which cannot be applied ({exc}).") from None
+        return InverseTransform(linear, field, grid, "file")
+    del parts
     try:
         return SpatialTransform(*from_itk(tx))
-    except ValueError as first:
-        parts = _parts(tx)
-        names = [part.GetName() for part in parts]
-        if (len(parts) >= 2 and names[0] == "DisplacementFieldTransform"
-                and "DisplacementFieldTransform" not in names[1:]):
-            try:
-                _, field, grid = from_itk(_composite(parts[:1]))
-                linear = from_itk(_composite(parts[1:]))[0]  # ValueError for a non-linear part
-            except ValueError as exc:
-                raise InputError(f"transform: '{p}' holds {names}, which cannot be applied ({exc}).") from None
-            return InverseTransform(linear, field, grid, "file")
-        raise InputError(f"transform: '{p}' holds {names}, which cannot be applied ({first}). Supported: linear "
+    except ValueError as exc:
+        raise InputError(f"transform: '{p}' holds {names}, which cannot be applied ({exc}). Supported: linear "
                          "transforms and one displacement field, as 'register' writes them.") from None
 
 
