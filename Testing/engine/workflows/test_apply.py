@@ -277,3 +277,11 @@ def test_inverse_resampling_against_the_plain_formula(results, sample_dir):
     # within float32 rounding of the image's half-voxel border could be 0 in one of them
     assert np.mean(err > 1e-4 * np.ptp(plain)) < 1e-4, err.max()
     assert np.abs(plain).max() > 0 and np.mean(plain != 0) > 0.3  # the oblique map still lands on the anatomy
+
+
+def test_header_and_data_pair_is_moved_into_place(results, sample_dir, tmp_path):
+    """A detached-header output (``.nhdr`` + its data file) is written in the temporary folder and both files are
+    moved next to OUTPUT; the voxels are register's."""
+    A.apply_transform(sample_dir / "moving.nii.gz", results["affine"], tmp_path / "w.nhdr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.nhdr", "w.raw.gz"]
+    np.testing.assert_array_equal(_array(tmp_path / "w.nhdr"), _array(results["affine"] / "warped.nii.gz"))
