@@ -111,12 +111,17 @@ def test_run_registration_with_kept_int16_writes_the_same_outputs(tmp_path, samp
         sitk.WriteImage(image_to_sitk(Image(a, im.grid, name)), str(tmp_path / f"{name}.nii.gz"))
         paths.append(tmp_path / f"{name}.nii.gz")
     cfg = RegistrationConfig(**CFG)
-    plain = run_module.run_registration(*paths, tmp_path / "plain", cfg, write_png=False, explain=True)
     seen = []
-    monkeypatch.setattr(run_module, "read_image", lambda path, name="image": seen.append(
-        (kept := read_image(path, name, keep_integer=True)).array.dtype) or kept)
+
+    def reader(keep: bool):  # run's reads with keep_integer as given, whatever run asks
+        return lambda path, name="image", **_: seen.append((im := read_image(path, name, keep_integer=keep))
+                                                             .array.dtype) or im
+
+    monkeypatch.setattr(run_module, "read_image", reader(False))
+    plain = run_module.run_registration(*paths, tmp_path / "plain", cfg, write_png=False, explain=True)
+    monkeypatch.setattr(run_module, "read_image", reader(True))
     ours = run_module.run_registration(*paths, tmp_path / "kept", cfg, write_png=False, explain=True)
-    assert seen == [np.int16, np.int16]
+    assert seen == [np.float32, np.float32, np.int16, np.int16]
     for name in ("warped.nii.gz", "jacobian.nii.gz", "explain/residual.nii.gz", "explain/local_similarity.nii.gz",
                  "explain/displacement.nii.gz"):
         if (plain.out_dir / name).exists() or (ours.out_dir / name).exists():
