@@ -52,8 +52,8 @@ def hwm_mb():
 base = hwm_mb()
 t, w = time.process_time(), time.perf_counter()
 kw = {"keep_integer": True} if keep else {}
-f, m = run_parallel([lambda _: read_image(fixed, "fixed image", **kw), lambda _: read_image(moving, "moving image", **kw)],
-                    2, threads > 1)
+f, m = run_parallel([lambda _: read_image(fixed, "fixed image", **kw),
+                     lambda _: read_image(moving, "moving image", **kw)], 2, threads > 1)
 read_cpu, read_wall = time.process_time() - t, time.perf_counter() - w
 t, w = time.process_time(), time.perf_counter()
 ws = preprocess.prepare_pair(f, m, 2.0, concurrent=threads > 1)

@@ -13,8 +13,9 @@ class Image:
     """A 3D scalar image.
 
     Attributes:
-        array: Voxel values, shape ``(Z, Y, X)`` (C order ``[k, j, i]``), float32 for intensities,
-            an integer type for label maps, bool for masks.
+        array: Voxel values, shape ``(Z, Y, X)`` (C order ``[k, j, i]``), float32 for intensities (or a CT's
+            int16/uint16 as stored, exact in float32: ``read_image(..., keep_integer=True)``), an integer type
+            for label maps, bool for masks.
         grid: Where the voxels are in LPS world space (mm).
         name: What the image is, for messages ("fixed image", "moving labels", ...).
     """

@@ -222,9 +222,7 @@ class _SitkBuffer:
 def _owning_view(image: sitk.Image, view: np.ndarray) -> np.ndarray:
     """``view`` (``GetArrayViewFromImage(image)``, which does not keep ``image`` alive) as a writeable array that
     does: its base holds ``image`` (the buffer is this image's alone, ``GetArrayViewFromImage`` made it unique)."""
-    arr = np.asarray(_SitkBuffer(image, view))
-    assert arr.shape == view.shape and arr.dtype == view.dtype and arr.flags.c_contiguous
-    return arr
+    return np.asarray(_SitkBuffer(image, view))
 
 
 def read_image(path: str | os.PathLike, name: str = "image", keep_integer: bool = False) -> Image:
@@ -240,11 +238,12 @@ def read_image(path: str | os.PathLike, name: str = "image", keep_integer: bool 
         path: Image file or DICOM series folder.
         name: What it is ("fixed image", ...), used in error messages.
         keep_integer: Keep an int16 or uint16 file (:data:`KEPT_INTEGER_TYPES`; not a DICOM series) in its
-            stored type instead of converting it to float32: every value is exact in float32, so anything that converts it where it reads
-            (:func:`~DeepRegistrationLib.registration.preprocess.prepare`, ``warp_image``) computes the same bits
-            as from the float32 copy, without that copy (half the memory: a 0.75 mm CT of 86.5 M voxels holds
-            173 MB instead of 346 MB). For callers that handle such arrays (the ``register`` path); a consumer
-            that keeps its input's dtype (``warp_image`` without ``dtype=``) gets int16 out.
+            stored type instead of converting it to float32, as SimpleITK's own buffer (no copy; the array's base
+            holds the SimpleITK image). Every such value is exact in float32, so a consumer that converts what it
+            reads (:func:`~DeepRegistrationLib.registration.preprocess.prepare`, ``warp_image``) computes the same
+            bits as from the float32 copy, without that copy (a 0.75 mm CT of 86.5 M voxels holds 173 MB instead
+            of 346 MB). For callers whose consumers handle such arrays (the ``register`` path); a consumer that
+            keeps its input's dtype (``warp_image`` without ``dtype=``) gives int16.
 
     Returns:
         The image (array ``(Z, Y, X)`` float32, or the stored int16/uint16 with ``keep_integer``; grid in LPS mm).
