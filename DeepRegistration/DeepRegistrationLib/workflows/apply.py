@@ -55,9 +55,9 @@ POINT_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".fcsv")
 POINT_OUTPUT_SUFFIXES = (".csv", ".json")
 #: :func:`looks_like_labels`: a label map has at least this fraction of its foreground neighbour pairs (along x)
 #: equal, and fewer than :data:`LABEL_SMALL_STEP_FRACTION` of its unequal ones differ by 1 or 2. Measured (64
-#: slices): 14 label maps (the bundled AAL pair at 3 mm, the trunk CT's TotalSegmentator labels at 2 mm, the
-#: atlases of Debian's mricron-data: AAL, Brodmann, JHU, NatBrainLab, AICHA, Harvard-Oxford, INIA19 int16) equal
-#: 0.82-0.995, small steps 0.09-0.42; uint8 T1 MR (ch2, ch2bet, ch2better) equal 0.09-0.24; the 2 mm CT quantized
+#: slices): 13 label maps and a mask (the bundled AAL pair at 3 mm, the trunk CT's TotalSegmentator labels and
+#: overlap mask at 2 mm, the atlases of Debian's mricron-data: AAL, Brodmann, JHU at 1 and 2 mm, JHU189,
+#: NatBrainLab, AICHA, Harvard-Oxford, INIA19 int16) equal 0.82-0.999, small steps 0.09-0.42; uint8 T1 MR (ch2, ch2bet, ch2better) equal 0.09-0.24; the 2 mm CT quantized
 #: to 255 / 63 / 15 levels equal 0.45 / 0.77 / 0.88 with small steps 0.75 / 0.88 / 0.996.
 LABEL_EQUAL_FRACTION = 0.6
 LABEL_SMALL_STEP_FRACTION = 0.5
@@ -269,13 +269,13 @@ def looks_like_labels(array: np.ndarray) -> bool:
         return False
     left, right = a[:, :, 1:], a[:, :, :-1]
     both = (left > 0) & (right > 0)
-    n = int(both.sum())
+    n = int(np.count_nonzero(both))
     if n == 0:
         return bool((a > 0).any())  # isolated voxels only: points or thin structures
-    equal = int(((left == right) & both).sum())
+    diff = np.abs(np.subtract(left[both], right[both], dtype=np.float32))  # exact below 2^24
+    equal = int(np.count_nonzero(diff == 0))
     differ = n - equal
-    diff = np.abs(left.astype(np.float64) - right.astype(np.float64))
-    small = int(((diff <= 2) & both & (diff > 0)).sum())
+    small = int(np.count_nonzero((diff <= 2) & (diff > 0)))
     return equal / n >= LABEL_EQUAL_FRACTION and (differ == 0 or small / differ < LABEL_SMALL_STEP_FRACTION)
 
 
@@ -335,15 +335,18 @@ def _warp_inverse_form(image: Image, target: Grid, inverse, interpolation: str, 
 
 def _index_affine_points(matrix, shape, k0: int, k1: int):
     """``matrix`` (4×4, float64) applied to the voxel indices ``(i, j, k, 1)`` of slices ``k0 <= k < k1`` of a grid of
-    ``shape`` ``(Z, Y, X)``: ``(1, k1 - k0, Y, X, 3)`` float32, the sum of three per-axis terms (float64)."""
+    ``shape`` ``(Z, Y, X)``: ``(1, k1 - k0, Y, X, 3)`` float32, the sum of three per-axis terms."""
     import torch
 
     ar = lambda a, b: torch.arange(a, b, dtype=torch.float64)
     _, ny, nx = shape
     m = matrix.to(torch.float64)
-    pts = (ar(k0, k1)[:, None, None, None] * m[:3, 2] + m[:3, 3]) + ar(0, ny)[None, :, None, None] * m[:3, 1]
-    pts = pts + ar(0, nx)[None, None, :, None] * m[:3, 0]
-    return pts.to(torch.float32)[None]
+    kz = (ar(k0, k1)[:, None] * m[:3, 2] + m[:3, 3])[:, None, None, :]
+    jy = (ar(0, ny)[:, None] * m[:3, 1])[None, :, None, :]
+    ix = (ar(0, nx)[:, None] * m[:3, 0]).to(torch.float32)[None, None, :, :]
+    # the two slow axes summed in float64 (a small (k, Y, 1, 3) array), the fast one added in float32: one full-size
+    # float32 array, no full-size float64 one
+    return ((kz + jy).to(torch.float32) + ix)[None]
 
 
 # ---------------------------------------------------------------------------------------------- output
