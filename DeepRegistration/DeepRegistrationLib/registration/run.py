@@ -284,8 +284,8 @@ def _read_inputs(fixed_path, moving_path, cfg: RegistrationConfig, fixed_mask, m
     # read in parallel (CONCURRENT_IO); the errors come in this order, as read one after the other: fixed, moving,
     # fixed mask, moving mask, fixed labels, moving labels (a mask or label map waits for its image's grid only
     # for its grid check)
-    tasks = [lambda result: read_image(fixed_path, "fixed image"),
-             lambda result: read_image(moving_path, "moving image")]
+    tasks = [lambda result: read_image(fixed_path, "fixed image", keep_integer=True),
+             lambda result: read_image(moving_path, "moving image", keep_integer=True)]
     optional = {}
     for key, path, reader, name, of in (("fmask", fixed_mask, read_mask, "fixed mask", 0),
                                         ("mmask", moving_mask, read_mask, "moving mask", 1),
@@ -473,8 +473,8 @@ def _write_report(tmp: Path, inputs: _Inputs, result: RegistrationResult, fixed_
 
         maps = dict(evaluation.maps)
         if outputs.warped is not None and outputs.jacobian.grid is inputs.fixed.grid:
-            fixed, warped, jacobian = inputs.fixed, outputs.warped, outputs.jacobian
-            before = warp_image(inputs.moving, fixed.grid, SpatialTransform.identity(), "linear")
+            fixed, warped, jacobian = _float32(inputs.fixed), outputs.warped, outputs.jacobian
+            before = warp_image(inputs.moving, fixed.grid, SpatialTransform.identity(), "linear", dtype=np.float32)
         else:  # a large fixed grid or no warped image: drawn on the working grid (a figure needs no more)
             fixed, before, warped, jacobian = _working_figure_images(result, evaluation.pair, inputs.moving)
             grid = fixed.grid
@@ -483,6 +483,11 @@ def _write_report(tmp: Path, inputs: _Inputs, result: RegistrationResult, fixed_
             maps = {("local_mi" if k == "local_similarity" else k): v for k, v in maps.items()}
         draw_report(fixed, before, warped, jacobian, tmp / "report.png", summary_lines(report), maps=maps)
     return report
+
+
+def _float32(image: Image) -> Image:
+    """``image`` with float32 voxels (an int16 input kept as read: its exact float32 values, as report.png draws them)."""
+    return image if image.array.dtype == np.float32 else Image(image.array.astype(np.float32), image.grid, image.name)
 
 
 def warped_entry(choice: str, written: bool, fixed_grid, moving_path, out_dir: Path) -> dict:
@@ -507,7 +512,7 @@ def _working_figure_images(result: RegistrationResult, pair, moving: Image) -> t
     if result.working_images is not None:
         m = result.working_images.moving
         moving = Image(m.array, m.grid, "moving")
-    before = warp_image(moving, grid, SpatialTransform.identity(), "linear")
+    before = warp_image(moving, grid, SpatialTransform.identity(), "linear", dtype=np.float32)
     return (Image(pair.fixed[0, 0].cpu().numpy(), grid, "fixed"), before,
             Image(pair.warped[0, 0].cpu().numpy(), grid, "warped"),
             Image(np.asarray(result.jacobian, dtype=np.float32), result.working_grid, "jacobian"))

@@ -141,3 +141,21 @@ def test_run_registration_with_kept_int16_writes_the_same_outputs(tmp_path, samp
                                   .replace(str(tmp_path / "kept"), "OUT"))
     assert ra == rb
     assert io_images.KEPT_INTEGER_TYPES  # the kept types are public (run._read_inputs opts in with keep_integer)
+
+
+def test_report_png_of_kept_int16_is_that_of_the_float32_read(tmp_path, sample_pair, monkeypatch):
+    """report.png on the fixed grid (a small pair): the fixed and "before" columns are drawn from float32 values,
+    so the figure is the float32 read's, byte for byte (its text held fixed: it holds the timings)."""
+    paths = []
+    for im, name in ((sample_pair[0], "fixed"), (sample_pair[1], "moving")):
+        a = np.round(im.array / im.array.max() * 3000 - 1000).astype(np.int16)
+        sitk.WriteImage(image_to_sitk(Image(a, im.grid, name)), str(tmp_path / f"{name}.nii.gz"))
+        paths.append(tmp_path / f"{name}.nii.gz")
+    monkeypatch.setattr(run_module, "summary_lines", lambda report: ["the same text"])
+    pngs = []
+    for keep in (False, True):
+        monkeypatch.setattr(run_module, "read_image",
+                            lambda path, name="image", keep=keep, **_: read_image(path, name, keep_integer=keep))
+        out = run_module.run_registration(*paths, tmp_path / f"k{int(keep)}", RegistrationConfig(**CFG), explain=True)
+        pngs.append((out.out_dir / "report.png").read_bytes())
+    assert pngs[0] == pngs[1]
