@@ -30,7 +30,6 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -249,7 +248,7 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
                       progress=Progress(progress, 0.0, done))
     prog(done + 0.01, "writing outputs")
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = partial_folder(out)
     try:
         with BackgroundWriter(CONCURRENT_IO) as writer:  # joined (every file complete) when the block ends
             outputs = _write_outputs(tmp, inputs, result, prog.sub(done + 0.01, done + 0.02), writer,
@@ -538,6 +537,20 @@ def explain_summary(maps: dict[str, Image], pair, similarity: str = "lncc") -> d
             "foreground_median": {"residual": med(maps["residual"].array),
                                   "local_similarity": med(maps["local_similarity"].array),
                                   "displacement_mm": med(maps["displacement"].array)}}
+
+
+def partial_folder(out: Path) -> Path:
+    """A new, empty temporary folder next to ``out`` (``.NAME.partial-XXXXXXXX``) that becomes ``out`` once
+    complete: made by a plain ``mkdir``, so it gets the permissions the user's umask gives any new folder (e.g.
+    0755), not ``tempfile.mkdtemp``'s 0700, which would leave a result on a shared disk unreadable to the rest of
+    a team."""
+    while True:
+        tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:  # taken (one in 4 billion): draw again
+            continue
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -181,3 +181,14 @@ def test_the_working_pair_from_the_registrations_prepared_images_is_the_same(run
     for a, b in ((fresh.fixed, reused.fixed), (fresh.warped, reused.warped), (fresh.view, reused.view)):
         assert torch.equal(a, b)
     assert reused.grid.same_as(fresh.grid, tol=1e-9)
+
+
+def test_the_output_folder_gets_the_umask_permissions_of_a_new_folder(run, tmp_path):
+    """Not mkdtemp's 0700: a result on a shared disk is readable as any folder the user makes."""
+    import os
+    import stat
+
+    (tmp_path / "plain").mkdir()
+    want = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert stat.S_IMODE(os.stat(run.out_dir).st_mode) == want
+    assert want != 0o700 or os.umask(os.umask(0)) == 0o077  # a test that can fail: only a 077 umask gives 0700
