@@ -61,7 +61,8 @@ def register_command(args: argparse.Namespace) -> int:
         print("  " + line)
     warped = summary.report["outputs"]["warped"]
     if warped["file"] is None:
-        print(f"  warped.nii.gz not written: {warped['why']}; to write it: {warped['how']}")
+        print(f"  warped.nii.gz not written: {warped['why']}; to write it: {warped['how']} "
+              "(or register with --warped full)")
     return verdict_status(summary.report, getattr(args, "fail_on", None))
 
 

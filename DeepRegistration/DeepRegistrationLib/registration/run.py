@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import shutil
 import time
 import uuid
@@ -491,15 +492,15 @@ def _float32(image: Image) -> Image:
 
 def warped_entry(choice: str, written: bool, fixed_grid, moving_path, out_dir: Path) -> dict:
     """``report.json``'s ``outputs.warped``: whether ``warped.nii.gz`` was written, and if not, why and the
-    command that writes it (the same image, from ``transform.h5``)."""
+    command that writes it into ``out_dir`` (``how``, shell-quoted: the same image, from ``transform.h5``)."""
     if written:
         return {"file": "warped.nii.gz", "grid": "fixed"}
     why = ("--warped none" if choice == "none" else
            f"the fixed grid has {fixed_grid.num_voxels / 1e6:.1f} M voxels, more than {FULL_GRID_MAX_VOXELS / 1e6:g} M "
            "(--warped auto)")
-    return {"file": None, "why": why,
-            "how": f"deepregistration apply {os.path.abspath(moving_path)} -t {out_dir} -o warped.nii.gz "
-                   "(or register with --warped full)"}
+    words = ["deepregistration", "apply", os.path.abspath(moving_path), "-t", str(out_dir),
+             "-o", str(out_dir / "warped.nii.gz")]
+    return {"file": None, "why": why, "how": " ".join(shlex.quote(w) for w in words)}
 
 
 def _working_figure_images(result: RegistrationResult, pair, moving: Image) -> tuple[Image, Image, Image, Image]:

@@ -77,7 +77,7 @@ def test_the_command_report_json_gives_for_a_skipped_warp_writes_it(result, samp
     import json
     import shlex
 
-    skipped = run_registration(sample_dir / "fixed.nii.gz", sample_dir / "moving.nii.gz", tmp_path / "out",
+    skipped = run_registration(sample_dir / "fixed.nii.gz", sample_dir / "moving.nii.gz", tmp_path / "out (1)",
                                RegistrationConfig(**CFG), write_png=False, warped="none").out_dir
     entry = json.loads((skipped / "report.json").read_text())["outputs"]["warped"]
     assert entry["file"] is None and not (skipped / "warped.nii.gz").exists()
@@ -87,4 +87,5 @@ def test_the_command_report_json_gives_for_a_skipped_warp_writes_it(result, samp
     assert main(command[1:] + ["-q"]) == 0
     capsys.readouterr()
     written = tmp_path / command[command.index("-o") + 1]
+    assert written == skipped / "warped.nii.gz"  # into the result folder, its name quoted for the shell
     assert written.read_bytes() == (result / "warped.nii.gz").read_bytes()
