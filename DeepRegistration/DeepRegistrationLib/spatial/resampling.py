@@ -115,14 +115,16 @@ def _warp_separable(vol: torch.Tensor, grid: Grid, separable: "_SeparablePoints"
     limits = W._half_voxel_limits(grid, vol.dtype)
     for k0 in range(0, nz, step):
         k1 = min(nz, k0 + step)
-        beyond, inside = _slab_state(grid, separable, k0, k1, buffer)
+        beyond, inside, ready = _slab_state(grid, separable, k0, k1, buffer)
         if beyond:  # the whole slab maps beyond the image: 0, as ITK (a partial view)
             out[k0:k1] = 0
             continue
         rect = None if inside else _inner_rectangle(grid, separable, k0, k1)
         for c0 in range(k0, k1, chunk):
             c1 = min(k1, c0 + chunk)
-            pts = separable.points(c0, c1, buffer).to(vol.dtype)  # float64 for nearest: a copy
+            # the slab's points where its placement computed them, in one chunk
+            pts = ready if ready is not None else separable.points(c0, c1, buffer)
+            pts = pts.to(vol.dtype)  # float64 for nearest: a copy
             norm = pts.mul_(scale[0]).add_(scale[1]) if scale is not None else W.world_to_normalized(pts, grid)
             vals = W.grid_sample(vol, norm, mode, "border")
             # within the image's half-voxel border ITK's mask is 1 (the border values are what "itk" padding
@@ -240,10 +242,11 @@ def _index_box_position(lo: np.ndarray, hi: np.ndarray, grid: Grid, margin: floa
 
 
 def _slab_state(grid: Grid, separable: "_SeparablePoints", k0: int, k1: int, buffer: torch.Tensor | None = None,
-                margin: float = 0.01) -> tuple[bool, bool]:
-    """:func:`_box_position` of the separable points of slices ``k0 <= k < k1``: ``(beyond, inside)``; the same
-    ``beyond``, an ``inside`` that may be False where that of the points' own box is True (then the mask is
-    computed: the same values).
+                margin: float = 0.01) -> tuple[bool, bool, torch.Tensor | None]:
+    """:func:`_box_position` of the separable points of slices ``k0 <= k < k1``: ``(beyond, inside, points)``; the
+    same ``beyond``, an ``inside`` that may be False where that of the points' own box is True (then the mask is
+    computed: the same values); ``points`` (1, k1 - k0, Y, X, 3) in ``buffer`` where they were computed here
+    (the whole slab in one chunk), else None.
 
     The box is first bounded without reading the points (:meth:`_SeparablePoints.box`, a box around every
     point): beyond by that box, the points are too; inside by it, they are too. Otherwise a point of the slab, its
@@ -254,20 +257,22 @@ def _slab_state(grid: Grid, separable: "_SeparablePoints", k0: int, k1: int, buf
     lo, hi = separable.box(k0, k1)
     beyond, inside = _index_box_position(lo, hi, grid, margin)
     if beyond or inside:
-        return beyond, inside
+        return beyond, inside, None
     centre, err = separable.centre(k0, k1)
     err = err * np.abs(grid.world_to_index[:3, :3]).sum(axis=1).max()  # in voxels
     # the centre's own box, with a margin short of its distance to the float32 point and of the rounding of the
     # corners' indices (well below a millionth of a voxel): not beyond by it, the points' box is not beyond either
     if not _index_box_position(centre, centre, grid, margin - err - 1e-6)[0]:
-        return False, False
+        return False, False, None
     lo = hi = None
     chunk = k1 - k0 if buffer is None else max(1, buffer.numel() // (3 * len(separable.by) * len(separable.bx)))
     for c0 in range(k0, k1, chunk):
-        low, high = separable.points(c0, min(k1, c0 + chunk), buffer).reshape(-1, 3).aminmax(dim=0)
+        points = separable.points(c0, min(k1, c0 + chunk), buffer)
+        low, high = points.reshape(-1, 3).aminmax(dim=0)
         lo = low if lo is None else torch.minimum(lo, low)
         hi = high if hi is None else torch.maximum(hi, high)
-    return _index_box_position(lo.double().cpu().numpy(), hi.double().cpu().numpy(), grid, margin)
+    beyond, inside = _index_box_position(lo.double().cpu().numpy(), hi.double().cpu().numpy(), grid, margin)
+    return beyond, inside, points if chunk >= k1 - k0 else None
 
 
 class _SeparablePoints:

@@ -137,7 +137,9 @@ def test_slabs_within_the_image_skip_the_itk_mask_with_the_same_bits_and_field_r
         lo, hi = kept.box(k0, k1)
         flat = pts.reshape(-1, 3).double().numpy()
         assert (flat >= lo).all() and (flat <= hi).all() and np.abs(np.concatenate([lo - flat.min(0), hi - flat.max(0)])).max() < 12.0
-        slab_beyond, slab_inside = R._slab_state(moving.grid, kept, k0, k1)
+        slab_beyond, slab_inside, ready = R._slab_state(moving.grid, kept, k0, k1,
+                                                        torch.empty((k1 - k0) * 20 * 20 * 3))
+        assert ready is None or torch.equal(ready, pts)  # computed there: the slab's points
         assert slab_beyond == beyond and (inside or not slab_inside)
         # the centre taken in float64 is within its stated bound of the float32 point
         centre, err = kept.centre(k0, k1)
@@ -221,7 +223,7 @@ def test_mask_only_outside_the_inner_rectangle_gives_the_bits_of_the_plain_itk_s
     rects = []
     for k0 in range(0, target.shape[0], 4):
         k1 = min(target.shape[0], k0 + 4)
-        beyond, inside = R._slab_state(moving.grid, sep, k0, k1)
+        beyond, inside, _ = R._slab_state(moving.grid, sep, k0, k1)
         rect = None if beyond or inside else R._inner_rectangle(moving.grid, sep, k0, k1)
         if rect is not None:
             j0, j1, i0, i1 = rect
