@@ -39,7 +39,10 @@ def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpol
             1.4 CPU s and 350 MB less).
 
     A slab (of ``slab_voxels``) that maps wholly beyond the image is 0 without being sampled; one that maps wholly
-    within its half-voxel border is sampled without computing ITK's mask (1 at every point there): the same bits.
+    within its half-voxel border is sampled without computing ITK's mask (1 at every point there); where the
+    target's axes are parallel to the field grid's, the mask is computed only outside the slab's rectangle of rows
+    and columns within the border, and the points are made, normalized and sampled a chunk of slices at a time in
+    one buffer (:func:`_warp_separable`). The same bits either way.
 
     Returns:
         Image on ``target`` with ``dtype``, or ``image``'s dtype (float32 stays float32; labels stay integer).
