@@ -21,9 +21,10 @@ Cases: ``demo`` (the bundled sample pair and labels), ``ct_2mm`` / ``ct_0.75mm``
 ``large_fov.py``, 4.6 M / 86.5 M fixed voxels, read from ``--large-fov-cases``; ``large_fov.py --out DIR`` writes them
 into ``DIR/cases``; skipped when absent).
 
-Runtime on an idle 2-core machine: the registrations ~1 min (ct_0.75mm ~30 s), then per repeat, variant and thread
-count ~1 s (demo), ~3 s (ct_2mm), ~25 s (ct_0.75mm, reading its images included); with the defaults ~6 min.
-Writes ``warp_cost.json`` and ``warp_cost.md`` into ``--out``.
+Runtime on a 2-core machine: the registrations ~1-2 min (once; kept in ``--out``), then per repeat, variant and
+thread count ~3 s (demo), ~8 s (ct_2mm), ~30 s (ct_0.75mm, reading its images and the baseline worktree
+included): 2 repeats took 6.5 min, the defaults (3) ~10 min. Writes ``warp_cost.json`` and ``warp_cost.md`` into
+``--out``; exits 1 when an output differs between the variants.
 """
 from __future__ import annotations
 
