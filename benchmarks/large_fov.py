@@ -192,7 +192,8 @@ def run_method(method: str, case: dict, out: Path, args) -> dict:
         row["error"] = res.log[-800:]
         return row
     small = case["fixed_voxels"] <= 20_000_000  # the folding check resamples the transform densely
-    row.update(score(case, rb.load_transform(method, run_dir), folding=small))
+    row.update(score(case, rb.load_transform("deepreg" if method.startswith("deepreg") else method, run_dir),
+                     folding=small))
     if method.startswith("deepreg"):
         report = json.loads((run_dir / "report.json").read_text())
         row["stages_s"] = {k: report["timings_s"].get(k, 0.0) for k in STAGES}
