@@ -16,6 +16,11 @@ from ..core.image import Image
 from .transforms import SpatialTransform
 
 
+#: Voxels per slab of :func:`warp_image` (its ``slab_voxels`` default): ~24 MB of float32 points, ~100 MB in all
+#: with the sampling's temporaries.
+SLAB_VOXELS = 2_000_000
+
+
 def slab_grid(grid: Grid, k0: int, k1: int) -> Grid:
     """The sub-grid of slices ``k0 <= k < k1`` of ``grid`` (same voxels, same positions)."""
     origin = grid.index_to_world @ np.array([0.0, 0.0, k0, 1.0])
@@ -23,7 +28,7 @@ def slab_grid(grid: Grid, k0: int, k1: int) -> Grid:
 
 
 def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpolation: str = "linear",
-               device=None, slab_voxels: int = 2_000_000, dtype=None) -> Image:
+               device=None, slab_voxels: int = SLAB_VOXELS, dtype=None) -> Image:
     """Resamples ``image`` (on its own grid) onto ``target`` through ``transform`` (target → image space).
 
     Args:
@@ -41,8 +46,8 @@ def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpol
     A slab (of ``slab_voxels``) that maps wholly beyond the image is 0 without being sampled; one that maps wholly
     within its half-voxel border is sampled without computing ITK's mask (1 at every point there); where the
     target's axes are parallel to the field grid's, the mask is computed only outside the slab's rectangle of rows
-    and columns within the border, and the points are made, normalized and sampled a chunk of slices at a time in
-    one buffer (:func:`_warp_separable`). The same bits either way.
+    and columns within the border, and each slab's points are made and normalized in one reused buffer
+    (:func:`_warp_separable`). The same bits either way.
 
     Returns:
         Image on ``target`` with ``dtype``, or ``image``'s dtype (float32 stays float32; labels stay integer).
@@ -55,9 +60,7 @@ def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpol
     out = np.empty(target.shape, dtype=dtype)
     limits = np.iinfo(out.dtype) if np.issubdtype(out.dtype, np.integer) else None
     step = max(1, slab_voxels // max(1, target.shape[1] * target.shape[2]))
-    # the result is written by torch (a threaded cast) where the values are exact in ``out``'s type
-    on_cpu = vol.device.type == "cpu"
-    write = _writer(out, limits, torch.from_numpy(out) if out.dtype in _TORCH_COPY and on_cpu else None)
+    write = _writer(out, limits)
     separable = _SeparablePoints.make(transform, target, device)
     with torch.no_grad():
         if separable is not None:
@@ -83,68 +86,48 @@ def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpol
     return Image(out, target, image.name)
 
 
-def _writer(out: np.ndarray, limits, out_t: torch.Tensor | None):
+def _writer(out: np.ndarray, limits):
     """``write(k0, k1, vals)``: sampled values ``(k1 - k0, Y, X)`` (float) into slices ``k0 <= k < k1`` of ``out``,
-    rounded (half to even) and clipped into ``limits`` (an integer type's ``iinfo``) first; by torch into ``out_t``
-    (``out`` as a tensor) where given, else by numpy's cast on assignment (the same values)."""
+    rounded (half to even) and clipped into ``limits`` (an integer type's ``iinfo``) first, by numpy's cast on
+    assignment."""
     def write(k0: int, k1: int, vals: torch.Tensor) -> None:
         if limits is not None:
             vals = vals.round_().clamp_(float(limits.min), float(limits.max))  # in place: a fresh tensor
-        if out_t is not None:
-            out_t[k0:k1].copy_(vals)
-        else:
-            out[k0:k1] = vals.cpu().numpy()  # cast on assignment
+        out[k0:k1] = vals.cpu().numpy()  # cast on assignment
     return write
 
 
 def _warp_separable(vol: torch.Tensor, grid: Grid, separable: "_SeparablePoints", mode: str, step: int,
                     out: np.ndarray, write) -> None:
-    """:func:`warp_image` where the points are separable sums: slabs of ``step`` slices are placed relative to the
-    image (:func:`_slab_state`: 0 beyond it; no mask within its border; else the mask only outside the slab's
-    inner rectangle, :func:`_inner_rectangle`), then its points are computed, normalized in place, sampled and
-    written a chunk of slices at a time (at most :data:`CHUNK_POINTS` points or the slab, one buffer for every
-    chunk: each step is one parallel region of enough work, whatever ``slab_voxels``).
+    """:func:`warp_image` where the points are separable sums: each slab of ``step`` slices is placed relative to
+    the image (:func:`_slab_position`: 0 beyond it, its points not computed; no mask within its border; else the
+    mask only outside the slab's inner rectangle, :func:`_inner_rectangle`), its points computed once into one
+    buffer reused by every slab, normalized there in place, sampled and written.
 
     The values are those of sampling each slab's points (:meth:`_SeparablePoints.points`) with ``"itk"`` padding,
     bit for bit: every step is elementwise or per point, with the same operations in the same order; the
     normalization is ``world_to_normalized``'s (as one product and one sum per coordinate where its matrix is
     diagonal, :func:`_diagonal_normalizing`)."""
     nz, ny, nx = out.shape
-    chunk = max(1, min(step, CHUNK_POINTS // max(1, ny * nx)))
-    buffer = torch.empty(chunk * ny * nx * 3, dtype=torch.float32, device=vol.device)
+    buffer = torch.empty(min(step, nz) * ny * nx * 3, dtype=torch.float32, device=vol.device)
     scale = _diagonal_normalizing(grid, vol.dtype, vol.device)
     if scale is not None:  # as whole slices: contiguous operands (the same products and sums)
         scale = tuple(v.expand(ny, nx, 3).contiguous() for v in scale)
     limits = W._half_voxel_limits(grid, vol.dtype)
     for k0 in range(0, nz, step):
         k1 = min(nz, k0 + step)
-        beyond, inside, ready = _slab_state(grid, separable, k0, k1, buffer)
+        beyond, inside, pts = _slab_position(grid, separable, k0, k1, buffer)
         if beyond:  # the whole slab maps beyond the image: 0, as ITK (a partial view)
             out[k0:k1] = 0
             continue
-        rect = None if inside else _inner_rectangle(grid, separable, k0, k1)
-        for c0 in range(k0, k1, chunk):
-            c1 = min(k1, c0 + chunk)
-            # the slab's points where its placement computed them, in one chunk
-            pts = ready if ready is not None else separable.points(c0, c1, buffer)
-            pts = pts.to(vol.dtype)  # float64 for nearest: a copy
-            norm = pts.mul_(scale[0]).add_(scale[1]) if scale is not None else W.world_to_normalized(pts, grid)
-            vals = W.grid_sample(vol, norm, mode, "border")
-            # within the image's half-voxel border ITK's mask is 1 (the border values are what "itk" padding
-            # keeps): computed only where it can be 0
-            if not inside:
-                _mask_outside(vals[0, 0], norm[0], limits, rect)
-            write(c0, c1, vals[0, 0])
-
-
-#: Points per chunk of target slices in :func:`_warp_separable` (at least one slice): 24 MB of points. Smaller
-#: chunks (a slice of a 0.75 mm CT, 2^18 points) measured no faster on one thread (ABAB, loaded machine) and
-#: make more, smaller parallel regions.
-CHUNK_POINTS = 1 << 21
-
-
-# output types torch writes with the same values as numpy's cast on assignment (the values are exact in them)
-_TORCH_COPY = {np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.float32, np.float64)}
+        pts = pts.to(vol.dtype)  # float64 for nearest: a copy
+        norm = pts.mul_(scale[0]).add_(scale[1]) if scale is not None else W.world_to_normalized(pts, grid)
+        vals = W.grid_sample(vol, norm, mode, "border")
+        # within the image's half-voxel border ITK's mask is 1 (the border values are what "itk" padding keeps):
+        # computed only where it can be 0
+        if not inside:
+            _mask_outside(vals[0, 0], norm[0], limits, _inner_rectangle(grid, separable, k0, k1))
+        write(k0, k1, vals[0, 0])
 
 
 def _diagonal_normalizing(grid: Grid, dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -244,38 +227,32 @@ def _index_box_position(lo: np.ndarray, hi: np.ndarray, grid: Grid, margin: floa
     return beyond, inside
 
 
-def _slab_state(grid: Grid, separable: "_SeparablePoints", k0: int, k1: int, buffer: torch.Tensor | None = None,
-                margin: float = 0.01) -> tuple[bool, bool, torch.Tensor | None]:
-    """:func:`_box_position` of the separable points of slices ``k0 <= k < k1``: ``(beyond, inside, points)``; the
-    same ``beyond``, an ``inside`` that may be False where that of the points' own box is True (then the mask is
-    computed: the same values); ``points`` (1, k1 - k0, Y, X, 3) in ``buffer`` where they were computed here
-    (the whole slab in one chunk), else None.
+def _slab_position(grid: Grid, separable: "_SeparablePoints", k0: int, k1: int, buffer: torch.Tensor | None = None,
+                   margin: float = 0.01) -> tuple[bool, bool, torch.Tensor | None]:
+    """:func:`_box_position` of the separable points of slices ``k0 <= k < k1``, with those points:
+    ``(beyond, inside, points (1, k1 - k0, Y, X, 3) in buffer, or None)``; the same ``beyond``, an ``inside`` that
+    may be False where that of the points' own box is True (then the mask is computed: the same values).
 
     The box is first bounded without reading the points (:meth:`_SeparablePoints.box`, a box around every
-    point): beyond by that box, the points are too; inside by it, they are too. Otherwise a point of the slab, its
-    centre (:meth:`_SeparablePoints.centre`, within a bound of its float32 value), within reach of the grid (not
-    beyond on any axis) means the slab is not beyond (the box of the corners' indices contains that point's); only
-    where neither settles it is the points' box taken, chunk by chunk into ``buffer`` (a whole pass over the
-    points, saved in most slabs)."""
+    point): beyond by that box, the points are too, and they are not computed (``None``: the slab is 0); inside
+    by it, they are too. Otherwise a point of the slab, its centre, within reach of the grid (not beyond on any
+    axis) means the slab is not beyond (the box of the corners' indices contains that point's); only where
+    neither settles it is the points' box taken (for a 0.75 mm CT: a whole pass over the points, 1 CPU s, saved
+    in most slabs)."""
     lo, hi = separable.box(k0, k1)
     beyond, inside = _index_box_position(lo, hi, grid, margin)
-    if beyond or inside:
-        return beyond, inside, None
-    centre, err = separable.centre(k0, k1)
-    err = err * np.abs(grid.world_to_index[:3, :3]).sum(axis=1).max()  # in voxels
-    # the centre's own box, with a margin short of its distance to the float32 point and of the rounding of the
-    # corners' indices (well below a millionth of a voxel): not beyond by it, the points' box is not beyond either
-    if not _index_box_position(centre, centre, grid, margin - err - 1e-6)[0]:
-        return False, False, None
-    lo = hi = None
-    chunk = k1 - k0 if buffer is None else max(1, buffer.numel() // (3 * len(separable.by) * len(separable.bx)))
-    for c0 in range(k0, k1, chunk):
-        points = separable.points(c0, min(k1, c0 + chunk), buffer)
-        low, high = points.reshape(-1, 3).aminmax(dim=0)
-        lo = low if lo is None else torch.minimum(lo, low)
-        hi = high if hi is None else torch.maximum(hi, high)
-    beyond, inside = _index_box_position(lo.double().cpu().numpy(), hi.double().cpu().numpy(), grid, margin)
-    return beyond, inside, points if chunk >= k1 - k0 else None
+    if beyond:
+        return True, False, None
+    points = separable.points(k0, k1, buffer)
+    if inside:
+        return False, True, points
+    _, k, ny, nx, _ = points.shape
+    centre = points[0, k // 2, ny // 2, nx // 2].double().cpu().numpy()
+    # the centre's own box, with a margin short of the rounding of the corners' indices (well below a
+    # millionth of a voxel): not beyond by it, the points' box is not beyond either
+    if not _index_box_position(centre, centre, grid, margin - 1e-6)[0]:
+        return False, False, points
+    return (*_box_position(points, grid, margin), points)
 
 
 class _SeparablePoints:
@@ -298,6 +275,7 @@ class _SeparablePoints:
                    + torch.as_tensor(base[:3, 3], device=device)).to(torch.float32)
         self.field = None
         self._cache = {}  # field rows interpolated for the previous slab (see _rows)
+        self._bounds = (None, None)  # the last slab's field_bounds: ((k0, k1), (lo, hi))
         if m is not None:
             # A u, channels last (Z, Y, X, 3): interpolating it is interpolating u then applying A (linear)
             u = torch.as_tensor(transform.field, dtype=torch.float32, device=device)
@@ -361,38 +339,17 @@ class _SeparablePoints:
         pad = 1e-3 + 1e-6 * np.abs(np.concatenate([lo, hi])).max()
         return lo - pad, hi + pad
 
-    def centre(self, k0: int, k1: int) -> tuple[np.ndarray, float]:
-        """The point of target slice ``k0 + (k1 - k0) // 2``, row ``Y // 2``, column ``X // 2`` in float64 from the
-        float32 terms, with a bound (mm) on its distance to the float32 point :meth:`points` gives (their
-        rounding: a thousandth of a mm at 1 m from the origin)."""
-        k, j, i = k0 + (k1 - k0) // 2, len(self.by) // 2, len(self.bx) // 2
-        terms = [t.double().cpu().numpy() for t in (self.bz[k], self.by[j], self.bx[i])]
-        point = terms[0] + terms[1] + terms[2]
-        big = sum(np.abs(t).max() for t in terms)
-        if self.field is not None:
-            field = lambda r, y, x: self.field[r, y, x].double().cpu().numpy()
-            weights = lambda w, n: [(int(w[0][n]), float(w[2][n])), (int(w[1][n]), float(w[3][n]))]
-            for r, wr in weights(self.wz, k):
-                for y, wy in weights(self.wy, j):
-                    for x, wx in weights(self.wx, i):
-                        point = point + wr * wy * wx * field(r, y, x)
-            big += self._field_max()
-        return point, 1e-3 + 1e-6 * big
-
-    def _field_max(self) -> float:
-        """The largest ``|A u|`` component (mm), computed once."""
-        if getattr(self, "_max", None) is None:
-            self._max = float(self.field.abs().max())
-        return self._max
-
     def field_bounds(self, k0: int, k1: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per component (x, y, z), bounds ``(lo <= 0, hi >= 0)`` (float32, LPS mm) of the field part ``A u`` of every
         point of slices ``k0 <= k < k1``: the smallest and largest value of the field rows the slab uses, with 0
-        (the interpolation weights are >= 0 and sum to 0 or 1)."""
-        z0, z1 = self.wz[0][k0:k1], self.wz[1][k0:k1]
-        rows = self.field[int(z0.min()):int(z1.max()) + 1].reshape(-1, 3)
-        f_lo, f_hi = rows.aminmax(dim=0)
-        return f_lo.clamp(max=0.0), f_hi.clamp(min=0.0)
+        (the interpolation weights are >= 0 and sum to 0 or 1). Those of the last slab asked for are kept
+        (:meth:`box` and then :func:`_inner_rectangle` ask for the same slab)."""
+        if self._bounds[0] != (k0, k1):
+            z0, z1 = self.wz[0][k0:k1], self.wz[1][k0:k1]
+            rows = self.field[int(z0.min()):int(z1.max()) + 1].reshape(-1, 3)
+            f_lo, f_hi = rows.aminmax(dim=0)
+            self._bounds = ((k0, k1), (f_lo.clamp(max=0.0), f_hi.clamp(min=0.0)))
+        return self._bounds[1]
 
     def _rows(self, lo: int, hi: int) -> dict:
         """Field rows ``lo <= r < hi`` interpolated in-plane onto the target's (Y, X): ``{r: (Y, X, 3)}``. Rows the
