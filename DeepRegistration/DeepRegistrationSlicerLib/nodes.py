@@ -452,27 +452,17 @@ def readItkInverseTransform(path: str) -> tuple[np.ndarray, np.ndarray | None, G
     """
     import SimpleITK as sitk
 
+    from DeepRegistrationLib.io.itk_transform import from_itk_inverse, itk_parts
+
     try:
         tx = sitk.ReadTransform(str(path))
-        parts = [tx.GetNthTransform(n) for n in range(tx.GetNumberOfTransforms())] \
-            if tx.GetName() == "CompositeTransform" else [tx]
-        fieldPart = None
-        if parts and parts[0].GetName() == "DisplacementFieldTransform":
-            fieldPart = sitk.DisplacementFieldTransform(parts.pop(0))
-        if len(parts) != 1 or parts[0].GetName() == "DisplacementFieldTransform":
-            raise ValueError(f"found {[p.GetName() for p in parts]}")
-        probe = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=float)
-        mapped = np.array([parts[0].TransformPoint(tuple(q)) for q in probe])
+        parts = itk_parts(tx)
+        linear = parts[1:] if parts and parts[0].GetName() == "DisplacementFieldTransform" else parts
+        if len(linear) != 1:  # exactly one linear part, as the engine writes it
+            raise ValueError(f"found {[p.GetName() for p in linear]}")
+        return from_itk_inverse(tx)  # ValueError for a second field or a non-linear part
     except (ValueError, RuntimeError) as exc:
         raise InputError(f"'{path}' is not a [displacement, affine] inverse transform ({exc}).") from None
-    affine = np.eye(4)
-    affine[:3, 3] = mapped[0]
-    affine[:3, :3] = (mapped[1:] - mapped[0]).T
-    if fieldPart is None:
-        return affine, None, None
-    image = fieldPart.GetDisplacementField()
-    field = np.moveaxis(sitk.GetArrayFromImage(image), -1, 0).astype(np.float64)
-    return affine, field, Grid.from_sitk(image)
 
 
 def readItkTransform(path: str) -> tuple[np.ndarray, np.ndarray | None, Grid | None]:

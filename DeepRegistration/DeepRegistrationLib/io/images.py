@@ -173,17 +173,15 @@ def image_to_sitk(image: Image) -> sitk.Image:
     return out
 
 
-#: Stored integer pixel types whose images are written back in that type (``warped.nii.gz``): 16 bits and more
-#: (CT's int16: a linear interpolation rounded to whole HU). 8-bit images keep float32 (a rounding to 1/255 of
-#: their range would be visible).
-_INTEGER_TYPES = {"int16": np.int16, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32}
+#: Stored integer pixel types whose images are written back in that type (``warped.nii.gz``,
+#: :func:`stored_integer_type`): 16 bits and more (CT's int16: a linear interpolation rounded to whole HU). 8-bit
+#: images keep float32 (a rounding to 1/255 of their range would be visible).
+WRITTEN_INTEGER_TYPES = (np.dtype(np.int16), np.dtype(np.uint16), np.dtype(np.int32), np.dtype(np.uint32))
 
 
-def stored_integer_type(path: str | os.PathLike) -> type | None:
-    """The numpy integer type an image file stores its voxels in, for types of 16 bits or more; else None.
-
-    Reads only the header (SimpleITK's image information); None for DICOM folders, float or 8-bit files and
-    anything unreadable."""
+def stored_type(path: str | os.PathLike) -> np.dtype | None:
+    """The numpy type an image file stores its (scalar) voxels in, from its header only (SimpleITK's image
+    information); None for DICOM folders, vector images and anything unreadable."""
     p = Path(path)
     if p.is_dir():
         return None
@@ -193,12 +191,18 @@ def stored_integer_type(path: str | os.PathLike) -> type | None:
         reader.ReadImageInformation()
         if reader.GetNumberOfComponents() != 1:
             return None
-        name = sitk.GetPixelIDValueAsString(reader.GetPixelID())
-    except RuntimeError:
+        return np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(),
+                                                              reader.GetPixelID())).dtype)
+    except (RuntimeError, TypeError):
         return None
-    kind = {"16-bit signed integer": "int16", "16-bit unsigned integer": "uint16",
-            "32-bit signed integer": "int32", "32-bit unsigned integer": "uint32"}.get(name)
-    return None if kind is None else _INTEGER_TYPES[kind]
+
+
+def stored_integer_type(path: str | os.PathLike) -> type | None:
+    """The numpy integer type an image file stores its voxels in (:func:`stored_type`), for the types of 16 bits or
+    more that a warped image is written back in (:data:`WRITTEN_INTEGER_TYPES`); else None (DICOM folders, float
+    or 8-bit files, anything unreadable). Reads only the header."""
+    stored = stored_type(path)
+    return stored.type if stored is not None and stored in WRITTEN_INTEGER_TYPES else None
 
 
 #: Stored types :func:`read_image` keeps as they are with ``keep_integer``: the integers exact in float32 (every

@@ -47,6 +47,40 @@ def _linear_part_matrix(part: sitk.Transform) -> np.ndarray:
     return m
 
 
+def itk_parts(transform: sitk.Transform) -> list:
+    """The transforms of an ITK ``CompositeTransform`` in its order (the last one is applied first), or
+    ``[transform]`` for any other transform."""
+    if transform.GetName() != "CompositeTransform":
+        return [transform]
+    comp = sitk.CompositeTransform(transform)
+    return [comp.GetNthTransform(i) for i in range(comp.GetNumberOfTransforms())]
+
+
+def _field_part(part: sitk.Transform) -> tuple[np.ndarray, Grid]:
+    """The displacement ``(3, Z, Y, X)`` float64 (LPS mm) of a ``DisplacementFieldTransform`` and its grid."""
+    img = sitk.DisplacementFieldTransform(part).GetDisplacementField()
+    return np.moveaxis(sitk.GetArrayFromImage(img), -1, 0).astype(np.float64), Grid.from_sitk(img)
+
+
+def from_itk_parts(parts: list) -> tuple[np.ndarray, np.ndarray | None, Grid | None]:
+    """:func:`from_itk` on the parts of a composite (:func:`itk_parts`)."""
+    affine = np.eye(4)
+    field = grid = None
+    for part in parts:
+        name = part.GetName()
+        if name == "DisplacementFieldTransform":
+            if field is not None:
+                raise ValueError("only one displacement field is supported in a composite")
+            field, grid = _field_part(part)
+            continue
+        if field is not None:
+            raise ValueError("only [affine..., displacement] composites are supported")
+        if not part.IsLinear():
+            raise ValueError(f"cannot convert the non-linear ITK transform {name}")
+        affine = affine @ _linear_part_matrix(part)
+    return affine, field, grid
+
+
 def from_itk(transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray | None, Grid | None]:
     """Splits what :func:`to_itk` wrote (or ANTs' ``[affine, warp]`` read as one composite) into parts.
 
@@ -56,22 +90,25 @@ def from_itk(transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray | None, 
     Raises:
         ValueError: anything but linear transforms followed by at most one displacement field.
     """
-    comp = sitk.CompositeTransform(transform) if transform.GetName() == "CompositeTransform" else None
-    parts = [comp.GetNthTransform(i) for i in range(comp.GetNumberOfTransforms())] if comp else [transform]
-    affine = np.eye(4)
+    return from_itk_parts(itk_parts(transform))
+
+
+def from_itk_inverse(transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray | None, Grid | None]:
+    """Splits an inverse as the engine writes it (``inverse.h5``: ITK ``[displacement, affine]``, the affine applied
+    first; ``y -> z + w(z)``, ``z = A⁻¹ y``, moving → fixed LPS points), or linear transforms alone.
+
+    Returns:
+        ``(A⁻¹ (4, 4): the product of the linear parts, w (3, Z, Y, X) or None, grid of w or None)``, LPS mm.
+
+    Raises:
+        ValueError: anything but at most one displacement field followed by one or more linear transforms.
+    """
+    parts = itk_parts(transform)
     field = grid = None
-    for part in parts:
-        name = part.GetName()
-        if name == "DisplacementFieldTransform":
-            if field is not None:
-                raise ValueError("only one displacement field is supported in a composite")
-            img = sitk.DisplacementFieldTransform(part).GetDisplacementField()
-            field = np.moveaxis(sitk.GetArrayFromImage(img), -1, 0).astype(np.float64)
-            grid = Grid.from_sitk(img)
-            continue
-        if field is not None:
-            raise ValueError("only [affine..., displacement] composites are supported")
-        if not part.IsLinear():
-            raise ValueError(f"cannot convert the non-linear ITK transform {name}")
-        affine = affine @ _linear_part_matrix(part)
-    return affine, field, grid
+    if parts and parts[0].GetName() == "DisplacementFieldTransform":
+        field, grid = _field_part(parts[0])
+        parts = parts[1:]
+    names = [part.GetName() for part in parts]
+    if not parts or "DisplacementFieldTransform" in names:
+        raise ValueError(f"found {names}")
+    return from_itk_parts(parts)[0], field, grid

@@ -15,7 +15,8 @@ Directions (LPS mm everywhere; ``T`` is ``transform.h5``, fixed → moving point
   moving space (``T(p)``), ``inverse=True`` maps moving-space points to fixed space (``T⁻¹(p)``). No reference.
 
 The forward resampling of an intensity image is ``register``'s own ``warped.nii.gz``
-(:func:`~DeepRegistrationLib.registration.run.warped_image`: linear interpolation; a stored integer type of 16 bits
+(:func:`~DeepRegistrationLib.registration.run.warped_image`'s call of
+:func:`~DeepRegistrationLib.spatial.resampling.warp_image`: linear interpolation; a stored integer type of 16 bits
 or more, a CT's int16, is kept, rounded; anything else becomes float32) written by the same writer
 (:func:`~DeepRegistrationLib.io.images.write_image`): the same bits for the same pair. Label maps (an integer
 image that looks like one, see :func:`looks_like_labels`, or ``interpolation="nearest"``) are resampled by nearest
@@ -34,6 +35,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +45,8 @@ from ..core.errors import InputError
 from ..core.grid import Grid
 from ..core.image import Image
 from ..core.progress import Progress, ProgressCallback
-from ..io.images import WRITABLE_SUFFIXES, read_image, read_label_image, stored_integer_type, write_image
-from ..io.itk_transform import from_itk
+from ..io.images import WRITABLE_SUFFIXES, WRITTEN_INTEGER_TYPES, read_image, read_label_image, stored_type, write_image
+from ..io.itk_transform import from_itk_inverse, from_itk_parts, itk_parts
 from ..io.landmarks import Landmarks, read_landmarks, write_landmarks_csv, write_markups_json
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ SLAB_VOXELS = 2_000_000
 
 
 # ---------------------------------------------------------------------------------------------- transforms
+@dataclass
 class LoadedTransform:
     """The map an application resamples through: ``transform`` (a
     :class:`~DeepRegistrationLib.spatial.transforms.SpatialTransform`, ``A (x + u(x))``, or an
@@ -73,19 +76,14 @@ class LoadedTransform:
     came from (``source``: the file, or ``"<file> (matrix inverted)"``) and which way it maps (``direction``:
     ``"fixed -> moving"`` or ``"moving -> fixed"``)."""
 
-    def __init__(self, transform, source: str, direction: str):
-        self.transform = transform
-        self.source = source
-        self.direction = direction
+    transform: object
+    source: str
+    direction: str
 
     @property
     def is_inverse_form(self) -> bool:
         """True for ``z + w(z)``, ``z = A⁻¹ y`` (resampled by :func:`_warp_inverse_form`)."""
         return hasattr(self.transform, "affine_inverse")
-
-    @property
-    def linear(self) -> bool:
-        return self.transform.field is None
 
 
 def read_transform_file(path: str | os.PathLike):
@@ -94,8 +92,9 @@ def read_transform_file(path: str | os.PathLike):
     Accepted: linear transforms followed by at most one displacement field (``transform.h5``'s ``[affine,
     displacement]``: a :class:`~DeepRegistrationLib.spatial.transforms.SpatialTransform`), or a displacement field
     followed by linear transforms (``inverse.h5``'s ``[displacement, affine]``: an
-    :class:`~DeepRegistrationLib.spatial.inverse.InverseTransform`). Both are split by
-    :func:`~DeepRegistrationLib.io.itk_transform.from_itk`.
+    :class:`~DeepRegistrationLib.spatial.inverse.InverseTransform`). Split by
+    :func:`~DeepRegistrationLib.io.itk_transform.from_itk_parts` and
+    :func:`~DeepRegistrationLib.io.itk_transform.from_itk_inverse`.
 
     Raises:
         InputError: a missing, unreadable or unsupported transform (B-spline, several fields, ...).
@@ -113,42 +112,26 @@ def read_transform_file(path: str | os.PathLike):
         raise InputError(f"transform: '{p}' is not a readable ITK transform file ({line[:160]}). Give a "
                          "'register' output folder, its transform.h5 or inverse.h5, or an ITK .h5/.tfm/.txt/.mat "
                          "transform.") from None
-    parts = _parts(tx)
+    parts = itk_parts(tx)
     names = [part.GetName() for part in parts]
     if len(parts) >= 2 and names[0] == "DisplacementFieldTransform" and "DisplacementFieldTransform" not in names[1:]:
-        # inverse.h5's [displacement, affine]: the field and the linear parts, each read by from_itk
+        # inverse.h5's [displacement, affine]
         try:
-            _, field, grid = from_itk(_composite(parts[:1]))
-            linear = from_itk(_composite(parts[1:]))[0]  # ValueError for a non-linear part
+            linear, field, grid = from_itk_inverse(tx)  # ValueError for a non-linear part
         except ValueError as exc:
             raise InputError(f"transform: '{p}' holds {names}, which cannot be applied ({exc}).") from None
         return InverseTransform(linear, field, grid, "file")
-    del parts
     try:
-        return SpatialTransform(*from_itk(tx))
+        return SpatialTransform(*from_itk_parts(parts))
     except ValueError as exc:
         raise InputError(f"transform: '{p}' holds {names}, which cannot be applied ({exc}). Supported: linear "
                          "transforms and one displacement field, as 'register' writes them.") from None
 
 
-def _parts(tx: sitk.Transform) -> list:
-    if tx.GetName() != "CompositeTransform":
-        return [tx]
-    comp = sitk.CompositeTransform(tx)
-    return [comp.GetNthTransform(i) for i in range(comp.GetNumberOfTransforms())]
-
-
-def _composite(parts: list) -> sitk.Transform:
-    out = sitk.CompositeTransform(3)
-    for part in parts:
-        out.AddTransform(part)
-    return out
-
-
-def load_transform(result: str | os.PathLike, inverse: bool = False) -> tuple[LoadedTransform, dict | None]:
+def load_transform(result: str | os.PathLike, inverse: bool = False) -> tuple[LoadedTransform, Path | None]:
     """The transform of ``result`` (a ``register`` output folder or a transform file), inverted with ``inverse``,
-    and the result's ``report.json`` when there is one (the folder's, or that of the folder holding a
-    ``transform.h5`` / ``inverse.h5`` given as a file), else None.
+    and where the result's ``report.json`` would be (the folder's, or that of the folder holding a
+    ``transform.h5`` / ``inverse.h5`` given as a file; not read here), else None.
 
     A folder gives ``transform.h5``, or ``inverse.h5`` with ``inverse``; a linear result without ``inverse.h5`` is
     inverted exactly (its 4×4 matrix). Raises :class:`InputError` for a deformable transform asked to invert
@@ -163,10 +146,8 @@ def load_transform(result: str | os.PathLike, inverse: bool = False) -> tuple[Lo
                          "transform.h5) or a transform file.")
     if inverse and p.is_file() and p.name == "transform.h5" and (p.parent / "report.json").is_file():
         p = p.parent  # a result folder's transform.h5: its inverse is the folder's inverse.h5
-    report = None
     folder = p if p.is_dir() else p.parent
-    if p.is_dir() or p.name in ("transform.h5", "inverse.h5"):
-        report = _read_report(folder / "report.json")
+    report_file = folder / "report.json" if p.is_dir() or p.name in ("transform.h5", "inverse.h5") else None
     if p.is_dir():
         forward_file = p / "transform.h5"
         if not forward_file.is_file():
@@ -177,7 +158,7 @@ def load_transform(result: str | os.PathLike, inverse: bool = False) -> tuple[Lo
             if not isinstance(tx, InverseTransform) and tx.field is not None:
                 raise InputError(f"transform: '{p / 'inverse.h5'}' is not an inverse as 'register' writes it "
                                  "([displacement, affine]).")
-            return LoadedTransform(tx, str(p / "inverse.h5"), "moving -> fixed"), report
+            return LoadedTransform(tx, str(p / "inverse.h5"), "moving -> fixed"), report_file
         tx, source = read_transform_file(forward_file), str(forward_file)
     else:
         tx, source = read_transform_file(p), str(p)
@@ -185,7 +166,7 @@ def load_transform(result: str | os.PathLike, inverse: bool = False) -> tuple[Lo
     if p.is_file() and p.name == "inverse.h5" and not isinstance(tx, InverseTransform):
         direction = "moving -> fixed"  # a linear inverse.h5 reads as a plain matrix
     if not inverse:
-        return LoadedTransform(tx, source, direction), report
+        return LoadedTransform(tx, source, direction), report_file
     other = "fixed -> moving" if direction == "moving -> fixed" else "moving -> fixed"
     if tx.field is None:  # linear: the exact inverse of its matrix
         matrix = tx.affine_inverse if isinstance(tx, InverseTransform) else tx.affine
@@ -193,7 +174,7 @@ def load_transform(result: str | os.PathLike, inverse: bool = False) -> tuple[Lo
             inv = np.linalg.inv(matrix)
         except np.linalg.LinAlgError:
             raise InputError(f"transform: the matrix of '{source}' is singular and cannot be inverted.") from None
-        return LoadedTransform(SpatialTransform(inv), f"{source} (matrix inverted)", other), report
+        return LoadedTransform(SpatialTransform(inv), f"{source} (matrix inverted)", other), report_file
     if p.is_dir():
         raise InputError(f"--inverse: the result folder '{p}' holds a deformable transform but no inverse.h5. "
                          "Run 'deepregistration register' again (it writes inverse.h5 in deformable mode), or "
@@ -202,8 +183,8 @@ def load_transform(result: str | os.PathLike, inverse: bool = False) -> tuple[Lo
                      "inverse file instead (a 'register' output folder's inverse.h5) with -t and no --inverse.")
 
 
-def _read_report(path: Path) -> dict | None:
-    if not path.is_file():
+def _read_report(path: Path | None) -> dict | None:
+    if path is None or not path.is_file():
         return None
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
@@ -237,25 +218,6 @@ def read_reference_grid(path: str | os.PathLike) -> Grid:
         raise InputError(f"reference: '{p}' is a {reader.GetDimension()}D image of size {reader.GetSize()}; the "
                          "reference must be a 3D image.")
     return Grid.from_sitk(reader)
-
-
-def _stored_dtype(path: Path):
-    """The numpy type a file stores its (scalar) voxels in, from its header; None for DICOM folders or unreadable."""
-    if path.is_dir():
-        return None
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        return None
-    if reader.GetNumberOfComponents() != 1:
-        return None
-    try:
-        return np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(),
-                                                              reader.GetPixelID())).dtype)
-    except (RuntimeError, TypeError):
-        return None
 
 
 def looks_like_labels(array: np.ndarray) -> bool:
@@ -426,13 +388,13 @@ def apply_transform(input_path: str | os.PathLike, result: str | os.PathLike, ou
                          f"'{Path.cwd()}').")
     points = _is_points(src)
     out = _check_output(output, overwrite, points)
-    loaded, report = load_transform(result, inverse)
+    loaded, report_file = load_transform(result, inverse)
     prog(0.02, "reading")
     if points:
         return _apply_points(src, loaded, out, prog, t0)
-    ref = _reference_path(reference, loaded, report, result)
+    ref = _reference_path(reference, loaded, report_file, result)
     target = read_reference_grid(ref)
-    stored = _stored_dtype(src)
+    stored = stored_type(src)  # the header's voxel type (None for a DICOM folder)
     # float32 (not read_image's keep_integer): warp_image samples a float32 volume, so a kept int16 array would be
     # converted there, a float32 copy on top of the int16 one (measured at 0.75 mm, 1 thread: 12.1-13.0 vs 11.3-12.1
     # CPU s, peak 1080 vs 954 MB)
@@ -447,20 +409,16 @@ def apply_transform(input_path: str | os.PathLike, result: str | os.PathLike, ou
         if integer_stored and stored.itemsize >= 4 and float(np.abs(image.array).max()) >= 2 ** 24:
             # labels beyond float32's exact integers: read again as int32 (nearest samples in float64)
             image = read_label_image(src, "input labels")
-    else:
-        dtype = stored_integer_type(src)  # register's rule: 16-bit and wider integers kept (rounded)
+    else:  # register's rule (io.images.stored_integer_type): 16-bit and wider integers kept (rounded)
+        dtype = stored if stored is not None and stored in WRITTEN_INTEGER_TYPES else np.dtype(np.float32)
     prog(0.3, "resampling")
     if loaded.is_inverse_form:
-        warped = _warp_inverse_form(image, target, loaded.transform, interpolation,
-                                    dtype if dtype is not None else np.float32, prog.sub(0.3, 0.8))
-    elif interpolation == "linear":
-        from ..registration.run import warped_image
-
-        warped = warped_image(image, target, loaded.transform, dtype)  # register's warped.nii.gz
+        warped = _warp_inverse_form(image, target, loaded.transform, interpolation, dtype, prog.sub(0.3, 0.8))
     else:
         from ..spatial.resampling import warp_image
 
-        warped = warp_image(image, target, loaded.transform, "nearest", dtype=dtype)
+        # linear: registration.run.warped_image's call, register's warped.nii.gz
+        warped = warp_image(image, target, loaded.transform, interpolation, dtype=dtype)
     del image
     prog(0.8, "writing")
     _write_atomically(out, lambda path: write_image(warped, path))
@@ -471,13 +429,13 @@ def apply_transform(input_path: str | os.PathLike, result: str | os.PathLike, ou
             "grid": target.to_dict(), "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _reference_path(reference, loaded: LoadedTransform, report: dict | None, result) -> Path:
+def _reference_path(reference, loaded: LoadedTransform, report_file: Path | None, result) -> Path:
     """``reference``, or the result's input on the side the output lies on (the fixed image for a fixed → moving
-    transform, the moving image for moving → fixed)."""
+    transform, the moving image for moving → fixed), as the result's ``report.json`` (read only then) records it."""
     if reference is not None:
         return Path(reference)
     key = "fixed" if loaded.direction == "fixed -> moving" else "moving"
-    path = ((report or {}).get("inputs") or {}).get(key)
+    path = ((_read_report(report_file) or {}).get("inputs") or {}).get(key)
     if not path:
         raise InputError(f"no reference grid: '{result}' has no (readable) report.json naming the {key} image. Give "
                          "the image whose grid the output should have with -r REFERENCE.")

@@ -279,6 +279,27 @@ def test_inverse_resampling_against_the_plain_formula(results, sample_dir):
     assert np.abs(plain).max() > 0 and np.mean(plain != 0) > 0.3  # the oblique map still lands on the anatomy
 
 
+def test_inverse_file_with_several_linear_parts_maps_points_as_itk(results, tmp_path):
+    """``[displacement, linear, linear]`` (inverse.h5 with one more linear part, applied first): split by
+    ``from_itk_inverse`` into the product of the linear parts and the field, it maps points as ITK maps the file."""
+    from DeepRegistrationLib.io.itk_transform import itk_parts
+    from DeepRegistrationLib.spatial.inverse import InverseTransform
+
+    composite = sitk.CompositeTransform(3)
+    for part in itk_parts(sitk.ReadTransform(str(results["deformable"] / "inverse.h5"))):
+        composite.AddTransform(part)
+    rotation = sitk.Euler3DTransform((0.0, 0.0, 0.0), 0.1, -0.05, 0.2, (3.0, -2.0, 1.5))
+    composite.AddTransform(rotation)
+    sitk.WriteTransform(composite, str(tmp_path / "inverse3.h5"))
+    tx = A.read_transform_file(tmp_path / "inverse3.h5")
+    assert isinstance(tx, InverseTransform) and tx.field is not None
+    pts = np.random.default_rng(0).uniform(-60, 60, (50, 3))
+    written = sitk.ReadTransform(str(tmp_path / "inverse3.h5"))
+    itk = np.array([written.TransformPoint(tuple(p)) for p in pts])
+    assert np.abs(tx.map_points(pts) - itk).max() < 1e-3
+    assert np.abs(itk - pts).max() > 1.0  # the transform moves the points
+
+
 def test_header_and_data_pair_is_moved_into_place(results, sample_dir, tmp_path):
     """A detached-header output (``.nhdr`` + its data file) is written in the temporary folder and both files are
     moved next to OUTPUT; the voxels are register's."""
