@@ -9,7 +9,6 @@ Prints the output file and what was done (stdout); bad input exits 2 with one me
 from __future__ import annotations
 
 import argparse
-import sys
 
 EPILOG = """\
 directions (T = RESULT's transform.h5, fixed -> moving points, the resampling direction):
@@ -20,9 +19,9 @@ directions (T = RESULT's transform.h5, fixed -> moving points, the resampling di
   points               mapped the other way, as antsApplyTransformsToPoints: forward maps fixed-space
                        points to moving space, --inverse maps moving-space points to fixed space
 output type follows the input: a label map (auto: an integer image that looks piecewise constant)
-  is resampled nearest-neighbour and keeps its type; an int16/uint16/int32 image (a CT) stays in its
-  type, rounded; anything else is float32. The forward resampling of the registered moving image is
-  register's own warped.nii.gz, bit for bit.
+  is resampled nearest-neighbour and keeps its type; other images: integer types of 16 bits or more
+  (a CT's int16) kept, rounded; 8-bit and float images become float32. The forward resampling of the
+  registered moving image is register's own warped.nii.gz, bit for bit.
 RESULT: a 'register' output folder, or a transform file (.h5/.tfm/.txt/.mat: ITK [affine, displacement]
   as transform.h5, or [displacement, affine] as inverse.h5). A linear result is inverted exactly.
 OUTPUT is written to a temporary file next to it and renamed into place when complete.
@@ -47,8 +46,9 @@ def add_subparser(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
                    help="output file (.nii.gz, .nrrd, .mha, ... for images; .csv or .mrk.json for points)")
     p.add_argument("-r", "--reference", metavar="REFERENCE",
-                   help="image (file or DICOM folder) whose grid the output gets; only its header is read "
-                        "(default: the result's fixed image, or its moving image with --inverse)")
+                   help="image (file or DICOM folder) whose grid the output gets: a file's header only (a DICOM "
+                        "folder is read whole). Default: the result's fixed image, or its moving image with "
+                        "--inverse")
     p.add_argument("--interpolation", "-n", choices=("linear", "nearest", "auto"), default="auto",
                    help="auto: nearest for a label map, linear otherwise (default: %(default)s)")
     p.add_argument("--inverse", action="store_true",
@@ -58,29 +58,6 @@ def add_subparser(sub) -> None:
                    help="CPU threads for PyTorch; 0 = all cores (default)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
-
-
-class _Bar:
-    """A text progress bar on stderr (tqdm), or nothing."""
-
-    def __init__(self, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=100, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed} {postfix}",
-                            desc="applying", leave=False)
-
-    def __call__(self, fraction: float, message: str) -> bool:
-        if self.bar is not None:
-            self.bar.n = round(100 * fraction, 1)
-            self.bar.set_postfix_str(message, refresh=False)
-            self.bar.refresh()
-        return True
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     from ..workflows.apply import apply_transform
+    from .register_command import _Bar
 
-    bar = _Bar(not args.quiet)
+    bar = _Bar(not args.quiet, desc="applying", leave=False)
     try:
         done = apply_transform(args.input, args.transform, args.output, reference=args.reference,
                                interpolation=args.interpolation, inverse=args.inverse, overwrite=args.overwrite,

@@ -9,15 +9,16 @@ import sys
 
 
 class _Bar:
-    """A text progress bar on stderr (tqdm)."""
+    """A text progress bar on stderr (tqdm) labelled ``desc``, left on screen when done with ``leave``; or nothing
+    (``enabled`` False). Called as the engine's progress callback, ``bar(fraction, message)``."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, desc: str = "registering", leave: bool = True):
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
             self.bar = tqdm(total=100, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed} {postfix}",
-                            desc="registering", leave=True)
+                            desc=desc, leave=leave)
 
     def __call__(self, fraction: float, message: str) -> bool:
         if self.bar is not None:

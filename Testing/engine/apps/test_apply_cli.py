@@ -2,9 +2,10 @@
 (exit 0 with what was done on stdout, exit 2 with one message and nothing written, listed in the help)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from DeepRegistrationLib.apps.cli import main
 from DeepRegistrationLib.core.config import RegistrationConfig
@@ -36,7 +37,7 @@ def test_apply_maps_points_with_the_inverted_linear_result(result, sample_dir, t
                "-q"])
     stdout = capsys.readouterr().out
     assert rc == 0 and "moving-space points mapped to fixed space" in stdout and "matrix inverted" in stdout
-    matrix = np.linalg.inv(np.array(__import__("json").loads((result / "report.json").read_text())
+    matrix = np.linalg.inv(np.array(json.loads((result / "report.json").read_text())
                                     ["deformation"]["affine_lps"]))
     pts = read_landmarks(sample_dir / "moving_landmarks.csv").points
     expected = pts @ matrix[:3, :3].T + matrix[:3, 3]
@@ -74,7 +75,6 @@ def test_apply_is_listed_and_documented(capsys):
 def test_the_command_report_json_gives_for_a_skipped_warp_writes_it(result, sample_dir, tmp_path, monkeypatch, capsys):
     """``register --warped none`` records in report.json (outputs.warped.how) the apply command that writes the image
     it skipped: run as given, it writes what ``--warped full`` writes (the same registration), bit for bit."""
-    import json
     import shlex
 
     skipped = run_registration(sample_dir / "fixed.nii.gz", sample_dir / "moving.nii.gz", tmp_path / "out (1)",
