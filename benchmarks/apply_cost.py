@@ -3,7 +3,7 @@
 applying the same ``register`` result, side by side in one run.
 
     python benchmarks/apply_cost.py [--cases demo ct_2mm ct_0.75mm] [--large-fov-cases DIR] [--threads 1]
-        [--repeats 2] [--methods deepreg sitk ants] [--out benchmarks/results-apply-cost]
+        [--repeats 2] [--methods deepreg sitk ants] [--out benchmarks/results-apply-cost] [--deepreg-cli PATH]
 
 Each case is registered once (``deepregistration register --warped full --no-png``, default settings, ``--threads``);
 then two tasks are run by every method, each run one whole separate process (imports, reading, resampling,
@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SAMPLE = REPO / "DeepRegistration" / "Resources" / "SampleData"
 sys.path.insert(0, str(HERE))
-from run_benchmark import run_measured, thread_env  # noqa: E402
+from run_benchmark import deepreg_command, run_measured, thread_env  # noqa: E402
 
 METHODS = ("deepreg", "sitk", "ants")
 TASKS = ("image", "labels_inverse")
@@ -74,20 +74,16 @@ def case_files(name: str, large_fov_cases: Path) -> dict | None:
     return files if all(p.is_file() for p in files.values()) else None
 
 
-def deepreg_cli() -> list[str]:
-    exe = Path(sys.executable).parent / "deepregistration"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "DeepRegistrationLib.apps.cli"]
-
-
-def command(method: str, task: str, files: dict, result: Path, out: Path, threads: int) -> list[str]:
+def command(method: str, task: str, files: dict, result: Path, out: Path, args: argparse.Namespace) -> list[str]:
     inverse = task == "labels_inverse"
     inp = files["fixed_labels"] if inverse else files["moving"]
     ref = files["moving"] if inverse else files["fixed"]
     tx = result / ("inverse.h5" if inverse else "transform.h5")
     interp = "nearest" if inverse else "linear"
     if method == "deepreg":
-        return deepreg_cli() + ["apply", str(inp), "-t", str(result), "-o", str(out), "--threads", str(threads),
-                                "-q", "--overwrite", "--interpolation", interp] + (["--inverse"] if inverse else [])
+        cmd = deepreg_command(args) + ["apply", str(inp), "-t", str(result), "-o", str(out), "--threads",
+                                       str(args.threads), "-q", "--overwrite", "--interpolation", interp]
+        return cmd + (["--inverse"] if inverse else [])
     script = SITK_SCRIPT if method == "sitk" else ANTS_SCRIPT
     return [sys.executable, "-c", script, str(inp), str(tx), str(ref), str(out), interp]
 
@@ -113,6 +109,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--out", type=Path, default=HERE / "results-apply-cost")
+    p.add_argument("--deepreg-cli", help="path of the deepregistration executable (default: next to python)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     env = thread_env(args.threads)
@@ -124,9 +121,9 @@ def main() -> None:
             continue
         run_dir = args.out / "runs" / case
         result = run_dir / "result"
-        reg = run_measured(deepreg_cli() + ["register", str(files["fixed"]), str(files["moving"]), "-o", str(result),
-                                            "--overwrite", "--no-png", "-q", "--warped", "full",
-                                            "--threads", str(args.threads)],
+        reg = run_measured(deepreg_command(args) + ["register", str(files["fixed"]), str(files["moving"]), "-o",
+                                                    str(result), "--overwrite", "--no-png", "-q", "--warped", "full",
+                                                    "--threads", str(args.threads)],
                            run_dir / "register.log", env, 3600)
         if reg.returncode != 0:
             raise SystemExit(f"{case}: register failed:\n{reg.log}")
@@ -138,7 +135,7 @@ def main() -> None:
                 for method in args.methods[k:] + args.methods[:k]:  # rotated order: ABC, BCA, ...
                     out = run_dir / f"{task}_{method}.nii.gz"
                     out.unlink(missing_ok=True)
-                    r = run_measured(command(method, task, files, result, out, args.threads),
+                    r = run_measured(command(method, task, files, result, out, args),
                                      run_dir / f"{task}_{method}_{repeat}.log", env, 3600)
                     row = {"case": case, "task": task, "method": method, "repeat": repeat, "rc": r.returncode,
                            "wall_s": round(r.wall_s, 2), "cpu_s": round(r.cpu_s, 2),
