@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [build_case(args.out / "cases", args.cache, s) for s in args.spacings]
     rows: list[dict] = []
     for case in cases:
-        from DeepRegistrationLib.registration.run import FULL_GRID_MAX_VOXELS  # no warped.nii.gz above it
+        from DeepRegistrationLib.core.config import FULL_GRID_MAX_VOXELS  # no warped.nii.gz above it
 
         methods = ["deepreg"] + (["deepreg-full"] if case["fixed_voxels"] > FULL_GRID_MAX_VOXELS and not args.no_full
                                  else []) + (["ants"] if not args.no_ants and case["spacing_mm"] == args.ants_spacing

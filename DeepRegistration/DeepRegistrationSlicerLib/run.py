@@ -529,6 +529,11 @@ class RegistrationJob(BackgroundJob):
             raise InputError(f"the output transform '{outputTransform.GetName()}' is a linear transform node and "
                              "cannot hold a deformable result. Select a transform node or create a new one.")
 
+    @property
+    def _fillsOutputVolume(self) -> bool:
+        """Whether the result fills an output volume (the job asks the worker for ``warped.nii.gz`` only then)."""
+        return self.outputVolume not in (None, False)
+
     def _nodes(self) -> list:
         """Every node the job reads or fills."""
         nodes = [self.fixedVolume, self.movingVolume, self.initialTransform, self.outputTransform,
@@ -550,7 +555,7 @@ class RegistrationJob(BackgroundJob):
                "out_dir": str(folder / "result"), "config": self.config,
                # warped.nii.gz only for an output volume to fill (the scene shows the moving volume through the
                # transform without it; at 0.75 mm its warp and gzip cost more than the registration)
-               "warped": "full" if self.outputVolume not in (None, False) else "none"}
+               "warped": "full" if self._fillsOutputVolume else "none"}
         if self.model:
             job.update(model=self.model, model_mode=self.modelMode)
         if self.explain:
@@ -605,7 +610,7 @@ class RegistrationJob(BackgroundJob):
                 inverse = N.readItkInverseTransform(str(out / "inverse.h5"))
             scene = self.scene
             warped = jac = None
-            if self.outputVolume not in (None, False):
+            if self._fillsOutputVolume:
                 warped = read_image(out / "warped.nii.gz", "warped")
             if self.jacobianVolume not in (None, False):
                 jac = read_image(out / "jacobian.nii.gz", "jacobian") if _varies(out / "jacobian.nii.gz") else \

@@ -97,7 +97,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command; with a ``command`` named, only ``register``'s and that command's module's (the
     same options, help and errors for that command): ``register`` imports no other command's module, and only the
     ``train``/``models``/``evaluate`` parsers import torch and the training code (for their defaults)."""
-    from ..core.config import RegistrationConfig
+    from ..core.config import FULL_GRID_MAX_VOXELS, WARPED_CHOICES, RegistrationConfig
 
     d = RegistrationConfig()
     parser = argparse.ArgumentParser(
@@ -178,11 +178,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="init: refine the prediction at the finest level; replace: use it as is (default: init)")
     o = p.add_argument_group("output")
     o.add_argument("--no-png", action="store_true", help="skip report.png")
-    o.add_argument("--warped", choices=("auto", "full", "none"), default="auto",
+    o.add_argument("--warped", choices=WARPED_CHOICES, default="auto",
                    help="warped.nii.gz: full = on the fixed image's full grid; none = not written; auto = full "
-                        "unless the fixed image has more than 16 M voxels (a 0.75 mm trunk CT: the warp and its "
-                        "gzip would cost more than the registration; 'deepregistration apply' writes the same "
-                        "image later from transform.h5) (default: auto)")
+                        f"unless the fixed image has more than {FULL_GRID_MAX_VOXELS / 1e6:g} M voxels (a 0.75 mm "
+                        "trunk CT: the warp and its gzip would cost more than the registration; 'deepregistration "
+                        "apply' writes the same image later from transform.h5) (default: auto)")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     o.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
     o.add_argument("--explain", action="store_true",

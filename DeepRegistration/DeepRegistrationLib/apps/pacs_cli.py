@@ -132,8 +132,9 @@ def _register_function(args):
                      "moving_landmarks", "guide_landmarks"):
             setattr(ns, name, None)
         # the register options pacs does not copy: no guide landmarks, no extra maps, the report as it is, and
-        # warped.nii.gz at full resolution whatever the size (it is the derived series stored on the PACS)
-        ns.no_png, ns.explain, ns.uncertainty, ns.fail_on, ns.warped = True, False, False, None, "full"
+        # warped.nii.gz at full resolution whatever the size when it becomes the derived series stored on the PACS
+        ns.no_png, ns.explain, ns.uncertainty, ns.fail_on = True, False, False, None
+        ns.warped = "auto" if args.no_derived_series else "full"
         ns.guide_weight = RegistrationConfig().guide_weight
         stdout = sys.stdout
         sys.stdout = sys.stderr  # the register command's summary goes to stderr; stdout is ours

@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..core.config import WARPED_CHOICES
 from .options import copy_registration_options
 from .register_command import config_from_args
 
@@ -49,7 +50,7 @@ def add_subparsers(sub) -> None:
     b.add_argument("pairs", metavar="PAIRS.csv", help="CSV with columns fixed,moving[,fixed_labels,moving_labels,"
                    "fixed_landmarks,moving_landmarks,name]")
     _output_options(b)
-    b.add_argument("--warped", choices=("auto", "full", "none"), default="auto",
+    b.add_argument("--warped", choices=WARPED_CHOICES, default="auto",
                    help="each pair's warped.nii.gz, as 'register --warped' (default: auto)")
     copy_registration_options(b, register_parser)
 

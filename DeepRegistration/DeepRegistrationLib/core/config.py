@@ -22,6 +22,25 @@ DEFAULT_SPACING = 2.0
 #: (0.7–1.1 M) and the 3 mm trunk CTs of the robustness benchmark (1.4 M) are below it and run as planned;
 #: measured on a 2 mm trunk CT (4.6 M voxels) in docs/ENGINE.md (*Work on large grids*).
 DEFAULT_LARGE_GRID_VOXELS = 1.5
+#: A fixed grid of more than this many voxels is *large* (a 0.75 mm CT of the trunk: 60-90 M; the 1 mm brain, 7 M,
+#: and a 2 mm trunk CT, 4.6 M, are not): ``jacobian.nii.gz`` is written on the working grid instead of the fixed
+#: grid, ``report.png`` is drawn on the working grid, ``warped.nii.gz`` is not written by default
+#: (:data:`WARPED_CHOICES`), and the background writes are joined before the full-resolution label warps (their
+#: memory is not added to a pending write's). Used by :mod:`DeepRegistrationLib.registration.run`.
+FULL_GRID_MAX_VOXELS = 16_000_000
+#: ``warped=`` of ``run_registration`` (``register --warped``): ``"full"`` writes ``warped.nii.gz`` on the full
+#: fixed grid, ``"none"`` does not write it, ``"auto"`` (the default) writes it unless the fixed grid is large
+#: (:data:`FULL_GRID_MAX_VOXELS`). At 0.75 mm (86.5 M voxels) the full-resolution warp and its gzip cost more
+#: than the whole registration, for an image that ``deepregistration apply`` writes on demand from
+#: ``transform.h5`` (the same bits) and that Slicer shows through the transform without it.
+WARPED_CHOICES = ("auto", "full", "none")
+
+
+def check_warped(choice: str) -> str:
+    """``choice`` if it is one of :data:`WARPED_CHOICES`, else InputError naming them."""
+    if choice not in WARPED_CHOICES:
+        raise InputError(f"warped must be one of {', '.join(WARPED_CHOICES)} (got '{choice}').")
+    return choice
 
 
 @dataclass

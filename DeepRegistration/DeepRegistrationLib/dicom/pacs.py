@@ -41,7 +41,8 @@ SERIES_FIELDS = ("Modality", "SeriesDescription", "BodyPartExamined", "NumberOfS
                  "SeriesNumber")
 STUDY_FIELDS = ("PatientID", "PatientName", "StudyDate", "StudyTime", "StudyInstanceUID", "ModalitiesInStudy")
 
-#: ``register(fixed_dir, moving_dir, out_dir) -> report dict``; writes ``transform.h5`` and ``warped.nii.gz``.
+#: ``register(fixed_dir, moving_dir, out_dir) -> report dict``; writes ``transform.h5``, and ``warped.nii.gz`` when
+#: the derived series is to be stored (``derived=True``), which is read from it.
 RegisterFunction = Callable[[Path, Path, Path], dict]
 
 

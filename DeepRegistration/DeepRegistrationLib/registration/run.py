@@ -7,12 +7,14 @@ to OUTDIR that is renamed into place only when everything succeeded:
 - ``transform.h5``: ITK composite transform [affine, displacement field], fixed → moving, LPS.
 - ``warped.nii.gz``: the moving image resampled onto the fixed image's full-resolution grid (float32; in the moving
   file's integer type, rounded, when that has 16 bits or more, e.g. a CT's int16). Written unless ``warped="none"``,
-  or ``warped="auto"`` (the default) on a fixed grid of more than :data:`FULL_GRID_MAX_VOXELS` voxels, where
+  or ``warped="auto"`` (the default) on a fixed grid of more than
+  :data:`~DeepRegistrationLib.core.config.FULL_GRID_MAX_VOXELS` voxels, where
   ``report.json``'s ``outputs`` says it was not written and how to write it (``deepregistration apply``).
 - ``inverse.h5`` (deformable mode): the inverse, moving → fixed (ITK composite [displacement, affine⁻¹],
   LPS; see :mod:`~DeepRegistrationLib.spatial.inverse`); ``report.json`` gives its inverse-consistency error.
 - ``jacobian.nii.gz``: det of the Jacobian of the full transform, on the fixed grid (on the working grid, where it
-  is computed, for a fixed grid of more than :data:`FULL_GRID_MAX_VOXELS` voxels).
+  is computed, for a fixed grid of more than :data:`~DeepRegistrationLib.core.config.FULL_GRID_MAX_VOXELS`
+  voxels).
 - ``warped_labels.nii.gz``: the moving labels warped (nearest neighbour), when labels are given.
 - ``explain/residual.nii.gz``, ``explain/local_similarity.nii.gz``, ``explain/displacement.nii.gz`` (with
   ``explain=True``): the explainability maps of :func:`~DeepRegistrationLib.evaluation.explain.explanation_maps`
@@ -40,7 +42,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..evaluation import metrics
-from ..core.config import RegistrationConfig
+from ..core.config import FULL_GRID_MAX_VOXELS, RegistrationConfig, check_warped
 from ..core.errors import InputError
 from ..core.image import Image
 from ..io.background import BackgroundWriter, run_parallel
@@ -54,19 +56,9 @@ from ..spatial.transforms import SpatialTransform
 
 logger = logging.getLogger(__name__)
 
+#: The files every run writes on a fixed grid of up to FULL_GRID_MAX_VOXELS voxels with report.png on (a large grid
+#: with the default ``warped="auto"`` has no warped.nii.gz; deformable mode adds inverse.h5).
 OUTPUT_FILES = ("transform.h5", "warped.nii.gz", "jacobian.nii.gz", "report.json", "report.png")
-#: A fixed grid of more than this many voxels is *large* (a 0.75 mm CT of the trunk: 60-90 M; the 1 mm brain, 7 M,
-#: and a 2 mm trunk CT, 4.6 M, are not): ``jacobian.nii.gz`` is written on the working grid instead of the fixed
-#: grid, ``report.png`` is drawn on the working grid, ``warped.nii.gz`` is not written by default
-#: (:data:`WARPED_CHOICES`), and the background writes are joined before the full-resolution label warps (their
-#: memory is not added to a pending write's).
-FULL_GRID_MAX_VOXELS = 16_000_000
-#: ``warped=`` of :func:`run_registration` (``register --warped``): ``"full"`` writes ``warped.nii.gz`` on the full
-#: fixed grid, ``"none"`` does not write it, ``"auto"`` (the default) writes it unless the fixed grid is large
-#: (:data:`FULL_GRID_MAX_VOXELS`). At 0.75 mm (86.5 M voxels) the full-resolution warp and its gzip cost ~8 CPU s,
-#: more than the whole registration, for an image that ``deepregistration apply`` writes on demand from
-#: ``transform.h5`` (the same bits) and that Slicer shows through the transform without it.
-WARPED_CHOICES = ("auto", "full", "none")
 #: The maps written into ``OUTDIR/explain/`` with ``explain=True`` (``<name>.nii.gz``).
 EXPLAIN_FILES = ("residual", "local_similarity", "displacement")
 #: The inputs are read in parallel threads and every output file is written on a background thread while the next
@@ -228,14 +220,14 @@ def run_registration(fixed_path, moving_path, out_dir, config: RegistrationConfi
             in one batch (:func:`~DeepRegistrationLib.evaluation.uncertainty.restart_spread`):
             ``out_dir/uncertainty.nii.gz`` in mm on the fixed grid, its summary in ``report.json``
             (``uncertainty``); it feeds the quality verdict.
-        warped: Whether ``warped.nii.gz`` is written: one of :data:`WARPED_CHOICES` (checked before any work).
+        warped: Whether ``warped.nii.gz`` is written: one of
+            :data:`~DeepRegistrationLib.core.config.WARPED_CHOICES` (checked before any work).
 
     Returns:
         :class:`RunSummary`.
     """
     cfg = (config or RegistrationConfig()).validate()
-    if warped not in WARPED_CHOICES:
-        raise InputError(f"warped must be one of {', '.join(WARPED_CHOICES)} (got '{warped}').")
+    check_warped(warped)
     out = check_output_dir(out_dir, overwrite)
     prog = Progress(progress)
     done = 0.55 if uncertainty else 0.85  # share of the registration (the uncertainty takes about as long)
@@ -365,8 +357,9 @@ def warped_image(moving: Image, grid, transform: SpatialTransform, moving_type: 
     """``warped.nii.gz``'s image: ``moving`` (linear interpolation) on ``grid`` through ``transform``, in
     ``moving_type`` (the moving file's integer type of 16 bits or more,
     :func:`~DeepRegistrationLib.io.images.stored_integer_type`: an int16 CT is warped straight into int16, rounded,
-    half the bytes to compress and no full-size float32 copy), else in the moving image's float32."""
-    return warp_image(moving, grid, transform, "linear", dtype=moving_type)
+    half the bytes to compress and no full-size float32 copy), else float32 (whatever the array's type: an int16
+    array read as stored from a file that is not, e.g. a DICOM series, must not be rounded)."""
+    return warp_image(moving, grid, transform, "linear", dtype=moving_type or np.float32)
 
 
 def _write_transform(transform: SpatialTransform, path: Path) -> None:
@@ -376,8 +369,9 @@ def _write_transform(transform: SpatialTransform, path: Path) -> None:
 
 def jacobian_image(result: RegistrationResult, fixed_grid) -> Image:
     """``jacobian.nii.gz``'s image: det J (float32) on the fixed grid, or on the working grid (where it was
-    computed) when the fixed grid holds more than :data:`FULL_GRID_MAX_VOXELS` voxels — resampling it
-    finer would only interpolate, at the cost of a full-resolution float image to compute and compress."""
+    computed) when the fixed grid holds more than :data:`~DeepRegistrationLib.core.config.FULL_GRID_MAX_VOXELS`
+    voxels — resampling it finer would only interpolate, at the cost of a full-resolution float image to compute
+    and compress."""
     wg = result.working_grid
     if wg.same_as(fixed_grid, tol=1e-6):
         return Image(np.asarray(result.jacobian, dtype=np.float32), fixed_grid, "jacobian")
@@ -405,7 +399,11 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
     explain_info = None
     if explain:
         prog(start, "explainability maps")
-        maps = explaining.explanation_maps(fixed, moving, result.transform, cfg, pair=pair, warped=outputs.warped)
+        # the residual map from warped.nii.gz's image whether or not that file is written (the same bits)
+        warped = outputs.warped if outputs.warped is not None else \
+            warped_image(moving, fixed.grid, result.transform, inputs.moving_type)
+        maps = explaining.explanation_maps(fixed, moving, result.transform, cfg, pair=pair, warped=warped)
+        del warped
         (tmp / "explain").mkdir()
         for name in EXPLAIN_FILES:
             maps[name] = _hand_over(writer, maps[name], tmp / "explain" / f"{name}.nii.gz", outputs.held)
@@ -453,15 +451,15 @@ def _write_report(tmp: Path, inputs: _Inputs, result: RegistrationResult, fixed_
                   outputs: _Outputs, evaluation: _Evaluation, timings: dict, write_png: bool,
                   prog: Progress, warped: str = "auto", out_dir: Path | None = None) -> dict:
     """``report.json`` (and ``report.png`` when ``write_png``) into ``tmp``; returns the report. ``warped``: the
-    run's :data:`WARPED_CHOICES` entry and ``out_dir`` the final output folder (for ``report.json``'s
-    ``outputs``)."""
+    run's :data:`~DeepRegistrationLib.core.config.WARPED_CHOICES` entry and ``out_dir`` the final output folder,
+    for ``report.json``'s ``outputs`` (None, for a caller outside a run: its command names the folder OUTDIR)."""
     report = build_report(result, fixed_path, moving_path, evaluation.metrics, timings)
     report["quality"] = evaluation.quality
     report["conventions"]["jacobian_grid"] = ("fixed" if outputs.jacobian.grid is inputs.fixed.grid else
                                               "working (the fixed grid is larger than "
                                               f"{FULL_GRID_MAX_VOXELS} voxels)")
     report["outputs"] = {"warped": warped_entry(warped, outputs.warped is not None, inputs.fixed.grid, moving_path,
-                                                out_dir or tmp)}
+                                                out_dir if out_dir is not None else Path("OUTDIR"))}
     for key, value in (("explain", evaluation.explain), ("uncertainty", evaluation.uncertainty),
                        ("inverse", outputs.inverse_report), ("guidance", evaluation.guidance)):
         if value is not None:
@@ -486,7 +484,8 @@ def _write_report(tmp: Path, inputs: _Inputs, result: RegistrationResult, fixed_
 
 
 def _float32(image: Image) -> Image:
-    """``image`` with float32 voxels (an int16 input kept as read: its exact float32 values, as report.png draws them)."""
+    """``image`` with float32 voxels (an int16 input kept as read: its exact float32 values, as report.png draws
+    them)."""
     return image if image.array.dtype == np.float32 else Image(image.array.astype(np.float32), image.grid, image.name)
 
 
@@ -499,7 +498,7 @@ def warped_entry(choice: str, written: bool, fixed_grid, moving_path, out_dir: P
            f"the fixed grid has {fixed_grid.num_voxels / 1e6:.1f} M voxels, more than {FULL_GRID_MAX_VOXELS / 1e6:g} M "
            "(--warped auto)")
     words = ["deepregistration", "apply", os.path.abspath(moving_path), "-t", str(out_dir),
-             "-o", str(out_dir / "warped.nii.gz")]
+             "-o", str(out_dir / "warped.nii.gz"), "--interpolation", "linear"]  # never taken for a label map
     return {"file": None, "why": why, "how": " ".join(shlex.quote(w) for w in words)}
 
 

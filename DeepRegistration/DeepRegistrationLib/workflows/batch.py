@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..core.config import RegistrationConfig
+from ..core.config import RegistrationConfig, check_warped
 from ..core.errors import Cancelled, DeepRegistrationError, InputError
 from ..core.progress import ProgressCallback
 
@@ -292,17 +292,16 @@ def run_batch(pairs: Sequence[Pair], out_dir: str | os.PathLike, config: Registr
         register: The function that registers one pair (default
             :func:`~DeepRegistrationLib.registration.run.run_registration`), same signature.
         warped: Each pair's ``warped.nii.gz``: ``run_registration``'s ``warped=``
-            (:data:`~DeepRegistrationLib.registration.run.WARPED_CHOICES`).
+            (:data:`~DeepRegistrationLib.core.config.WARPED_CHOICES`).
 
     Returns:
         :class:`BatchSummary` (the full, gathered list on every rank).
     """
-    from ..registration.run import WARPED_CHOICES, run_registration
+    from ..registration.run import run_registration
 
     register = register or run_registration
     cfg = (config or RegistrationConfig()).validate()
-    if warped not in WARPED_CHOICES:
-        raise InputError(f"warped must be one of {', '.join(WARPED_CHOICES)} (got '{warped}').")
+    check_warped(warped)  # before the batch folder is made
     rank, world = distributed()
     settings = {"config": cfg.to_dict(), "write_png": write_png,
                 "predictor": None if predictor is None else f"{type(predictor).__name__}:{predictor_mode}"}

@@ -192,3 +192,21 @@ def test_the_output_folder_gets_the_umask_permissions_of_a_new_folder(run, tmp_p
     want = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
     assert stat.S_IMODE(os.stat(run.out_dir).st_mode) == want
     assert want != 0o700 or os.umask(os.umask(0)) == 0o077  # a test that can fail: only a 077 umask gives 0700
+
+
+def test_the_explain_maps_do_not_depend_on_whether_warped_nii_gz_is_written(tmp_path, sample_dir, monkeypatch):
+    """An int16 moving image with --explain: the residual map is computed from warped.nii.gz's image (rounded to
+    int16) whether that file is written (``full``) or not (``auto`` above the threshold): the same bits."""
+    src = sitk.ReadImage(str(sample_dir / "moving.nii.gz"))
+    sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(src, -1000.0, 1500.0), sitk.sitkInt16), str(tmp_path / "m.nii.gz"))
+    monkeypatch.setattr(run_module, "FULL_GRID_MAX_VOXELS", 1000)
+    maps = {}
+    for choice in ("auto", "full"):
+        res = run_module.run_registration(sample_dir / "fixed.nii.gz", tmp_path / "m.nii.gz", tmp_path / choice,
+                                          RegistrationConfig(**CFG), write_png=False, explain=True, warped=choice)
+        assert (res.out_dir / "warped.nii.gz").exists() == (choice == "full")
+        maps[choice] = {n: sitk.GetArrayFromImage(sitk.ReadImage(str(res.out_dir / "explain" / f"{n}.nii.gz")))
+                        for n in run_module.EXPLAIN_FILES}
+    for name in run_module.EXPLAIN_FILES:
+        np.testing.assert_array_equal(maps["auto"][name], maps["full"][name])
+    assert maps["full"]["residual"].max() > 0
