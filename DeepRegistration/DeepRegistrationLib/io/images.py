@@ -218,15 +218,17 @@ class _SitkBuffer:
 
     __slots__ = ("image", "__array_interface__")
 
-    def __init__(self, image: sitk.Image, view: np.ndarray):
+    def __init__(self, image: sitk.Image, view: np.ndarray, writeable: bool = True):
         self.image = image
-        self.__array_interface__ = {**view.__array_interface__, "data": (view.__array_interface__["data"][0], False)}
+        self.__array_interface__ = {**view.__array_interface__,
+                                    "data": (view.__array_interface__["data"][0], not writeable)}
 
 
-def _owning_view(image: sitk.Image, view: np.ndarray) -> np.ndarray:
-    """``view`` (``GetArrayViewFromImage(image)``, which does not keep ``image`` alive) as a writeable array that
-    does: its base holds ``image`` (the buffer is this image's alone, ``GetArrayViewFromImage`` made it unique)."""
-    return np.asarray(_SitkBuffer(image, view))
+def owning_view(image: sitk.Image, view: np.ndarray, writeable: bool = True) -> np.ndarray:
+    """``view`` (``GetArrayViewFromImage(image)``, which does not keep ``image`` alive) as an array that does: its
+    base holds ``image`` (the buffer is this image's alone, ``GetArrayViewFromImage`` made it unique). Writeable
+    unless ``writeable`` is False (an image handed to a background writer while the array is still read)."""
+    return np.asarray(_SitkBuffer(image, view, writeable))
 
 
 def read_image(path: str | os.PathLike, name: str = "image", keep_integer: bool = False) -> Image:
@@ -275,7 +277,7 @@ def read_image(path: str | os.PathLike, name: str = "image", keep_integer: bool 
                          "there is nothing to align. Check that the right file was given.")
     # the kept integers are ITK's buffer itself, the array owning ``img`` (no copy: a copy of a 0.75 mm CT's 173 MB
     # costs 0.2-0.7 CPU s of fresh pages, and both would be held at once)
-    image = Image(_owning_view(img, stored) if keep else stored.astype(np.float32), Grid.from_sitk(img), name)
+    image = Image(owning_view(img, stored) if keep else stored.astype(np.float32), Grid.from_sitk(img), name)
     logger.info("read %s %s: %s", name, path, image.grid)
     return image
 

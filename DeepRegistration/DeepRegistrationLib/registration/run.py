@@ -46,8 +46,8 @@ from ..core.config import FULL_GRID_MAX_VOXELS, RegistrationConfig, check_warped
 from ..core.errors import InputError
 from ..core.image import Image
 from ..io.background import BackgroundWriter, run_parallel
-from ..io.images import (image_to_sitk, read_image, read_label_image, read_mask, stored_integer_type, write_image,
-                         write_sitk_image)
+from ..io.images import (image_to_sitk, owning_view, read_image, read_label_image, read_mask, stored_integer_type,
+                         write_image, write_sitk_image)
 from ..io.landmarks import match_landmarks, read_landmarks
 from .pipeline import RegistrationResult, register
 from ..core.progress import Progress, ProgressCallback
@@ -159,7 +159,6 @@ class _Outputs:
     warped: Image | None  # None: warped.nii.gz not written
     jacobian: Image
     inverse_report: dict | None
-    held: list  # the SimpleITK images whose buffers back arrays handed to the writer (see _hand_over)
 
 
 @dataclass
@@ -316,11 +315,10 @@ def _write_outputs(tmp: Path, inputs: _Inputs, result: RegistrationResult, prog:
     peak: nothing is added to it)."""
     writer = writer or BackgroundWriter(enabled=False)
     fixed, moving, mmask = inputs.fixed, inputs.moving, inputs.moving_mask
-    held: list = []
     warped = None
     if write_warped:
         warped = _hand_over(writer, warped_image(moving, fixed.grid, result.transform, inputs.moving_type),
-                            tmp / "warped.nii.gz", held)
+                            tmp / "warped.nii.gz")
     writer.submit(_write_transform, result.transform, tmp / "transform.h5")
     inverse_report = None
     if result.transform.field is not None:
@@ -337,18 +335,17 @@ def _write_outputs(tmp: Path, inputs: _Inputs, result: RegistrationResult, prog:
                           "consistency_mm": consistency_error(result.transform, inverse, pts)}
     jac = jacobian_image(result, fixed.grid)
     writer.submit(write_image, jac, tmp / "jacobian.nii.gz")
-    return _Outputs(warped, jac, inverse_report, held)
+    return _Outputs(warped, jac, inverse_report)
 
 
-def _hand_over(writer: BackgroundWriter, image: Image, path: Path, held: list) -> Image:
+def _hand_over(writer: BackgroundWriter, image: Image, path: Path) -> Image:
     """Gives ``image`` to ``writer`` as the SimpleITK image :func:`write_image` would write, and returns the same
-    image as a read-only view of that SimpleITK image's buffer (appended to ``held``, which must outlive the view):
-    one full-size copy in memory while the write runs, not two."""
+    image as a read-only view of that SimpleITK image's buffer (the view keeps the image alive,
+    :func:`~DeepRegistrationLib.io.images.owning_view`): one full-size copy in memory while the write runs, not two."""
     img = image_to_sitk(image)
     # the view first: GetArrayViewFromImage makes the image's buffer unique, which copies it in full when the
     # writer already holds the image (and races with that write)
-    view = sitk.GetArrayViewFromImage(img)
-    held.append(img)
+    view = owning_view(img, sitk.GetArrayViewFromImage(img), writeable=False)
     writer.submit(write_sitk_image, img, path)
     return Image(view if image.array.dtype != bool else image.array, image.grid, image.name)
 
@@ -406,7 +403,7 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
         del warped
         (tmp / "explain").mkdir()
         for name in EXPLAIN_FILES:
-            maps[name] = _hand_over(writer, maps[name], tmp / "explain" / f"{name}.nii.gz", outputs.held)
+            maps[name] = _hand_over(writer, maps[name], tmp / "explain" / f"{name}.nii.gz")
         explain_info = explain_summary(maps, pair, cfg.similarity)
     unc_info, unc_seconds = None, 0.0
     if uncertainty:
@@ -416,7 +413,7 @@ def _evaluate(tmp: Path, inputs: _Inputs, result: RegistrationResult, cfg: Regis
         unc = restart_spread(fixed, moving, result.transform, cfg, fixed_mask=fmask, moving_mask=mmask,
                              seed=cfg.seed, device=result.device, progress=prog.sub(start + 0.01, 0.92),
                              prepared=result.working_images)
-        maps["uncertainty"] = _hand_over(writer, unc.on_grid(fixed.grid), tmp / "uncertainty.nii.gz", outputs.held)
+        maps["uncertainty"] = _hand_over(writer, unc.on_grid(fixed.grid), tmp / "uncertainty.nii.gz")
         unc_info = {**unc.summary(), "file": "uncertainty.nii.gz", "restarts": RESTARTS, "iterations": ITERATIONS,
                     "meaning": "per-voxel spread (mm) of the displacement over perturbed restarts of the result; "
                                "large where the images do not pin the correspondence down. Not an error bound: "
