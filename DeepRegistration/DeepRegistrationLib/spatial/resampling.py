@@ -60,7 +60,7 @@ def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpol
     out = np.empty(target.shape, dtype=dtype)
     limits = np.iinfo(out.dtype) if np.issubdtype(out.dtype, np.integer) else None
     step = max(1, slab_voxels // max(1, target.shape[1] * target.shape[2]))
-    write = _writer(out, limits)
+    write = slab_writer(out, limits)
     separable = _SeparablePoints.make(transform, target, device)
     with torch.no_grad():
         if separable is not None:
@@ -86,7 +86,7 @@ def warp_image(image: Image, target: Grid, transform: SpatialTransform, interpol
     return Image(out, target, image.name)
 
 
-def _writer(out: np.ndarray, limits):
+def slab_writer(out: np.ndarray, limits):
     """``write(k0, k1, vals)``: sampled values ``(k1 - k0, Y, X)`` (float) into slices ``k0 <= k < k1`` of ``out``,
     rounded (half to even) and clipped into ``limits`` (an integer type's ``iinfo``) first, by numpy's cast on
     assignment."""

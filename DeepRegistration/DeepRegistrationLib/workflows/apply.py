@@ -63,8 +63,6 @@ POINT_OUTPUT_SUFFIXES = (".csv", ".json")
 #: to 255 / 63 / 15 levels equal 0.45 / 0.77 / 0.88 with small steps 0.75 / 0.88 / 0.996.
 LABEL_EQUAL_FRACTION = 0.6
 LABEL_SMALL_STEP_FRACTION = 0.5
-#: Voxels per slab of the inverse's resampling (as :func:`~DeepRegistrationLib.spatial.resampling.warp_image`).
-SLAB_VOXELS = 2_000_000
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -265,6 +263,7 @@ def _warp_inverse_form(image: Image, target: Grid, inverse, interpolation: str, 
     import torch
 
     from ..spatial import warp as W
+    from ..spatial.resampling import SLAB_VOXELS, slab_writer
 
     mode = {"linear": "bilinear", "nearest": "nearest"}[interpolation]
     vol = torch.as_tensor(np.ascontiguousarray(image.array))
@@ -279,8 +278,8 @@ def _warp_inverse_form(image: Image, target: Grid, inverse, interpolation: str, 
         to_field = W.normalized_affine(index_to_z, inverse.field_grid)
         w_to_image = W.normalized_affine(torch.eye(4, dtype=torch.float64), image.grid)[:3, :3].to(torch.float32)
     out = np.empty(target.shape, dtype=dtype)
-    limits = np.iinfo(out.dtype) if np.issubdtype(out.dtype, np.integer) else None
-    step = max(1, SLAB_VOXELS // max(1, target.shape[1] * target.shape[2]))
+    write = slab_writer(out, np.iinfo(out.dtype) if np.issubdtype(out.dtype, np.integer) else None)
+    step = max(1, SLAB_VOXELS // max(1, target.shape[1] * target.shape[2]))  # slabs as warp_image's
     with torch.no_grad():
         for k0 in range(0, target.shape[0], step):
             k1 = min(target.shape[0], k0 + step)
@@ -290,10 +289,7 @@ def _warp_inverse_form(image: Image, target: Grid, inverse, interpolation: str, 
                 w = W.sample_normalized(field, inverse.field_grid, _index_affine_points(to_field, target.shape, k0, k1),
                                         "bilinear", "itk")  # (1, 3, k, Y, X) mm
                 norm += torch.movedim(w, 1, -1) @ w_to_image.T
-            vals = W.sample_normalized(vol, image.grid, norm, mode=mode, padding_mode="itk")[0, 0]
-            if limits is not None:
-                vals = vals.round_().clamp_(float(limits.min), float(limits.max))
-            out[k0:k1] = vals.numpy()
+            write(k0, k1, W.sample_normalized(vol, image.grid, norm, mode=mode, padding_mode="itk")[0, 0])
     return Image(out, target, image.name)
 
 
