@@ -248,7 +248,7 @@ def write(out: Path, rows: list[dict], cases: list[dict], args) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+        fig, ax = plt.subplots(1, 3, figsize=(15.5, 4))
         names = [f"{r['case']}\n{r['method']}" for r in rows]
         colours = ["C0" if r["method"].startswith("deepreg") else "C1" for r in rows]
         ax[0].bar(names, [r.get("dice_mean", np.nan) for r in rows], color=colours)
@@ -267,7 +267,7 @@ def write(out: Path, rows: list[dict], cases: list[dict], args) -> None:
             ax[2].scatter([f"{a['case']}\ndeepreg"], [a["wall_s"]], color="C1", marker="D", zorder=3,
                           label="ANTs SyN wall")
         ax[2].set_title("DeepRegistration wall time by stage (s)")
-        ax[2].legend(fontsize=7)
+        ax[2].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: it hid a point
         for a in ax:
             a.tick_params(axis="x", labelsize=7)
         fig.tight_layout()
