@@ -199,9 +199,15 @@ def stored_type(path: str | os.PathLike) -> np.dtype | None:
 
 def stored_integer_type(path: str | os.PathLike) -> type | None:
     """The numpy integer type an image file stores its voxels in (:func:`stored_type`), for the types of 16 bits or
-    more that a warped image is written back in (:data:`WRITTEN_INTEGER_TYPES`); else None (DICOM folders, float
+    more that a warped image is written back in (:func:`written_integer_type`); else None (DICOM folders, float
     or 8-bit files, anything unreadable). Reads only the header."""
-    stored = stored_type(path)
+    return written_integer_type(stored_type(path))
+
+
+def written_integer_type(stored: np.dtype | None) -> type | None:
+    """``stored`` (a file's voxel type, :func:`stored_type`) as the numpy type a warped image of it is written in
+    when it is one of :data:`WRITTEN_INTEGER_TYPES` (16 bits or more: a CT's int16 stays int16); else None (the
+    warped image is float32)."""
     return stored.type if stored is not None and stored in WRITTEN_INTEGER_TYPES else None
 
 

@@ -45,7 +45,8 @@ from ..core.errors import InputError
 from ..core.grid import Grid
 from ..core.image import Image
 from ..core.progress import Progress, ProgressCallback
-from ..io.images import WRITABLE_SUFFIXES, WRITTEN_INTEGER_TYPES, read_image, read_label_image, stored_type, write_image
+from ..io.images import (WRITABLE_SUFFIXES, read_image, read_label_image, stored_type, write_image,
+                         written_integer_type)
 from ..io.itk_transform import from_itk_inverse, from_itk_parts, itk_parts
 from ..io.landmarks import Landmarks, read_landmarks, write_landmarks_csv, write_markups_json
 
@@ -405,15 +406,18 @@ def apply_transform(input_path: str | os.PathLike, result: str | os.PathLike, ou
         if integer_stored and stored.itemsize >= 4 and float(np.abs(image.array).max()) >= 2 ** 24:
             # labels beyond float32's exact integers: read again as int32 (nearest samples in float64)
             image = read_label_image(src, "input labels")
-    else:  # register's rule (io.images.stored_integer_type): 16-bit and wider integers kept (rounded)
-        dtype = stored if stored is not None and stored in WRITTEN_INTEGER_TYPES else np.dtype(np.float32)
+    else:  # register's rule: 16-bit and wider integers kept (rounded), anything else float32
+        dtype = np.dtype(written_integer_type(stored) or np.float32)
     prog(0.3, "resampling")
     if loaded.is_inverse_form:
         warped = _warp_inverse_form(image, target, loaded.transform, interpolation, dtype, prog.sub(0.3, 0.8))
+    elif interpolation == "linear":  # register's own warped.nii.gz call
+        from ..registration.run import warped_image
+
+        warped = warped_image(image, target, loaded.transform, written_integer_type(stored))
     else:
         from ..spatial.resampling import warp_image
 
-        # linear: registration.run.warped_image's call, register's warped.nii.gz
         warped = warp_image(image, target, loaded.transform, interpolation, dtype=dtype)
     del image
     prog(0.8, "writing")
