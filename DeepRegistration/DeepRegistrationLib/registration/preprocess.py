@@ -4,39 +4,28 @@ Each image is resampled onto a *working grid* that covers its own field of view 
 voxel size (isotropic, in mm) and keeps its direction, so no part of either image is cut away before
 the transform is known. Intensities are mapped to [0, 1] by robust percentiles.
 
-The working image is SimpleITK's ``DiscreteGaussian`` anti-aliasing followed by its linear ``Resample``, to the
-bit, computed with less work:
-
-- the anti-aliasing is ``DiscreteGaussian`` in NumPy (:func:`smooth_like_sitk`: its own kernels, its order of
-  passes and arithmetic, on as many threads as SimpleITK's filter; about half its CPU);
-- where the working grid's axes are parallel to the image's to the last bit of ITK's index arithmetic
-  (:func:`_linear_plan`: images whose direction has no oblique part, as the working grid keeps the direction), only
-  what the linear interpolation reads is smoothed (along each axis the two source indices around each working
-  voxel, ~2/3 of the indices from 0.75 to 2 mm): the first pass computes the kept slices only, the later ones run
-  on the kept rows and cut their result, and the interpolation is ITK's ``LinearInterpolateImageFunction`` in NumPy
-  (its float64 arithmetic along x, then y, then z, 0 outside; :func:`_interpolate_separable`). Other grids, and
-  builds of SimpleITK other than x86-64 (``_SAME_ARITHMETIC``), keep ``Resample`` of the whole smoothed image;
-- on those parallel grids the smoothing and the interpolation run in tasks of a few working slices
-  (:func:`_resample_separable`): each smooths only the source slices its working slices read, from a slab view of
-  the input, and interpolates them at once, so the intermediate arrays are a few slices (in the CPU caches, their
-  memory reused) instead of fresh copies of most of the input (page faults, memory traffic); the normalization
-  likewise runs in blocks through one small buffer.
-
-``prepare`` of both images at 2 mm (one thread, CPU s, loaded machine, median of alternating runs,
-``benchmarks/preprocess_cost.py``): 0.75 mm trunk CT (86 M + 67 M voxels) 8.45 -> 4.46 s (smoothing only what
-the resampling reads), then 3.08 -> 2.31 s (in tasks of working slices; the same baseline measured 4.46 s before
-on a busier machine), 1 mm brains (ICBM152 and Colin27) 0.76 -> 0.28 s (then 0.22 s both: few slices to
-save), 2 mm trunk CT (nothing to smooth) 0.48 -> 0.39, then 0.30 -> 0.22 s; the working images identical.
-:func:`prepare_pair` prepares the two images in two threads.
+The working image is SimpleITK's ``DiscreteGaussian`` anti-aliasing followed by its linear ``Resample`` (the same
+kernels, the same edge rule, the same interpolation and outside rule), computed as one linear map per axis: both
+steps are linear and act along each axis separately, so along axis ``a`` their composition is one matrix
+``W_a = L_a G_a`` (``G_a``: the Gaussian with edges repeated, ``n × n``; ``L_a``: the linear interpolation at the
+working voxels' continuous indices, 0 outside, ``m × n``), and the working image is ``W_z``, ``W_y`` and ``W_x``
+applied in turn (:func:`_resample_axes`). The first product only makes the working slices (not the ~3/4 of the
+source slices the interpolation reads), each from the few source slices its row of ``W_z`` reaches, so the work
+follows the working grid: at 0.75 → 2 mm about a third of the smoothing-then-interpolating passes. The products are
+float32 matrix products (torch, on its thread count) on slabs of source slices converted where read, so an integer
+input is never copied whole. The values are SimpleITK's up to float32 rounding (a few units in the last place:
+``Testing/engine/registration/test_preprocess_reduced.py``), not the same bits: ITK rounds to float32 between its
+passes, the products round once per sum. Measured in docs/ENGINE.md (*Speed notes*, "Anti-aliasing and
+interpolation as one map per axis").
 """
 from __future__ import annotations
 
 import logging
-import platform
 from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from ..core.errors import InputError
 from ..core.grid import Grid
@@ -56,8 +45,12 @@ def working_grid(grid: Grid, spacing: float) -> Grid:
 #: SimpleITK ``DiscreteGaussian`` settings of the anti-aliasing: maximum kernel width (voxels), maximum error.
 GAUSSIAN_MAX_WIDTH = 32
 GAUSSIAN_MAX_ERROR = 0.01
-#: Elements per block of :func:`_correlate_axis` (its float64 sums stay in the CPU caches).
+#: Elements per block of :func:`normalize_intensity` (its float64 buffer stays in the CPU caches).
 _BLOCK = 1 << 15
+#: Bytes of float32 source slab one product of :func:`_resample_axes` reads at most (about; at least one slice).
+_SLAB_BYTES = 32 << 20
+#: Working-grid slices per product of :func:`_resample_axes` at most.
+_CHUNK_SLICES = 8
 
 
 def gaussian_kernel(variance_mm2: float, spacing_mm: float) -> np.ndarray:
@@ -75,339 +68,88 @@ def gaussian_kernel(variance_mm2: float, spacing_mm: float) -> np.ndarray:
     return out[nz[0]:nz[-1] + 1].copy()
 
 
-def _correlate_block(src: np.ndarray, dst: np.ndarray, kernel: np.ndarray, along: int,
-                     keep: np.ndarray | None = None) -> None:
-    """One block of :func:`_correlate_axis`: ``src``/``dst`` 2-D float32 (``src`` may hold integers exact in float32),
-    correlated along axis ``along`` (``dst`` receives the indices ``keep`` of the result along it, when given)."""
-    n, r = src.shape[along], len(kernel) // 2
-    shape = list(src.shape)
-    shape[along] = n + 2 * r
-    padded = np.empty(shape)  # float64: src with its edges repeated r times, converted in one pass
-    if along == 0:
-        padded[r:r + n] = src
-        padded[:r], padded[r + n:] = src[:1], src[-1:]
-    else:
-        padded[:, r:r + n] = src
-        padded[:, :r], padded[:, r + n:] = src[:, :1], src[:, -1:]
-    acc = tmp = None
-    for k, c in enumerate(kernel):
-        part = padded[k:k + n] if along == 0 else padded[:, k:k + n]
-        if acc is None:
-            acc = np.multiply(part, c)
-            tmp = np.empty_like(acc)
-            continue
-        np.multiply(part, c, out=tmp)
-        acc += tmp
-    acc += 0.0  # ITK's sum starts at +0.0: a sum of -0.0 terms is +0.0 there
-    dst[...] = acc if keep is None else np.take(acc, keep, axis=along)
-
-
-def _correlate_axis(x: np.ndarray, kernel: np.ndarray, axis: int, threads: int = 1,
-                    keep: np.ndarray | None = None) -> np.ndarray:
-    """``out[i] = float32(sum_k kernel[k] * x[i - r + k])`` along ``axis`` of a C-contiguous float32 ``(Z, Y, X)``
-    array, edges repeated, the sum in float64 accumulated from ``k = 0``: what ITK's
-    ``NeighborhoodOperatorImageFilter`` computes (zero-flux Neumann boundary). Computed in small 2-D blocks, on
-    ``threads`` threads (NumPy releases the GIL; every block is computed the same way whatever the threads). With
-    ``keep`` (sorted indices along ``axis``) the result is ``out`` taken at those indices, cut block by block."""
-    n = x.shape[axis]
-    x = np.ascontiguousarray(x)
-    shape = list(x.shape)
-    shape[axis] = n if keep is None else len(keep)
-    out = np.empty(shape, np.float32)
-    m = shape[axis]
-    blocks = []
-    if axis == 2:  # rows of the last axis
-        src, dst = x.reshape(-1, n), out.reshape(-1, m)
-        step = max(1, _BLOCK // n)
-        blocks = [(src[a:a + step], dst[a:a + step], 1) for a in range(0, src.shape[0], step)]
-    else:  # columns of 2-D (n, m) views: the whole volume (axis 0) or each z slice (axis 1)
-        views = [(x.reshape(n, -1), out.reshape(m, -1))] if axis == 0 else list(zip(x, out))
-        step = max(1, _BLOCK // n)
-        for src, dst in views:
-            blocks += [(src[:, a:a + step], dst[:, a:a + step], 0) for a in range(0, src.shape[1], step)]
-    run_parallel([lambda _, b=b: _correlate_block(b[0], b[1], kernel, b[2], keep) for b in blocks], threads,
-                 threads > 1 and x.size > 4 * _BLOCK)
-    return out
-
-
-def _correlate_slices(x: np.ndarray, kernel: np.ndarray, rows: np.ndarray, threads: int = 1) -> np.ndarray:
-    """:func:`_correlate_axis` along axis 0 evaluated at the slices ``rows`` only (same arithmetic per value, so the
-    same bits as its ``[rows]``): ``(len(rows), Y, X)`` float32. Each output slice sums its ``len(kernel)`` input
-    slices in column blocks of ``_BLOCK`` (the input slices a block reads stay in the CPU caches from one output
-    slice to the next, converted to float64 once)."""
-    r, n = len(kernel) // 2, x.shape[0]
-    src = np.ascontiguousarray(x).reshape(n, -1)
-    out = np.empty((len(rows), src.shape[1]), np.float32)
-    taps = [np.clip(np.asarray(rows) - r + k, 0, n - 1) for k in range(len(kernel))]
-
-    def run(a: int) -> None:
-        b = min(src.shape[1], a + _BLOCK)
-        acc, tmp = np.empty(b - a), np.empty(b - a)
-        rows64: dict[int, np.ndarray] = {}  # the input slices' block in float64, each converted once
-
-        def row(i: int) -> np.ndarray:
-            if i not in rows64:
-                rows64[i] = src[i, a:b].astype(np.float64)
-            return rows64[i]
-
-        for o in range(len(rows)):
-            for i in [i for i in rows64 if i < taps[0][o]]:
-                del rows64[i]
-            np.multiply(row(taps[0][o]), kernel[0], out=acc)
-            for k in range(1, len(kernel)):
-                np.multiply(row(taps[k][o]), kernel[k], out=tmp)
-                acc += tmp
-            acc += 0.0  # as _correlate_block
-            out[o, a:b] = acc
-
-    run_parallel([lambda _, a=a: run(a) for a in range(0, src.shape[1], _BLOCK)], threads, threads > 1)
-    return out.reshape((len(rows),) + x.shape[1:])
-
-
-def _sitk_threads() -> int:
-    """SimpleITK's global default thread count (what its filters use), at least 1."""
-    return max(1, int(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()))
-
-
-def _kernels(variance: list[float], spacing: tuple[float, float, float]) -> dict:
-    """The 1-D Gaussian kernels (:func:`gaussian_kernel`) of the axes ``d`` (0, 1, 2 = x, y, z) with a variance."""
-    return {d: gaussian_kernel(variance[d], spacing[d]) for d in range(3) if variance[d] > 0}
-
-
-def smooth_like_sitk(array: np.ndarray, spacing: tuple[float, float, float],
-                     variance: list[float], keep: list[np.ndarray] | None = None) -> np.ndarray:
-    """SimpleITK's ``DiscreteGaussian(img, variance, GAUSSIAN_MAX_WIDTH, GAUSSIAN_MAX_ERROR, useImageSpacing=True)``
-    of a float32 image, bit for bit, in about half its CPU time: the same kernels (:func:`gaussian_kernel`) applied
-    in the same order (z, then y, then x) with the same arithmetic (float64 sums, float32 between the passes).
-
-    Args:
-        array: ``(Z, Y, X)`` float32.
-        spacing: voxel size (mm) along ``(x, y, z)``.
-        variance: Gaussian variance (mm²) along ``(x, y, z)``; 0 leaves that axis alone.
-        keep: Sorted indices along ``(x, y, z)`` to return (all when None): the result is the full smoothing's
-            ``[np.ix_(keep[2], keep[1], keep[0])]``, same bits, with less work (:func:`_smooth_kept`).
-
-    Returns:
-        ``(Z, Y, X)`` float32 (``(len(keep[2]), len(keep[1]), len(keep[0]))`` with ``keep``).
-    """
-    x = np.asarray(array, dtype=np.float32)
-    threads, kernels = _sitk_threads(), _kernels(variance, spacing)
-    if keep is not None:
-        return _smooth_kept(x, kernels, keep, threads)
-    for d in (2, 1, 0):  # ITK index axis k, j, i = array axis 0, 1, 2
-        if d in kernels:
-            x = _correlate_axis(x, kernels[d], 2 - d, threads)
-    return x
-
-
-def _smooth_kept(x: np.ndarray, kernels: dict, keep: list[np.ndarray], threads: int) -> np.ndarray:
-    """:func:`smooth_like_sitk` of the ``(Z, Y, X)`` ``x`` (float32, or integers exact in float32) with the 1-D
-    ``kernels`` (axis ``d`` of ``(x, y, z)`` → :func:`gaussian_kernel`; an axis without one is left alone) at the
-    sorted indices ``keep`` (along ``x, y, z``) only: ``(len(keep[2]), len(keep[1]), len(keep[0]))`` float32
-    (``x``'s dtype when no axis has a kernel), the full smoothing's ``[np.ix_(keep[2], keep[1], keep[0])]`` to the
-    bit. Each pass along an axis is independent per line along the other axes, so cutting another axis commutes with
-    it: the z pass computes the kept slices only, from the slab of slices they read (a view), where the in-plane axes
-    without a kernel are cut first; the y and x passes run on the kept rows and cut their own result. The work and
-    memory therefore follow ``keep``: a few kept slices cost a few slices."""
-    nz = x.shape[0]
-    kz = np.asarray(keep[2])
-    if min(len(k) for k in keep) == 0:
-        return np.zeros((len(keep[2]), len(keep[1]), len(keep[0])), np.float32)
-
-    def cut(v: np.ndarray, d: int) -> np.ndarray:
-        if d in kernels or keep[d].size == v.shape[2 - d]:
-            return v
-        return np.take(v, keep[d], axis=2 - d)  # a contiguous copy
-
-    if 2 in kernels:
-        r = len(kernels[2]) // 2
-        z0, z1 = max(0, int(kz[0]) - r), min(nz, int(kz[-1]) + r + 1)
-        # the slab's edges are the image's where a kept slice's window reaches past them: the same repeated edges
-        x = _correlate_slices(cut(cut(x[z0:z1], 1), 0), kernels[2], kz - z0, threads)
-    else:
-        x = cut(cut(x if kz.size == nz else np.take(x, kz, axis=0), 1), 0)
-    for d in (1, 0):
-        if d in kernels:
-            x = _correlate_axis(x, kernels[d], 2 - d, threads, keep[d])
-    return x
-
-
-#: ITK's interpolation reproduced to the bit needs SimpleITK's own build to round every product and sum (no fused
-#: multiply-add), as its x86-64 wheels do; elsewhere (e.g. arm64, whose compilers fuse ``a + (b - a) * t``) the
-#: working image keeps SimpleITK's ``Resample``.
-_SAME_ARITHMETIC = platform.machine().lower() in ("x86_64", "amd64")
-
-
-def _itk_floor(x: np.ndarray) -> np.ndarray:
-    """``itk::Math::Floor<int64>`` of float64 values as ITK's SSE2 build computes it: the nearest integer (ties to
-    even) of ``2 x - 0.5``, shifted right by one (``2 x - 0.5`` is exact below 2^51, so this is ``floor`` there)."""
-    return np.right_shift(np.rint(2.0 * x - 0.5).astype(np.int64), 1)
+def antialias_variance(source_spacing, target_spacing: float) -> list[float]:
+    """Gaussian variance (mm²) along ``(x, y, z)`` of the anti-aliasing from voxels ``source_spacing`` (mm, x, y, z)
+    to ``target_spacing`` mm: ``(t² − s²) / 4`` where the target voxel is larger, else 0."""
+    return [max(float(target_spacing) ** 2 - float(s) ** 2, 0.0) / 4.0 for s in source_spacing]
 
 
 @dataclass
 class _AxisPlan:
-    """One axis of :func:`_linear_plan`: per target index its source base index, distance and flags."""
+    """One axis of :func:`_axis_plans`: per target index its source base index, distance and flags (the terms of
+    ITK's ``LinearInterpolateImageFunction`` and ``ResampleImageFilter``'s inside test)."""
 
-    base: np.ndarray  # int64, the source index ITK's interpolator starts from (>= 0)
+    base: np.ndarray  # int64, the source index the interpolation starts from (>= 0)
     dist: np.ndarray  # float64, continuous index - base
     lerp: np.ndarray  # bool, interpolated with base + 1 (else base's value alone)
     inside: np.ndarray  # bool, inside the source's buffer (else the target voxel is 0)
 
-    def needed(self) -> np.ndarray:
-        """Sorted source indices this axis reads."""
-        return np.union1d(self.base[self.inside], self.base[self.inside & self.lerp] + 1)
 
-
-def _linear_plan(source: Grid, target: Grid) -> list[_AxisPlan] | None:
-    """What SimpleITK's linear ``Resample`` (identity transform) of an image on ``source`` onto ``target`` reads and
-    weighs, per axis ``(x, y, z)``, when that is separable to the last bit: every target voxel's continuous source
-    index computed with ITK's arithmetic (``ResampleImageFilter``'s scan lines interpolated between the index of a
-    line's first voxel and of the voxel one past its end; ``TransformIndexToPhysicalPoint``, the source's
-    physical-to-index matrix read from SimpleITK, ``Math::Floor``), and its x component depending on ``i`` only, its y
-    component on ``j`` only and its z component on ``k`` only. None when it is not (e.g. oblique grids, whose last
-    bits mix the axes): the caller keeps SimpleITK's path."""
-    zero = (0.0, 0.0, 0.0)
-    probe = sitk.Image([1, 1, 1], sitk.sitkUInt8)
-    probe.SetSpacing(target.spacing)
-    probe.SetDirection(target.direction)
-    probe.SetOrigin(zero)
-    to_point = np.array([probe.TransformIndexToPhysicalPoint(tuple(int(c == r) for c in range(3)))
-                         for r in range(3)]).T  # column c: target index step c in mm (ITK's IndexToPhysicalPoint)
-    probe.SetSpacing(source.spacing)
-    probe.SetDirection(source.direction)
-    to_index = np.array([probe.TransformPhysicalPointToContinuousIndex(tuple(float(c == r) for c in range(3)))
-                         for r in range(3)]).T  # ITK's PhysicalPointToIndex (its own inverse, to the last bit)
-    nz, ny, nx = target.shape
-    o_t, o_s = np.asarray(target.origin), np.asarray(source.origin)
-    j = np.arange(ny, dtype=np.float64)[None, :]
-    k = np.arange(nz, dtype=np.float64)[:, None]
-
-    def line_index(i: float) -> list[np.ndarray]:
-        """Continuous source index (x, y, z), each ``(Z, Y)``, of target voxel ``(i, j, k)`` for every line."""
-        p = [((o_t[r] + to_point[r, 0] * i) + to_point[r, 1] * j) + to_point[r, 2] * k - o_s[r] for r in range(3)]
-        return [((0.0 + to_index[r, 0] * p[0]) + to_index[r, 1] * p[1]) + to_index[r, 2] * p[2] for r in range(3)]
-
-    start, end = line_index(0.0), line_index(float(nx))
-    step = [e - s for s, e in zip(start, end)]
-    if (np.any(step[1] != 0) or np.any(step[2] != 0) or np.any(start[0] != start[0][0, 0])
-            or np.any(step[0] != step[0][0, 0]) or np.any(start[1] != start[1][:1]) or np.any(start[2] != start[2][:, :1])):
+def _axis_plans(source: Grid, target: Grid) -> list[_AxisPlan] | None:
+    """Per axis ``(x, y, z)`` where each target voxel lies in the source's continuous index, when the two grids share
+    their direction (a working grid keeps its image's): then the index along source axis ``a`` depends on the target
+    index along ``a`` only, ``c = (D⁻¹ (o_t − o_s))_a / s_a + i · t_a / s_a``. None for grids of other directions."""
+    ds, dt = source.direction_matrix, target.direction_matrix
+    if not np.allclose(ds, dt, rtol=0.0, atol=1e-9):
         return None
-    alpha = np.arange(nx, dtype=np.float64) / float(nx)
-    cont = [start[0][0, 0] + alpha * step[0][0, 0], start[1][0] + 0.0, start[2][:, 0] + 0.0]
+    offset = np.linalg.solve(ds, np.asarray(target.origin, float) - np.asarray(source.origin, float))
     plans = []
-    for c, n in zip(cont, source.size):
-        base = np.maximum(_itk_floor(c), 0)
+    for a in range(3):
+        n = int(source.size[a])
+        c = (offset[a] + np.arange(int(target.size[a]), dtype=np.float64) * target.spacing[a]) / source.spacing[a]
+        base = np.maximum(np.floor(c), 0.0).astype(np.int64)
         dist = c - base
-        plans.append(_AxisPlan(base, dist, (dist > 0) & (base + 1 <= n - 1), (c >= -0.5) & (c < n - 1 + 0.5)))
+        plans.append(_AxisPlan(base, dist, (dist > 0) & (base + 1 <= n - 1), (c >= -0.5) & (c < n - 0.5)))
     return plans
 
 
-def _axis_weights(plan: _AxisPlan, have: np.ndarray) -> tuple:
-    """Positions in ``have`` of each target index's base and upper source index, its distance (0 where it does not
-    interpolate) and which target indices take the base value alone (a bool mask; None when none does)."""
-    lerp = plan.inside & plan.lerp
-    lo = np.searchsorted(have, np.where(plan.inside, plan.base, have[0]))
-    hi = np.where(lerp, np.searchsorted(have, np.where(lerp, plan.base + 1, have[0])), lo)
-    alone = None if lerp.all() else ~lerp
-    return lo, hi, np.where(lerp, plan.dist, 0.0), alone, bool(lerp.any())
+def _axis_matrix(plan: _AxisPlan, kernel: np.ndarray | None, n: int) -> np.ndarray:
+    """``W = L G`` of one axis, ``(m, n)`` float64: ``G`` the correlation with ``kernel`` (edges repeated: ITK's
+    zero-flux Neumann boundary; the identity without a kernel), ``L`` the linear interpolation rows of ``plan``
+    (``1 - d`` at the base index and ``d`` at the next where it interpolates, 1 at the base where not, a zero row
+    outside the source). Built row by row from the kernel (``m × len(kernel)`` terms, no ``n × n`` matrix)."""
+    m = len(plan.base)
+    w = np.zeros((m, n))
+    rows = np.flatnonzero(plan.inside)
+    lerp = plan.lerp[rows]
+    base = plan.base[rows]
+    near = np.where(lerp, 1.0 - plan.dist[rows], 1.0)  # the base index's weight
+    far = np.where(lerp, plan.dist[rows], 0.0)  # the next index's (0 where it does not interpolate)
+    taps = [(0, 1.0)] if kernel is None else [(k - len(kernel) // 2, float(c)) for k, c in enumerate(kernel)]
+    for shift, c in taps:
+        np.add.at(w, (rows, np.clip(base + shift, 0, n - 1)), near * c)
+        np.add.at(w, (rows, np.clip(base + 1 + shift, 0, n - 1)), far * c)
+    return w
 
 
-def _lerp(v: np.ndarray, w: tuple, along: int) -> np.ndarray:
-    """One axis of ITK's interpolation on a 2-D array: ``a + (b - a) * distance`` in float64 along ``along``
-    (the base value itself, bit for bit, where the axis does not interpolate: ``a + 0`` would turn -0.0 into
-    +0.0)."""
-    lo, hi, dist, alone, any_lerp = w
-    a = np.take(v, lo, axis=along)
-    if not any_lerp:
-        return a
-    res = np.take(v, hi, axis=along).astype(np.float64)
-    res -= a
-    res *= dist if along == 1 else dist[:, None]
-    res += a
-    if alone is not None:
-        if along == 1:
-            res[:, alone] = a[:, alone]
-        else:
-            res[alone] = a[alone]
-    return res
-
-
-def _interpolate_separable(values: np.ndarray, plans: list[_AxisPlan], kept: list[np.ndarray]) -> np.ndarray:
-    """ITK's ``LinearInterpolateImageFunction`` (3-D) at every target voxel of separable ``plans``, as
-    ``Resample`` stores it (float32, 0 outside): along x, then y, then z, ``a + (b - a) * distance`` in float64 where
-    an axis interpolates (the value at the base index alone where not), which is ITK's per-voxel arithmetic with the
-    x and y steps shared by the voxels that read the same source rows. Slice by slice (each source slice's x and y
-    steps once, kept while the next target slices read it), so everything stays in the CPU caches.
-
-    Args:
-        values: ``(Z', Y', X')`` float32, the source at the indices ``kept`` (x, y, z) only.
-        plans: :func:`_linear_plan` of the source and target grids.
-        kept: Sorted source indices along (x, y, z) that ``values`` holds (each axis plan's ``needed`` among them).
-
-    Returns:
-        ``(Z, Y, X)`` float32 on the target grid.
-    """
-    wx, wy, wz = (_axis_weights(p, h) for p, h in zip(plans, kept))
-    out = np.empty((len(plans[2].base), len(plans[1].base), len(plans[0].base)), np.float32)
-    rows: dict[int, np.ndarray] = {}
-
-    def row(z: int) -> np.ndarray:  # source slice z (a position in kept[2]) after the x and y steps
-        if z not in rows:
-            rows.clear() if len(rows) > 3 else None
-            rows[z] = _lerp(_lerp(values[z], wx, 1), wy, 0)
-        return rows[z]
-
-    lo, hi, dist, alone, _ = wz
-    skip = np.zeros(len(lo), bool) if alone is None else alone
-    for k in range(len(lo)):
-        a = row(int(lo[k]))
-        if skip[k]:
-            out[k] = a
-            continue
-        res = row(int(hi[k])).astype(np.float64)
-        res -= a
-        res *= dist[k]
-        res += a
-        out[k] = res
-    for axis, plan in enumerate(plans):
-        if not plan.inside.all():
-            sel = [slice(None)] * 3
-            sel[2 - axis] = ~plan.inside
-            out[tuple(sel)] = 0.0
-    return out
-
-
-#: Working-grid slices per task of :func:`_resample_separable`.
-_CHUNK_SLICES = 8
-
-
-def _resample_separable(arr: np.ndarray, spacing: tuple[float, float, float], variance: list[float],
-                        plans: list[_AxisPlan], kept: list[np.ndarray]) -> np.ndarray:
-    """The anti-aliasing (``variance`` mm² along x, y, z; 0: none) and the linear interpolation of separable
-    ``plans`` (:func:`_linear_plan`; ``kept``: each axis plan's ``needed``) of the ``(Z, Y, X)`` source ``arr``
-    (float32, or integers of up to 16 bits: exact in float32, converted where read) with voxel size ``spacing`` (mm,
-    x, y, z): the working image ``(Z', Y', X')`` float32, the same bits as :func:`_interpolate_separable` of
-    :func:`smooth_like_sitk` at ``kept``. Computed in tasks of
-    ``_CHUNK_SLICES`` working-grid slices (on SimpleITK's thread count): each smooths the source slices its slices
-    read (:func:`_smooth_kept`) and interpolates them at once, so the intermediate arrays are a few slices (cache
-    sized, reused) instead of fresh copies of most of the input (every value is computed as on the whole array)."""
-    threads, kernels = _sitk_threads(), _kernels(variance, spacing)
-    pz = plans[2]
-    n = len(pz.base)
-    out = np.empty((n, len(plans[1].base), len(plans[0].base)), np.float32)
-
-    def run(k0: int) -> None:
-        k1 = min(n, k0 + _CHUNK_SLICES)
-        sub = _AxisPlan(pz.base[k0:k1], pz.dist[k0:k1], pz.lerp[k0:k1], pz.inside[k0:k1])
-        have = [kept[0], kept[1], sub.needed()]
-        if have[2].size == 0:  # these working slices lie outside the source
+def _resample_axes(arr: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
+    """``W_z``, ``W_y`` and ``W_x`` (:func:`_axis_matrix`, along ``(x, y, z)`` in ``weights``) applied to the
+    ``(Z, Y, X)`` source ``arr`` (any real dtype, finite: a value is converted to float32 where it is read):
+    ``(Z', Y', X')`` float32. In products of at most :data:`_CHUNK_SLICES` working slices, each from the slab of
+    source slices its rows of ``W_z`` reach (at most about :data:`_SLAB_BYTES` of float32 at once), then along y and
+    x on those slices; float32 matrix products on torch's threads (the same bits from 1 or 2 threads: tested)."""
+    wx, wy, wz = (torch.as_tensor(w, dtype=torch.float32) for w in weights)
+    wxt = wx.T.contiguous()
+    nz, ny, nx = arr.shape
+    out = np.empty((wz.shape[0], wy.shape[0], wx.shape[0]), np.float32)
+    reach = np.abs(weights[2]) > 0  # (Z', Z): the source slices each working slice reads
+    plane_bytes = 4 * ny * nx
+    k0 = 0
+    while k0 < out.shape[0]:
+        k1 = min(out.shape[0], k0 + _CHUNK_SLICES)
+        while True:  # fewer working slices where their slab would be large (fine in-plane grids)
+            cols = np.flatnonzero(reach[k0:k1].any(axis=0))
+            if k1 - k0 == 1 or cols.size == 0 or (cols[-1] + 1 - cols[0]) * plane_bytes <= _SLAB_BYTES:
+                break
+            k1 = k0 + max(1, (k1 - k0) // 2)
+        if cols.size == 0:  # these working slices lie outside the source
             out[k0:k1] = 0.0
-            return
-        values = _smooth_kept(arr, kernels, have, 1)
-        out[k0:k1] = _interpolate_separable(values, [plans[0], plans[1], sub], have)
-
-    starts = range(0, n, _CHUNK_SLICES)
-    run_parallel([lambda _, k=k: run(k) for k in starts], threads, threads > 1)
+        else:
+            a, b = int(cols[0]), int(cols[-1]) + 1
+            slab = torch.from_numpy(np.asarray(arr[a:b], dtype=np.float32).reshape(b - a, ny * nx))
+            part = (wz[k0:k1, a:b] @ slab).reshape(k1 - k0, ny, nx)
+            out[k0:k1] = torch.matmul(torch.matmul(wy, part), wxt).numpy()
+        k0 = k1
     return out
 
 
@@ -419,31 +161,23 @@ def resample(image: Image, grid: Grid, interpolator: str = "linear", antialias: 
         grid: Target grid (LPS).
         interpolator: ``"linear"`` or ``"nearest"`` (labels, masks).
         antialias: Gaussian-smooth first where the target voxels are larger than the source ones
-            (sigma² = (s_new² − s_old²) / 4 per axis, in mm).
+            (:func:`antialias_variance`: sigma² = (s_new² − s_old²) / 4 per axis, in mm).
 
     Returns:
-        Image on ``grid``, float32 for linear, the source dtype for nearest; 0 outside the source.
+        Image on ``grid``, float32 for linear, the source dtype for nearest; 0 outside the source. Linear onto a grid
+        of the source's direction (a working grid) is the module's one map per axis (SimpleITK's values up to float32
+        rounding); onto other grids it is SimpleITK's ``DiscreteGaussian`` and ``Resample`` themselves.
     """
     if interpolator == "linear":
-        raw = np.asarray(image.array)
-        var = [0.0, 0.0, 0.0]
-        if antialias:
-            target = min(grid.spacing)
-            var = [max(target ** 2 - s ** 2, 0.0) / 4.0 for s in image.grid.spacing]
-        plans = _linear_plan(image.grid, grid) if _SAME_ARITHMETIC else None
-        if plans is not None:  # parallel axes: smooth and interpolate only what the resampling reads (same bits)
-            kept = [p.needed() for p in plans]
-            if min(k.size for k in kept) == 0:  # no target voxel inside the source
-                return Image(np.zeros(grid.shape, np.float32), grid, image.name)
-            # integers of up to 16 bits are exact in float32 (and in float64): the passes convert what they read,
-            # the same values as from a float32 copy of the whole input, without that copy
-            exact = raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2
-            src = raw if exact else np.asarray(raw, dtype=np.float32)
-            return Image(_resample_separable(src, image.grid.spacing, var, plans, kept), grid, image.name)
-        arr = np.asarray(raw, dtype=np.float32)
+        var = antialias_variance(image.grid.spacing, min(grid.spacing)) if antialias else [0.0, 0.0, 0.0]
+        plans = _axis_plans(image.grid, grid)
+        if plans is not None:
+            weights = [_axis_matrix(p, gaussian_kernel(var[a], image.grid.spacing[a]) if var[a] > 0 else None, n)
+                       for a, (p, n) in enumerate(zip(plans, image.grid.size))]
+            return Image(_resample_axes(np.asarray(image.array), weights), grid, image.name)
+        src = image_to_sitk(Image(np.asarray(image.array, dtype=np.float32), image.grid, image.name))
         if max(var) > 0:
-            arr = smooth_like_sitk(arr, image.grid.spacing, var)
-        src = image_to_sitk(Image(arr, image.grid, image.name))
+            src = sitk.DiscreteGaussian(src, var, GAUSSIAN_MAX_WIDTH, GAUSSIAN_MAX_ERROR, True)
         interp = sitk.sitkLinear
     elif interpolator == "nearest":
         src = image_to_sitk(image)

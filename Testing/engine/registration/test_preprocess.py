@@ -1,5 +1,5 @@
-"""Preprocessing: the anti-aliasing smoothing is SimpleITK's DiscreteGaussian bit for bit, the resampled and
-normalized working images are those of the SimpleITK pipeline (same bits), and normalization keeps its errors."""
+"""Preprocessing: the resampled working image is that of the SimpleITK pipeline (DiscreteGaussian, linear Resample)
+up to float32 rounding, the normalized one is the plain formula applied to it, and normalization keeps its errors."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,26 +12,14 @@ from DeepRegistrationLib.core.image import Image
 from DeepRegistrationLib.registration import preprocess as P
 
 
-def _sitk_smooth(arr: np.ndarray, spacing, variance) -> np.ndarray:
-    img = sitk.GetImageFromArray(np.asarray(arr, np.float32))
-    img.SetSpacing(tuple(float(s) for s in spacing))
-    return sitk.GetArrayFromImage(sitk.DiscreteGaussian(img, list(variance), P.GAUSSIAN_MAX_WIDTH,
-                                                        P.GAUSSIAN_MAX_ERROR, True))
-
-
-CASES = [((17, 19, 23), (0.75, 0.75, 0.75), 2.0), ((13, 31, 29), (0.7, 0.8, 1.5), 2.0),
-         ((11, 14, 15), (0.5, 0.5, 3.0), 2.0), ((9, 10, 40), (0.3, 1.0, 1.0), 4.0)]
-
-
-@pytest.mark.parametrize("shape, spacing, target", CASES)
-def test_smoothing_is_sitk_discrete_gaussian_bit_for_bit(shape, spacing, target):
-    rng = np.random.default_rng(sum(shape))
-    arr = (rng.normal(size=shape) * 300).astype(np.float32)
-    arr[:5, :9, :9] = -0.0  # a corner of negative zeros (sums of -0.0 are +0.0 in ITK)
-    arr[-1] = 7.0
-    var = [max(target ** 2 - s ** 2, 0.0) / 4.0 for s in spacing]
-    ours, ref = P.smooth_like_sitk(arr, spacing, var), _sitk_smooth(arr, spacing, var)
-    assert ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+def assert_close(ours: np.ndarray, ref: np.ndarray, source: np.ndarray) -> None:
+    """Equal up to float32 rounding: every weight is positive and a working voxel's weights sum to at most 1, so a
+    value is within a few float32 units of the source's largest magnitude (ITK rounds between its passes, the map
+    once per sum). A wrong weight, edge or outside rule moves values by a sizeable part of the source's range."""
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    tol = 16 * np.finfo(np.float32).eps * float(np.abs(source).max())
+    err = float(np.abs(ours.astype(np.float64) - ref).max())
+    assert err <= tol, (err, tol)
 
 
 def _old_resample(image: Image, grid: Grid) -> np.ndarray:
@@ -49,7 +37,7 @@ def _old_resample(image: Image, grid: Grid) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", [np.int16, np.float32])
-def test_working_image_is_the_sitk_pipelines_bit_for_bit(sample_dir, dtype):
+def test_working_image_is_the_sitk_pipelines(sample_dir, dtype):
     img = sitk.ReadImage(str(sample_dir / "fixed.nii.gz"))
     arr = sitk.GetArrayFromImage(img).astype(np.float64)
     arr = (arr / arr.max() * 1000 - 200).astype(dtype)
@@ -57,8 +45,8 @@ def test_working_image_is_the_sitk_pipelines_bit_for_bit(sample_dir, dtype):
     grid = Grid(arr.shape, (1.2, 1.1, 1.4), img.GetOrigin(), tuple(d.ravel()))  # oblique-free but permuted
     image = Image(arr, grid, "fixed")
     w = P.prepare(image, 2.0)
-    ref = _old_resample(image, w.grid)
-    assert np.array_equal(P.resample(image, w.grid).array.view(np.uint32), ref.view(np.uint32))
+    ref = P.resample(image, w.grid).array
+    assert_close(ref, _old_resample(image, w.grid), arr.astype(np.float32))
     lo, hi = np.percentile(ref, (0.5, 99.5))
     expected = np.clip((ref - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
     assert w.array.dtype == np.float32 and np.array_equal(w.array, expected)
