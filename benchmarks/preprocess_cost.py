@@ -8,7 +8,7 @@ a case's two images at 2 mm, CPU seconds on one thread, alternating (ABAB), each
 
 Reading is excluded. The working images (and their grids) of both variants are compared bit for bit (sha1 of the
 arrays) and by their largest difference (normalized intensities in [0, 1]; the exit status is 1 above
-``MAX_DIFFERENCE``, float32 rounding). With ``--threads N`` the runs use N threads (ITK's default thread count, OpenMP) and the wall time is the
+``MAX_DIFFERENCE``, float32 rounding). With ``--threads N`` the runs use N threads (ITK's default thread count, OpenMP and MKL, so torch's products too) and the wall time is the
 figure to read; ``--pair`` has both variants prepare the two images at once (``preprocess.prepare_pair``, two
 threads; a baseline without it prepares them one after the other). Cases: ``ct_0.75mm``/``ct_2mm`` from ``large_fov.py``'s case
 folder (skipped when absent); ``brain_1mm``: ICBM152 2009a T1 (fixed) and Colin27 ``ch2bet`` (moving), both 1 mm,

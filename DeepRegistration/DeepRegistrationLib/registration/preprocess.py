@@ -5,15 +5,17 @@ voxel size (isotropic, in mm) and keeps its direction, so no part of either imag
 the transform is known. Intensities are mapped to [0, 1] by robust percentiles.
 
 The working image is SimpleITK's ``DiscreteGaussian`` anti-aliasing followed by its linear ``Resample`` (the same
-kernels, the same edge rule, the same interpolation and outside rule), computed as one linear map per axis: both
+kernels, the same edge rule, the same interpolation and outside rule, the latter up to the rounding of a continuous
+index that falls exactly on the half-voxel border, which a working grid never reaches), computed as one linear map per axis: both
 steps are linear and act along each axis separately, so along axis ``a`` their composition is one matrix
 ``W_a = L_a G_a`` (``G_a``: the Gaussian with edges repeated, ``n × n``; ``L_a``: the linear interpolation at the
 working voxels' continuous indices, 0 outside, ``m × n``), and the working image is ``W_z``, ``W_y`` and ``W_x``
 applied in turn (:func:`_resample_axes`). The first product only makes the working slices (not the ~3/4 of the
 source slices the interpolation reads), each from the few source slices its row of ``W_z`` reaches, so the work
-follows the working grid: at 0.75 → 2 mm about a third of the smoothing-then-interpolating passes. The products are
-float32 matrix products (torch, on its thread count) on slabs of source slices converted where read, so an integer
-input is never copied whole. The values are SimpleITK's up to float32 rounding (a few units in the last place:
+follows the working grid: at 0.75 → 2 mm about a third of the arithmetic of smoothing then interpolating, ~4× less
+CPU for the 0.75 mm CT and ~2.4× for 1 mm brains. The products are
+float32 matrix products (torch, on its thread count) on slabs of source slices copied into one reused float32
+buffer where read, so an integer input is never copied whole. The values are SimpleITK's up to float32 rounding (a few units in the last place:
 ``Testing/engine/registration/test_preprocess_reduced.py``), not the same bits: ITK rounds to float32 between its
 passes, the products round once per sum. Measured in docs/ENGINE.md (*Speed notes*, "Anti-aliasing and
 interpolation as one map per axis").
@@ -124,31 +126,50 @@ def _axis_matrix(plan: _AxisPlan, kernel: np.ndarray | None, n: int) -> np.ndarr
 
 def _resample_axes(arr: np.ndarray, weights: list[np.ndarray]) -> np.ndarray:
     """``W_z``, ``W_y`` and ``W_x`` (:func:`_axis_matrix`, along ``(x, y, z)`` in ``weights``) applied to the
-    ``(Z, Y, X)`` source ``arr`` (any real dtype, finite: a value is converted to float32 where it is read):
-    ``(Z', Y', X')`` float32. In products of at most :data:`_CHUNK_SLICES` working slices, each from the slab of
-    source slices its rows of ``W_z`` reach (at most about :data:`_SLAB_BYTES` of float32 at once), then along y and
-    x on those slices; float32 matrix products on torch's threads (the same bits from 1 or 2 threads: tested)."""
+    ``(Z, Y, X)`` source ``arr`` (any real dtype and memory layout; a value is converted to float32 where it is
+    read): ``(Z', Y', X')`` float32. In products of at most :data:`_CHUNK_SLICES` working slices (fewer where their
+    slab would exceed :data:`_SLAB_BYTES`), each from the slab of source slices its rows of ``W_z`` reach, copied into
+    one reused float32 buffer of at most :data:`_SLAB_BYTES` (a slab larger than that, as one working slice of a very
+    fine plane reaches, goes through it in blocks of plane columns), then along y and x on those working slices (dense
+    products: their cost grows with the plane, Y'·Y·X per working slice). float32 matrix products on torch's threads
+    (the same bits from 1 or 2 threads, and from an integer input and its float32 copy: tested). A non-finite value
+    spreads along the lines and planes of the dense products: :func:`prepare` refuses it."""
     wx, wy, wz = (torch.as_tensor(w, dtype=torch.float32) for w in weights)
     wxt = wx.T.contiguous()
     nz, ny, nx = arr.shape
+    plane = ny * nx
     out = np.empty((wz.shape[0], wy.shape[0], wx.shape[0]), np.float32)
     reach = np.abs(weights[2]) > 0  # (Z', Z): the source slices each working slice reads
-    plane_bytes = 4 * ny * nx
+    buf = np.empty(0, np.float32)
     k0 = 0
     while k0 < out.shape[0]:
         k1 = min(out.shape[0], k0 + _CHUNK_SLICES)
         while True:  # fewer working slices where their slab would be large (fine in-plane grids)
             cols = np.flatnonzero(reach[k0:k1].any(axis=0))
-            if k1 - k0 == 1 or cols.size == 0 or (cols[-1] + 1 - cols[0]) * plane_bytes <= _SLAB_BYTES:
+            if k1 - k0 == 1 or cols.size == 0 or (cols[-1] + 1 - cols[0]) * 4 * plane <= _SLAB_BYTES:
                 break
             k1 = k0 + max(1, (k1 - k0) // 2)
         if cols.size == 0:  # these working slices lie outside the source
             out[k0:k1] = 0.0
-        else:
-            a, b = int(cols[0]), int(cols[-1]) + 1
-            slab = torch.from_numpy(np.asarray(arr[a:b], dtype=np.float32).reshape(b - a, ny * nx))
-            part = (wz[k0:k1, a:b] @ slab).reshape(k1 - k0, ny, nx)
-            out[k0:k1] = torch.matmul(torch.matmul(wy, part), wxt).numpy()
+            k0 = k1
+            continue
+        a, b = int(cols[0]), int(cols[-1]) + 1
+        src = arr[a:b].reshape(b - a, plane)  # a view of a C-ordered input (else NumPy's copy of the slab)
+        step = min(plane, max(1, _SLAB_BYTES // (4 * (b - a))))  # plane columns per block of the buffer
+        if buf.size < (b - a) * step:
+            buf = np.empty((b - a) * step, np.float32)
+        rows = wz[k0:k1, a:b]
+        part = torch.empty((k1 - k0, plane))
+        for c0 in range(0, plane, step):
+            c1 = min(plane, c0 + step)
+            block = buf[:(b - a) * (c1 - c0)].reshape(b - a, c1 - c0)
+            with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes Inf (prepare refuses it)
+                block[...] = src[:, c0:c1]  # converted here: any dtype, stride or byte order
+            if c1 - c0 == plane:
+                part = rows @ torch.from_numpy(block)
+            else:
+                part[:, c0:c1] = rows @ torch.from_numpy(block)
+        out[k0:k1] = torch.matmul(torch.matmul(wy, part.reshape(k1 - k0, ny, nx)), wxt).numpy()
         k0 = k1
     return out
 
@@ -241,9 +262,16 @@ class WorkingImage:
 
 def prepare(image: Image, spacing: float, mask: Image | None = None,
             percentiles: tuple[float, float] = (0.5, 99.5)) -> WorkingImage:
-    """Resamples an image (and its optional mask) onto its working grid and normalizes intensities."""
+    """Resamples an image (and its optional mask) onto its working grid and normalizes intensities.
+
+    Raises:
+        InputError: non-finite values in the image, an empty mask on the working grid, a constant image.
+    """
     grid = working_grid(image.grid, spacing)
     resampled = resample(image, grid, "linear")
+    if not np.isfinite(resampled.array).all():  # read_image refuses such files; an Image built in memory may hold them
+        raise InputError(f"{image.name}: the image holds NaN or infinite voxels (or values beyond float32's range). "
+                         "Replace them (e.g. with 0 or the background value) before registering.")
     m = None
     if mask is not None:
         m = resample(Image(mask.array.astype(np.uint8), mask.grid, mask.name), grid, "nearest").array > 0

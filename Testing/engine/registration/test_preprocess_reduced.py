@@ -208,3 +208,29 @@ def test_any_input_type_is_its_float32_copy_bit_for_bit(dtype, spacing, working)
     ref = P.resample(Image(arr.astype(np.float32), grid, "image"), target).array
     assert ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
     assert_close(ours, _sitk_resample(Image(arr, grid, "image"), target), arr.astype(np.float32))
+
+
+def test_any_memory_layout_and_read_only_input():
+    """A source reversed along z (negative strides), in Fortran order, big-endian or read-only gives the working image
+    of its C-ordered float32 copy, bit for bit (each slab is copied into the products' own buffer)."""
+    rng = np.random.default_rng(23)
+    grid = Grid((22, 19, 24), (0.8, 0.75, 0.9), (1.0, -3.0, 2.0), tuple(DIRECTIONS["flipped"].ravel()))
+    base = (rng.normal(size=grid.shape) * 100).astype(np.float32)
+    target = P.working_grid(grid, 2.0)
+    ref = P.resample(Image(base, grid, "image"), target).array
+    frozen = base.copy()
+    frozen.flags.writeable = False
+    for arr in (np.ascontiguousarray(base[::-1])[::-1], np.asfortranarray(base), base.astype(">f4"), frozen):
+        out = P.resample(Image(arr, grid, "image"), target).array
+        assert np.array_equal(out.view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e39])
+def test_non_finite_input_is_refused(bad):
+    """NaN, Inf and float64 values beyond float32's range (Inf once converted) in an image built in memory: one
+    InputError naming the image (read_image refuses such files already)."""
+    grid = Grid((20, 21, 22), (0.75, 0.75, 0.75), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    arr = np.random.default_rng(1).normal(size=grid.shape)
+    arr[10, 10, 10] = bad
+    with pytest.raises(InputError, match="moving image: the image holds NaN or infinite voxels"):
+        P.prepare(Image(arr, grid, "moving image"), 2.0)
